@@ -1,0 +1,36 @@
+# make demo: set up .venv if needed, then run the federated demo end to end on built-in data.
+# make test: set up .venv if needed, then run the test suite.
+# DATA_ROOT=/path/to/mvtec CATEGORY=bottle make demo   runs the same demo on real MVTec AD data.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench notebook clean
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	$(PY) -m pip install --quiet --disable-pip-version-check 'pytest>=7.4' 'pytest-timeout>=2.1'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) -m patchsvdd.demo
+
+test: install
+	$(PY) -m pytest
+
+bench: install
+	$(PY) benchmarks/bench_embed.py
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_evaluate.py
+
+notebook:
+	$(PY) tools/make_notebook.py
+
+clean:
+	rm -rf runs data .pytest_cache

@@ -1,0 +1,67 @@
+"""OpenFL ShardDescriptor for one site's MVTec AD shard (no torch; data access only).
+
+The envoy builds it from ``shard_descriptor.params`` of its YAML config. The
+data are checked and decoded here, at envoy start, so that bad data stop the
+envoy with the reader's error before it contacts the director.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from openfl.interface.interactive_api.shard_descriptor import ShardDataset, ShardDescriptor
+
+from patchsvdd.configs import resolve_data_folder
+from patchsvdd.data import CategoryData, index_category, load_category, parse_rank_worldsize
+
+
+class MVTecShardDataset(ShardDataset):
+    """One split of a shard. Items: (image uint8 (H,W,3), mask uint8 (H,W) of 0/1, label 0/1)."""
+
+    def __init__(self, images, masks, labels, names):
+        self.images, self.masks, self.labels, self.names = images, masks, labels, names
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        return self.images[index], self.masks[index], int(self.labels[index])
+
+
+class MVTecShardDescriptor(ShardDescriptor):
+    """Shard ``rank_worldsize`` of ``<data_folder>/<category>``; shapes are read from the data.
+
+    A relative ``data_folder`` is taken relative to the envoy config's folder.
+    """
+
+    def __init__(self, data_folder: str, category: str, rank_worldsize: str = "1,1", image_size: int = 256) -> None:
+        rank, world_size = parse_rank_worldsize(str(rank_worldsize))
+        index = index_category(resolve_data_folder(data_folder), category).shard(rank, world_size)
+        self.data: CategoryData = load_category(index, size=int(image_size))
+        self.category, self.rank, self.world_size = category, rank, world_size
+
+    def get_dataset(self, dataset_type: str = "train") -> MVTecShardDataset:
+        d = self.data
+        if dataset_type == "train":  # all good: empty masks, label 0
+            n = len(d.train_images)
+            masks = np.zeros((n, *d.train_images.shape[1:3]), dtype=np.uint8)
+            return MVTecShardDataset(d.train_images, masks, np.zeros(n, dtype=np.int64), [f"train/{i}" for i in range(n)])
+        if dataset_type in ("test", "val"):
+            return MVTecShardDataset(d.test_images, d.test_masks, d.test_labels, d.test_names)
+        raise ValueError(f"dataset_type {dataset_type!r}: expected 'train' or 'test'")
+
+    @property
+    def sample_shape(self) -> list[str]:
+        return [str(s) for s in self.data.train_images.shape[1:]]
+
+    @property
+    def target_shape(self) -> list[str]:
+        return [str(s) for s in self.data.test_masks.shape[1:]]
+
+    @property
+    def dataset_description(self) -> str:
+        d = self.data
+        return (
+            f"MVTec AD '{self.category}', shard {self.rank}/{self.world_size}: {len(d.train_images)} training and "
+            f"{len(d.test_images)} test images ({int(d.test_labels.sum())} defective)"
+        )
+

@@ -1,0 +1,288 @@
+"""The one-command federated demo: data, a director, envoys, the notebook, a summary.
+
+``python -m patchsvdd.demo`` (what ``make demo`` runs) writes everything under
+``runs/<time>/``: process logs, configs, the executed notebook, metrics and
+pictures. Processes are started through the repository's start scripts,
+readiness is read from their logs (polled, never a fixed sleep), and every
+process started is stopped on success, failure or Ctrl-C.
+
+This module starts processes; it does not import OpenFL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO / "workspace" / "PatchSVDD_with_Director.ipynb"
+DIRECTOR_READY = "Starting director server on"
+SHARD_ACCEPTED = "Director accepted shard for {name}"
+
+
+class DemoError(RuntimeError):
+    """A step of the demo failed; the message says which and where its log is."""
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    """The last ``lines`` lines of a log, or '' when it does not exist."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return ""
+
+
+@dataclass
+class Node:
+    """A started process with its log."""
+
+    name: str
+    process: subprocess.Popen
+    log: Path
+
+
+@dataclass
+class Processes:
+    """Processes started in their own sessions, so that each can be stopped with all its children."""
+
+    nodes: list[Node] = field(default_factory=list)
+
+    def start(self, name: str, command: Sequence[str], log: Path, env: dict[str, str] | None = None) -> Node:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as handle:
+            process = subprocess.Popen(
+                list(command), stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})}, start_new_session=True,
+            )
+        node = Node(name, process, log)
+        self.nodes.append(node)
+        return node
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM every process group, SIGKILL what is left after ``grace`` seconds."""
+        for node in self.nodes:
+            if node.process.poll() is None:
+                _signal_group(node.process, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for node in self.nodes:
+            try:
+                node.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(node.process, signal.SIGKILL)
+                node.process.wait(timeout=5)
+        self.nodes.clear()
+
+    def __enter__(self) -> "Processes":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, watch: Sequence[Node] = (), poll: float = 0.2) -> None:
+    """Poll ``condition`` until true; DemoError when ``timeout`` passes or a watched process exits first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        for node in watch:
+            if node.process.poll() is not None:
+                raise DemoError(
+                    f"{node.name} exited (code {node.process.returncode}) while waiting for {what}; "
+                    f"its log {node.log} ends with:\n{tail(node.log)}"
+                )
+        if time.monotonic() > deadline:
+            logs = "; ".join(str(n.log) for n in watch)
+            raise DemoError(f"timed out after {timeout:.0f} s waiting for {what} (logs: {logs})")
+        time.sleep(poll)
+
+
+def log_contains(path: Path, text: str) -> bool:
+    try:
+        return text in path.read_text(errors="replace")
+    except FileNotFoundError:
+        return False
+
+
+@dataclass
+class Federation:
+    """A running director and its envoys."""
+
+    host: str
+    port: int
+    envoys: list[str]
+    processes: Processes
+
+
+def write_director_config(path: Path, port: int, host: str = "localhost") -> Path:
+    """A copy of director_folder/director_config.yaml listening on ``host:port``."""
+    config = yaml.safe_load((REPO / "director_folder" / "director_config.yaml").read_text())
+    config["settings"].update(listen_host=host, listen_port=port)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def write_envoy_config(path: Path, data_root: Path, category: str, rank: int, world_size: int, cuda_devices: Sequence[int] = ()) -> Path:
+    """A copy of envoy_folder/shard_config.yaml for shard ``rank`` of ``world_size`` of ``data_root/category``."""
+    config = yaml.safe_load((REPO / "envoy_folder" / "shard_config.yaml").read_text())
+    config["params"]["cuda_devices"] = list(cuda_devices)
+    config["shard_descriptor"]["params"].update(
+        data_folder=str(Path(data_root).resolve()), category=category, rank_worldsize=f"{rank},{world_size}"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def start_federation(
+    run_dir: Path, data_root: Path, category: str, n_envoys: int = 2, port: int | None = None,
+    processes: Processes | None = None, timeout: float = 120.0,
+) -> Federation:
+    """Start a director and ``n_envoys`` envoys (shards 1..n of the category) through the start scripts.
+
+    Returns once the director has accepted every shard. On failure the processes
+    started so far are stopped and DemoError says which node failed and why.
+    """
+    processes = processes if processes is not None else Processes()
+    port = port or free_port()
+    run_dir = Path(run_dir).resolve()
+    try:
+        config = write_director_config(run_dir / "director" / "director_config.yaml", port)
+        director = processes.start(
+            "director", [str(REPO / "director_folder" / "start_director.sh"), str(config)], run_dir / "logs" / "director.log",
+            env={"PATCHSVDD_WORKDIR": str(run_dir / "director")},
+        )
+        wait_for(lambda: log_contains(director.log, DIRECTOR_READY), timeout, "the director to listen", [director])
+        names = [f"envoy_{i}" for i in range(1, n_envoys + 1)]
+        # Envoys on one machine share its cores: oversubscribed BLAS threads slow everyone down.
+        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // n_envoys))
+        envoys = []
+        for rank, name in enumerate(names, start=1):
+            shard = write_envoy_config(run_dir / "envoys" / f"{name}.yaml", data_root, category, rank, n_envoys)
+            envoys.append(processes.start(
+                name, [str(REPO / "envoy_folder" / "start_envoy.sh"), name, str(shard), "localhost", str(port)],
+                run_dir / "logs" / f"{name}.log",
+                env={"PATCHSVDD_WORKDIR": str(run_dir / "envoys" / name), "OMP_NUM_THREADS": threads},
+            ))
+        for name in names:
+            wait_for(
+                lambda name=name: log_contains(director.log, SHARD_ACCEPTED.format(name=name)),
+                timeout, f"the director to accept {name}", [director, *envoys],
+            )
+    except BaseException:
+        processes.stop()
+        raise
+    return Federation("localhost", port, names, processes)
+
+
+def run_notebook(output: Path, parameters: dict, timeout: float, cwd: Path) -> None:
+    """Execute the notebook headless with papermill; the executed copy is ``output``."""
+    import papermill
+
+    papermill.execute_notebook(
+        str(NOTEBOOK), str(output), parameters=parameters, cwd=str(cwd), kernel_name="python3",
+        execution_timeout=int(timeout), progress_bar=False, log_output=False,
+    )
+
+
+def ensure_demo_data(data_root: Path, category: str, seed: int = 0) -> Path:
+    """Generate the built-in demo category under ``data_root`` unless it is already there."""
+    from .synth import generate_category
+
+    if not (data_root / category / "train" / "good").is_dir():
+        print(f"generating demo data {data_root / category}")
+        generate_category(data_root, category, seed=seed)
+    return data_root
+
+
+def summarise(run_dir: Path, seconds: float) -> str:
+    """A few lines: where results are, the final metrics, the time."""
+    results = run_dir / "notebook"
+    lines = [f"demo finished in {seconds:.0f} s; results in {run_dir}"]
+    final = json.loads((results / "metrics.json").read_text())
+    for node, metrics in sorted(final["per_node"].items()):
+        shown = " ".join(f"{k}={'n/a' if v is None else f'{v:.3f}'}" for k, v in metrics.items())
+        lines.append(f"  {node:10s} {shown}")
+    local = results / "local_metrics.json"
+    if local.is_file():
+        metrics = json.loads(local.read_text())
+        lines.append("  notebook   " + " ".join(f"{k}={'n/a' if v is None else f'{v:.3f}'}" for k, v in metrics.items()))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m patchsvdd.demo", description="Run the federated Patch SVDD demo end to end.")
+    p.add_argument("--data-root", type=Path, default=os.environ.get("DATA_ROOT") or None,
+                   help="MVTec-layout data root (default: built-in demo data in data/demo; env DATA_ROOT)")
+    p.add_argument("--category", default=os.environ.get("CATEGORY") or "fabric", help="category (env CATEGORY)")
+    p.add_argument("--envoys", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=int(os.environ.get("ROUNDS", 4)))
+    p.add_argument("--repeat", type=int, default=100)
+    p.add_argument("--max-steps", type=int, default=int(os.environ.get("MAX_STEPS", 20)),
+                   help="steps per envoy per round (0: full epochs)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3, help="higher than the paper's 1e-4 so that a short CPU run learns")
+    p.add_argument("--final-search", choices=("exact", "fast"), default="fast")
+    p.add_argument("--runs-dir", type=Path, default=REPO / "runs")
+    p.add_argument("--timeout", type=float, default=1800, help="give up after this many seconds in one notebook cell")
+    p.add_argument("--idle-timeout", type=float, default=600, help="give up after this many seconds without a metric")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    start = time.monotonic()
+    run_dir = (args.runs_dir / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    builtin = args.data_root is None
+    data_root = ensure_demo_data(REPO / "data" / "demo", args.category) if builtin else args.data_root.resolve()
+    print(f"run folder {run_dir}")
+    processes = Processes()
+    try:
+        federation = start_federation(run_dir, data_root, args.category, args.envoys, processes=processes)
+        print(f"director on port {federation.port} accepted {', '.join(federation.envoys)}; running the notebook")
+        params = dict(
+            director_host=federation.host, director_port=federation.port, expected_envoys=args.envoys,
+            category=args.category, rounds=args.rounds, repeat=args.repeat, max_steps=args.max_steps or None,
+            batch_size=args.batch_size, lr=args.lr, final_search=args.final_search, idle_timeout=args.idle_timeout,
+            output_dir=str(run_dir / "notebook"), local_data_root=str(data_root),
+        )
+        run_notebook(run_dir / "PatchSVDD_with_Director.ipynb", params, args.timeout, run_dir)
+    except KeyboardInterrupt:
+        print("interrupted: stopping the director and envoys", file=sys.stderr)
+        return 130
+    except Exception as exc:  # report, keep the logs, stop everything
+        print(f"demo failed: {type(exc).__name__}: {exc}\nlogs: {run_dir / 'logs'}", file=sys.stderr)
+        return 1
+    finally:
+        processes.stop()
+    print(summarise(run_dir, time.monotonic() - start))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

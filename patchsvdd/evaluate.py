@@ -1,0 +1,52 @@
+"""Scoring a category end to end: embed training and test images, search, maps, metrics.
+
+Shared by the command line, the benchmarks and the federated validation task.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .data import CategoryData, standardise
+from .metrics import category_metrics
+from .model import PatchSVDD
+from .scoring import CategoryScores, SearchMode, anomaly_maps, embed_images
+
+
+@dataclass
+class Evaluation:
+    """metrics: det_/seg_ AUROC per fusion (None where undefined); scores: maps (M,H,W) per fusion."""
+
+    metrics: dict[str, float | None]
+    scores: CategoryScores
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def evaluate_category(
+    model: PatchSVDD, data: CategoryData, mode: SearchMode = "exact", batch_size: int = 8, progress: bool = False
+) -> Evaluation:
+    """Score ``data``'s test images against all of its training patches with ``model`` (on its device).
+
+    Both splits are standardised with the *training* mean.
+    """
+    device = next(model.parameters()).device
+    mean = data.mean
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    train_emb = embed_images(model, standardise(data.train_images, mean), batch_size, progress)
+    test_emb = embed_images(model, standardise(data.test_images, mean), batch_size, progress)
+    seconds["embed"] = time.perf_counter() - start
+    scores = anomaly_maps(train_emb, test_emb, mode=mode, device=device)
+    seconds.update(scores.seconds)
+    start = time.perf_counter()
+    metrics = category_metrics(scores.maps, data.test_labels, data.test_masks)
+    seconds["metrics"] = time.perf_counter() - start
+    return Evaluation(metrics=metrics, scores=scores, seconds=seconds)
+
+
+def image_scores(evaluation: Evaluation, fusion: str) -> np.ndarray:
+    """Image scores (M,) of one fusion as numpy."""
+    return evaluation.scores.image_scores(fusion).numpy()

@@ -1,0 +1,357 @@
+"""OpenFL 1.7.1 adapter: the only module of ``patchsvdd`` that imports OpenFL.
+
+Thin on purpose: the tasks call ``train_epoch`` and ``evaluate_category``
+unchanged, so federated, local and tested code paths are the same.
+
+Envoy side: ``MVTecDataInterface`` turns the envoy's shard descriptor into
+arrays; ``train_task`` and ``validate_task`` run there on the envoy's own data
+(validation scores an envoy's test images against its own training patches,
+so no image leaves a site). Notebook side: ``connect``, ``start_experiment``,
+``follow_metrics``, ``fetch_models`` and ``start_evaluation``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+from openfl.interface.interactive_api.experiment import DataInterface, FLExperiment, ModelInterface, TaskInterface
+from openfl.interface.interactive_api.federation import Federation
+
+from .data import CategoryData, standardise
+from .evaluate import evaluate_category
+from .metrics import METRIC_KEYS
+from .model import PatchSVDD, count_parameters
+from .train import make_optimizer, train_epoch
+
+FRAMEWORK_ADAPTER = "openfl.plugins.frameworks_adapters.pytorch_adapter.FrameworkAdapterPlugin"
+ROUND_METRICS = ("det_sum", "seg_sum")
+
+
+class FederationError(RuntimeError):
+    """The federation did not do what was asked (refused, stalled, failed); the message says what and where to look."""
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass
+class ExperimentSettings:
+    """Everything an experiment needs besides the federation. Defaults are the paper's where it has one.
+
+    ``repeat``/``max_steps``: each training image is used ``repeat`` times per round,
+    cut to ``max_steps`` steps when set. ``search``: nearest-neighbour search of
+    the per-round validation; ``final_search`` that of the final evaluation.
+    ``idle_timeout``: seconds without any metric before giving up.
+    """
+
+    rounds: int = 10
+    repeat: int = 100
+    max_steps: int | None = None
+    batch_size: int = 64
+    lr: float = 1e-4
+    lambda_svdd: float = 1e-3
+    emb_dim: int = 64
+    search: str = "fast"
+    final_search: str = "exact"
+    seed: int = 0
+    device_policy: str = "CUDA_PREFERRED"
+    opt_treatment: str = "CONTINUE_LOCAL"
+    idle_timeout: float = 900.0
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(f"rounds={self.rounds}: at least one round")
+        if self.device_policy not in ("CUDA_PREFERRED", "CPU_ONLY"):
+            raise ValueError(f"device_policy={self.device_policy!r}: CUDA_PREFERRED or CPU_ONLY")
+        for name in ("search", "final_search"):
+            if getattr(self, name) not in ("exact", "fast"):
+                raise ValueError(f"{name}={getattr(self, name)!r}: exact or fast")
+
+
+# --------------------------------------------------------------------------- envoy side
+
+
+class MVTecDataInterface(DataInterface):
+    """Gives both tasks the envoy's shard as a ``CategoryData`` (uint8 arrays, decoded once)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._data: CategoryData | None = None
+
+    @property
+    def shard_descriptor(self):
+        return self._shard_descriptor
+
+    @shard_descriptor.setter
+    def shard_descriptor(self, shard_descriptor) -> None:
+        self._shard_descriptor = shard_descriptor
+        train = shard_descriptor.get_dataset("train")
+        test = shard_descriptor.get_dataset("test")
+        test_items = [test[i] for i in range(len(test))]
+        self._data = CategoryData(
+            category=getattr(shard_descriptor, "category", "shard"),
+            train_images=np.stack([train[i][0] for i in range(len(train))]),
+            test_images=np.stack([item[0] for item in test_items]),
+            test_masks=np.stack([item[1] for item in test_items]),
+            test_labels=np.array([item[2] for item in test_items], dtype=np.int64),
+        )
+
+    def get_train_loader(self, **kwargs: Any) -> CategoryData:
+        return self._data
+
+    def get_valid_loader(self, **kwargs: Any) -> CategoryData:
+        return self._data
+
+    def get_train_data_size(self) -> int:
+        return len(self._data.train_images)
+
+    def get_valid_data_size(self) -> int:
+        return len(self._data.test_images)
+
+
+def train_task(model, train_data, optimizer, device, round_num, repeat, batch_size, lambda_svdd, max_steps, seed) -> dict:
+    """One round of local training on an envoy: ``train_epoch`` on its standardised training images."""
+    model.to(device)
+    images = standardise(train_data.train_images, train_data.mean)
+    losses = train_epoch(
+        model, images, optimizer, repeat=repeat, batch_size=batch_size, lambda_svdd=lambda_svdd,
+        max_steps=max_steps, generator=seed * 100_003 + int(round_num), progress=False,
+    )
+    return {"train_loss": losses["loss"], "pos_loss_64": losses["loss_pos_64"], "pos_loss_32": losses["loss_pos_32"]}
+
+
+def validate_task(model, val_data, device, search, metric_names) -> dict:
+    """AUROC of an envoy's test images against its own training patches; NaN where undefined (one class)."""
+    model.to(device)
+    result = evaluate_category(model, val_data, mode=search)
+    return {name: math.nan if result.metrics[name] is None else result.metrics[name] for name in metric_names}
+
+
+def build_tasks(settings: ExperimentSettings, metric_names: tuple[str, ...] = ROUND_METRICS, search: str | None = None) -> TaskInterface:
+    """The task interface: ``train_task`` (with the optimizer) and ``validate_task``, with their settings."""
+    tasks = TaskInterface()
+    train_kwargs = dict(
+        repeat=settings.repeat, batch_size=settings.batch_size, lambda_svdd=settings.lambda_svdd,
+        max_steps=settings.max_steps, seed=settings.seed,
+    )
+    tasks.add_kwargs(**train_kwargs)(train_task)
+    tasks.register_fl_task(model="model", data_loader="train_data", device="device", optimizer="optimizer", round_num="round_num")(train_task)
+    tasks.add_kwargs(search=search or settings.search, metric_names=tuple(metric_names))(validate_task)
+    tasks.register_fl_task(model="model", data_loader="val_data", device="device")(validate_task)
+    return tasks
+
+
+class TrainThenValidate:
+    """Task assigner: every envoy trains, then validates the aggregated model (no locally-tuned validation).
+
+    OpenFL's default also validates each envoy's own model every round, which
+    doubles the cost of validation for a number nobody aggregates.
+    """
+
+    def __init__(self, tasks: TaskInterface) -> None:
+        registered = tasks.get_registered_tasks()
+        self.tasks = [registered["train"], registered["aggregated_model_validate"]]
+
+    def __call__(self, collaborators, round_number, **kwargs) -> dict:
+        return {name: list(self.tasks) for name in collaborators}
+
+
+def validation_only_tasks(settings: ExperimentSettings) -> TaskInterface:
+    """Tasks of the final evaluation: only ``validate_task``, all eight metrics, ``final_search``."""
+    tasks = TaskInterface()
+    tasks.add_kwargs(search=settings.final_search, metric_names=METRIC_KEYS)(validate_task)
+    tasks.register_fl_task(model="model", data_loader="val_data", device="device")(validate_task)
+    return tasks
+
+
+# --------------------------------------------------------------------------- notebook side
+
+
+def connect(
+    host: str, port: int, tls: bool = False, cert_chain: str | None = None, api_cert: str | None = None,
+    api_private_key: str | None = None, client_id: str = "frontend",
+) -> Federation:
+    """A ``Federation`` handle on the director at ``host:port``; TLS files are needed only with ``tls=True``."""
+    if tls:
+        for name, path in (("cert_chain", cert_chain), ("api_cert", api_cert), ("api_private_key", api_private_key)):
+            if not path or not Path(path).is_file():
+                raise FileNotFoundError(f"TLS is on but {name} {path!r} is not a file")
+    return Federation(
+        client_id=client_id, director_node_fqdn=host, director_port=int(port), tls=tls,
+        cert_chain=cert_chain, api_cert=api_cert, api_private_key=api_private_key,
+    )
+
+
+def shard_table(federation: Federation) -> list[dict[str, Any]]:
+    """One row per envoy the director knows: name, online, description, shapes."""
+    rows = []
+    for name, info in federation.get_shard_registry().items():
+        shard = info["shard_info"]
+        rows.append({
+            "envoy": name,
+            "online": bool(info["is_online"]),
+            "description": shard.shard_description,
+            "sample_shape": list(shard.sample_shape),
+            "target_shape": list(shard.target_shape),
+        })
+    return rows
+
+
+def wait_for_envoys(federation: Federation, count: int, timeout: float = 120.0, poll: float = 1.0) -> list[dict[str, Any]]:
+    """Poll the shard registry until ``count`` envoys are online; FederationError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = shard_table(federation)
+        if sum(r["online"] for r in rows) >= count:
+            return rows
+        if time.monotonic() > deadline:
+            names = ", ".join(r["envoy"] for r in rows if r["online"]) or "none"
+            raise FederationError(f"only {names} online after {timeout:.0f} s; expected {count} envoys (see the envoy logs)")
+        time.sleep(poll)
+
+
+def describe_model(model: PatchSVDD) -> str:
+    """A short text: K, strides, grids on 256x256 images, parameters and the layers."""
+    return (
+        f"Patch SVDD, D={model.emb_dim}: K=64 at stride {model.strides[64]} (13x13 grid), "
+        f"K=32 at stride {model.strides[32]} (57x57 grid), {count_parameters(model):,} parameters\n{model}"
+    )
+
+
+@contextlib.contextmanager
+def working_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Run the block inside ``path``: OpenFL writes plan/, save/, *_obj.pkl there and ships that folder."""
+    path = Path(path).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield path
+    finally:
+        os.chdir(previous)
+
+
+def _submit(federation, name, model, settings, tasks, rounds, workdir, assigner=None) -> FLExperiment:
+    model_interface = ModelInterface(model=model, optimizer=make_optimizer(model, settings.lr), framework_plugin=FRAMEWORK_ADAPTER)
+    with working_folder(workdir):
+        experiment = FLExperiment(federation=federation, experiment_name=name)
+        experiment.start(
+            model_provider=model_interface, task_keeper=tasks, data_loader=MVTecDataInterface(), rounds_to_train=rounds,
+            task_assigner=assigner, opt_treatment=settings.opt_treatment, device_assignment_policy=settings.device_policy,
+        )
+    if not experiment.experiment_submitted:
+        raise FederationError(f"the director did not accept experiment {name!r} (is another one still running? see the director log)")
+    return experiment
+
+
+def start_experiment(
+    federation: Federation, model: PatchSVDD, settings: ExperimentSettings, name: str, workdir: str | os.PathLike
+) -> FLExperiment:
+    """Send a training experiment (``settings.rounds`` rounds of train + validate) to the director."""
+    tasks = build_tasks(settings)
+    return _submit(federation, name, model, settings, tasks, settings.rounds, workdir, TrainThenValidate(tasks))
+
+
+def start_evaluation(
+    federation: Federation, model: PatchSVDD, settings: ExperimentSettings, name: str, workdir: str | os.PathLike
+) -> FLExperiment:
+    """Send a one-round, validation-only experiment: every envoy scores ``model`` on its own data (8 metrics)."""
+    return _submit(federation, name, model, settings, validation_only_tasks(settings), 1, workdir)
+
+
+@dataclass
+class MetricLog:
+    """Metrics as streamed: dicts with round, metric_origin, task_name, metric_name, metric_value."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def series(self, task_name: str, metric_name: str) -> dict[str, list[tuple[int, float]]]:
+        """{origin: [(round, value), ...]} for one task and metric."""
+        out: dict[str, list[tuple[int, float]]] = {}
+        for r in self.records:
+            if r["task_name"] == task_name and r["metric_name"] == metric_name:
+                out.setdefault(r["metric_origin"], []).append((int(r["round"]), float(r["metric_value"])))
+        return out
+
+    def final(self, task_name: str = "aggregated_model_validate") -> dict[str, dict[str, float]]:
+        """{origin: {metric: value}} from the last round each origin reported for ``task_name``."""
+        out: dict[str, dict[str, tuple[int, float]]] = {}
+        for r in self.records:
+            if r["task_name"] == task_name:
+                slot = out.setdefault(r["metric_origin"], {})
+                if r["metric_name"] not in slot or slot[r["metric_name"]][0] <= r["round"]:
+                    slot[r["metric_name"]] = (int(r["round"]), float(r["metric_value"]))
+        return {origin: {k: v for k, (_, v) in metrics.items()} for origin, metrics in out.items()}
+
+    def to_jsonable(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.records]
+
+
+def follow_metrics(
+    experiment: FLExperiment, idle_timeout: float = 900.0, on_metric: Callable[[dict[str, Any]], None] | None = None
+) -> MetricLog:
+    """Collect the experiment's metrics until it ends.
+
+    Raises FederationError when no metric arrives for ``idle_timeout`` seconds
+    (an envoy or the director stopped) or the experiment ends in failure.
+    """
+    from openfl.protocols import director_pb2
+
+    log = MetricLog()
+    inbox: queue.Queue = queue.Queue()
+    request = director_pb2.GetMetricStreamRequest(experiment_name=experiment.experiment_name)
+    call = experiment.federation.dir_client.stub.GetMetricStream(request)
+    done = object()
+
+    def pump() -> None:
+        try:
+            for message in call:
+                inbox.put({
+                    "round": int(message.round), "metric_origin": message.metric_origin, "task_name": message.task_name,
+                    "metric_name": message.metric_name, "metric_value": float(message.metric_value),
+                })
+            inbox.put(done)
+        except Exception as exc:  # gRPC errors arrive here; re-raised below
+            inbox.put(exc)
+
+    threading.Thread(target=pump, name="metric-stream", daemon=True).start()
+    while True:
+        try:
+            item = inbox.get(timeout=idle_timeout)
+        except queue.Empty:
+            call.cancel()
+            raise FederationError(
+                f"experiment {experiment.experiment_name!r}: no metric for {idle_timeout:.0f} s. An envoy or the director "
+                "may have stopped; see their logs. Online envoys: "
+                + (", ".join(r["envoy"] for r in shard_table(experiment.federation) if r["online"]) or "none")
+            ) from None
+        if item is done:
+            break
+        if isinstance(item, Exception):
+            raise FederationError(f"experiment {experiment.experiment_name!r}: metric stream broke: {item}") from item
+        log.records.append(item)
+        if on_metric is not None:
+            on_metric(item)
+    status = experiment.get_experiment_status()
+    if status is not None and str(status).lower() == "failed":
+        raise FederationError(f"experiment {experiment.experiment_name!r} failed on the director (see its log)")
+    return log
+
+
+def fetch_models(experiment: FLExperiment) -> tuple[PatchSVDD, PatchSVDD]:
+    """(best, last) aggregated models from the director, on the CPU."""
+    return experiment.get_best_model(), experiment.get_last_model()
+
+
+def settings_dict(settings: ExperimentSettings) -> dict[str, Any]:
+    """Plain dict of the settings, for checkpoint metadata and reports."""
+    return asdict(settings)

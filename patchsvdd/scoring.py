@@ -1,0 +1,201 @@
+"""Inference: dense embeddings, nearest-neighbour patch scores and pixel anomaly maps.
+
+Patch score = L2 distance from a test patch embedding to its nearest neighbour
+among all training patch embeddings of the same K. Exact search is a chunked
+matrix product in torch (BLAS on the CPU, cuBLAS on a GPU); fast search is a
+faiss inverted-file index. Maps average the scores of all patches covering a
+pixel; fusions add ('sum') or multiply ('mult') the K=64 and K=32 maps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .model import LARGE_PATCH, SMALL_PATCH, PatchSVDD
+
+SearchMode = Literal["exact", "fast"]
+FUSIONS = ("64", "32", "sum", "mult")
+
+
+def _progress(iterable, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False)
+
+
+@torch.no_grad()
+def embed_images(
+    model: PatchSVDD, images: torch.Tensor | np.ndarray, batch_size: int = 8, progress: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense embeddings of standardised images (N,3,256,256), on the model's device, in batches.
+
+    Returns CPU tensors (emb64 (N,D,13,13), emb32 (N,D,57,57)).
+    """
+    device = next(model.parameters()).device
+    model.eval()
+    images = torch.as_tensor(images, dtype=torch.float32)
+    emb64, emb32 = [], []
+    starts = range(0, images.shape[0], batch_size)
+    for start in _progress(starts, len(starts), "embed", progress):
+        e64, e32 = model.embed(images[start : start + batch_size].to(device))
+        emb64.append(e64.cpu())
+        emb32.append(e32.cpu())
+    return torch.cat(emb64), torch.cat(emb32)
+
+
+def flatten_grid(embeddings: torch.Tensor) -> torch.Tensor:
+    """(N,D,G,G) -> (N*G*G,D), rows in (image, row, column) order."""
+    return embeddings.permute(0, 2, 3, 1).reshape(-1, embeddings.shape[1]).contiguous()
+
+
+@torch.no_grad()
+def _torch_nearest(queries: torch.Tensor, bank: torch.Tensor, device: torch.device, query_chunk: int, bank_chunk: int) -> torch.Tensor:
+    """Index of the nearest row of ``bank`` (B,D) for each query (Q,D), by chunked matrix products."""
+    bank = bank.to(device, torch.float32)
+    bank_sq = bank.pow(2).sum(1)
+    nearest = torch.empty(queries.shape[0], dtype=torch.long)
+    for q0 in range(0, queries.shape[0], query_chunk):
+        q = queries[q0 : q0 + query_chunk].to(device, torch.float32)
+        best = torch.full((q.shape[0],), math.inf, device=device)
+        best_idx = torch.zeros(q.shape[0], dtype=torch.long, device=device)
+        for b0 in range(0, bank.shape[0], bank_chunk):
+            # |b|^2 - 2 q.b orders the candidates of a query as |q - b|^2 does.
+            scores = torch.addmm(bank_sq[None, b0 : b0 + bank_chunk], q, bank[b0 : b0 + bank_chunk].T, alpha=-2.0)
+            value, idx = scores.min(dim=1)
+            better = value < best
+            best = torch.where(better, value, best)
+            best_idx = torch.where(better, idx + b0, best_idx)
+        nearest[q0 : q0 + q.shape[0]] = best_idx.cpu()
+    return nearest
+
+
+def _faiss_nearest(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest row of ``bank`` for each query, with faiss's blocked exact search (CPU)."""
+    import faiss
+
+    index = faiss.IndexFlatL2(bank.shape[1])
+    index.add(np.ascontiguousarray(bank.numpy(), dtype=np.float32))
+    _, nearest = index.search(np.ascontiguousarray(queries.numpy(), dtype=np.float32), 1)
+    return torch.from_numpy(nearest[:, 0].astype(np.int64))
+
+
+def exact_nearest(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    device: torch.device | str = "cpu",
+    backend: Literal["auto", "torch", "faiss"] = "auto",
+    query_chunk: int = 256,
+    bank_chunk: int = 4096,
+) -> torch.Tensor:
+    """True L2 distance from each query (Q,D) to its nearest row of ``bank`` (B,D): (Q,) on the CPU.
+
+    The search is brute force over every row: faiss's flat index on the CPU,
+    chunked torch matrix products on a GPU ('auto'). The distance to the
+    neighbour found is then recomputed directly, free of cancellation error.
+    """
+    device = torch.device(device)
+    if backend == "auto":
+        backend = "faiss" if device.type == "cpu" else "torch"
+    if backend == "faiss":
+        nearest = _faiss_nearest(queries, bank)
+    else:
+        nearest = _torch_nearest(queries, bank, device, query_chunk, bank_chunk)
+    return (queries.float() - bank.float()[nearest]).norm(dim=1)
+
+
+def fast_nearest(queries: torch.Tensor, bank: torch.Tensor, nprobe: int = 8, seed: int = 0) -> torch.Tensor:
+    """Approximate nearest-neighbour L2 distances (Q,) with a faiss IVF-Flat index over ``bank`` (B,D).
+
+    ~4*sqrt(B) lists, ``nprobe`` of them searched per query; the distance is the
+    true L2 distance to the neighbour found.
+    """
+    import faiss
+
+    bank_np = np.ascontiguousarray(bank.numpy(), dtype=np.float32)
+    queries_np = np.ascontiguousarray(queries.numpy(), dtype=np.float32)
+    n, dim = bank_np.shape
+    n_lists = int(min(4 * math.sqrt(n), n // 39))
+    if n_lists < 16:  # too few points for clustering to pay off
+        return exact_nearest(queries, bank)
+    index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, n_lists)
+    rng = np.random.default_rng(seed)
+    index.cp.seed = seed
+    index.train(bank_np[rng.choice(n, size=min(n, 64 * n_lists), replace=False)])
+    index.nprobe = nprobe
+    index.add(bank_np)
+    _, found = index.search(queries_np, 1)
+    nearest = torch.from_numpy(found[:, 0].astype(np.int64))
+    missing = nearest < 0  # every probed list empty: search those queries exactly
+    if missing.any():
+        nearest[missing] = _faiss_nearest(queries[missing], bank)
+    return (queries.float() - bank.float()[nearest]).norm(dim=1)
+
+
+def patch_scores(
+    train_embeddings: torch.Tensor, test_embeddings: torch.Tensor, mode: SearchMode = "exact", device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Nearest-neighbour distance of every test patch: train (N,D,G,G), test (M,D,G,G) -> (M,G,G)."""
+    bank = flatten_grid(train_embeddings)
+    queries = flatten_grid(test_embeddings)
+    if mode == "exact":
+        dist = exact_nearest(queries, bank, device=device)
+    elif mode == "fast":
+        dist = fast_nearest(queries, bank)
+    else:
+        raise ValueError(f"search mode {mode!r}: choose 'exact' or 'fast'")
+    m, _, g, h = test_embeddings.shape
+    return dist.reshape(m, g, h)
+
+
+def distribute_scores(scores: torch.Tensor, patch_size: int, stride: int) -> torch.Tensor:
+    """Pixel map where each pixel is the mean score of the patches covering it.
+
+    scores (M,G,G) on a grid of K x K patches at stride S -> (M,H,W), H = (G-1)*S + K.
+    A transposed convolution with a K x K kernel of ones sums the covering
+    scores; the same on a grid of ones counts them.
+    """
+    grid = scores[:, None].float()
+    kernel = torch.ones(1, 1, patch_size, patch_size, dtype=grid.dtype, device=grid.device)
+    summed = F.conv_transpose2d(grid, kernel, stride=stride)
+    counts = F.conv_transpose2d(torch.ones_like(grid[:1]), kernel, stride=stride)
+    return (summed / counts)[:, 0]
+
+
+@dataclass
+class CategoryScores:
+    """Anomaly maps (M,H,W) for each fusion in ``FUSIONS`` and the search timings in seconds."""
+
+    maps: dict[str, torch.Tensor]
+    seconds: dict[str, float]
+
+    def image_scores(self, fusion: str) -> torch.Tensor:
+        """Image score = maximum of the map: (M,)."""
+        return self.maps[fusion].flatten(1).amax(dim=1)
+
+
+def anomaly_maps(
+    train_embeddings: tuple[torch.Tensor, torch.Tensor],
+    test_embeddings: tuple[torch.Tensor, torch.Tensor],
+    mode: SearchMode = "exact",
+    device: torch.device | str = "cpu",
+) -> CategoryScores:
+    """Maps for both K and their fusions from (emb64, emb32) of the training and test images."""
+    maps: dict[str, torch.Tensor] = {}
+    seconds: dict[str, float] = {}
+    for k, train_emb, test_emb in zip((LARGE_PATCH, SMALL_PATCH), train_embeddings, test_embeddings):
+        start = time.perf_counter()
+        scores = patch_scores(train_emb, test_emb, mode=mode, device=device)
+        seconds[f"search_{k}"] = time.perf_counter() - start
+        maps[str(k)] = distribute_scores(scores, k, PatchSVDD.strides[k])
+    maps["sum"] = maps["64"] + maps["32"]
+    maps["mult"] = maps["64"] * maps["32"]
+    return CategoryScores(maps=maps, seconds=seconds)

@@ -1,0 +1,117 @@
+"""Pictures: anomaly-map galleries on one colour scale per category, ROC curves, metrics per round.
+
+matplotlib only (Agg when saving). Nothing here computes scores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.metrics import roc_curve
+
+CMAP = "jet"
+
+
+def colour_range(maps: np.ndarray, upper_percentile: float = 99.9) -> tuple[float, float]:
+    """One (vmin, vmax) for every map of a category (M,H,W), so good images stay cool."""
+    return float(maps.min()), float(np.percentile(maps, upper_percentile))
+
+
+def _draw_pair(ax_img, ax_map, image: np.ndarray, mask: np.ndarray, amap: np.ndarray, vmin: float, vmax: float, title: str):
+    ax_img.imshow(image)
+    if mask.any():
+        ax_img.contour(mask, levels=[0.5], colors="lime", linewidths=1.0)
+    ax_img.set_title(title, fontsize=8)
+    shown = ax_map.imshow(amap, cmap=CMAP, vmin=vmin, vmax=vmax)
+    ax_map.set_title(f"max {amap.max():.3f}", fontsize=8)
+    for ax in (ax_img, ax_map):
+        ax.set_axis_off()
+    return shown
+
+
+def save_gallery(
+    out_dir: str | Path,
+    images: np.ndarray,
+    masks: np.ndarray,
+    maps: np.ndarray,
+    names: Sequence[str],
+) -> list[Path]:
+    """One PNG per test image: the image with its mask outlined beside its map.
+
+    images uint8 (M,H,W,3), masks (M,H,W) 0/1, maps (M,H,W); every map uses the
+    same colour scale. Returns the written paths.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vmin, vmax = colour_range(maps)
+    fig, (ax_img, ax_map) = plt.subplots(1, 2, figsize=(6, 3.2))
+    paths = []
+    for image, mask, amap, name in zip(images, masks, maps, names):
+        ax_img.clear()
+        ax_map.clear()
+        _draw_pair(ax_img, ax_map, image, mask, amap, vmin, vmax, name)
+        path = out_dir / (name.replace("/", "_") + ".png")
+        fig.savefig(path, dpi=80, bbox_inches="tight")
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def gallery_figure(
+    images: np.ndarray, masks: np.ndarray, maps: np.ndarray, names: Sequence[str], max_images: int = 8
+) -> plt.Figure:
+    """A grid of (image with mask outline, map) pairs for a notebook, good and defective images mixed."""
+    vmin, vmax = colour_range(maps)
+    defective = [i for i, m in enumerate(masks) if m.any()]
+    good = [i for i, m in enumerate(masks) if not m.any()]
+    chosen = (good[: max_images // 4] + defective)[:max_images] if good else defective[:max_images]
+    rows = max(1, (len(chosen) + 1) // 2)
+    fig, axes = plt.subplots(rows, 4, figsize=(12, 3 * rows), squeeze=False)
+    shown = None
+    for slot in range(rows * 2):
+        ax_img, ax_map = axes[slot // 2, (slot % 2) * 2], axes[slot // 2, (slot % 2) * 2 + 1]
+        if slot >= len(chosen):
+            ax_img.set_axis_off()
+            ax_map.set_axis_off()
+            continue
+        i = chosen[slot]
+        shown = _draw_pair(ax_img, ax_map, images[i], masks[i], maps[i], vmin, vmax, names[i])
+    if shown is not None:
+        fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.6, label="anomaly score")
+    return fig
+
+
+def plot_roc(labels: np.ndarray, scores: Mapping[str, np.ndarray], path: str | Path | None = None) -> plt.Figure:
+    """Detection ROC curve of each fusion's image scores; saved to ``path`` when given."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    if np.unique(labels).size > 1:
+        for fusion, values in scores.items():
+            fpr, tpr, _ = roc_curve(labels, values)
+            ax.plot(fpr, tpr, label=fusion)
+    else:
+        ax.text(0.5, 0.5, "one class only:\nROC undefined", ha="center", va="center")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("detection ROC")
+    if np.unique(labels).size > 1:
+        ax.legend(loc="lower right", fontsize=8)
+    if path is not None:
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+    return fig
+
+
+def plot_history(history: Mapping[str, Sequence[tuple[int, float]]]) -> plt.Figure:
+    """Lines of (round, value) per series name, e.g. 'envoy_1/det_auroc'."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, points in sorted(history.items()):
+        if points:
+            rounds, values = zip(*points)
+            ax.plot(rounds, values, marker="o", label=name)
+    ax.set_xlabel("round")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return fig

@@ -1,0 +1,38 @@
+# Helpers shared by the director and envoy start scripts (sourced, not run).
+
+# The fx command of this project's virtual environment, else the one on PATH.
+patchsvdd_fx() {
+  local repo
+  repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+  if [ -x "$repo/.venv/bin/fx" ]; then echo "$repo/.venv/bin/fx"
+  elif command -v fx >/dev/null 2>&1; then command -v fx
+  else echo "fx (OpenFL) not found: run 'make install' or activate the environment that has openfl==1.7.1" >&2; exit 2
+  fi
+}
+
+# The python of the same environment as fx.
+patchsvdd_python() {
+  local fx; fx="$(patchsvdd_fx)"
+  echo "$(dirname "$fx")/python"
+}
+
+# Stop with one clear line when a YAML config is missing or malformed (ROLE: director or envoy).
+patchsvdd_check_config() {
+  "$(patchsvdd_python)" -m patchsvdd.configs "$1" "$2" || exit 2
+}
+
+# Working folder: $PATCHSVDD_WORKDIR if set, else the given default; created, absolute.
+patchsvdd_workdir() {
+  local dir="${PATCHSVDD_WORKDIR:-$1}"
+  mkdir -p "$dir"
+  realpath "$dir"
+}
+
+# OpenFL reads configs only from inside its working folder: copy CONFIG there when it is elsewhere.
+patchsvdd_config_inside() {
+  local config="$1" workdir="$2"
+  case "$config" in
+    "$workdir"/*) echo "$config" ;;
+    *) cp "$config" "$workdir/$(basename "$config")"; echo "$workdir/$(basename "$config")" ;;
+  esac
+}

@@ -1,0 +1,57 @@
+"""The command line end to end: synth -> train (short) -> evaluate, and its errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from patchsvdd.cli import main
+from patchsvdd.metrics import METRIC_KEYS
+
+
+@pytest.mark.slow
+def test_synth_train_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "data"
+    assert main(["synth", "--out", str(root), "--category", "washer", "--seed", "4", "--n-train", "6",
+                 "--n-test-good", "2", "--n-test-per-defect", "1", "--image-size", "272"]) == 0
+    ckpt = tmp_path / "model.pt"
+    assert main(["train", "--data-root", str(root), "--category", "washer", "--epochs", "2", "--repeat", "1",
+                 "--batch-size", "4", "--max-steps", "1", "--emb-dim", "16", "--out", str(ckpt), "--no-progress"]) == 0
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--data-root", str(root), "--category", "washer", "--checkpoint", str(ckpt),
+                 "--out-dir", str(out), "--search", "fast", "--no-progress"]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert all(0.0 <= report[k] <= 1.0 for k in METRIC_KEYS)
+    assert report["n_train"] == 6 and report["n_test"] == 6 and report["search"] == "fast"
+    assert report["checkpoint_metadata"]["epochs"] == 2
+    assert {"embed", "search_64", "search_32", "total"} <= set(report["seconds"])
+    assert (out / "roc.png").is_file()
+    assert sorted(p.name for p in (out / "maps").glob("*.png"))[:2] == ["crack_000.png", "good_000.png"]
+    printed = capsys.readouterr().out
+    assert "det_sum" in printed and "epoch 2/2" in printed
+
+
+def test_synth_is_deterministic_for_a_seed(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for name in ("a", "b"):
+        main(["synth", "--out", str(tmp_path / name), "--category", "mesh", "--seed", "2", "--n-train", "1",
+              "--n-test-good", "1", "--n-test-per-defect", "1", "--image-size", "260"])
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png"))
+    assert len(files) == 1 + 1 + 4 * 2
+    for rel in files:
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / rel)), np.asarray(Image.open(tmp_path / "b" / rel)))
+    with Image.open(tmp_path / "a" / "mesh" / "train" / "good" / "000.png") as img:
+        assert img.mode == "L" and img.size == (260, 260)
+
+
+def test_bad_input_gives_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", "--data-root", str(tmp_path), "--category", "x", "--checkpoint", str(tmp_path / "no.pt"),
+                 "--out-dir", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "no.pt: checkpoint file not found" in capsys.readouterr().err
+    assert main(["train", "--data-root", str(tmp_path / "none"), "--category", "x", "--epochs", "1",
+                 "--out", str(tmp_path / "m.pt")]) == 2
+    assert "data root does not exist" in capsys.readouterr().err

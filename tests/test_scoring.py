@@ -1,0 +1,70 @@
+"""Nearest-neighbour search, overlap-averaged maps and fusions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from patchsvdd.scoring import anomaly_maps, distribute_scores, exact_nearest, fast_nearest, flatten_grid, patch_scores
+
+
+def _clustered(n: int, dim: int, centres: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    c = torch.randn(centres, dim, generator=gen)
+    return c[torch.randint(0, centres, (n,), generator=gen)] + 0.3 * torch.randn(n, dim, generator=gen)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_exact_search_returns_true_nearest_distances(backend: str) -> None:
+    bank = _clustered(5000, 16, 20, 0)
+    queries = _clustered(700, 16, 20, 1)
+    expected = torch.cdist(queries.double(), bank.double()).min(dim=1).values.float()
+    got = exact_nearest(queries, bank, backend=backend, query_chunk=128, bank_chunk=1000)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.equal(exact_nearest(bank[:50], bank, backend=backend), torch.zeros(50))
+
+
+def test_fast_search_is_close_to_exact_and_never_below_it() -> None:
+    bank = _clustered(40000, 32, 50, 2)
+    queries = _clustered(2000, 32, 50, 3)
+    exact = exact_nearest(queries, bank)
+    fast = fast_nearest(queries, bank)
+    assert (fast >= exact - 1e-5).all()  # a real distance to some bank row
+    assert (fast - exact).abs().le(1e-5).float().mean() > 0.75  # most neighbours are the true ones
+    assert ((fast - exact) / exact).mean() < 0.01  # the others are almost as near
+
+
+def test_patch_scores_layout() -> None:
+    train = torch.randn(2, 8, 3, 3)
+    test = train[1:].clone()
+    test[0, :, 2, 1] += 5.0
+    scores = patch_scores(train, test)
+    assert scores.shape == (1, 3, 3)
+    assert scores[0, 2, 1] > 1.0 and scores.flatten()[[0, 1, 2, 3, 4, 5, 6, 8]].abs().max() < 1e-5
+    assert flatten_grid(train)[3 * 3 + 2 * 3 + 1].tolist() == train[1, :, 2, 1].tolist()
+
+
+@pytest.mark.parametrize("patch_size,stride,grid", [(64, 16, 13), (32, 4, 57), (5, 2, 4)])
+def test_distribute_scores_equals_naive_average(patch_size: int, stride: int, grid: int) -> None:
+    scores = torch.rand(2, grid, grid)
+    side = (grid - 1) * stride + patch_size
+    total = torch.zeros(2, side, side)
+    count = torch.zeros(side, side)
+    for i in range(grid):
+        for j in range(grid):
+            total[:, i * stride : i * stride + patch_size, j * stride : j * stride + patch_size] += scores[:, i, j, None, None]
+            count[i * stride : i * stride + patch_size, j * stride : j * stride + patch_size] += 1
+    assert torch.allclose(distribute_scores(scores, patch_size, stride), total / count, atol=1e-5)
+
+
+def test_anomaly_maps_fuse_both_patch_sizes() -> None:
+    train = (torch.randn(2, 4, 13, 13), torch.randn(2, 4, 57, 57))
+    test = (torch.randn(3, 4, 13, 13), torch.randn(3, 4, 57, 57))
+    result = anomaly_maps(train, test, mode="exact")
+    assert set(result.maps) == {"64", "32", "sum", "mult"}
+    assert all(m.shape == (3, 256, 256) for m in result.maps.values())
+    assert torch.allclose(result.maps["sum"], result.maps["64"] + result.maps["32"])
+    assert torch.allclose(result.maps["mult"], result.maps["64"] * result.maps["32"])
+    assert torch.equal(result.image_scores("32"), result.maps["32"].flatten(1).amax(1))
+    with pytest.raises(ValueError, match="search mode"):
+        patch_scores(train[0], test[0], mode="nearest")  # type: ignore[arg-type]

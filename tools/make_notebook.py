@@ -1,0 +1,136 @@
+"""Writes workspace/PatchSVDD_with_Director.ipynb (no outputs). Edit here, then run: python tools/make_notebook.py"""
+
+from pathlib import Path
+
+import nbformat as nbf
+
+md, code = nbf.v4.new_markdown_cell, nbf.v4.new_code_cell
+
+cells = [
+    md("""# Federated Patch SVDD with an OpenFL director
+
+Several sites hold MVTec-layout images they cannot pool. Each runs an **envoy** with its shard; the **director**
+coordinates them. This notebook builds **Patch SVDD** (Yi & Yoon, ACCV 2020), trains it federatedly (FedAvg of all
+weights), follows detection and segmentation AUROC per envoy, and shows anomaly maps. Every computation lives in the
+`patchsvdd` package; the cells only configure, start and show.
+
+Start the director and envoys first (`director_folder/start_director.sh`, `envoy_folder/start_envoy.sh NAME CONFIG`),
+or run `make demo`, which does everything and executes this notebook."""),
+    code("""# Parameters (papermill overrides this cell; see README for each setting)
+director_host = "localhost"
+director_port = 50050
+expected_envoys = 2          # wait until this many envoys are online
+category = "fabric"          # for the records; each envoy's config names its own data
+rounds = 5
+repeat = 100                 # each training image used this many times per round (paper: 100)
+max_steps = None             # cut each round's local epoch to this many steps (None: full epoch)
+batch_size = 64
+lr = 1e-4
+lambda_svdd = 1e-3
+emb_dim = 64                 # D
+device_policy = "CUDA_PREFERRED"   # envoys use their first cuda_devices entry, else the CPU; or "CPU_ONLY"
+round_search = "fast"        # nearest-neighbour search of the per-round validation: fast | exact
+final_search = "exact"       # search of the final evaluation
+final_model = "last"         # model of the final evaluation: last | best
+seed = 0
+idle_timeout = 900           # seconds without any metric before giving up
+output_dir = "../runs/notebook"
+local_data_root = None       # a data root with <category>/ this notebook may read, for the gallery; None to skip
+experiment_name = None       # default: patchsvdd-<category>-<time>
+tls = False                  # mutual TLS: set the three files below
+cert_chain = None
+api_cert = None
+api_private_key = None"""),
+    code("""import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+from IPython.display import Markdown, display
+
+from patchsvdd import federated as fed
+from patchsvdd import report, viz
+from patchsvdd.checkpoint import save_checkpoint
+from patchsvdd.metrics import METRIC_KEYS
+from patchsvdd.model import PatchSVDD
+
+settings = fed.ExperimentSettings(
+    rounds=rounds, repeat=repeat, max_steps=max_steps, batch_size=batch_size, lr=lr, lambda_svdd=lambda_svdd,
+    emb_dim=emb_dim, search=round_search, final_search=final_search, seed=seed, device_policy=device_policy,
+    idle_timeout=idle_timeout,
+)
+out = Path(output_dir).resolve()
+out.mkdir(parents=True, exist_ok=True)
+experiment_name = experiment_name or f"patchsvdd-{category}-{time.strftime('%Y%m%d-%H%M%S')}"
+print(f"results go to {out}")"""),
+    md("## Connect to the director and see the envoys' shards"),
+    code("""federation = fed.connect(director_host, director_port, tls=tls, cert_chain=cert_chain,
+                         api_cert=api_cert, api_private_key=api_private_key)
+display(Markdown(report.markdown_table(fed.wait_for_envoys(federation, expected_envoys))))"""),
+    md("## The model: K=64 hierarchical encoder embedding the K=32 encoder, two position classifiers"),
+    code("""torch.manual_seed(seed)
+model = PatchSVDD(emb_dim=emb_dim)
+print(fed.describe_model(model))"""),
+    md("""## Train federatedly
+
+Each round every envoy runs `train_epoch` on its own shard, the director averages all weights (weighted by shard
+size), and each envoy scores its own test images against its own training patches with the averaged model."""),
+    code("""def show(metric):
+    if metric["metric_origin"] == "aggregator" and metric["task_name"] != "train":
+        print(f"round {metric['round']}: {metric['metric_name']} {metric['metric_value']:.4f}")
+
+experiment = fed.start_experiment(federation, model, settings, experiment_name, out / "experiment")
+metrics = fed.follow_metrics(experiment, idle_timeout=idle_timeout, on_metric=show)
+report.write_json(out / "round_metrics.json", metrics.to_jsonable())"""),
+    md("## Best and last aggregated models"),
+    code("""best_model, last_model = fed.fetch_models(experiment)
+meta = dict(category=category, experiment=experiment_name, settings=fed.settings_dict(settings))
+save_checkpoint(best_model, out / "best.pt", which="best", **meta)
+save_checkpoint(last_model, out / "last.pt", which="last", **meta)
+print("saved", out / "best.pt", "and", out / "last.pt")"""),
+    md("## Metrics per round"),
+    code("""fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+for ax, (task, name) in zip(axes, [("train", "train_loss"), ("aggregated_model_validate", "det_sum"),
+                                   ("aggregated_model_validate", "seg_sum")]):
+    for origin, points in sorted(metrics.series(task, name).items()):
+        ax.plot(*zip(*points), marker="o", label=origin)
+    ax.set_title(name); ax.set_xlabel("round"); ax.legend(fontsize=7); ax.grid(alpha=0.3)
+fig.savefig(out / "rounds.png", dpi=90, bbox_inches="tight")"""),
+    md("""## Final evaluation on every envoy: all eight metrics
+
+A one-round, validation-only experiment: each envoy scores the final model on its own data
+(`final_search` nearest-neighbour search); no image leaves a site."""),
+    code("""final = best_model if final_model == "best" else last_model
+evaluation = fed.start_evaluation(federation, final, settings, experiment_name + "-final", out / "evaluation")
+final_metrics = fed.follow_metrics(evaluation, idle_timeout=idle_timeout).final()
+report.write_json(out / "metrics.json", {"experiment": experiment_name, "model": final_model,
+                                         "search": final_search, "per_node": final_metrics})
+display(Markdown(report.markdown_table(report.metrics_rows(final_metrics, METRIC_KEYS))))"""),
+    md("""## Anomaly maps
+
+Only where this notebook may read some data itself (`local_data_root`): the final model scores it here, exactly as
+an envoy would, with one colour scale for the whole category so that good images stay cool."""),
+    code("""if local_data_root:
+    from patchsvdd.data import index_category, load_category
+    from patchsvdd.evaluate import evaluate_category
+
+    data = load_category(index_category(local_data_root, category))
+    local = evaluate_category(final, data, mode=final_search)
+    report.write_json(out / "local_metrics.json", local.metrics)
+    display(Markdown(report.markdown_table([{"node": "notebook", **local.metrics}], ["node", *METRIC_KEYS])))
+    maps = local.scores.maps["sum"].numpy()
+    viz.save_gallery(out / "maps", data.test_images, data.test_masks, maps, data.test_names)
+    viz.gallery_figure(data.test_images, data.test_masks, maps, data.test_names).savefig(out / "gallery.png", dpi=80)
+    plt.show()
+else:
+    print("local_data_root not set: no gallery (the envoys' images stay at their sites)")"""),
+]
+
+nb = nbf.v4.new_notebook(cells=cells, metadata={
+    "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+    "language_info": {"name": "python"},
+})
+nb.cells[1].metadata["tags"] = ["parameters"]
+path = Path(__file__).resolve().parents[1] / "workspace" / "PatchSVDD_with_Director.ipynb"
+nbf.write(nb, path)
+print("wrote", path)
