@@ -1,4 +1,4 @@
-"""Command line: ``patchsvdd synth | train | evaluate``.
+"""Command line: ``patchsvdd synth | train | evaluate | certs``.
 
 Heavy imports happen inside each command so that ``patchsvdd --help`` and
 ``patchsvdd synth`` start quickly and bad arguments fail before any work.
@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--search", choices=("exact", "fast"), default="exact", help="nearest-neighbour search")
     ev.add_argument("--fusion", default="sum", choices=("64", "32", "sum", "mult"), help="map shown in the gallery")
     ev.add_argument("--no-gallery", action="store_true", help="skip the per-image PNGs")
+
+    certs = sub.add_parser("certs", help="create a root authority and mutual-TLS certificates for every node (offline)")
+    certs.add_argument("--out", required=True, type=Path, help="folder for root_ca.* and one .crt/.key per node")
+    certs.add_argument("--director-host", action="append", help="name(s) the others use to reach the director (default localhost)")
+    certs.add_argument("--envoy", action="append", required=True, help="envoy name (its certificate's common name); repeat")
+    certs.add_argument("--client", action="append", help="notebook client id (default frontend); repeat")
+    certs.add_argument("--days", type=int, default=365)
     return parser
 
 
@@ -151,7 +158,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"synth": cmd_synth, "train": cmd_train, "evaluate": cmd_evaluate}
+def cmd_certs(args: argparse.Namespace) -> int:
+    from .certs import create_federation_certs
+
+    out = create_federation_certs(args.out, args.director_host or ["localhost"], args.envoy, args.client or ["frontend"], args.days)
+    for path in sorted(out.glob("*.crt")):
+        print(f"wrote {path} and {path.with_suffix('.key')}")
+    print(f"keep {out / 'root_ca.key'} off the nodes; give every node {out / 'root_ca.crt'} and its own .crt/.key")
+    return 0
+
+
+COMMANDS = {"synth": cmd_synth, "train": cmd_train, "evaluate": cmd_evaluate, "certs": cmd_certs}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

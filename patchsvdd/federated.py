@@ -30,6 +30,7 @@ from .data import CategoryData, standardise
 from .evaluate import evaluate_category
 from .metrics import METRIC_KEYS
 from .model import PatchSVDD, count_parameters
+from .tls import TLSCheckError, check_mutual_tls, speaks_tls
 from .train import make_optimizer, train_epoch
 
 FRAMEWORK_ADAPTER = "openfl.plugins.frameworks_adapters.pytorch_adapter.FrameworkAdapterPlugin"
@@ -151,18 +152,24 @@ def build_tasks(settings: ExperimentSettings, metric_names: tuple[str, ...] = RO
 
 
 class TrainThenValidate:
-    """Task assigner: every envoy trains, then validates the aggregated model (no locally-tuned validation).
+    """Task assigner: ``training_rounds`` rounds of train + validate, then one validation-only round.
 
-    OpenFL's default also validates each envoy's own model every round, which
-    doubles the cost of validation for a number nobody aggregates.
+    OpenFL 1.7.1 validates the model a round *starts* with and keeps that one
+    as "last", so the aggregate of the final training round would be neither
+    validated nor returned; the extra round fixes both. The locally-tuned
+    validation of OpenFL's default assigner is left out: it doubles the cost
+    of validation for a number nobody aggregates.
     """
 
-    def __init__(self, tasks: TaskInterface) -> None:
+    def __init__(self, tasks: TaskInterface, training_rounds: int) -> None:
         registered = tasks.get_registered_tasks()
-        self.tasks = [registered["train"], registered["aggregated_model_validate"]]
+        self.train = registered["train"]
+        self.validate = registered["aggregated_model_validate"]
+        self.training_rounds = training_rounds
 
     def __call__(self, collaborators, round_number, **kwargs) -> dict:
-        return {name: list(self.tasks) for name in collaborators}
+        tasks = [self.train, self.validate] if round_number < self.training_rounds else [self.validate]
+        return {name: list(tasks) for name in collaborators}
 
 
 def validation_only_tasks(settings: ExperimentSettings) -> TaskInterface:
@@ -180,11 +187,22 @@ def connect(
     host: str, port: int, tls: bool = False, cert_chain: str | None = None, api_cert: str | None = None,
     api_private_key: str | None = None, client_id: str = "frontend",
 ) -> Federation:
-    """A ``Federation`` handle on the director at ``host:port``; TLS files are needed only with ``tls=True``."""
-    if tls:
-        for name, path in (("cert_chain", cert_chain), ("api_cert", api_cert), ("api_private_key", api_private_key)):
-            if not path or not Path(path).is_file():
-                raise FileNotFoundError(f"TLS is on but {name} {path!r} is not a file")
+    """A ``Federation`` handle on the director at ``host:port``; TLS files are needed only with ``tls=True``.
+
+    One handshake first, so that an unreachable director, a TLS mismatch or a
+    refused certificate raise FederationError with a plain sentence at once.
+    """
+    try:
+        if tls:
+            for name, path in (("cert_chain", cert_chain), ("api_cert", api_cert), ("api_private_key", api_private_key)):
+                if not path or not Path(path).is_file():
+                    raise FederationError(f"TLS is on but {name} {path!r} is not a file")
+            check_mutual_tls(host, int(port), cert_chain, api_cert, api_private_key)
+        elif speaks_tls(host, int(port)):
+            raise FederationError(f"the director at {host}:{port} requires TLS: set tls=True with cert_chain, "
+                                  "api_cert and api_private_key")
+    except TLSCheckError as exc:
+        raise FederationError(str(exc)) from exc
     return Federation(
         client_id=client_id, director_node_fqdn=host, director_port=int(port), tls=tls,
         cert_chain=cert_chain, api_cert=api_cert, api_private_key=api_private_key,
@@ -256,9 +274,11 @@ def _submit(federation, name, model, settings, tasks, rounds, workdir, assigner=
 def start_experiment(
     federation: Federation, model: PatchSVDD, settings: ExperimentSettings, name: str, workdir: str | os.PathLike
 ) -> FLExperiment:
-    """Send a training experiment (``settings.rounds`` rounds of train + validate) to the director."""
+    """Send a training experiment to the director: ``settings.rounds`` rounds of train + validate, then
+    a validation-only round for the final aggregate (reported as round ``settings.rounds``)."""
     tasks = build_tasks(settings)
-    return _submit(federation, name, model, settings, tasks, settings.rounds, workdir, TrainThenValidate(tasks))
+    assigner = TrainThenValidate(tasks, settings.rounds)
+    return _submit(federation, name, model, settings, tasks, settings.rounds + 1, workdir, assigner)
 
 
 def start_evaluation(

@@ -36,3 +36,14 @@ patchsvdd_config_inside() {
     *) cp "$config" "$workdir/$(basename "$config")"; echo "$workdir/$(basename "$config")" ;;
   esac
 }
+
+# Stop with one line when CERT_DIR lacks root_ca.crt, NODE.crt or NODE.key.
+patchsvdd_check_certs() {
+  local dir="$1" node="$2" f
+  for f in root_ca.crt "$node.crt" "$node.key"; do
+    if [ ! -f "$dir/$f" ]; then
+      echo "TLS: $dir/$f not found (create certificates with: patchsvdd certs --out $dir ...)" >&2
+      exit 2
+    fi
+  done
+}
