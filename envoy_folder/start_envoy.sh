@@ -5,8 +5,8 @@
 #
 # NAME: this envoy's unique name. CONFIG: its shard config (e.g. shard_config.yaml);
 # a relative data_folder inside it is taken relative to CONFIG's folder.
-# DIRECTOR_HOST defaults to localhost, DIRECTOR_PORT to 50050. The data are checked
-# before the envoy contacts the director. Working folder: $PATCHSVDD_WORKDIR if set,
+# DIRECTOR_HOST defaults to localhost, DIRECTOR_PORT to 50050. The data and the
+# director's address are checked before the envoy registers. Working folder: $PATCHSVDD_WORKDIR if set,
 # else this folder (experiments are unpacked there).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -21,9 +21,10 @@ config="$(realpath -m "$2")"
 host="${3:-localhost}"
 port="${4:-50050}"
 patchsvdd_check_config envoy "$config"
+"$(patchsvdd_python)" -m patchsvdd.tls reach "$host" "$port" || exit 2
 export PATCHSVDD_ENVOY_CONFIG_DIR="$(dirname "$config")"
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 workdir="$(patchsvdd_workdir "$here")"
 config="$(patchsvdd_config_inside "$config" "$workdir")"
 cd "$workdir"
-exec "$(patchsvdd_fx)" envoy start -n "$name" --disable-tls -ec "$config" -dh "$host" -dp "$port"
+patchsvdd_run_envoy "$name" --disable-tls -ec "$config" -dh "$host" -dp "$port"

@@ -28,5 +28,5 @@ export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 workdir="$(patchsvdd_workdir "$here")"
 config="$(patchsvdd_config_inside "$config" "$workdir")"
 cd "$workdir"
-exec "$(patchsvdd_fx)" envoy start -n "$name" -ec "$config" -dh "$host" -dp "$port" \
+patchsvdd_run_envoy "$name" -ec "$config" -dh "$host" -dp "$port" \
   -rc "$certs/root_ca.crt" -pk "$certs/$name.key" -oc "$certs/$name.crt"

@@ -129,12 +129,13 @@ def log_contains(path: Path, text: str) -> bool:
 
 @dataclass
 class Federation:
-    """A running director and its envoys."""
+    """A running director and its envoys; ``tls`` holds the notebook's TLS parameters when mutual TLS is on."""
 
     host: str
     port: int
     envoys: list[str]
     processes: Processes
+    tls: dict[str, object] = field(default_factory=lambda: {"tls": False})
 
 
 def write_director_config(path: Path, port: int, host: str = "localhost") -> Path:
@@ -160,31 +161,43 @@ def write_envoy_config(path: Path, data_root: Path, category: str, rank: int, wo
 
 def start_federation(
     run_dir: Path, data_root: Path, category: str, n_envoys: int = 2, port: int | None = None,
-    processes: Processes | None = None, timeout: float = 120.0,
+    processes: Processes | None = None, timeout: float = 120.0, tls: bool = False,
 ) -> Federation:
     """Start a director and ``n_envoys`` envoys (shards 1..n of the category) through the start scripts.
 
-    Returns once the director has accepted every shard. On failure the processes
-    started so far are stopped and DemoError says which node failed and why.
+    With ``tls`` a fresh authority and certificates are made in ``run_dir/certs``
+    and the TLS start scripts are used. Returns once the director has accepted
+    every shard. On failure the processes started so far are stopped and
+    DemoError says which node failed and why.
     """
     processes = processes if processes is not None else Processes()
     port = port or free_port()
     run_dir = Path(run_dir).resolve()
+    names = [f"envoy_{i}" for i in range(1, n_envoys + 1)]
+    certs = run_dir / "certs"
+    suffix = "_with_tls.sh" if tls else ".sh"
+    client_tls: dict[str, object] = {"tls": False}
+    if tls:
+        from .certs import create_federation_certs
+
+        create_federation_certs(certs, ["localhost"], names)
+        client_tls = dict(tls=True, cert_chain=str(certs / "root_ca.crt"), api_cert=str(certs / "frontend.crt"),
+                          api_private_key=str(certs / "frontend.key"))
     try:
         config = write_director_config(run_dir / "director" / "director_config.yaml", port)
         director = processes.start(
-            "director", [str(REPO / "director_folder" / "start_director.sh"), str(config)], run_dir / "logs" / "director.log",
-            env={"PATCHSVDD_WORKDIR": str(run_dir / "director")},
+            "director", [str(REPO / "director_folder" / f"start_director{suffix}"), str(config), *([str(certs)] if tls else [])],
+            run_dir / "logs" / "director.log", env={"PATCHSVDD_WORKDIR": str(run_dir / "director")},
         )
         wait_for(lambda: log_contains(director.log, DIRECTOR_READY), timeout, "the director to listen", [director])
-        names = [f"envoy_{i}" for i in range(1, n_envoys + 1)]
         # Envoys on one machine share its cores: oversubscribed BLAS threads slow everyone down.
         threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // n_envoys))
         envoys = []
         for rank, name in enumerate(names, start=1):
             shard = write_envoy_config(run_dir / "envoys" / f"{name}.yaml", data_root, category, rank, n_envoys)
             envoys.append(processes.start(
-                name, [str(REPO / "envoy_folder" / "start_envoy.sh"), name, str(shard), "localhost", str(port)],
+                name, [str(REPO / "envoy_folder" / f"start_envoy{suffix}"), name, str(shard), "localhost", str(port),
+                       *([str(certs)] if tls else [])],
                 run_dir / "logs" / f"{name}.log",
                 env={"PATCHSVDD_WORKDIR": str(run_dir / "envoys" / name), "OMP_NUM_THREADS": threads},
             ))
@@ -196,7 +209,7 @@ def start_federation(
     except BaseException:
         processes.stop()
         raise
-    return Federation("localhost", port, names, processes)
+    return Federation("localhost", port, names, processes, client_tls)
 
 
 def run_notebook(output: Path, parameters: dict, timeout: float, cwd: Path) -> None:
@@ -247,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3, help="higher than the paper's 1e-4 so that a short CPU run learns")
     p.add_argument("--final-search", choices=("exact", "fast"), default="fast")
+    p.add_argument("--tls", action="store_true", default=os.environ.get("TLS", "0") not in ("", "0"),
+                   help="mutual TLS between all nodes with fresh certificates (env TLS=1)")
     p.add_argument("--runs-dir", type=Path, default=REPO / "runs")
     p.add_argument("--timeout", type=float, default=1800, help="give up after this many seconds in one notebook cell")
     p.add_argument("--idle-timeout", type=float, default=600, help="give up after this many seconds without a metric")
@@ -263,13 +278,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"run folder {run_dir}")
     processes = Processes()
     try:
-        federation = start_federation(run_dir, data_root, args.category, args.envoys, processes=processes)
+        federation = start_federation(run_dir, data_root, args.category, args.envoys, processes=processes, tls=args.tls)
         print(f"director on port {federation.port} accepted {', '.join(federation.envoys)}; running the notebook")
         params = dict(
             director_host=federation.host, director_port=federation.port, expected_envoys=args.envoys,
             category=args.category, rounds=args.rounds, repeat=args.repeat, max_steps=args.max_steps or None,
             batch_size=args.batch_size, lr=args.lr, final_search=args.final_search, idle_timeout=args.idle_timeout,
-            output_dir=str(run_dir / "notebook"), local_data_root=str(data_root),
+            output_dir=str(run_dir / "notebook"), local_data_root=str(data_root), **federation.tls,
         )
         run_notebook(run_dir / "PatchSVDD_with_Director.ipynb", params, args.timeout, run_dir)
     except KeyboardInterrupt:

@@ -367,6 +367,55 @@ def follow_metrics(
     return log
 
 
+class SaveWhenImproved:
+    """``on_metric`` callback: saves the validated aggregate atomically each time it beats the best so far.
+
+    Round r's aggregated validation scores the model round r started with; the
+    director keeps that model as "last" from the end of round r until the end of
+    round r+1, so the callback waits (polling, bounded) for round r to close and
+    fetches it. The file (``save_checkpoint``: temporary file, then rename) is
+    never half written; ``metadata`` records round and score.
+    """
+
+    def __init__(self, experiment: FLExperiment, path: str | os.PathLike, metric: str = "det_sum", **metadata: Any) -> None:
+        self.experiment, self.path, self.metric, self.metadata = experiment, Path(path), metric, metadata
+        self.best_score = -math.inf
+        self.best_round: int | None = None
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        if (record["metric_origin"], record["task_name"], record["metric_name"]) != ("aggregator", "aggregated_model_validate", self.metric):
+            return
+        score = record["metric_value"]
+        if math.isnan(score) or score <= self.best_score:
+            return
+        from .checkpoint import save_checkpoint
+
+        self._wait_for_round_end(int(record["round"]))
+        model = self.experiment.get_last_model()
+        save_checkpoint(model, self.path, round=int(record["round"]), score=float(score), metric=self.metric, **self.metadata)
+        self.best_score, self.best_round = score, int(record["round"])
+
+
+    def _wait_for_round_end(self, round_number: int, timeout: float = 60.0) -> None:
+        client, name = self.experiment.federation.dir_client, self.experiment.experiment_name
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            description = client.get_experiment_description(name)
+            if description.status != "in_progress" or description.current_round > round_number:
+                return
+            time.sleep(0.1)
+        raise FederationError(f"experiment {name!r}: round {round_number} did not close within {timeout:.0f} s")
+
+
+def chain(*callbacks: Callable[[dict[str, Any]], None] | None) -> Callable[[dict[str, Any]], None]:
+    """One ``on_metric`` callback that calls each given one in turn."""
+    def call(record: dict[str, Any]) -> None:
+        for callback in callbacks:
+            if callback is not None:
+                callback(record)
+    return call
+
+
 def fetch_models(experiment: FLExperiment) -> tuple[PatchSVDD, PatchSVDD]:
     """(best, last) aggregated models from the director, on the CPU."""
     return experiment.get_best_model(), experiment.get_last_model()

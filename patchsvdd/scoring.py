@@ -1,10 +1,11 @@
 """Inference: dense embeddings, nearest-neighbour patch scores and pixel anomaly maps.
 
 Patch score = L2 distance from a test patch embedding to its nearest neighbour
-among all training patch embeddings of the same K. Exact search is a chunked
-matrix product in torch (BLAS on the CPU, cuBLAS on a GPU); fast search is a
-faiss inverted-file index. Maps average the scores of all patches covering a
-pixel; fusions add ('sum') or multiply ('mult') the K=64 and K=32 maps.
+among all training patch embeddings of the same K. Exact search compares with
+every training patch (faiss's blocked flat search on the CPU, chunked torch
+matrix products on a GPU); fast search walks a faiss HNSW graph. Maps average
+the scores of all patches covering a pixel; fusions add ('sum') or multiply
+('mult') the K=64 and K=32 maps.
 """
 
 from __future__ import annotations
@@ -112,29 +113,27 @@ def exact_nearest(
     return (queries.float() - bank.float()[nearest]).norm(dim=1)
 
 
-def fast_nearest(queries: torch.Tensor, bank: torch.Tensor, nprobe: int = 8, seed: int = 0) -> torch.Tensor:
-    """Approximate nearest-neighbour L2 distances (Q,) with a faiss IVF-Flat index over ``bank`` (B,D).
+def fast_nearest(
+    queries: torch.Tensor, bank: torch.Tensor, neighbours: int = 16, build_effort: int = 40, search_effort: int = 64
+) -> torch.Tensor:
+    """Approximate nearest-neighbour L2 distances (Q,) with a faiss HNSW graph over ``bank`` (B,D).
 
-    ~4*sqrt(B) lists, ``nprobe`` of them searched per query; the distance is the
-    true L2 distance to the neighbour found.
+    A graph index is used rather than k-means lists because patch embeddings
+    are very unevenly spread (an untrained encoder's nearly constant), which
+    leaves inverted lists badly unbalanced. The distance returned is the true
+    L2 distance to the neighbour found.
     """
     import faiss
 
-    bank_np = np.ascontiguousarray(bank.numpy(), dtype=np.float32)
-    queries_np = np.ascontiguousarray(queries.numpy(), dtype=np.float32)
-    n, dim = bank_np.shape
-    n_lists = int(min(4 * math.sqrt(n), n // 39))
-    if n_lists < 16:  # too few points for clustering to pay off
+    if bank.shape[0] < 4096:  # small banks: exact search is cheaper than building a graph
         return exact_nearest(queries, bank)
-    index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, n_lists)
-    rng = np.random.default_rng(seed)
-    index.cp.seed = seed
-    index.train(bank_np[rng.choice(n, size=min(n, 64 * n_lists), replace=False)])
-    index.nprobe = nprobe
-    index.add(bank_np)
-    _, found = index.search(queries_np, 1)
+    index = faiss.IndexHNSWFlat(bank.shape[1], neighbours)
+    index.hnsw.efConstruction = build_effort
+    index.add(np.ascontiguousarray(bank.numpy(), dtype=np.float32))
+    index.hnsw.efSearch = search_effort
+    _, found = index.search(np.ascontiguousarray(queries.numpy(), dtype=np.float32), 1)
     nearest = torch.from_numpy(found[:, 0].astype(np.int64))
-    missing = nearest < 0  # every probed list empty: search those queries exactly
+    missing = nearest < 0  # no neighbour returned: search those queries exactly
     if missing.any():
         nearest[missing] = _faiss_nearest(queries[missing], bank)
     return (queries.float() - bank.float()[nearest]).norm(dim=1)

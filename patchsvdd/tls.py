@@ -3,7 +3,8 @@
 gRPC reports a refused certificate only as ``UNAVAILABLE ... Socket closed``;
 this module connects once with Python's ``ssl`` and says what is wrong: the
 director is unreachable, does not speak TLS, is not trusted, or refused the
-node's certificate. ``python -m patchsvdd.tls check HOST PORT CA CERT KEY``.
+node's certificate. ``python -m patchsvdd.tls check HOST PORT CA CERT KEY``;
+``python -m patchsvdd.tls reach HOST PORT`` only checks that the director listens.
 """
 
 from __future__ import annotations
@@ -80,13 +81,22 @@ def check_mutual_tls(host: str, port: int, ca_cert: str, cert: str, key: str, ti
         raw.close()
 
 
+def check_reachable(host: str, port: int, timeout: float = 10.0) -> None:
+    """TLSCheckError unless something listens at host:port."""
+    _connect(host, port, timeout).close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 6 or args[0] != "check":
-        print("usage: python -m patchsvdd.tls check HOST PORT CA_CERT CERT KEY", file=sys.stderr)
+    usage = "usage: python -m patchsvdd.tls check HOST PORT CA_CERT CERT KEY | reach HOST PORT"
+    if not ((len(args) == 6 and args[0] == "check") or (len(args) == 3 and args[0] == "reach")):
+        print(usage, file=sys.stderr)
         return 2
     try:
-        check_mutual_tls(args[1], int(args[2]), *args[3:6])
+        if args[0] == "reach":
+            check_reachable(args[1], int(args[2]))
+        else:
+            check_mutual_tls(args[1], int(args[2]), *args[3:6])
     except TLSCheckError as exc:
         print(f"TLS: {exc}", file=sys.stderr)
         return 2

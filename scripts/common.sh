@@ -47,3 +47,21 @@ patchsvdd_check_certs() {
     fi
   done
 }
+
+# Run `fx envoy start ARGS...` for envoy NAME; when the director refuses the shard, say why in one line.
+patchsvdd_run_envoy() {
+  local name="$1"; shift
+  local out status
+  out="$(mktemp)"
+  trap 'rm -f "$out"' EXIT
+  set +e
+  "$(patchsvdd_fx)" envoy start -n "$name" "$@" 2>&1 | tee "$out"
+  status=${PIPESTATUS[0]}
+  set -e
+  if [ "$status" -ne 0 ] && grep -q "was not accepted" "$out"; then
+    echo "envoy $name: the director refused this shard: the shapes read from the data differ from the director's sample_shape/target_shape (or another envoy already uses the name $name)" >&2
+  elif [ "$status" -ne 0 ] && grep -q "Failed to report shard info" "$out"; then
+    echo "envoy $name: could not register with the director (see above); check host, port and TLS settings" >&2
+  fi
+  return "$status"
+}

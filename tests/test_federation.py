@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from patchsvdd import federated as fed
+from patchsvdd.checkpoint import load_checkpoint
 from patchsvdd.data import index_category, load_category
 from patchsvdd.demo import REPO, Processes, run_notebook, start_federation
 from patchsvdd.metrics import METRIC_KEYS
@@ -100,7 +102,8 @@ def test_two_round_experiment_then_final_evaluation(federation, tmp_path: Path) 
     model = PatchSVDD(emb_dim=16)
     initial = _state(model)
     experiment = fed.start_experiment(client, model, TINY, "two-rounds", tmp_path / "nb")
-    log = fed.follow_metrics(experiment, idle_timeout=TINY.idle_timeout)
+    saver = fed.SaveWhenImproved(experiment, tmp_path / "best.pt", category="fabric")
+    log = fed.follow_metrics(experiment, idle_timeout=TINY.idle_timeout, on_metric=saver)
     for envoy in ("envoy_1", "envoy_2"):
         assert [r for r, _ in log.series("train", "train_loss")[envoy]] == [0, 1]
         for name in fed.ROUND_METRICS:  # rounds 0, 1 validate what they start with; round 2 the final aggregate
@@ -109,6 +112,12 @@ def test_two_round_experiment_then_final_evaluation(federation, tmp_path: Path) 
     assert not log.series("locally_tuned_model_validate", "det_sum")  # skipped by our task assigner
     best, last = fed.fetch_models(experiment)
     assert any(not torch.equal(initial[k], v) for k, v in last.state_dict().items())
+    saved, meta = load_checkpoint(tmp_path / "best.pt")  # the best validated aggregate, atomically written
+    scores = dict(log.series("aggregated_model_validate", "det_sum")["aggregator"])
+    assert meta["round"] == saver.best_round and meta["score"] == max(scores.values()) == scores[meta["round"]]
+    if meta["round"] == 2:
+        assert all(torch.equal(v, last.state_dict()[k]) for k, v in saved.state_dict().items())
+    assert not list(tmp_path.glob(".best.pt.*"))
     assert (tmp_path / "nb" / "plan").is_dir()  # OpenFL's files stay in the working folder given
 
     # A second experiment on the same director: validation only, all eight metrics per envoy.
@@ -133,7 +142,7 @@ def test_notebook_runs_with_tiny_parameters(federation, fed_data: Path, tmp_path
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["per_node"]) == {"envoy_1", "envoy_2", "aggregator"}
     assert set(json.loads((out / "local_metrics.json").read_text())) == set(METRIC_KEYS)
-    for name in ("best.pt", "last.pt", "rounds.png", "gallery.png", "round_metrics.json"):
+    for name in ("best.pt", "last.pt", "best_checkpoint.pt", "rounds.png", "gallery.png", "round_metrics.json"):
         assert (out / name).is_file(), name
     assert len(list((out / "maps").glob("*.png"))) == 6
 
@@ -164,3 +173,45 @@ def test_malformed_config_is_one_clear_line(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert f"{config}: malformed YAML at line" in result.stderr
+
+
+def _shard_config(path: Path, data_root: Path) -> Path:
+    path.write_text(
+        "params: {cuda_devices: [], install_requirements: false}\n"
+        "shard_descriptor:\n  template: mvtec_shard_descriptor.MVTecShardDescriptor\n"
+        f"  params: {{data_folder: {data_root}, category: fabric, rank_worldsize: '1,2'}}\n"
+    )
+    return path
+
+
+def test_wrong_director_port_stops_the_envoy_at_once(fed_data: Path, tmp_path: Path) -> None:
+    from patchsvdd.demo import free_port
+
+    result = subprocess.run(
+        [str(REPO / "envoy_folder" / "start_envoy.sh"), "lost", str(_shard_config(tmp_path / "c.yaml", fed_data)),
+         "localhost", str(free_port())],
+        capture_output=True, text=True, timeout=60, env={"PATCHSVDD_WORKDIR": str(tmp_path / "w"), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 2
+    assert "cannot reach the director at localhost:" in result.stderr
+
+
+def test_director_refuses_a_shard_of_other_shapes_with_a_sentence(fed_data: Path, tmp_path: Path) -> None:
+    from patchsvdd.demo import DIRECTOR_READY, free_port, log_contains, wait_for, write_director_config
+
+    port = free_port()
+    config = write_director_config(tmp_path / "d" / "director_config.yaml", port)
+    settings = yaml.safe_load(config.read_text())
+    settings["settings"]["sample_shape"] = ["128", "128", "3"]
+    config.write_text(yaml.safe_dump(settings))
+    with Processes() as processes:
+        director = processes.start("director", [str(REPO / "director_folder" / "start_director.sh"), str(config)],
+                                   tmp_path / "director.log", env={"PATCHSVDD_WORKDIR": str(tmp_path / "d")})
+        wait_for(lambda: log_contains(director.log, DIRECTOR_READY), 60, "the director", [director])
+        result = subprocess.run(
+            [str(REPO / "envoy_folder" / "start_envoy.sh"), "odd", str(_shard_config(tmp_path / "c.yaml", fed_data)),
+             "localhost", str(port)],
+            capture_output=True, text=True, timeout=120, env={"PATCHSVDD_WORKDIR": str(tmp_path / "w"), "PATH": "/usr/bin:/bin"},
+        )
+    assert result.returncode != 0
+    assert "the director refused this shard: the shapes read from the data differ" in result.stderr

@@ -24,13 +24,21 @@ def test_exact_search_returns_true_nearest_distances(backend: str) -> None:
     assert torch.equal(exact_nearest(bank[:50], bank, backend=backend), torch.zeros(50))
 
 
+def _manifold(n: int, seed: int) -> torch.Tensor:
+    """Points on a curved 4-dimensional surface in 32 dimensions, like patch embeddings (tanh outputs)."""
+    gen = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(4, 32, generator=torch.Generator().manual_seed(99))
+    latent = torch.rand(n, 4, generator=gen) * 2 - 1
+    return torch.tanh(latent @ mixing) + 0.01 * torch.randn(n, 32, generator=gen)
+
+
 def test_fast_search_is_close_to_exact_and_never_below_it() -> None:
-    bank = _clustered(40000, 32, 50, 2)
-    queries = _clustered(2000, 32, 50, 3)
+    bank = _manifold(40000, 2)
+    queries = _manifold(2000, 3)
     exact = exact_nearest(queries, bank)
     fast = fast_nearest(queries, bank)
     assert (fast >= exact - 1e-5).all()  # a real distance to some bank row
-    assert (fast - exact).abs().le(1e-5).float().mean() > 0.75  # most neighbours are the true ones
+    assert (fast - exact).abs().le(1e-5).float().mean() > 0.9  # nearly all neighbours are the true ones
     assert ((fast - exact) / exact).mean() < 0.01  # the others are almost as near
 
 

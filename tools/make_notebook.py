@@ -36,6 +36,7 @@ seed = 0
 idle_timeout = 900           # seconds without any metric before giving up
 output_dir = "../runs/notebook"
 local_data_root = None       # a data root with <category>/ this notebook may read, for the gallery; None to skip
+initial_checkpoint = None    # start from this checkpoint (e.g. an earlier best.pt) instead of from scratch
 experiment_name = None       # default: patchsvdd-<category>-<time>
 tls = False                  # mutual TLS: set the three files below
 cert_chain = None
@@ -50,7 +51,7 @@ from IPython.display import Markdown, display
 
 from patchsvdd import federated as fed
 from patchsvdd import report, viz
-from patchsvdd.checkpoint import save_checkpoint
+from patchsvdd.checkpoint import load_checkpoint, save_checkpoint
 from patchsvdd.metrics import METRIC_KEYS
 from patchsvdd.model import PatchSVDD
 
@@ -69,18 +70,26 @@ print(f"results go to {out}")"""),
 display(Markdown(report.markdown_table(fed.wait_for_envoys(federation, expected_envoys))))"""),
     md("## The model: K=64 hierarchical encoder embedding the K=32 encoder, two position classifiers"),
     code("""torch.manual_seed(seed)
-model = PatchSVDD(emb_dim=emb_dim)
+if initial_checkpoint:
+    model, start_meta = load_checkpoint(initial_checkpoint)
+    print(f"starting from {initial_checkpoint} (round {start_meta.get('round')}, {start_meta.get('experiment')})")
+else:
+    model = PatchSVDD(emb_dim=emb_dim)
 print(fed.describe_model(model))"""),
     md("""## Train federatedly
 
 Each round every envoy runs `train_epoch` on its own shard, the director averages all weights (weighted by shard
-size), and each envoy scores its own test images against its own training patches with the averaged model."""),
+size), and each envoy scores its own test images against its own training patches with the averaged model.
+A last, validation-only round scores the final average. Whenever the averaged model's `det_sum` improves, it is
+saved to `best_checkpoint.pt` (written atomically, so a crash never leaves a broken file)."""),
     code("""def show(metric):
     if metric["metric_origin"] == "aggregator" and metric["task_name"] != "train":
         print(f"round {metric['round']}: {metric['metric_name']} {metric['metric_value']:.4f}")
 
 experiment = fed.start_experiment(federation, model, settings, experiment_name, out / "experiment")
-metrics = fed.follow_metrics(experiment, idle_timeout=idle_timeout, on_metric=show)
+saver = fed.SaveWhenImproved(experiment, out / "best_checkpoint.pt", category=category, experiment=experiment_name)
+metrics = fed.follow_metrics(experiment, idle_timeout=idle_timeout, on_metric=fed.chain(show, saver))
+print(f"best det_sum {saver.best_score:.4f} in round {saver.best_round}")
 report.write_json(out / "round_metrics.json", metrics.to_jsonable())"""),
     md("## Best and last aggregated models"),
     code("""best_model, last_model = fed.fetch_models(experiment)
