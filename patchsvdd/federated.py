@@ -317,9 +317,10 @@ class MetricLog:
 
 
 def follow_metrics(
-    experiment: FLExperiment, idle_timeout: float = 900.0, on_metric: Callable[[dict[str, Any]], None] | None = None
+    experiment: FLExperiment, idle_timeout: float = 900.0, on_metric: Callable[[dict[str, Any]], None] | None = None,
+    checkpointer: SaveWhenImproved | None = None,
 ) -> MetricLog:
-    """Collect the experiment's metrics until it ends.
+    """Collect the experiment's metrics until it ends; ``on_metric`` sees each, ``checkpointer`` saves improvements.
 
     Raises FederationError when no metric arrives for ``idle_timeout`` seconds
     (an envoy or the director stopped) or the experiment ends in failure.
@@ -361,6 +362,10 @@ def follow_metrics(
         log.records.append(item)
         if on_metric is not None:
             on_metric(item)
+        if checkpointer is not None:
+            checkpointer.observe(item)
+    if checkpointer is not None:
+        checkpointer.finish()
     status = experiment.get_experiment_status()
     if status is not None and str(status).lower() == "failed":
         raise FederationError(f"experiment {experiment.experiment_name!r} failed on the director (see its log)")
@@ -368,52 +373,43 @@ def follow_metrics(
 
 
 class SaveWhenImproved:
-    """``on_metric`` callback: saves the validated aggregate atomically each time it beats the best so far.
+    """Saves the validated aggregate atomically each time it beats the best so far (pass to ``follow_metrics``).
 
     Round r's aggregated validation scores the model round r started with; the
-    director keeps that model as "last" from the end of round r until the end of
-    round r+1, so the callback waits (polling, bounded) for round r to close and
-    fetches it. The file (``save_checkpoint``: temporary file, then rename) is
-    never half written; ``metadata`` records round and score.
+    director holds that model as "last" from the end of round r until the end
+    of round r+1. So an improvement seen in round r is saved when the first
+    metric of a later round arrives (round r+1 is then under way), or when the
+    experiment ends. ``save_checkpoint`` writes a temporary file and renames
+    it: a crash never leaves a broken file. ``metadata`` goes into the file,
+    with the round and the score.
     """
 
-    def __init__(self, experiment: FLExperiment, path: str | os.PathLike, metric: str = "det_sum", **metadata: Any) -> None:
+    def __init__(self, experiment: FLExperiment, path: str | os.PathLike, /, metric: str = "det_sum", **metadata: Any) -> None:
         self.experiment, self.path, self.metric, self.metadata = experiment, Path(path), metric, metadata
         self.best_score = -math.inf
         self.best_round: int | None = None
+        self._pending: tuple[int, float] | None = None
 
-    def __call__(self, record: dict[str, Any]) -> None:
-        if (record["metric_origin"], record["task_name"], record["metric_name"]) != ("aggregator", "aggregated_model_validate", self.metric):
-            return
+    def observe(self, record: dict[str, Any]) -> None:
+        if self._pending is not None and record["round"] > self._pending[0]:
+            self._save()
+        key = (record["metric_origin"], record["task_name"], record["metric_name"])
         score = record["metric_value"]
-        if math.isnan(score) or score <= self.best_score:
-            return
+        if key == ("aggregator", "aggregated_model_validate", self.metric) and not math.isnan(score) and score > self.best_score:
+            self.best_score, self.best_round = score, int(record["round"])
+            self._pending = (self.best_round, score)
+
+    def finish(self) -> None:
+        if self._pending is not None:
+            self._save()
+
+    def _save(self) -> None:
         from .checkpoint import save_checkpoint
 
-        self._wait_for_round_end(int(record["round"]))
+        round_number, score = self._pending
+        self._pending = None
         model = self.experiment.get_last_model()
-        save_checkpoint(model, self.path, round=int(record["round"]), score=float(score), metric=self.metric, **self.metadata)
-        self.best_score, self.best_round = score, int(record["round"])
-
-
-    def _wait_for_round_end(self, round_number: int, timeout: float = 60.0) -> None:
-        client, name = self.experiment.federation.dir_client, self.experiment.experiment_name
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            description = client.get_experiment_description(name)
-            if description.status != "in_progress" or description.current_round > round_number:
-                return
-            time.sleep(0.1)
-        raise FederationError(f"experiment {name!r}: round {round_number} did not close within {timeout:.0f} s")
-
-
-def chain(*callbacks: Callable[[dict[str, Any]], None] | None) -> Callable[[dict[str, Any]], None]:
-    """One ``on_metric`` callback that calls each given one in turn."""
-    def call(record: dict[str, Any]) -> None:
-        for callback in callbacks:
-            if callback is not None:
-                callback(record)
-    return call
+        save_checkpoint(model, self.path, round=round_number, score=float(score), metric=self.metric, **self.metadata)
 
 
 def fetch_models(experiment: FLExperiment) -> tuple[PatchSVDD, PatchSVDD]:

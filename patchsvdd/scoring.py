@@ -23,6 +23,7 @@ from .model import LARGE_PATCH, SMALL_PATCH, PatchSVDD
 
 SearchMode = Literal["exact", "fast"]
 FUSIONS = ("64", "32", "sum", "mult")
+EXACT_PAIRS_LIMIT = 2e9  # 'fast' searches exactly below this many query x bank pairs (a few seconds of BLAS)
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -125,8 +126,6 @@ def fast_nearest(
     """
     import faiss
 
-    if bank.shape[0] < 4096:  # small banks: exact search is cheaper than building a graph
-        return exact_nearest(queries, bank)
     index = faiss.IndexHNSWFlat(bank.shape[1], neighbours)
     index.hnsw.efConstruction = build_effort
     index.add(np.ascontiguousarray(bank.numpy(), dtype=np.float32))
@@ -142,10 +141,14 @@ def fast_nearest(
 def patch_scores(
     train_embeddings: torch.Tensor, test_embeddings: torch.Tensor, mode: SearchMode = "exact", device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """Nearest-neighbour distance of every test patch: train (N,D,G,G), test (M,D,G,G) -> (M,G,G)."""
+    """Nearest-neighbour distance of every test patch: train (N,D,G,G), test (M,D,G,G) -> (M,G,G).
+
+    'fast' uses the HNSW graph only where exact search would be slow (the K=32
+    bank of a full category); smaller searches stay exact.
+    """
     bank = flatten_grid(train_embeddings)
     queries = flatten_grid(test_embeddings)
-    if mode == "exact":
+    if mode == "exact" or (mode == "fast" and queries.shape[0] * bank.shape[0] <= EXACT_PAIRS_LIMIT):
         dist = exact_nearest(queries, bank, device=device)
     elif mode == "fast":
         dist = fast_nearest(queries, bank)

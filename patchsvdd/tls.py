@@ -52,9 +52,12 @@ def check_mutual_tls(host: str, port: int, ca_cert: str, cert: str, key: str, ti
     raw = _connect(host, port, timeout)
     try:
         with context.wrap_socket(raw, server_hostname=host) as tls:
-            tls.settimeout(2.0)
+            tls.settimeout(3.0)
             try:
-                tls.recv(1)  # TLS 1.3: a refused client certificate shows up as an alert here
+                # TLS 1.3 checks the client certificate after the handshake: a refusal arrives as an
+                # alert or as a closed connection, an acceptance as the server's HTTP/2 settings frame.
+                if tls.recv(1) == b"":
+                    raise ConnectionResetError("closed after the handshake")
             except (socket.timeout, TimeoutError):
                 pass
     except ssl.SSLCertVerificationError as exc:

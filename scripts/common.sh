@@ -51,9 +51,10 @@ patchsvdd_check_certs() {
 # Run `fx envoy start ARGS...` for envoy NAME; when the director refuses the shard, say why in one line.
 patchsvdd_run_envoy() {
   local name="$1"; shift
-  local out status
-  out="$(mktemp)"
-  trap 'rm -f "$out"' EXIT
+  local status
+  PATCHSVDD_ENVOY_OUTPUT="$(mktemp)"
+  trap 'rm -f "$PATCHSVDD_ENVOY_OUTPUT"' EXIT
+  local out="$PATCHSVDD_ENVOY_OUTPUT"
   set +e
   "$(patchsvdd_fx)" envoy start -n "$name" "$@" 2>&1 | tee "$out"
   status=${PIPESTATUS[0]}

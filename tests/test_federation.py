@@ -103,7 +103,7 @@ def test_two_round_experiment_then_final_evaluation(federation, tmp_path: Path) 
     initial = _state(model)
     experiment = fed.start_experiment(client, model, TINY, "two-rounds", tmp_path / "nb")
     saver = fed.SaveWhenImproved(experiment, tmp_path / "best.pt", category="fabric")
-    log = fed.follow_metrics(experiment, idle_timeout=TINY.idle_timeout, on_metric=saver)
+    log = fed.follow_metrics(experiment, idle_timeout=TINY.idle_timeout, checkpointer=saver)
     for envoy in ("envoy_1", "envoy_2"):
         assert [r for r, _ in log.series("train", "train_loss")[envoy]] == [0, 1]
         for name in fed.ROUND_METRICS:  # rounds 0, 1 validate what they start with; round 2 the final aggregate

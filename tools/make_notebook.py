@@ -88,7 +88,7 @@ saved to `best_checkpoint.pt` (written atomically, so a crash never leaves a bro
 
 experiment = fed.start_experiment(federation, model, settings, experiment_name, out / "experiment")
 saver = fed.SaveWhenImproved(experiment, out / "best_checkpoint.pt", category=category, experiment=experiment_name)
-metrics = fed.follow_metrics(experiment, idle_timeout=idle_timeout, on_metric=fed.chain(show, saver))
+metrics = fed.follow_metrics(experiment, idle_timeout=idle_timeout, on_metric=show, checkpointer=saver)
 print(f"best det_sum {saver.best_score:.4f} in round {saver.best_round}")
 report.write_json(out / "round_metrics.json", metrics.to_jsonable())"""),
     md("## Best and last aggregated models"),
