@@ -318,12 +318,14 @@ class MetricLog:
 
 def follow_metrics(
     experiment: FLExperiment, idle_timeout: float = 900.0, on_metric: Callable[[dict[str, Any]], None] | None = None,
-    checkpointer: SaveWhenImproved | None = None,
+    checkpointer: SaveWhenImproved | None = None, registry_poll: float = 5.0,
 ) -> MetricLog:
     """Collect the experiment's metrics until it ends; ``on_metric`` sees each, ``checkpointer`` saves improvements.
 
-    Raises FederationError when no metric arrives for ``idle_timeout`` seconds
-    (an envoy or the director stopped) or the experiment ends in failure.
+    While waiting, the shard registry is read every ``registry_poll`` seconds.
+    Raises FederationError as soon as an envoy of the experiment is offline,
+    when no metric arrives for ``idle_timeout`` seconds, or when the
+    experiment ends in failure.
     """
     from openfl.protocols import director_pb2
 
@@ -345,16 +347,28 @@ def follow_metrics(
             inbox.put(exc)
 
     threading.Thread(target=pump, name="metric-stream", daemon=True).start()
+    participants = set(experiment.plan.authorized_cols)
+    last_progress = time.monotonic()
     while True:
         try:
-            item = inbox.get(timeout=idle_timeout)
+            item = inbox.get(timeout=min(idle_timeout, registry_poll))
         except queue.Empty:
-            call.cancel()
-            raise FederationError(
-                f"experiment {experiment.experiment_name!r}: no metric for {idle_timeout:.0f} s. An envoy or the director "
-                "may have stopped; see their logs. Online envoys: "
-                + (", ".join(r["envoy"] for r in shard_table(experiment.federation) if r["online"]) or "none")
-            ) from None
+            online = {r["envoy"] for r in shard_table(experiment.federation) if r["online"]}
+            if participants - online:
+                call.cancel()
+                raise FederationError(
+                    f"experiment {experiment.experiment_name!r}: envoy {', '.join(sorted(participants - online))} went "
+                    "offline during the experiment, which cannot finish without it. Restart the envoy and the director, "
+                    "then start a new experiment from the last checkpoint (the notebook's initial_checkpoint)."
+                ) from None
+            if time.monotonic() - last_progress > idle_timeout:
+                call.cancel()
+                raise FederationError(
+                    f"experiment {experiment.experiment_name!r}: no metric for {idle_timeout:.0f} s although every envoy "
+                    "is online; see the director and envoy logs."
+                ) from None
+            continue
+        last_progress = time.monotonic()
         if item is done:
             break
         if isinstance(item, Exception):

@@ -26,7 +26,7 @@ def _draw_pair(ax_img, ax_map, image: np.ndarray, mask: np.ndarray, amap: np.nda
         ax_img.contour(mask, levels=[0.5], colors="lime", linewidths=1.0)
     ax_img.set_title(title, fontsize=8)
     shown = ax_map.imshow(amap, cmap=CMAP, vmin=vmin, vmax=vmax)
-    ax_map.set_title(f"max {amap.max():.3f}", fontsize=8)
+    ax_map.set_title(f"max {amap.max():.3g}", fontsize=8)
     for ax in (ax_img, ax_map):
         ax.set_axis_off()
     return shown
@@ -65,9 +65,7 @@ def gallery_figure(
 ) -> plt.Figure:
     """A grid of (image with mask outline, map) pairs for a notebook, good and defective images mixed."""
     vmin, vmax = colour_range(maps)
-    defective = [i for i, m in enumerate(masks) if m.any()]
-    good = [i for i, m in enumerate(masks) if not m.any()]
-    chosen = (good[: max_images // 4] + defective)[:max_images] if good else defective[:max_images]
+    chosen = _spread_over_types(names, masks, max_images)
     rows = max(1, (len(chosen) + 1) // 2)
     fig, axes = plt.subplots(rows, 4, figsize=(12, 3 * rows), squeeze=False)
     shown = None
@@ -82,6 +80,21 @@ def gallery_figure(
     if shown is not None:
         fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.6, label="anomaly score")
     return fig
+
+
+def _spread_over_types(names: Sequence[str], masks: np.ndarray, count: int) -> list[int]:
+    """Indices of up to ``count`` images taking turns over the types ('good', then each defect; names 'type/stem')."""
+    by_type: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        kind = name.split("/")[0] if "/" in name else ("defect" if masks[i].any() else "good")
+        by_type.setdefault(kind, []).append(i)
+    queues = [by_type.pop("good", [])] + [by_type[k] for k in sorted(by_type)]
+    chosen: list[int] = []
+    while len(chosen) < count and any(queues):
+        for queue in queues:
+            if queue and len(chosen) < count:
+                chosen.append(queue.pop(0))
+    return chosen
 
 
 def plot_roc(labels: np.ndarray, scores: Mapping[str, np.ndarray], path: str | Path | None = None) -> plt.Figure:
@@ -104,14 +117,18 @@ def plot_roc(labels: np.ndarray, scores: Mapping[str, np.ndarray], path: str | P
     return fig
 
 
-def plot_history(history: Mapping[str, Sequence[tuple[int, float]]]) -> plt.Figure:
-    """Lines of (round, value) per series name, e.g. 'envoy_1/det_auroc'."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, points in sorted(history.items()):
-        if points:
-            rounds, values = zip(*points)
-            ax.plot(rounds, values, marker="o", label=name)
-    ax.set_xlabel("round")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+def plot_rounds(series: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]]) -> plt.Figure:
+    """One panel per metric name, one line per origin: {name: {origin: [(round, value), ...]}}."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, len(series), figsize=(5.3 * len(series), 4), squeeze=False)
+    for ax, (name, lines) in zip(axes[0], series.items()):
+        for origin, points in sorted(lines.items()):
+            if points:
+                ax.plot(*zip(*points), marker="o", label=origin)
+        ax.set_title(name)
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     return fig

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from patchsvdd import federated as fed
-from patchsvdd.checkpoint import load_checkpoint
+from patchsvdd.checkpoint import load_checkpoint, save_checkpoint
 from patchsvdd.data import index_category, load_category
 from patchsvdd.demo import REPO, Processes, run_notebook, start_federation
 from patchsvdd.metrics import METRIC_KEYS
@@ -132,11 +132,14 @@ def test_two_round_experiment_then_final_evaluation(federation, tmp_path: Path) 
 def test_notebook_runs_with_tiny_parameters(federation, fed_data: Path, tmp_path: Path) -> None:
     nodes, _, _ = federation
     out = tmp_path / "results"
+    torch.manual_seed(3)
+    start = PatchSVDD(emb_dim=16)
+    save_checkpoint(start, tmp_path / "start.pt", round=4, experiment="earlier")  # resume from a checkpoint
     run_notebook(
         tmp_path / "executed.ipynb",
         dict(director_host=nodes.host, director_port=nodes.port, expected_envoys=2, rounds=1, repeat=1, max_steps=1,
              batch_size=4, emb_dim=16, final_search="fast", output_dir=str(out), local_data_root=str(fed_data),
-             idle_timeout=300),
+             idle_timeout=300, initial_checkpoint=str(tmp_path / "start.pt")),
         timeout=600, cwd=tmp_path,
     )
     metrics = json.loads((out / "metrics.json").read_text())
@@ -145,6 +148,8 @@ def test_notebook_runs_with_tiny_parameters(federation, fed_data: Path, tmp_path
     for name in ("best.pt", "last.pt", "best_checkpoint.pt", "rounds.png", "gallery.png", "round_metrics.json"):
         assert (out / name).is_file(), name
     assert len(list((out / "maps").glob("*.png"))) == 6
+    executed = (tmp_path / "executed.ipynb").read_text()
+    assert "starting from" in executed and "round 4" in executed
 
 
 def test_envoy_with_bad_data_stops_before_contacting_the_director(writable_category: Path, tmp_path: Path) -> None:

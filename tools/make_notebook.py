@@ -98,12 +98,11 @@ save_checkpoint(best_model, out / "best.pt", which="best", **meta)
 save_checkpoint(last_model, out / "last.pt", which="last", **meta)
 print("saved", out / "best.pt", "and", out / "last.pt")"""),
     md("## Metrics per round"),
-    code("""fig, axes = plt.subplots(1, 3, figsize=(16, 4))
-for ax, (task, name) in zip(axes, [("train", "train_loss"), ("aggregated_model_validate", "det_sum"),
-                                   ("aggregated_model_validate", "seg_sum")]):
-    for origin, points in sorted(metrics.series(task, name).items()):
-        ax.plot(*zip(*points), marker="o", label=origin)
-    ax.set_title(name); ax.set_xlabel("round"); ax.legend(fontsize=7); ax.grid(alpha=0.3)
+    code("""fig = viz.plot_rounds({
+    "train loss": metrics.series("train", "train_loss"),
+    "detection AUROC (sum)": metrics.series("aggregated_model_validate", "det_sum"),
+    "segmentation AUROC (sum)": metrics.series("aggregated_model_validate", "seg_sum"),
+})
 fig.savefig(out / "rounds.png", dpi=90, bbox_inches="tight")"""),
     md("""## Final evaluation on every envoy: all eight metrics
 
