@@ -14,8 +14,6 @@ config="$(realpath -m "${1:-$here/director_config.yaml}")"
 certs="$(realpath -m "${2:-$here/certs}")"
 patchsvdd_check_config director "$config"
 patchsvdd_check_certs "$certs" director
-workdir="$(patchsvdd_workdir "$here")"
-config="$(patchsvdd_config_inside "$config" "$workdir")"
-cd "$workdir"
-exec "$(patchsvdd_fx)" director start -c "$config" \
+patchsvdd_enter_workdir "$here" "$config"
+exec "$(patchsvdd_fx)" director start -c "$PATCHSVDD_CONFIG" \
   -rc "$certs/root_ca.crt" -pk "$certs/director.key" -oc "$certs/director.crt"

@@ -25,8 +25,6 @@ patchsvdd_check_certs "$certs" "$name"
 "$(patchsvdd_python)" -m patchsvdd.tls check "$host" "$port" "$certs/root_ca.crt" "$certs/$name.crt" "$certs/$name.key" || exit 2
 export PATCHSVDD_ENVOY_CONFIG_DIR="$(dirname "$config")"
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
-workdir="$(patchsvdd_workdir "$here")"
-config="$(patchsvdd_config_inside "$config" "$workdir")"
-cd "$workdir"
-patchsvdd_run_envoy "$name" -ec "$config" -dh "$host" -dp "$port" \
+patchsvdd_enter_workdir "$here" "$config"
+patchsvdd_run_envoy "$name" -ec "$PATCHSVDD_CONFIG" -dh "$host" -dp "$port" \
   -rc "$certs/root_ca.crt" -pk "$certs/$name.key" -oc "$certs/$name.crt"

@@ -176,6 +176,7 @@ def start_federation(
     names = [f"envoy_{i}" for i in range(1, n_envoys + 1)]
     certs = run_dir / "certs"
     suffix = "_with_tls.sh" if tls else ".sh"
+    cert_args = [str(certs)] if tls else []  # the TLS scripts take the certificate folder last
     client_tls: dict[str, object] = {"tls": False}
     if tls:
         from .certs import create_federation_certs
@@ -186,7 +187,7 @@ def start_federation(
     try:
         config = write_director_config(run_dir / "director" / "director_config.yaml", port)
         director = processes.start(
-            "director", [str(REPO / "director_folder" / f"start_director{suffix}"), str(config), *([str(certs)] if tls else [])],
+            "director", [str(REPO / "director_folder" / f"start_director{suffix}"), str(config), *cert_args],
             run_dir / "logs" / "director.log", env={"PATCHSVDD_WORKDIR": str(run_dir / "director")},
         )
         wait_for(lambda: log_contains(director.log, DIRECTOR_READY), timeout, "the director to listen", [director])
@@ -197,7 +198,7 @@ def start_federation(
             shard = write_envoy_config(run_dir / "envoys" / f"{name}.yaml", data_root, category, rank, n_envoys)
             envoys.append(processes.start(
                 name, [str(REPO / "envoy_folder" / f"start_envoy{suffix}"), name, str(shard), "localhost", str(port),
-                       *([str(certs)] if tls else [])],
+                       *cert_args],
                 run_dir / "logs" / f"{name}.log",
                 env={"PATCHSVDD_WORKDIR": str(run_dir / "envoys" / name), "OMP_NUM_THREADS": threads},
             ))

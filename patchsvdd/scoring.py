@@ -90,6 +90,11 @@ def _faiss_nearest(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(nearest[:, 0].astype(np.int64))
 
 
+def _distances_to(queries: torch.Tensor, bank: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+    """True L2 distance (Q,) from each query to the bank row it was matched with, computed directly."""
+    return (queries.float() - bank.float()[nearest]).norm(dim=1)
+
+
 def exact_nearest(
     queries: torch.Tensor,
     bank: torch.Tensor,
@@ -111,7 +116,7 @@ def exact_nearest(
         nearest = _faiss_nearest(queries, bank)
     else:
         nearest = _torch_nearest(queries, bank, device, query_chunk, bank_chunk)
-    return (queries.float() - bank.float()[nearest]).norm(dim=1)
+    return _distances_to(queries, bank, nearest)
 
 
 def fast_nearest(
@@ -135,7 +140,7 @@ def fast_nearest(
     missing = nearest < 0  # no neighbour returned: search those queries exactly
     if missing.any():
         nearest[missing] = _faiss_nearest(queries[missing], bank)
-    return (queries.float() - bank.float()[nearest]).norm(dim=1)
+    return _distances_to(queries, bank, nearest)
 
 
 def patch_scores(

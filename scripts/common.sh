@@ -37,6 +37,14 @@ patchsvdd_config_inside() {
   esac
 }
 
+# Move into the working folder ($PATCHSVDD_WORKDIR, else DEFAULT_DIR); PATCHSVDD_CONFIG is then CONFIG's path there.
+patchsvdd_enter_workdir() {
+  local workdir
+  workdir="$(patchsvdd_workdir "$1")"
+  PATCHSVDD_CONFIG="$(patchsvdd_config_inside "$2" "$workdir")"
+  cd "$workdir"
+}
+
 # Stop with one line when CERT_DIR lacks root_ca.crt, NODE.crt or NODE.key.
 patchsvdd_check_certs() {
   local dir="$1" node="$2" f
