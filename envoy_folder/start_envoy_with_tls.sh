@@ -26,5 +26,5 @@ patchsvdd_check_certs "$certs" "$name"
 export PATCHSVDD_ENVOY_CONFIG_DIR="$(dirname "$config")"
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 patchsvdd_enter_workdir "$here" "$config"
-patchsvdd_run_envoy "$name" -ec "$PATCHSVDD_CONFIG" -dh "$host" -dp "$port" \
+patchsvdd_run_envoy "$name" "$host" "$port" -ec "$PATCHSVDD_CONFIG" \
   -rc "$certs/root_ca.crt" -pk "$certs/$name.key" -oc "$certs/$name.crt"

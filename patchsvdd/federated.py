@@ -13,6 +13,7 @@ so no image leaves a site). Notebook side: ``connect``, ``start_experiment``,
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import queue
@@ -30,15 +31,21 @@ from .data import CategoryData, standardise
 from .evaluate import evaluate_category
 from .metrics import METRIC_KEYS
 from .model import PatchSVDD, count_parameters
+from .supervise import director_listens
 from .tls import TLSCheckError, check_mutual_tls, speaks_tls
 from .train import make_optimizer, train_epoch
 
 FRAMEWORK_ADAPTER = "openfl.plugins.frameworks_adapters.pytorch_adapter.FrameworkAdapterPlugin"
 ROUND_METRICS = ("det_sum", "seg_sum")
+EXPERIMENT_RECORD = "patchsvdd_experiment.json"  # written in an experiment's working folder; read by attach()
 
 
 class FederationError(RuntimeError):
     """The federation did not do what was asked (refused, stalled, failed); the message says what and where to look."""
+
+
+class DirectorGoneError(FederationError):
+    """The director stopped answering during an experiment; its experiments are lost with it."""
 
 
 # --------------------------------------------------------------------------- settings
@@ -183,6 +190,14 @@ def validation_only_tasks(settings: ExperimentSettings) -> TaskInterface:
 # --------------------------------------------------------------------------- notebook side
 
 
+class DirectorFederation(Federation):
+    """OpenFL's ``Federation`` that also remembers the director's port (for messages and probes)."""
+
+    def __init__(self, *, director_port: int, **kwargs: Any) -> None:
+        super().__init__(director_port=director_port, **kwargs)
+        self.director_port = int(director_port)
+
+
 def connect(
     host: str, port: int, tls: bool = False, cert_chain: str | None = None, api_cert: str | None = None,
     api_private_key: str | None = None, client_id: str = "frontend",
@@ -203,16 +218,31 @@ def connect(
                                   "api_cert and api_private_key")
     except TLSCheckError as exc:
         raise FederationError(str(exc)) from exc
-    return Federation(
+    return DirectorFederation(
         client_id=client_id, director_node_fqdn=host, director_port=int(port), tls=tls,
         cert_chain=cert_chain, api_cert=api_cert, api_private_key=api_private_key,
     )
 
 
+def _shard_registry(federation: Federation, settle: float = 15.0) -> dict[str, Any]:
+    """The director's shard registry. OpenFL 1.7.1's director fails this call with a KeyError while an envoy
+    has registered but not yet asked for work (a second or so); such answers are retried for ``settle`` s."""
+    import grpc
+
+    deadline = time.monotonic() + settle
+    while True:
+        try:
+            return federation.get_shard_registry()
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNKNOWN or "KeyError" not in str(exc.details()) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 def shard_table(federation: Federation) -> list[dict[str, Any]]:
     """One row per envoy the director knows: name, online, description, shapes."""
     rows = []
-    for name, info in federation.get_shard_registry().items():
+    for name, info in _shard_registry(federation).items():
         shard = info["shard_info"]
         rows.append({
             "envoy": name,
@@ -268,6 +298,8 @@ def _submit(federation, name, model, settings, tasks, rounds, workdir, assigner=
         )
     if not experiment.experiment_submitted:
         raise FederationError(f"the director did not accept experiment {name!r} (is another one still running? see the director log)")
+    record = {"name": name, "participants": list(experiment.plan.authorized_cols), "rounds": rounds}
+    (Path(workdir) / EXPERIMENT_RECORD).write_text(json.dumps(record, indent=1))
     return experiment
 
 
@@ -286,6 +318,43 @@ def start_evaluation(
 ) -> FLExperiment:
     """Send a one-round, validation-only experiment: every envoy scores ``model`` on its own data (8 metrics)."""
     return _submit(federation, name, model, settings, validation_only_tasks(settings), 1, workdir)
+
+
+def experiment_status(federation: Federation, name: str) -> str | None:
+    """The director's status of experiment ``name`` of this client: pending, in_progress, finished, failed,
+    rejected; None when the director has no such experiment for this client."""
+    status = federation.dir_client.get_experiment_status(name).experiment_status
+    return status or None
+
+
+def attach(federation: Federation, name: str, model: PatchSVDD, workdir: str | os.PathLike) -> FLExperiment:
+    """Take up experiment ``name`` again after the notebook lost its connection (kernel restart, network).
+
+    ``workdir`` is the folder the experiment was started from; ``model`` any
+    PatchSVDD of the same shape (its weights are replaced when models are
+    fetched). The director keeps the metrics nobody has read yet: the next
+    ``follow_metrics`` streams them, then the rest of the experiment. Connect
+    with the same client id (or certificate) as the one that started it.
+    """
+    record_file = Path(workdir) / EXPERIMENT_RECORD
+    if not record_file.is_file():
+        raise FederationError(f"{record_file} not found: attach from the working folder experiment {name!r} was started in")
+    record = json.loads(record_file.read_text())
+    if record["name"] != name:
+        raise FederationError(f"{record_file} records experiment {record['name']!r}, not {name!r}")
+    status = experiment_status(federation, name)
+    if status is None:
+        raise FederationError(f"the director has no experiment {name!r} of this client: it was restarted since "
+                              "(experiments do not survive a director restart) or another client id started it")
+    from openfl.federated.plan.plan import Plan
+
+    model_interface = ModelInterface(model=model, optimizer=make_optimizer(model), framework_plugin=FRAMEWORK_ADAPTER)
+    with working_folder(workdir) as folder:
+        experiment = FLExperiment(federation=federation, experiment_name=name)
+        experiment.plan = Plan.parse(folder / "plan" / "plan.yaml", resolve=False)
+        experiment.plan.authorized_cols = list(record["participants"])
+        experiment.restore_experiment_state(model_interface)
+    return experiment
 
 
 @dataclass
@@ -318,20 +387,24 @@ class MetricLog:
 
 def follow_metrics(
     experiment: FLExperiment, idle_timeout: float = 900.0, on_metric: Callable[[dict[str, Any]], None] | None = None,
-    checkpointer: SaveWhenImproved | None = None, registry_poll: float = 5.0,
+    checkpointer: SaveWhenImproved | None = None, registry_poll: float = 5.0, pending_timeout: float = 300.0,
 ) -> MetricLog:
     """Collect the experiment's metrics until it ends; ``on_metric`` sees each, ``checkpointer`` saves improvements.
 
-    While waiting, the shard registry is read every ``registry_poll`` seconds.
-    Raises FederationError as soon as an envoy of the experiment is offline,
-    when no metric arrives for ``idle_timeout`` seconds, or when the
-    experiment ends in failure.
+    While waiting, the shard registry and the experiment's status are read
+    every ``registry_poll`` seconds. Raises FederationError as soon as an envoy
+    of the experiment is offline, when the experiment still waits behind
+    another one after ``pending_timeout`` seconds, when no metric arrives for
+    ``idle_timeout`` seconds, or when the experiment ends in failure;
+    DirectorGoneError when the director stops answering.
     """
+    import grpc
     from openfl.protocols import director_pb2
 
     log = MetricLog()
     inbox: queue.Queue = queue.Queue()
-    request = director_pb2.GetMetricStreamRequest(experiment_name=experiment.experiment_name)
+    name = experiment.experiment_name
+    request = director_pb2.GetMetricStreamRequest(experiment_name=name)
     call = experiment.federation.dir_client.stub.GetMetricStream(request)
     done = object()
 
@@ -346,33 +419,49 @@ def follow_metrics(
         except Exception as exc:  # gRPC errors arrive here; re-raised below
             inbox.put(exc)
 
+    def give_up(error: FederationError) -> FederationError:
+        call.cancel()
+        return error
+
     threading.Thread(target=pump, name="metric-stream", daemon=True).start()
     participants = set(experiment.plan.authorized_cols)
     last_progress = time.monotonic()
+    pending_since: float | None = None
     while True:
         try:
             item = inbox.get(timeout=min(idle_timeout, registry_poll))
         except queue.Empty:
-            online = {r["envoy"] for r in shard_table(experiment.federation) if r["online"]}
+            try:
+                online = {r["envoy"] for r in shard_table(experiment.federation) if r["online"]}
+                status = experiment_status(experiment.federation, name)
+            except grpc.RpcError as exc:
+                raise give_up(_director_gone(experiment, checkpointer, exc)) from None
             if participants - online:
-                call.cancel()
-                raise FederationError(
-                    f"experiment {experiment.experiment_name!r}: envoy {', '.join(sorted(participants - online))} went "
+                raise give_up(FederationError(
+                    f"experiment {name!r}: envoy {', '.join(sorted(participants - online))} went "
                     "offline during the experiment, which cannot finish without it. Restart the envoy and the director, "
                     "then start a new experiment from the last checkpoint (the notebook's initial_checkpoint)."
-                ) from None
+                ))
+            pending_since = (pending_since or time.monotonic()) if status == "pending" else None
+            if pending_since is not None and time.monotonic() - pending_since > pending_timeout:
+                raise give_up(FederationError(
+                    f"experiment {name!r} has waited {pending_timeout:.0f} s behind another experiment on the director, "
+                    "which runs one at a time and cannot stop one (OpenFL 1.7.1). If that one is stuck (an envoy died), "
+                    "restart the director: the envoys register again by themselves."
+                ))
             if time.monotonic() - last_progress > idle_timeout:
-                call.cancel()
-                raise FederationError(
-                    f"experiment {experiment.experiment_name!r}: no metric for {idle_timeout:.0f} s although every envoy "
-                    "is online; see the director and envoy logs."
-                ) from None
+                raise give_up(FederationError(
+                    f"experiment {name!r}: no metric for {idle_timeout:.0f} s although every envoy "
+                    f"is online (status {status}); see the director and envoy logs."
+                ))
             continue
         last_progress = time.monotonic()
         if item is done:
             break
         if isinstance(item, Exception):
-            raise FederationError(f"experiment {experiment.experiment_name!r}: metric stream broke: {item}") from item
+            if isinstance(item, grpc.RpcError) and item.code() == grpc.StatusCode.UNAVAILABLE:
+                raise _director_gone(experiment, checkpointer, item) from None
+            raise FederationError(f"experiment {name!r}: metric stream broke: {item}") from item
         log.records.append(item)
         if on_metric is not None:
             on_metric(item)
@@ -382,8 +471,35 @@ def follow_metrics(
         checkpointer.finish()
     status = experiment.get_experiment_status()
     if status is not None and str(status).lower() == "failed":
-        raise FederationError(f"experiment {experiment.experiment_name!r} failed on the director (see its log)")
+        raise FederationError(f"experiment {name!r} failed on the director (see its log)")
     return log
+
+
+def _listens_within(host: str, port: int, seconds: float) -> bool:
+    """False once the port refuses connections within ``seconds`` (a killed process takes a moment to close it)."""
+    deadline = time.monotonic() + seconds
+    while director_listens(host, port, timeout=1.0):
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _director_gone(experiment: FLExperiment, checkpointer: SaveWhenImproved | None, cause: Exception) -> DirectorGoneError:
+    """The sentence for a director that stopped answering (process ended, machine or network down)."""
+    federation = experiment.federation
+    host, port = federation.director_node_fqdn, getattr(federation, "director_port", None)
+    where = f"{host}:{port}" if port else host
+    gone = port is not None and not _listens_within(host, int(port), seconds=5.0)
+    state = "does not listen any more" if gone else f"stopped answering ({getattr(cause, 'details', lambda: cause)()})"
+    saved = ""
+    if checkpointer is not None and checkpointer.saved_round is not None:
+        saved = f" The best model so far (round {checkpointer.saved_round}) is saved in {checkpointer.path}."
+    return DirectorGoneError(
+        f"experiment {experiment.experiment_name!r}: the director at {where} {state}; the experiment is lost with it."
+        f"{saved} Start the director again: envoys started with start_envoy.sh wait for it and register again by "
+        "themselves. Then connect again and start a new experiment from the last checkpoint (initial_checkpoint)."
+    )
 
 
 class SaveWhenImproved:
@@ -402,6 +518,7 @@ class SaveWhenImproved:
         self.experiment, self.path, self.metric, self.metadata = experiment, Path(path), metric, metadata
         self.best_score = -math.inf
         self.best_round: int | None = None
+        self.saved_round: int | None = None  # round of the model in ``path``, once written
         self._pending: tuple[int, float] | None = None
 
     def observe(self, record: dict[str, Any]) -> None:
@@ -424,6 +541,7 @@ class SaveWhenImproved:
         self._pending = None
         model = self.experiment.get_last_model()
         save_checkpoint(model, self.path, round=round_number, score=float(score), metric=self.metric, **self.metadata)
+        self.saved_round = round_number
 
 
 def fetch_models(experiment: FLExperiment) -> tuple[PatchSVDD, PatchSVDD]:

@@ -56,15 +56,19 @@ patchsvdd_check_certs() {
   done
 }
 
-# Run `fx envoy start ARGS...` for envoy NAME; when the director refuses the shard, say why in one line.
+# Run `fx envoy start ARGS...` for envoy NAME of the director at HOST:PORT, supervised so that it
+# registers again after a director restart (waiting at most $PATCHSVDD_DIRECTOR_TIMEOUT s, default 600);
+# when the director refuses the shard, say why in one line.
 patchsvdd_run_envoy() {
-  local name="$1"; shift
+  local name="$1" host="$2" port="$3"; shift 3
   local status
   PATCHSVDD_ENVOY_OUTPUT="$(mktemp)"
   trap 'rm -f "$PATCHSVDD_ENVOY_OUTPUT"' EXIT
   local out="$PATCHSVDD_ENVOY_OUTPUT"
   set +e
-  "$(patchsvdd_fx)" envoy start -n "$name" "$@" 2>&1 | tee "$out"
+  "$(patchsvdd_python)" -m patchsvdd.supervise --director "$host:$port" \
+    --director-timeout "${PATCHSVDD_DIRECTOR_TIMEOUT:-600}" -- \
+    "$(patchsvdd_fx)" envoy start -n "$name" -dh "$host" -dp "$port" "$@" 2>&1 | tee "$out"
   status=${PIPESTATUS[0]}
   set -e
   if [ "$status" -ne 0 ] && grep -q "was not accepted" "$out"; then

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from patchsvdd.synth import generate_category
 
@@ -36,3 +37,47 @@ def bottle_root() -> Path:
     if not (SHARED_MVTEC / "bottle" / "train" / "good").is_dir():
         pytest.skip(f"real MVTec data not found at {SHARED_MVTEC}/bottle")
     return SHARED_MVTEC
+
+
+BAD_DATA_CASES = ["missing root", "missing category", "no train/good", "empty train/good", "unreadable image",
+                  "defect without mask", "mask size mismatch", "orphan mask"]
+
+
+def _break_category(root: Path, how: str) -> str:
+    """Damage the 'fabric' copy under ``root`` in one way; returns the text the error must contain."""
+    cat = root / "fabric"
+    if how == "missing root":
+        return str(root / "nowhere")
+    if how == "missing category":
+        shutil.rmtree(cat)
+        return str(cat)
+    if how == "no train/good":
+        shutil.rmtree(cat / "train" / "good")
+        return "train/good not found"
+    if how == "empty train/good":
+        for p in (cat / "train" / "good").iterdir():
+            p.unlink()
+        return "no training images"
+    if how == "unreadable image":
+        (cat / "test" / "hole" / "001.png").write_bytes(b"\x89PNG garbage")
+        return str(cat / "test" / "hole" / "001.png")
+    if how == "defect without mask":
+        (cat / "ground_truth" / "crack" / "000_mask.png").unlink()
+        return str(cat / "test" / "crack" / "000.png")
+    if how == "mask size mismatch":
+        Image.new("L", (100, 100)).save(cat / "ground_truth" / "stain" / "001_mask.png")
+        return str(cat / "ground_truth" / "stain" / "001_mask.png")
+    if how == "orphan mask":
+        shutil.copy(cat / "ground_truth" / "stain" / "001_mask.png", cat / "ground_truth" / "stain" / "007_mask.png")
+        return str(cat / "ground_truth" / "stain" / "007_mask.png")
+    if how == "truncated png":
+        path = cat / "train" / "good" / "003.png"
+        path.write_bytes(path.read_bytes()[:2000])  # header intact, pixels cut off
+        return f"{path}: cannot decode"
+    raise AssertionError(how)
+
+
+@pytest.fixture
+def break_category():
+    """``break_category(root, how)``: damage the copy of 'fabric' under ``root``; returns the expected error text."""
+    return _break_category

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -78,43 +77,13 @@ def test_shards_do_not_overlap_and_cover_everything(tiny_root: Path) -> None:
         parse_rank_worldsize("0,2")
 
 
-def _break(root: Path, how: str) -> str:
-    """Damage the category copy under ``root``; returns the text the error must contain."""
-    cat = root / "fabric"
-    if how == "missing root":
-        return str(root / "nowhere")
-    if how == "missing category":
-        shutil.rmtree(cat)
-        return str(cat)
-    if how == "no train/good":
-        shutil.rmtree(cat / "train" / "good")
-        return "train/good not found"
-    if how == "empty train/good":
-        for p in (cat / "train" / "good").iterdir():
-            p.unlink()
-        return "no training images"
-    if how == "unreadable image":
-        (cat / "test" / "hole" / "001.png").write_bytes(b"\x89PNG garbage")
-        return str(cat / "test" / "hole" / "001.png")
-    if how == "defect without mask":
-        (cat / "ground_truth" / "crack" / "000_mask.png").unlink()
-        return str(cat / "test" / "crack" / "000.png")
-    if how == "mask size mismatch":
-        Image.new("L", (100, 100)).save(cat / "ground_truth" / "stain" / "001_mask.png")
-        return str(cat / "ground_truth" / "stain" / "001_mask.png")
-    if how == "orphan mask":
-        shutil.copy(cat / "ground_truth" / "stain" / "001_mask.png", cat / "ground_truth" / "stain" / "007_mask.png")
-        return str(cat / "ground_truth" / "stain" / "007_mask.png")
-    raise AssertionError(how)
-
-
 @pytest.mark.parametrize(
     "how",
     ["missing root", "missing category", "no train/good", "empty train/good", "unreadable image",
      "defect without mask", "mask size mismatch", "orphan mask"],
 )
-def test_bad_input_is_one_clear_error(writable_category: Path, how: str) -> None:
-    expected = _break(writable_category, how)
+def test_bad_input_is_one_clear_error(writable_category: Path, break_category, how: str) -> None:
+    expected = break_category(writable_category, how)
     root = writable_category / "nowhere" if how == "missing root" else writable_category
     with pytest.raises(MVTecDataError) as err:
         index_category(root, "fabric")

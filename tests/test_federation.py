@@ -10,16 +10,16 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from patchsvdd import federated as fed
 from patchsvdd.checkpoint import load_checkpoint, save_checkpoint
 from patchsvdd.data import index_category, load_category
-from patchsvdd.demo import REPO, Processes, run_notebook, start_federation
+from patchsvdd.demo import Processes, log_contains, run_notebook, start_federation, wait_for
 from patchsvdd.metrics import METRIC_KEYS
 from patchsvdd.model import PatchSVDD
 from patchsvdd.synth import generate_category
@@ -129,6 +129,45 @@ def test_two_round_experiment_then_final_evaluation(federation, tmp_path: Path) 
         assert all(0.0 <= v <= 1.0 for v in metrics.values() if not math.isnan(v))
 
 
+NOTEBOOK_THAT_DIES = """
+import sys, torch
+from patchsvdd import federated as fed
+from patchsvdd.model import PatchSVDD
+host, port, workdir, seen = sys.argv[1:]
+client = fed.connect(host, int(port))
+torch.manual_seed(0)
+settings = fed.ExperimentSettings(rounds=3, repeat=1, max_steps=1, batch_size=4, lr=1e-3)
+experiment = fed.start_experiment(client, PatchSVDD(emb_dim=16), settings, "reattach", workdir)
+with open(seen, "a") as out:
+    fed.follow_metrics(experiment, on_metric=lambda r: print(r["round"], r["task_name"], file=out, flush=True))
+"""
+
+
+def test_notebook_killed_mid_experiment_attaches_again_and_gets_the_rest(federation, tmp_path: Path) -> None:
+    nodes, client, _ = federation
+    seen = tmp_path / "seen.txt"
+    notebook = subprocess.Popen([sys.executable, "-c", NOTEBOOK_THAT_DIES, nodes.host, str(nodes.port),
+                                 str(tmp_path / "nb"), str(seen)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: log_contains(seen, "0 train"), 180, "the first notebook to see a metric of round 0")
+    finally:
+        notebook.kill()  # the kernel dies: its metric stream closes mid-experiment
+        notebook.wait(timeout=10)
+    torch.manual_seed(0)
+    initial = _state(PatchSVDD(emb_dim=16))
+    experiment = fed.attach(client, "reattach", PatchSVDD(emb_dim=16), tmp_path / "nb")
+    log = fed.follow_metrics(experiment, idle_timeout=300)
+    rounds = {int(r["round"]) for r in log.records}
+    assert 3 in rounds  # the final validation round: the experiment went on while no notebook listened
+    assert {"envoy_1", "envoy_2"} <= set(log.final())
+    _, last = fed.fetch_models(experiment)
+    assert any(not torch.equal(initial[k], v) for k, v in last.state_dict().items())
+    with pytest.raises(fed.FederationError, match="no experiment 'nowhere' of this client"):
+        (tmp_path / "nb2").mkdir()
+        (tmp_path / "nb2" / fed.EXPERIMENT_RECORD).write_text(json.dumps({"name": "nowhere", "participants": []}))
+        fed.attach(client, "nowhere", PatchSVDD(emb_dim=16), tmp_path / "nb2")
+
+
 def test_notebook_runs_with_tiny_parameters(federation, fed_data: Path, tmp_path: Path) -> None:
     nodes, _, _ = federation
     out = tmp_path / "results"
@@ -150,73 +189,3 @@ def test_notebook_runs_with_tiny_parameters(federation, fed_data: Path, tmp_path
     assert len(list((out / "maps").glob("*.png"))) == 6
     executed = (tmp_path / "executed.ipynb").read_text()
     assert "starting from" in executed and "round 4" in executed
-
-
-def test_envoy_with_bad_data_stops_before_contacting_the_director(writable_category: Path, tmp_path: Path) -> None:
-    (writable_category / "fabric" / "ground_truth" / "hole" / "000_mask.png").unlink()
-    config = tmp_path / "bad.yaml"
-    config.write_text(
-        "params: {cuda_devices: [], install_requirements: false}\n"
-        "shard_descriptor:\n  template: mvtec_shard_descriptor.MVTecShardDescriptor\n"
-        f"  params: {{data_folder: {writable_category}, category: fabric, rank_worldsize: '1,1'}}\n"
-    )
-    # Port 9 (discard) has no director: reaching it would hang or fail differently.
-    result = subprocess.run(
-        [str(REPO / "envoy_folder" / "start_envoy.sh"), "bad", str(config), "localhost", "9"],
-        capture_output=True, text=True, timeout=120, env={"PATCHSVDD_WORKDIR": str(tmp_path / "w"), "PATH": "/usr/bin:/bin"},
-    )
-    assert result.returncode == 2
-    assert "hole/000.png: defect image has no mask" in result.stderr
-    assert "Starting the Envoy" not in result.stdout + result.stderr
-
-
-def test_malformed_config_is_one_clear_line(tmp_path: Path) -> None:
-    config = tmp_path / "director.yaml"
-    config.write_text("settings:\n  listen_port: [50050\n")
-    result = subprocess.run(
-        [str(REPO / "director_folder" / "start_director.sh"), str(config)], capture_output=True, text=True, timeout=60,
-    )
-    assert result.returncode == 2
-    assert f"{config}: malformed YAML at line" in result.stderr
-
-
-def _shard_config(path: Path, data_root: Path) -> Path:
-    path.write_text(
-        "params: {cuda_devices: [], install_requirements: false}\n"
-        "shard_descriptor:\n  template: mvtec_shard_descriptor.MVTecShardDescriptor\n"
-        f"  params: {{data_folder: {data_root}, category: fabric, rank_worldsize: '1,2'}}\n"
-    )
-    return path
-
-
-def test_wrong_director_port_stops_the_envoy_at_once(fed_data: Path, tmp_path: Path) -> None:
-    from patchsvdd.demo import free_port
-
-    result = subprocess.run(
-        [str(REPO / "envoy_folder" / "start_envoy.sh"), "lost", str(_shard_config(tmp_path / "c.yaml", fed_data)),
-         "localhost", str(free_port())],
-        capture_output=True, text=True, timeout=60, env={"PATCHSVDD_WORKDIR": str(tmp_path / "w"), "PATH": "/usr/bin:/bin"},
-    )
-    assert result.returncode == 2
-    assert "cannot reach the director at localhost:" in result.stderr
-
-
-def test_director_refuses_a_shard_of_other_shapes_with_a_sentence(fed_data: Path, tmp_path: Path) -> None:
-    from patchsvdd.demo import DIRECTOR_READY, free_port, log_contains, wait_for, write_director_config
-
-    port = free_port()
-    config = write_director_config(tmp_path / "d" / "director_config.yaml", port)
-    settings = yaml.safe_load(config.read_text())
-    settings["settings"]["sample_shape"] = ["128", "128", "3"]
-    config.write_text(yaml.safe_dump(settings))
-    with Processes() as processes:
-        director = processes.start("director", [str(REPO / "director_folder" / "start_director.sh"), str(config)],
-                                   tmp_path / "director.log", env={"PATCHSVDD_WORKDIR": str(tmp_path / "d")})
-        wait_for(lambda: log_contains(director.log, DIRECTOR_READY), 60, "the director", [director])
-        result = subprocess.run(
-            [str(REPO / "envoy_folder" / "start_envoy.sh"), "odd", str(_shard_config(tmp_path / "c.yaml", fed_data)),
-             "localhost", str(port)],
-            capture_output=True, text=True, timeout=120, env={"PATCHSVDD_WORKDIR": str(tmp_path / "w"), "PATH": "/usr/bin:/bin"},
-        )
-    assert result.returncode != 0
-    assert "the director refused this shard: the shapes read from the data differ" in result.stderr

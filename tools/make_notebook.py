@@ -38,6 +38,7 @@ output_dir = "../runs/notebook"
 local_data_root = None       # a data root with <category>/ this notebook may read, for the gallery; None to skip
 initial_checkpoint = None    # start from this checkpoint (e.g. an earlier best.pt) instead of from scratch
 experiment_name = None       # default: patchsvdd-<category>-<time>
+attach = False               # True: take up experiment_name again (same output_dir) after a kernel restart
 tls = False                  # mutual TLS: set the three files below
 cert_chain = None
 api_cert = None
@@ -81,12 +82,18 @@ print(fed.describe_model(model))"""),
 Each round every envoy runs `train_epoch` on its own shard, the director averages all weights (weighted by shard
 size), and each envoy scores its own test images against its own training patches with the averaged model.
 A last, validation-only round scores the final average. Whenever the averaged model's `det_sum` improves, it is
-saved to `best_checkpoint.pt` (written atomically, so a crash never leaves a broken file)."""),
+saved to `best_checkpoint.pt` (written atomically, so a crash never leaves a broken file).
+If this kernel dies, the experiment goes on: run the notebook again with `attach=True` and the same
+`experiment_name` and `output_dir` to follow it to the end. If the director dies, restart it (the envoys
+register again by themselves) and start a new experiment with `initial_checkpoint` set to `best_checkpoint.pt`."""),
     code("""def show(metric):
     if metric["metric_origin"] == "aggregator" and metric["task_name"] != "train":
         print(f"round {metric['round']}: {metric['metric_name']} {metric['metric_value']:.4f}")
 
-experiment = fed.start_experiment(federation, model, settings, experiment_name, out / "experiment")
+if attach:  # the experiment kept running on the director while this kernel was gone
+    experiment = fed.attach(federation, experiment_name, model, out / "experiment")
+else:
+    experiment = fed.start_experiment(federation, model, settings, experiment_name, out / "experiment")
 saver = fed.SaveWhenImproved(experiment, out / "best_checkpoint.pt", category=category, experiment=experiment_name)
 metrics = fed.follow_metrics(experiment, idle_timeout=idle_timeout, on_metric=show, checkpointer=saver)
 print(f"best det_sum {saver.best_score:.4f} in round {saver.best_round}")
