@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import argparse
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
+
+from .tls import TLSCheckError, check_reachable
 
 DIRECTOR_GONE_EXIT = 3
 
@@ -35,10 +36,10 @@ DIRECTOR_GONE_EXIT = 3
 def director_listens(host: str, port: int, timeout: float = 3.0) -> bool:
     """True when a TCP connection to ``host:port`` opens (works with and without TLS)."""
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
+        check_reachable(host, port, timeout)
+    except TLSCheckError:
         return False
+    return True
 
 
 def _die_with_parent() -> None:  # runs in the child before exec
