@@ -50,6 +50,14 @@ def run_script(command: list[str], workdir: Path, timeout: float = 60) -> tuple[
     return subprocess.CompletedProcess(command, process.returncode, out, err), seconds
 
 
+def assert_one_line_error(result: subprocess.CompletedProcess, seconds: float, *texts: str) -> None:
+    """Exit code 2 within 30 s, and stderr one line holding every one of ``texts``."""
+    assert result.returncode == 2, result.stderr
+    assert all(text in result.stderr for text in texts), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert seconds < 30
+
+
 def _shard_config(path: Path, data_root: Path, rank_worldsize: str = "1,1") -> Path:
     path.write_text(
         "params: {cuda_devices: [], install_requirements: false}\n"
@@ -68,11 +76,8 @@ def test_envoy_with_bad_data_stops_with_the_path_before_contacting_the_director(
     config = _shard_config(tmp_path / "shard.yaml", root)
     # No director on this port: the data must be refused before anyone is contacted.
     result, seconds = run_script([str(ENVOY), "bad", str(config), "localhost", str(free_port())], tmp_path / "w")
-    assert result.returncode == 2, result.stderr
-    assert expected in result.stderr and str(config) in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert_one_line_error(result, seconds, expected, str(config))
     assert "Starting the Envoy" not in result.stdout + result.stderr
-    assert seconds < 30
 
 
 @pytest.mark.parametrize(
@@ -88,10 +93,7 @@ def test_bad_envoy_config_is_one_line_naming_the_file(tiny_root: Path, tmp_path:
     else:
         config.write_text(text)
     result, seconds = run_script([str(ENVOY), "bad", str(config), "localhost", str(free_port())], tmp_path / "w")
-    assert result.returncode == 2
-    assert f"{config}: " in result.stderr and expected in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert seconds < 30
+    assert_one_line_error(result, seconds, f"{config}: ", expected)
 
 
 def test_wrong_director_port_stops_the_envoy_at_once(tiny_root: Path, tmp_path: Path) -> None:
@@ -114,10 +116,7 @@ def test_bad_director_config_is_one_line_naming_the_file(tmp_path: Path, text: s
     config = tmp_path / "director.yaml"
     config.write_text(text)
     result, seconds = run_script([str(DIRECTOR), str(config)], tmp_path / "d")
-    assert result.returncode == 2
-    assert f"{config}: " in result.stderr and expected in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-    assert seconds < 30
+    assert_one_line_error(result, seconds, f"{config}: ", expected)
 
 
 def test_director_refuses_a_shard_of_other_shapes_with_a_sentence(tiny_root: Path, tmp_path: Path) -> None:
