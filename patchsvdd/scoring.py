@@ -59,40 +59,65 @@ def flatten_grid(embeddings: torch.Tensor) -> torch.Tensor:
     return embeddings.permute(0, 2, 3, 1).reshape(-1, embeddings.shape[1]).contiguous()
 
 
+RERANK = 4  # candidates per query that the exact search re-ranks by direct differences
+
+
 @torch.no_grad()
-def _torch_nearest(queries: torch.Tensor, bank: torch.Tensor, device: torch.device, query_chunk: int, bank_chunk: int) -> torch.Tensor:
-    """Index of the nearest row of ``bank`` (B,D) for each query (Q,D), by chunked matrix products."""
+def _torch_candidates(queries: torch.Tensor, bank: torch.Tensor, device: torch.device, query_chunk: int, bank_chunk: int,
+                      k: int) -> torch.Tensor:
+    """Indices (Q,k) of the ``k`` nearest rows of ``bank`` (B,D) for each query (Q,D), by chunked matrix products."""
     bank = bank.to(device, torch.float32)
     bank_sq = bank.pow(2).sum(1)
-    nearest = torch.empty(queries.shape[0], dtype=torch.long)
+    found = torch.empty(queries.shape[0], k, dtype=torch.long)
     for q0 in range(0, queries.shape[0], query_chunk):
         q = queries[q0 : q0 + query_chunk].to(device, torch.float32)
-        best = torch.full((q.shape[0],), math.inf, device=device)
-        best_idx = torch.zeros(q.shape[0], dtype=torch.long, device=device)
+        best = torch.full((q.shape[0], k), math.inf, device=device)
+        best_idx = torch.zeros(q.shape[0], k, dtype=torch.long, device=device)
         for b0 in range(0, bank.shape[0], bank_chunk):
             # |b|^2 - 2 q.b orders the candidates of a query as |q - b|^2 does.
             scores = torch.addmm(bank_sq[None, b0 : b0 + bank_chunk], q, bank[b0 : b0 + bank_chunk].T, alpha=-2.0)
-            value, idx = scores.min(dim=1)
-            better = value < best
-            best = torch.where(better, value, best)
-            best_idx = torch.where(better, idx + b0, best_idx)
-        nearest[q0 : q0 + q.shape[0]] = best_idx.cpu()
-    return nearest
+            value, idx = scores.topk(min(k, scores.shape[1]), dim=1, largest=False)
+            merged = torch.cat([best, value], dim=1)
+            merged_idx = torch.cat([best_idx, idx + b0], dim=1)
+            best, order = merged.topk(k, dim=1, largest=False)
+            best_idx = merged_idx.gather(1, order)
+        found[q0 : q0 + q.shape[0]] = best_idx.cpu()
+    return found
 
 
-def _faiss_nearest(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest row of ``bank`` for each query, with faiss's blocked exact search (CPU)."""
+def _faiss_candidates(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (Q,k) of the ``k`` nearest rows of ``bank`` for each query, with faiss's blocked exact search (CPU)."""
     import faiss
 
     index = faiss.IndexFlatL2(bank.shape[1])
     index.add(np.ascontiguousarray(bank.numpy(), dtype=np.float32))
-    _, nearest = index.search(np.ascontiguousarray(queries.numpy(), dtype=np.float32), 1)
-    return torch.from_numpy(nearest[:, 0].astype(np.int64))
+    _, found = index.search(np.ascontiguousarray(queries.numpy(), dtype=np.float32), k)
+    return torch.from_numpy(found.astype(np.int64))
 
 
-def _distances_to(queries: torch.Tensor, bank: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
-    """True L2 distance (Q,) from each query to the bank row it was matched with, computed directly."""
-    return (queries.float() - bank.float()[nearest]).norm(dim=1)
+def centre_on_bank(queries: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries (Q,D) and bank (B,D) less the bank's mean, in float32 (the mean taken in float64).
+
+    Distances do not change, but the expansion |q|^2 + |b|^2 - 2 q.b that BLAS
+    and faiss rank by loses its rounding error, which grows with the norms: a
+    saturated encoder (embeddings near +-1, neighbours 1e-4 apart) otherwise
+    gets wrong neighbours from a float32 "exact" search.
+    """
+    mean = bank.double().mean(dim=0)
+    return (queries.double() - mean).float(), (bank.double() - mean).float()
+
+
+def _rerank(queries: torch.Tensor, bank: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Distance (Q,) to the nearest of each query's candidates (Q,k) (-1 for none), from direct differences."""
+    valid = candidates >= 0
+    diff = queries.double()[:, None, :] - bank.double()[candidates.clamp_min(0)]
+    dist = diff.norm(dim=2).masked_fill(~valid, math.inf)
+    return dist.min(dim=1).values.float()
+
+
+def _in_chunks(queries: torch.Tensor, bank: torch.Tensor, candidates: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    return torch.cat([_rerank(queries[i : i + chunk], bank, candidates[i : i + chunk])
+                      for i in range(0, queries.shape[0], chunk)]) if queries.shape[0] else torch.zeros(0)
 
 
 def exact_nearest(
@@ -105,18 +130,22 @@ def exact_nearest(
 ) -> torch.Tensor:
     """True L2 distance from each query (Q,D) to its nearest row of ``bank`` (B,D): (Q,) on the CPU.
 
-    The search is brute force over every row: faiss's flat index on the CPU,
-    chunked torch matrix products on a GPU ('auto'). The distance to the
-    neighbour found is then recomputed directly, free of cancellation error.
+    Brute force over every row on embeddings centred on the bank mean
+    (:func:`centre_on_bank`): faiss's flat index on the CPU, chunked torch
+    matrix products on a GPU ('auto'). The few nearest candidates of each
+    query are then re-ranked by distances computed directly in float64, so the
+    result is exact whatever the embeddings' offset and scale.
     """
     device = torch.device(device)
     if backend == "auto":
         backend = "faiss" if device.type == "cpu" else "torch"
+    centred_queries, centred_bank = centre_on_bank(queries, bank)
+    k = min(RERANK, bank.shape[0])
     if backend == "faiss":
-        nearest = _faiss_nearest(queries, bank)
+        candidates = _faiss_candidates(centred_queries, centred_bank, k)
     else:
-        nearest = _torch_nearest(queries, bank, device, query_chunk, bank_chunk)
-    return _distances_to(queries, bank, nearest)
+        candidates = _torch_candidates(centred_queries, centred_bank, device, query_chunk, bank_chunk, k)
+    return _in_chunks(centred_queries, centred_bank, candidates)
 
 
 def fast_nearest(
@@ -126,21 +155,24 @@ def fast_nearest(
 
     A graph index is used rather than k-means lists because patch embeddings
     are very unevenly spread (an untrained encoder's nearly constant), which
-    leaves inverted lists badly unbalanced. The distance returned is the true
-    L2 distance to the neighbour found.
+    leaves inverted lists badly unbalanced. Embeddings are centred on the bank
+    mean first and the few candidates found are re-ranked by direct
+    differences, as in :func:`exact_nearest`; the distance returned is the
+    true L2 distance to the best candidate found.
     """
     import faiss
 
+    centred_queries, centred_bank = centre_on_bank(queries, bank)
     index = faiss.IndexHNSWFlat(bank.shape[1], neighbours)
     index.hnsw.efConstruction = build_effort
-    index.add(np.ascontiguousarray(bank.numpy(), dtype=np.float32))
+    index.add(np.ascontiguousarray(centred_bank.numpy()))
     index.hnsw.efSearch = search_effort
-    _, found = index.search(np.ascontiguousarray(queries.numpy(), dtype=np.float32), 1)
-    nearest = torch.from_numpy(found[:, 0].astype(np.int64))
-    missing = nearest < 0  # no neighbour returned: search those queries exactly
+    _, found = index.search(np.ascontiguousarray(centred_queries.numpy()), min(RERANK, bank.shape[0]))
+    candidates = torch.from_numpy(found.astype(np.int64))
+    missing = (candidates < 0).all(dim=1)  # no neighbour returned: search those queries exactly
     if missing.any():
-        nearest[missing] = _faiss_nearest(queries[missing], bank)
-    return _distances_to(queries, bank, nearest)
+        candidates[missing] = _faiss_candidates(centred_queries[missing], centred_bank, candidates.shape[1])
+    return _in_chunks(centred_queries, centred_bank, candidates)
 
 
 def patch_scores(

@@ -24,6 +24,52 @@ def test_exact_search_returns_true_nearest_distances(backend: str) -> None:
     assert torch.equal(exact_nearest(bank[:50], bank, backend=backend), torch.zeros(50))
 
 
+def _saturated(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like a saturated encoder's embeddings: a common offset near +-1 per dimension plus variations of about
+    1e-3 along a 2-dimensional surface, so nearest neighbours are 1e-5 apart. Returns (points (n,64), offset)."""
+    fixed = torch.Generator().manual_seed(5)
+    offset = torch.where(torch.rand(64, generator=fixed) < 0.5, -0.95, 0.95).double()
+    mixing = torch.randn(2, 64, generator=fixed, dtype=torch.float64)
+    latent = torch.rand(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (offset + 1e-3 * torch.tanh(latent @ mixing)).float(), offset
+
+
+def _saturated_and_spread(kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(bank, queries, offset)."""
+    if kind == "saturated":
+        # 2000 queries: enough for faiss to rank by the matrix-product expansion, which fails here in float32
+        (bank, offset), (queries, _) = _saturated(10000, 0), _saturated(2000, 1)
+        return bank, queries, offset
+    return _clustered(10000, 64, 30, 0), _clustered(2000, 64, 30, 1), torch.zeros(64, dtype=torch.float64)
+
+
+def _float64_truth(queries: torch.Tensor, bank: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Brute-force nearest distances in float64; the offset comes off first (exactly, in float64), so that
+    cdist's own |q|^2 + |b|^2 - 2 q.b keeps its precision."""
+    return torch.cdist(queries.double() - offset, bank.double() - offset).min(dim=1).values
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+@pytest.mark.parametrize("kind", ["saturated", "spread"])
+def test_exact_search_matches_float64_brute_force(backend: str, kind: str) -> None:
+    bank, queries, offset = _saturated_and_spread(kind)
+    truth = _float64_truth(queries, bank, offset)
+    got = exact_nearest(queries, bank, backend=backend, query_chunk=300, bank_chunk=2500)
+    assert float(((got.double() - truth).abs() / truth).max()) < 1e-3
+
+
+@pytest.mark.parametrize("kind", ["saturated", "spread"])
+def test_fast_search_is_as_good_with_an_offset_as_without(kind: str) -> None:
+    """The graph search is approximate, but a common offset must not make it worse: its candidates are ranked
+    on centred embeddings and re-ranked by direct differences."""
+    bank, queries, offset = _saturated_and_spread(kind)
+    truth = _float64_truth(queries, bank, offset)
+    got = fast_nearest(queries, bank).double()
+    without_offset = fast_nearest((queries.double() - offset).float(), (bank.double() - offset).float()).double()
+    assert (got >= truth * (1 - 1e-3)).all()  # a true distance to some bank row
+    assert float(((got - without_offset).abs() / truth).max()) < 1e-3
+
+
 def _manifold(n: int, seed: int) -> torch.Tensor:
     """Points on a curved 4-dimensional surface in 32 dimensions, like patch embeddings (tanh outputs)."""
     gen = torch.Generator().manual_seed(seed)
