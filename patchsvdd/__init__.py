@@ -20,6 +20,8 @@ _LAZY = {
     "TrainSettings": "patchsvdd.train",
     "evaluate_category": "patchsvdd.evaluate",
     "resolve_device": "patchsvdd.device",
+    "import_released": "patchsvdd.released",
+    "RECIPES": "patchsvdd.train",
     "index_category": "patchsvdd.data",
     "load_category": "patchsvdd.data",
     "MVTecDataError": "patchsvdd.data",

@@ -1,4 +1,4 @@
-"""Command line: ``patchsvdd synth | train | evaluate | certs``.
+"""Command line: ``patchsvdd synth | train | evaluate | import-weights | certs``.
 
 Heavy imports happen inside each command so that ``patchsvdd --help`` and
 ``patchsvdd synth`` start quickly and bad arguments fail before any work.
@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -24,8 +25,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .model import INIT_SCHEMES
     from .synth import CATEGORIES
-    from .train import TrainSettings
+    from .train import PRECISIONS, RECIPES, SCHEDULES
 
     parser = argparse.ArgumentParser(prog="patchsvdd", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -35,20 +37,27 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--category", default="fabric", choices=sorted(CATEGORIES))
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--n-train", type=int, default=60)
-    synth.add_argument("--n-test-good", type=int, default=12)
-    synth.add_argument("--n-test-per-defect", type=int, default=6)
+    synth.add_argument("--n-test-good", type=int, default=40)
+    synth.add_argument("--n-test-per-defect", type=int, default=20)
     synth.add_argument("--image-size", type=int, default=320, help="side in pixels (>= 256; the reader resizes to 256)")
 
     train = sub.add_parser("train", help="train Patch SVDD on one category locally (also the centralised baseline)")
     _add_data_args(train)
     train.add_argument("--epochs", type=int, required=True)
     train.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
-    train.add_argument("--repeat", type=int, default=TrainSettings.repeat, help="times each image is used per epoch")
+    train.add_argument("--recipe", choices=sorted(RECIPES), default="cpu",
+                       help="defaults of the settings below: cpu (He init, lr 1e-3, warm-up, cosine, bf16 where fast; "
+                            "measured to learn on a CPU) or paper (PyTorch init, constant lr 1e-4, fp32) (default: cpu)")
+    train.add_argument("--repeat", type=int, help="times each image is used per epoch (default 100)")
     train.add_argument("--max-steps", type=int, default=None, help="cut each epoch to at most this many steps")
-    train.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
-    train.add_argument("--lr", type=float, default=TrainSettings.lr)
-    train.add_argument("--lambda-svdd", type=float, default=TrainSettings.lambda_svdd)
-    train.add_argument("--emb-dim", type=int, default=64)
+    train.add_argument("--batch-size", type=int, help="pairs per loss (default 64)")
+    train.add_argument("--lr", type=float, help="peak learning rate")
+    train.add_argument("--lambda-svdd", type=float, help="weight of the SVDD loss (default 1e-3)")
+    train.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up")
+    train.add_argument("--schedule", choices=SCHEDULES, help="after the warm-up: cosine decay to lr/10, or constant")
+    train.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 autocast where the GPU/CPU has it, else fp32")
+    train.add_argument("--init", choices=INIT_SCHEMES, help="weight initialisation of a fresh model")
+    train.add_argument("--emb-dim", type=int, default=64, help="D (default 64)")
     train.add_argument("--seed", type=int, default=0)
 
     ev = sub.add_parser("evaluate", help="score a category with a checkpoint; write metrics.json, maps and ROC")
@@ -58,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--search", choices=("exact", "fast"), default="exact", help="nearest-neighbour search")
     ev.add_argument("--fusion", default="sum", choices=("64", "32", "sum", "mult"), help="map shown in the gallery")
     ev.add_argument("--no-gallery", action="store_true", help="skip the per-image PNGs")
+
+    weights = sub.add_parser("import-weights", help="import the authors' released encoder of a category as a checkpoint")
+    weights.add_argument("--category", required=True, help="an MVTec AD category, e.g. bottle")
+    weights.add_argument("--source", help="the released enchier.pkl: a file or URL (default: downloaded once from the "
+                                          "original repository at a pinned commit, SHA-256 checked, cached)")
+    weights.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
 
     certs = sub.add_parser("certs", help="create a root authority and mutual-TLS certificates for every node (offline)")
     certs.add_argument("--out", required=True, type=Path, help="folder for root_ca.* and one .crt/.key per node")
@@ -86,6 +101,17 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_settings(args: argparse.Namespace):
+    """The recipe named by ``--recipe`` with every setting given on the command line put in."""
+    from dataclasses import replace
+
+    from .train import RECIPES
+
+    chosen = {name: getattr(args, name) for name in ("lr", "lambda_svdd", "batch_size", "repeat", "warmup_steps",
+                                                     "schedule", "precision", "init") if getattr(args, name) is not None}
+    return replace(RECIPES[args.recipe], **chosen)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -95,28 +121,37 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .model import PatchSVDD
     from .train import make_optimizer, train_epoch
 
+    settings = train_settings(args)
+    if args.epochs < 0 or (args.max_steps is not None and args.max_steps < 1):
+        raise ValueError(f"--epochs {args.epochs}, --max-steps {args.max_steps}: epochs at least 0 (0 saves the "
+                         "initialised model), max-steps at least 1")
     device = resolve_device(args.device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     data = _load(args)
     torch.manual_seed(args.seed)
-    model = PatchSVDD(emb_dim=args.emb_dim).to(device)
-    optimizer = make_optimizer(model, args.lr)
+    model = PatchSVDD(emb_dim=args.emb_dim, init=settings.init).to(device)
+    optimizer = make_optimizer(model, settings.lr)
     images = standardise(data.train_images, data.mean)
+    steps_per_epoch = settings.steps_per_epoch(len(images), args.max_steps)
+    schedule = settings.lr_schedule(args.epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(args.seed)
-    print(f"training on {len(images)} images of {args.category} on {device}")
+    print(f"training on {len(images)} images of {args.category} on {device}: {args.epochs} x {steps_per_epoch} steps, "
+          f"recipe {args.recipe} ({settings})")
     history = []
     start = time.perf_counter()
-    for epoch in range(1, args.epochs + 1):
+    for epoch in range(args.epochs):
         losses = train_epoch(
-            model, images, optimizer, repeat=args.repeat, batch_size=args.batch_size, lambda_svdd=args.lambda_svdd,
-            max_steps=args.max_steps, generator=generator, progress=not args.no_progress,
+            model, images, optimizer, repeat=settings.repeat, batch_size=settings.batch_size,
+            lambda_svdd=settings.lambda_svdd, max_steps=args.max_steps, generator=generator, schedule=schedule,
+            start_step=epoch * steps_per_epoch, precision=settings.precision, progress=not args.no_progress,
         )
         history.append(losses)
-        print(f"epoch {epoch}/{args.epochs}: loss {losses['loss']:.4f} ({int(losses['steps'])} steps)")
+        print(f"epoch {epoch + 1}/{args.epochs}: loss {losses['loss']:.4f}, position losses K=64 "
+              f"{losses['loss_pos_64']:.3f} K=32 {losses['loss_pos_32']:.3f} (chance 2.079), spread "
+              f"{losses['spread_64']:.2g}/{losses['spread_32']:.2g} ({int(losses['steps'])} steps)")
     save_checkpoint(
-        model, args.out, category=args.category, epochs=args.epochs, repeat=args.repeat, lr=args.lr,
-        lambda_svdd=args.lambda_svdd, batch_size=args.batch_size, seed=args.seed, history=history,
-        train_seconds=time.perf_counter() - start,
+        model, args.out, category=args.category, epochs=args.epochs, recipe=args.recipe, seed=args.seed,
+        settings=asdict(settings), history=history, train_seconds=time.perf_counter() - start,
     )
     print(f"saved {args.out}")
     return 0
@@ -158,6 +193,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_weights(args: argparse.Namespace) -> int:
+    from .checkpoint import save_checkpoint
+    from .released import import_released
+
+    model, meta = import_released(args.category, args.source)
+    if not meta["pinned"]:
+        print(f"warning: {meta['file']} is not the released file of {args.category} (SHA-256 {meta['sha256']})",
+              file=sys.stderr)
+    save_checkpoint(model, args.out, imported=meta, category=args.category)
+    print(f"imported {meta['file']} (SHA-256 {meta['sha256'][:16]}...) -> {args.out}; "
+          "position classifiers freshly initialised")
+    return 0
+
+
 def cmd_certs(args: argparse.Namespace) -> int:
     from .certs import create_federation_certs
 
@@ -168,7 +217,8 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"synth": cmd_synth, "train": cmd_train, "evaluate": cmd_evaluate, "certs": cmd_certs}
+COMMANDS = {"synth": cmd_synth, "train": cmd_train, "evaluate": cmd_evaluate, "import-weights": cmd_import_weights,
+            "certs": cmd_certs}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

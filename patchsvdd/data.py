@@ -242,6 +242,23 @@ def standardise(images: np.ndarray, mean: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
 
+def holdout_split(n_images: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (fit, held_out) of ``n_images`` training images: every ``round(1/fraction)``-th image is held out.
+
+    Held-out good images judge training without any anomaly (the position loss
+    on images the model never trained on). At least one image is held out when
+    ``fraction`` > 0 and there are two or more images; none when ``fraction`` is 0.
+    """
+    if not 0 <= fraction < 1:
+        raise ValueError(f"holdout fraction {fraction}: must be in [0, 1)")
+    everything = np.arange(n_images)
+    if fraction == 0 or n_images < 2:
+        return everything, everything[:0]
+    every = max(2, round(1 / fraction))
+    held = everything[every - 1 :: every] if n_images >= every else everything[-1:]
+    return np.setdiff1d(everything, held), held
+
+
 def parse_rank_worldsize(value: str | Sequence[int]) -> tuple[int, int]:
     """'1,2' or (1, 2) -> (rank, world_size), with a clear error for anything else."""
     try:

@@ -224,27 +224,40 @@ def run_notebook(output: Path, parameters: dict, timeout: float, cwd: Path) -> N
 
 
 def ensure_demo_data(data_root: Path, category: str, seed: int = 0) -> Path:
-    """Generate the built-in demo category under ``data_root`` unless it is already there."""
-    from .synth import generate_category
+    """Generate the built-in demo category under ``data_root`` unless this version already wrote it."""
+    import shutil
 
-    if not (data_root / category / "train" / "good").is_dir():
-        print(f"generating demo data {data_root / category}")
+    from .synth import SYNTH_VERSION, generate_category, generated_version
+
+    folder = data_root / category
+    if generated_version(folder) != SYNTH_VERSION:
+        if folder.exists():
+            shutil.rmtree(folder)
+        print(f"generating demo data {folder}")
         generate_category(data_root, category, seed=seed)
     return data_root
 
 
 def summarise(run_dir: Path, seconds: float) -> str:
-    """A few lines: where results are, the final metrics, the time."""
+    """A few lines: where results are, untrained against trained, the final metrics, the time."""
+    from .report import fmt, untrained_vs_trained
+
     results = run_dir / "notebook"
     lines = [f"demo finished in {seconds:.0f} s; results in {run_dir}"]
+    learning = untrained_vs_trained(json.loads((results / "round_metrics.json").read_text()))
+    lines.append("  untrained (round 0) -> trained (final round), per-round validation on each envoy's own data:")
+    for row in learning:
+        shown = "  ".join(f"{key} {fmt(row[f'{key} untrained'])} -> {fmt(row[f'{key} trained'])}"
+                          for key in ("heldout_pos", "det_sum", "seg_sum"))
+        lines.append(f"  {row['node']:10s} {shown}")
     final = json.loads((results / "metrics.json").read_text())
+    lines.append(f"  final evaluation of the {final['model']} model ({final['search']} search):")
     for node, metrics in sorted(final["per_node"].items()):
-        shown = " ".join(f"{k}={'n/a' if v is None else f'{v:.3f}'}" for k, v in metrics.items())
-        lines.append(f"  {node:10s} {shown}")
+        lines.append(f"  {node:10s} " + " ".join(f"{k}={fmt(v)}" for k, v in metrics.items()))
     local = results / "local_metrics.json"
     if local.is_file():
         metrics = json.loads(local.read_text())
-        lines.append("  notebook   " + " ".join(f"{k}={'n/a' if v is None else f'{v:.3f}'}" for k, v in metrics.items()))
+        lines.append("  notebook   " + " ".join(f"{k}={fmt(v)}" for k, v in metrics.items()))
     return "\n".join(lines)
 
 
@@ -252,14 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m patchsvdd.demo", description="Run the federated Patch SVDD demo end to end.")
     p.add_argument("--data-root", type=Path, default=os.environ.get("DATA_ROOT") or None,
                    help="MVTec-layout data root (default: built-in demo data in data/demo; env DATA_ROOT)")
-    p.add_argument("--category", default=os.environ.get("CATEGORY") or "fabric", help="category (env CATEGORY)")
+    p.add_argument("--category", default=os.environ.get("CATEGORY") or "washer", help="category (env CATEGORY)")
     p.add_argument("--envoys", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=int(os.environ.get("ROUNDS", 4)))
+    p.add_argument("--rounds", type=int, default=int(os.environ.get("ROUNDS") or 5))
     p.add_argument("--repeat", type=int, default=100)
-    p.add_argument("--max-steps", type=int, default=int(os.environ.get("MAX_STEPS", 20)),
+    p.add_argument("--max-steps", type=int, default=int(os.environ.get("MAX_STEPS") or 40),
                    help="steps per envoy per round (0: full epochs)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3, help="higher than the paper's 1e-4 so that a short CPU run learns")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the CPU recipe")
+    p.add_argument("--warmup-steps", type=int, default=40, help="linear warm-up, then cosine decay over all rounds")
     p.add_argument("--final-search", choices=("exact", "fast"), default="fast")
     p.add_argument("--tls", action="store_true", default=os.environ.get("TLS", "0") not in ("", "0"),
                    help="mutual TLS between all nodes with fresh certificates (env TLS=1)")
@@ -284,7 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         params = dict(
             director_host=federation.host, director_port=federation.port, expected_envoys=args.envoys,
             category=args.category, rounds=args.rounds, repeat=args.repeat, max_steps=args.max_steps or None,
-            batch_size=args.batch_size, lr=args.lr, final_search=args.final_search, idle_timeout=args.idle_timeout,
+            batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, final_search=args.final_search,
+            idle_timeout=args.idle_timeout,
             output_dir=str(run_dir / "notebook"), local_data_root=str(data_root), **federation.tls,
         )
         run_notebook(run_dir / "PatchSVDD_with_Director.ipynb", params, args.timeout, run_dir)

@@ -26,14 +26,16 @@ class Evaluation:
 
 
 def evaluate_category(
-    model: PatchSVDD, data: CategoryData, mode: SearchMode = "exact", batch_size: int = 8, progress: bool = False
+    model: PatchSVDD, data: CategoryData, mode: SearchMode = "exact", batch_size: int = 8, progress: bool = False,
+    mean: np.ndarray | None = None,
 ) -> Evaluation:
     """Score ``data``'s test images against all of its training patches with ``model`` (on its device).
 
-    Both splits are standardised with the *training* mean.
+    Both splits are standardised with the *training* mean: ``data.mean``, or
+    ``mean`` (H,W,3) when given (e.g. the mean of a fuller training set).
     """
     device = next(model.parameters()).device
-    mean = data.mean
+    mean = data.mean if mean is None else mean
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     train_emb = embed_images(model, standardise(data.train_images, mean), batch_size, progress)

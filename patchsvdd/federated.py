@@ -27,16 +27,17 @@ import numpy as np
 from openfl.interface.interactive_api.experiment import DataInterface, FLExperiment, ModelInterface, TaskInterface
 from openfl.interface.interactive_api.federation import Federation
 
-from .data import CategoryData, standardise
+from .data import CategoryData, holdout_split, standardise
 from .evaluate import evaluate_category
 from .metrics import METRIC_KEYS
 from .model import PatchSVDD, count_parameters
 from .supervise import director_listens
 from .tls import TLSCheckError, check_mutual_tls, speaks_tls
-from .train import make_optimizer, train_epoch
+from .train import TrainSettings, heldout_losses, make_optimizer, train_epoch
 
 FRAMEWORK_ADAPTER = "openfl.plugins.frameworks_adapters.pytorch_adapter.FrameworkAdapterPlugin"
-ROUND_METRICS = ("det_sum", "seg_sum")
+HELDOUT_METRIC = "heldout_pos"  # the model-choice criterion: needs no anomaly, lower is better
+ROUND_METRICS = (HELDOUT_METRIC, "det_sum", "seg_sum")
 EXPERIMENT_RECORD = "patchsvdd_experiment.json"  # written in an experiment's working folder; read by attach()
 
 
@@ -53,20 +54,28 @@ class DirectorGoneError(FederationError):
 
 @dataclass
 class ExperimentSettings:
-    """Everything an experiment needs besides the federation. Defaults are the paper's where it has one.
+    """Everything an experiment needs besides the federation. Training defaults are the project's
+    CPU recipe (``TrainSettings``); ``TrainSettings``'s docstring names the paper's.
 
     ``repeat``/``max_steps``: each training image is used ``repeat`` times per round,
-    cut to ``max_steps`` steps when set. ``search``: nearest-neighbour search of
-    the per-round validation; ``final_search`` that of the final evaluation.
-    ``idle_timeout``: seconds without any metric before giving up.
+    cut to ``max_steps`` steps when set; the learning-rate schedule runs over all
+    rounds. ``holdout_fraction``: share of each envoy's good training images kept
+    out of training; the position loss on them ('heldout_pos', lower is better)
+    chooses the best model without any anomaly. ``search``: nearest-neighbour
+    search of the per-round validation; ``final_search`` that of the final
+    evaluation. ``idle_timeout``: seconds without any metric before giving up.
     """
 
-    rounds: int = 10
-    repeat: int = 100
+    rounds: int = 5
+    repeat: int = TrainSettings.repeat
     max_steps: int | None = None
-    batch_size: int = 64
-    lr: float = 1e-4
-    lambda_svdd: float = 1e-3
+    batch_size: int = TrainSettings.batch_size
+    lr: float = TrainSettings.lr
+    lambda_svdd: float = TrainSettings.lambda_svdd
+    warmup_steps: int = TrainSettings.warmup_steps
+    schedule: str = TrainSettings.schedule
+    precision: str = TrainSettings.precision
+    holdout_fraction: float = 0.1
     emb_dim: int = 64
     search: str = "fast"
     final_search: str = "exact"
@@ -78,11 +87,22 @@ class ExperimentSettings:
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ValueError(f"rounds={self.rounds}: at least one round")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps={self.max_steps}: at least 1 (None for whole epochs)")
         if self.device_policy not in ("CUDA_PREFERRED", "CPU_ONLY"):
             raise ValueError(f"device_policy={self.device_policy!r}: CUDA_PREFERRED or CPU_ONLY")
         for name in ("search", "final_search"):
             if getattr(self, name) not in ("exact", "fast"):
                 raise ValueError(f"{name}={getattr(self, name)!r}: exact or fast")
+        holdout_split(10, self.holdout_fraction)  # checks the fraction
+        self.train_settings()  # checks the training settings
+
+    def train_settings(self) -> TrainSettings:
+        """The training part of these settings (the model's init is chosen where the model is built)."""
+        return TrainSettings(
+            lr=self.lr, lambda_svdd=self.lambda_svdd, batch_size=self.batch_size, repeat=self.repeat,
+            warmup_steps=self.warmup_steps, schedule=self.schedule, precision=self.precision,
+        )
 
 
 # --------------------------------------------------------------------------- envoy side
@@ -126,34 +146,49 @@ class MVTecDataInterface(DataInterface):
         return len(self._data.test_images)
 
 
-def train_task(model, train_data, optimizer, device, round_num, repeat, batch_size, lambda_svdd, max_steps, seed) -> dict:
-    """One round of local training on an envoy: ``train_epoch`` on its standardised training images."""
+def train_task(model, train_data, optimizer, device, round_num, train_settings, rounds, max_steps, seed, holdout_fraction) -> dict:
+    """One round of local training on an envoy: ``train_epoch`` on its standardised training images
+    less the held-out ones, at the global steps of this round in a schedule over ``rounds`` rounds."""
     model.to(device)
-    images = standardise(train_data.train_images, train_data.mean)
+    fit, _ = holdout_split(len(train_data.train_images), holdout_fraction)
+    images = standardise(train_data.train_images[fit], train_data.mean)
+    steps = train_settings.steps_per_epoch(len(fit), max_steps)
     losses = train_epoch(
-        model, images, optimizer, repeat=repeat, batch_size=batch_size, lambda_svdd=lambda_svdd,
-        max_steps=max_steps, generator=seed * 100_003 + int(round_num), progress=False,
+        model, images, optimizer, repeat=train_settings.repeat, batch_size=train_settings.batch_size,
+        lambda_svdd=train_settings.lambda_svdd, max_steps=max_steps, generator=seed * 100_003 + int(round_num),
+        schedule=train_settings.lr_schedule(rounds * steps), start_step=int(round_num) * steps,
+        precision=train_settings.precision, progress=False,
     )
-    return {"train_loss": losses["loss"], "pos_loss_64": losses["loss_pos_64"], "pos_loss_32": losses["loss_pos_32"]}
+    return {"train_loss": losses["loss"], "pos_loss_64": losses["loss_pos_64"], "pos_loss_32": losses["loss_pos_32"],
+            "spread_64": losses["spread_64"], "spread_32": losses["spread_32"]}
 
 
-def validate_task(model, val_data, device, search, metric_names) -> dict:
-    """AUROC of an envoy's test images against its own training patches; NaN where undefined (one class)."""
+def validate_task(model, val_data, device, search, metric_names, holdout_fraction) -> dict:
+    """An envoy's view of the model: 'heldout_pos' (position loss on its held-out good training images;
+    NaN without any) and AUROCs of its test images against its own training patches (NaN where undefined)."""
     model.to(device)
-    result = evaluate_category(model, val_data, mode=search)
-    return {name: math.nan if result.metrics[name] is None else result.metrics[name] for name in metric_names}
+    out: dict[str, float] = {}
+    if HELDOUT_METRIC in metric_names:
+        _, held = holdout_split(len(val_data.train_images), holdout_fraction)
+        out[HELDOUT_METRIC] = (heldout_losses(model, standardise(val_data.train_images[held], val_data.mean))[HELDOUT_METRIC]
+                               if len(held) else math.nan)
+    aurocs = [name for name in metric_names if name != HELDOUT_METRIC]
+    if aurocs:
+        result = evaluate_category(model, val_data, mode=search)
+        out.update({name: math.nan if result.metrics[name] is None else result.metrics[name] for name in aurocs})
+    return out
 
 
 def build_tasks(settings: ExperimentSettings, metric_names: tuple[str, ...] = ROUND_METRICS, search: str | None = None) -> TaskInterface:
     """The task interface: ``train_task`` (with the optimizer) and ``validate_task``, with their settings."""
     tasks = TaskInterface()
-    train_kwargs = dict(
-        repeat=settings.repeat, batch_size=settings.batch_size, lambda_svdd=settings.lambda_svdd,
-        max_steps=settings.max_steps, seed=settings.seed,
-    )
-    tasks.add_kwargs(**train_kwargs)(train_task)
+    tasks.add_kwargs(
+        train_settings=settings.train_settings(), rounds=settings.rounds, max_steps=settings.max_steps,
+        seed=settings.seed, holdout_fraction=settings.holdout_fraction,
+    )(train_task)
     tasks.register_fl_task(model="model", data_loader="train_data", device="device", optimizer="optimizer", round_num="round_num")(train_task)
-    tasks.add_kwargs(search=search or settings.search, metric_names=tuple(metric_names))(validate_task)
+    tasks.add_kwargs(search=search or settings.search, metric_names=tuple(metric_names),
+                     holdout_fraction=settings.holdout_fraction)(validate_task)
     tasks.register_fl_task(model="model", data_loader="val_data", device="device")(validate_task)
     return tasks
 
@@ -182,7 +217,7 @@ class TrainThenValidate:
 def validation_only_tasks(settings: ExperimentSettings) -> TaskInterface:
     """Tasks of the final evaluation: only ``validate_task``, all eight metrics, ``final_search``."""
     tasks = TaskInterface()
-    tasks.add_kwargs(search=settings.final_search, metric_names=METRIC_KEYS)(validate_task)
+    tasks.add_kwargs(search=settings.final_search, metric_names=METRIC_KEYS, holdout_fraction=settings.holdout_fraction)(validate_task)
     tasks.register_fl_task(model="model", data_loader="val_data", device="device")(validate_task)
     return tasks
 
@@ -505,28 +540,36 @@ def _director_gone(experiment: FLExperiment, checkpointer: SaveWhenImproved | No
 class SaveWhenImproved:
     """Saves the validated aggregate atomically each time it beats the best so far (pass to ``follow_metrics``).
 
-    Round r's aggregated validation scores the model round r started with; the
-    director holds that model as "last" from the end of round r until the end
-    of round r+1. So an improvement seen in round r is saved when the first
-    metric of a later round arrives (round r+1 is then under way), or when the
-    experiment ends. ``save_checkpoint`` writes a temporary file and renames
-    it: a crash never leaves a broken file. ``metadata`` goes into the file,
-    with the round and the score.
+    The criterion is ``metric`` of the aggregator's validation: by default the
+    held-out position loss ('heldout_pos', lower is better), which needs no
+    anomalous image, so the test images whose AUROC is reported never choose
+    the model. Round r's aggregated validation scores the model round r started
+    with; the director holds that model as "last" from the end of round r until
+    the end of round r+1. So an improvement seen in round r is saved when the
+    first metric of a later round arrives (round r+1 is then under way), or
+    when the experiment ends. ``save_checkpoint`` writes a temporary file and
+    renames it: a crash never leaves a broken file. ``metadata`` goes into the
+    file, with the round and the score.
     """
 
-    def __init__(self, experiment: FLExperiment, path: str | os.PathLike, /, metric: str = "det_sum", **metadata: Any) -> None:
+    def __init__(self, experiment: FLExperiment, path: str | os.PathLike, /, metric: str = HELDOUT_METRIC,
+                 lower_is_better: bool = True, **metadata: Any) -> None:
         self.experiment, self.path, self.metric, self.metadata = experiment, Path(path), metric, metadata
-        self.best_score = -math.inf
+        self.lower_is_better = lower_is_better
+        self.best_score = math.inf if lower_is_better else -math.inf
         self.best_round: int | None = None
         self.saved_round: int | None = None  # round of the model in ``path``, once written
         self._pending: tuple[int, float] | None = None
+
+    def _better(self, score: float) -> bool:
+        return not math.isnan(score) and (score < self.best_score if self.lower_is_better else score > self.best_score)
 
     def observe(self, record: dict[str, Any]) -> None:
         if self._pending is not None and record["round"] > self._pending[0]:
             self._save()
         key = (record["metric_origin"], record["task_name"], record["metric_name"])
         score = record["metric_value"]
-        if key == ("aggregator", "aggregated_model_validate", self.metric) and not math.isnan(score) and score > self.best_score:
+        if key == ("aggregator", "aggregated_model_validate", self.metric) and self._better(score):
             self.best_score, self.best_round = score, int(record["round"])
             self._pending = (self.best_round, score)
 
@@ -544,9 +587,10 @@ class SaveWhenImproved:
         self.saved_round = round_number
 
 
-def fetch_models(experiment: FLExperiment) -> tuple[PatchSVDD, PatchSVDD]:
-    """(best, last) aggregated models from the director, on the CPU."""
-    return experiment.get_best_model(), experiment.get_last_model()
+def fetch_last_model(experiment: FLExperiment) -> PatchSVDD:
+    """The final aggregated model from the director, on the CPU. (OpenFL's own "best" model is not used:
+    it keeps the highest of all validation metrics at once; ``SaveWhenImproved`` chooses instead.)"""
+    return experiment.get_last_model()
 
 
 def settings_dict(settings: ExperimentSettings) -> dict[str, Any]:

@@ -45,6 +45,14 @@ class SmallEncoder(nn.Module):
         return self.layers(x)
 
 
+def split_quadrants(patches: torch.Tensor) -> torch.Tensor:
+    """(N,C,2h,2w) patches -> (4N,C,h,w) quadrants, those of one patch consecutive, in row-major order."""
+    n, c, h, w = patches.shape
+    half_h, half_w = h // 2, w // 2
+    # (N,C,2,h,2,w) -> (N,2,2,C,h,w)
+    return patches.reshape(n, c, 2, half_h, 2, half_w).permute(0, 2, 4, 1, 3, 5).reshape(n * 4, c, half_h, half_w)
+
+
 class HierarchicalEncoder(nn.Module):
     """Encoder with receptive field K=64 built on the K=32 encoder ``.small``.
 
@@ -64,14 +72,19 @@ class HierarchicalEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N,3,64,64) patches -> (N,D,1,1) embeddings."""
-        n, c, h, w = x.shape
+        h, w = x.shape[-2:]
         if (h, w) != (LARGE_PATCH, LARGE_PATCH):
             raise ValueError(f"HierarchicalEncoder takes 64x64 patches, got {h}x{w}; use PatchSVDD.embed for images")
-        half = LARGE_PATCH // 2
-        # (N,3,2,32,2,32) -> (N,2,2,3,32,32): quadrant (row, col) in row-major order.
-        quadrants = x.reshape(n, c, 2, half, 2, half).permute(0, 2, 4, 1, 3, 5).reshape(n * 4, c, half, half)
-        emb = self.small(quadrants)  # (4N,D,1,1)
-        grid = emb.reshape(n, 2, 2, self.emb_dim).permute(0, 3, 1, 2)  # (N,D,2,2)
+        return self.from_quadrants(self.small(split_quadrants(x)))
+
+    def from_quadrants(self, quadrant_embeddings: torch.Tensor) -> torch.Tensor:
+        """K=64 embeddings (N,D,1,1) from the K=32 embeddings of their quadrants (4N,D,1,1).
+
+        The quadrants are ordered as :func:`split_quadrants` lays them out, so
+        the K=32 encoder can run once over quadrants and other patches alike.
+        """
+        n = quadrant_embeddings.shape[0] // 4
+        grid = quadrant_embeddings.reshape(n, 2, 2, self.emb_dim).permute(0, 3, 1, 2)  # (N,D,2,2)
         return self._head(grid, dilation=1, stride=1)
 
     def dense(self, small_map: torch.Tensor, stride: int = 1) -> torch.Tensor:
@@ -128,18 +141,23 @@ class PositionClassifier(nn.Module):
 class PatchSVDD(nn.Module):
     """The whole model: hierarchical encoder (K=64, with K=32 inside) and two position classifiers.
 
+    ``init``: 'kaiming' (the project's default, see :func:`initialise`) or
+    'pytorch' (PyTorch's default, as the original code).
+
     ``strides`` maps each K to the stride S of its inference grid (K=64: 16, K=32: 4).
     """
 
     patch_sizes = (LARGE_PATCH, SMALL_PATCH)
     strides = {LARGE_PATCH: 16, SMALL_PATCH: 4}
 
-    def __init__(self, emb_dim: int = 64) -> None:
+    def __init__(self, emb_dim: int = 64, init: str = "kaiming") -> None:
         super().__init__()
         self.emb_dim = emb_dim
         self.encoder = HierarchicalEncoder(emb_dim)
         self.classifier64 = PositionClassifier(emb_dim)
         self.classifier32 = PositionClassifier(emb_dim)
+        if init != "pytorch":  # the layers were just built with PyTorch's default
+            initialise(self, init)
 
     def encoder_for(self, patch_size: int) -> nn.Module:
         """The encoder whose receptive field is ``patch_size`` (64 or 32)."""
@@ -162,6 +180,31 @@ class PatchSVDD(nn.Module):
         emb32 = small_map[:, :, ::cells32, ::cells32]
         emb64 = self.encoder.dense(small_map, stride=cells64)
         return emb64, emb32
+
+
+INIT_SCHEMES = ("kaiming", "pytorch")
+
+
+def initialise(model: nn.Module, scheme: str = "kaiming") -> nn.Module:
+    """Re-draw the weights of every convolution and linear layer of ``model`` in place (torch's global RNG).
+
+    'kaiming': He-normal weights for LeakyReLU(0.1) and zero biases, so a fresh
+    encoder's embeddings spread (per-dimension std about 0.1) and the position
+    loss has something to learn from at step 0. 'pytorch': PyTorch's default
+    (what the original code uses): the signal shrinks through the eight layers
+    and a fresh encoder's output is nearly constant (std about 5e-5).
+    """
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"init {scheme!r}: choose {' or '.join(INIT_SCHEMES)}")
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            if scheme == "pytorch":
+                module.reset_parameters()
+                continue
+            nn.init.kaiming_normal_(module.weight, a=LEAKY_SLOPE, nonlinearity="leaky_relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -47,3 +47,32 @@ def write_json(path: str | Path, payload: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(clean(payload), indent=2))
     return path
+
+
+LEARNING_METRICS = ("heldout_pos", "det_sum", "seg_sum")
+
+
+def untrained_vs_trained(
+    records: Sequence[Mapping[str, Any]], metrics: Sequence[str] = LEARNING_METRICS, task: str = "aggregated_model_validate"
+) -> list[dict[str, Any]]:
+    """Rows per origin (envoys, then aggregator): each metric at round 0, which validates the initial model,
+    beside the last round, which validates the final aggregate. ``records`` as streamed (round_metrics.json)."""
+    first: dict[str, dict[str, tuple[int, float]]] = {}
+    last: dict[str, dict[str, tuple[int, float]]] = {}
+    for r in records:
+        if r["task_name"] != task or r["metric_name"] not in metrics:
+            continue
+        key, point = r["metric_name"], (int(r["round"]), r["metric_value"])
+        slot_first, slot_last = first.setdefault(r["metric_origin"], {}), last.setdefault(r["metric_origin"], {})
+        if key not in slot_first or point[0] < slot_first[key][0]:
+            slot_first[key] = point
+        if key not in slot_last or point[0] >= slot_last[key][0]:
+            slot_last[key] = point
+    rows = []
+    for origin in sorted(first, key=lambda o: (o == "aggregator", o)):
+        row: dict[str, Any] = {"node": origin}
+        for key in metrics:
+            row[f"{key} untrained"] = first[origin].get(key, (None, None))[1]
+            row[f"{key} trained"] = last[origin].get(key, (None, None))[1]
+        rows.append(row)
+    return rows

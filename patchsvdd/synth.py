@@ -9,6 +9,7 @@ split, index). numpy and Pillow only.
 
 from __future__ import annotations
 
+import json
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 Array = np.ndarray
+SYNTH_VERSION = 2  # bump when images change for the same seed; the demo regenerates older trees
+MARKER = ".patchsvdd-synth.json"  # written in the category folder: version and arguments
 
 
 @dataclass(frozen=True)
@@ -81,9 +84,10 @@ def _paint_washer(rng: np.random.Generator, size: int) -> Array:
     radius = np.hypot(y - cy, x - cx)
     angle = np.arctan2(y - cy, x - cx)
     outer, inner = _washer_geometry(size)
-    table = 0.16 + 0.03 * _smooth_noise(rng, size, 8) + rng.normal(0, 0.02, (size, size))
+    table = 0.16 + 0.03 * _smooth_noise(rng, size, 8) + 0.03 * _smooth_noise(rng, size, 48) + rng.normal(0, 0.02, (size, size))
     ring = (radius < outer) & (radius > inner)
-    brushed = 0.62 + 0.12 * np.sin(angle * 2 + rng.uniform(0, np.pi)) + 0.05 * np.sin(radius * 0.9)
+    grain = np.sin(radius * rng.uniform(2.6, 3.0) + 0.8 * _smooth_noise(rng, size, 24))  # concentric machining marks
+    brushed = 0.62 + 0.12 * np.sin(angle * 2 + rng.uniform(0, np.pi)) + 0.05 * np.sin(radius * 0.9) + 0.04 * grain
     edge = np.clip(np.minimum(outer - radius, radius - inner) / 3.0, 0, 1)
     shade = np.where(ring, table + edge * (brushed - table), table) + rng.normal(0, 0.02, (size, size))
     tint = np.array([0.92, 0.95, 1.0], dtype=np.float32)
@@ -121,33 +125,39 @@ def _draw_mask(size: int, draw: Callable[[ImageDraw.ImageDraw], None], blur: flo
 
 
 def _defect(rng: np.random.Generator, image: Array, kind: str, region: Array | None) -> tuple[Array, Array]:
-    """Apply one defect of ``kind`` to ``image`` (S,S,3). Returns (image, alpha (S,S) in [0,1])."""
+    """Apply one defect of ``kind`` to ``image`` (S,S,3). Returns (image, alpha (S,S) in [0,1]).
+
+    Defects are deliberately subtle: contrast and size are drawn from ranges
+    that reach down to barely visible (faint stains, hairline scratches and
+    cracks, pin holes, small bites), so that a detector has to learn what the
+    surface looks like rather than spot any dark or bright blob.
+    """
     size = image.shape[0]
     cy, cx = _start_point(rng, size, region, margin=size // 6)
     out = image.copy()
-    if kind == "scratch":  # a thin bright curved line
-        length, angle = rng.uniform(0.15, 0.3) * size, rng.uniform(0, np.pi)
+    if kind == "scratch":  # a thin, faintly bright curved line
+        length, angle = rng.uniform(0.1, 0.25) * size, rng.uniform(0, np.pi)
         bend = rng.uniform(-0.3, 0.3)
         t = np.linspace(-0.5, 0.5, 24)
         pts = [(cx + length * s * np.cos(angle + bend * s), cy + length * s * np.sin(angle + bend * s)) for s in t]
-        alpha = _draw_mask(size, lambda d: d.line(pts, fill=255, width=int(rng.integers(2, 4))), blur=0.6)
-        out = out + alpha[..., None] * (0.95 - out) * 0.8
-    elif kind in ("crack", "broken"):  # a jagged dark random walk
-        steps = int(rng.integers(14, 22))
+        alpha = _draw_mask(size, lambda d: d.line(pts, fill=255, width=int(rng.integers(1, 4))), blur=0.6)
+        out = out + alpha[..., None] * (0.95 - out) * rng.uniform(0.35, 0.7)
+    elif kind in ("crack", "broken"):  # a jagged, slightly dark hairline random walk
+        steps = int(rng.integers(10, 20))
         heading = rng.uniform(0, 2 * np.pi)
         pts = [(cx, cy)]
         for _ in range(steps):
             heading += rng.normal(0, 0.6)
             pts.append((pts[-1][0] + 4 * np.cos(heading), pts[-1][1] + 4 * np.sin(heading)))
-        alpha = _draw_mask(size, lambda d: d.line(pts, fill=255, width=int(rng.integers(2, 4))), blur=0.5)
-        out = out * (1 - 0.75 * alpha[..., None])
-    elif kind == "hole":  # a dark round opening with a lighter frayed rim
-        r = rng.uniform(0.025, 0.05) * size
+        alpha = _draw_mask(size, lambda d: d.line(pts, fill=255, width=int(rng.integers(1, 4))), blur=0.5)
+        out = out * (1 - rng.uniform(0.4, 0.7) * alpha[..., None])
+    elif kind == "hole":  # a small dark opening
+        r = rng.uniform(0.015, 0.035) * size
         box = (cx - r, cy - r, cx + r, cy + r)
-        alpha = _draw_mask(size, lambda d: d.ellipse(box, fill=255), blur=1.2)
-        out = out * (1 - 0.85 * alpha[..., None])
-    elif kind == "stain":  # a soft translucent tinted blob
-        r = rng.uniform(0.04, 0.08) * size
+        alpha = _draw_mask(size, lambda d: d.ellipse(box, fill=255), blur=1.0)
+        out = out * (1 - rng.uniform(0.5, 0.85) * alpha[..., None])
+    elif kind == "stain":  # a soft, faint tinted blob
+        r = rng.uniform(0.03, 0.06) * size
         blobs = [(cx + rng.normal(0, r / 2), cy + rng.normal(0, r / 2), r * rng.uniform(0.5, 1)) for _ in range(3)]
 
         def draw(d: ImageDraw.ImageDraw) -> None:
@@ -155,13 +165,14 @@ def _defect(rng: np.random.Generator, image: Array, kind: str, region: Array | N
                 d.ellipse((bx - br, by - br, bx + br, by + br), fill=255)
 
         alpha = _draw_mask(size, draw, blur=3.0)
+        strength = rng.uniform(0.2, 0.4)
         tint = np.array([0.55, 0.5, 0.3], dtype=np.float32)
-        out = out * (1 - 0.45 * alpha[..., None]) + 0.45 * alpha[..., None] * tint * out.mean(axis=2, keepdims=True)
-    elif kind == "missing":  # a bite out of the object's outer edge, showing the table
+        out = out * (1 - strength * alpha[..., None]) + strength * alpha[..., None] * tint * out.mean(axis=2, keepdims=True)
+    elif kind == "missing":  # a small bite out of the object's outer edge, showing the table
         outer, _ = _washer_geometry(size)
         theta = rng.uniform(0, 2 * np.pi)
         bx, by = size / 2 + outer * np.cos(theta), size / 2 + outer * np.sin(theta)
-        r = rng.uniform(0.06, 0.1) * size
+        r = rng.uniform(0.03, 0.06) * size
         alpha = _draw_mask(size, lambda d: d.ellipse((bx - r, by - r, bx + r, by + r), fill=255), blur=0.8)
         ring = image.mean(axis=2) > 0.3
         alpha = alpha * ring
@@ -186,8 +197,8 @@ def generate_category(
     category: str = "fabric",
     seed: int = 0,
     n_train: int = 60,
-    n_test_good: int = 12,
-    n_test_per_defect: int = 6,
+    n_test_good: int = 40,
+    n_test_per_defect: int = 20,
     image_size: int = 320,
 ) -> Path:
     """Write ``<out>/<category>`` in the MVTec AD layout. Returns that folder.
@@ -220,4 +231,15 @@ def generate_category(
             mask_path = root / "ground_truth" / kind / f"{i:03d}_mask.png"
             mask_path.parent.mkdir(parents=True, exist_ok=True)
             mask.save(mask_path)
+    (root / MARKER).write_text(json.dumps({"version": SYNTH_VERSION, "seed": seed, "n_train": n_train,
+                                           "n_test_good": n_test_good, "n_test_per_defect": n_test_per_defect,
+                                           "image_size": image_size}))
     return root
+
+
+def generated_version(category_dir: str | Path) -> int | None:
+    """The synth version that wrote ``category_dir`` (None for anything else, e.g. real data)."""
+    try:
+        return int(json.loads((Path(category_dir) / MARKER).read_text())["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -8,25 +8,68 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import LARGE_PATCH, SMALL_PATCH, PatchSVDD
-from .sampling import PatchPairs, crop_patches, perturb, sample_position_pairs, sample_svdd_pairs
+from .model import LARGE_PATCH, SMALL_PATCH, PatchSVDD, split_quadrants
+from .sampling import crop_patches, perturb, sample_position_pairs, sample_svdd_pairs
 
 LOSS_NAMES = ("loss", "loss_pos_64", "loss_pos_32", "loss_svdd_64", "loss_svdd_32")
+PATCH_SIZES = (LARGE_PATCH, SMALL_PATCH)
+STEP_NAMES = (*LOSS_NAMES, "spread_64", "spread_32")
+COLLAPSE_SPREAD = 1e-6  # a fresh encoder with PyTorch's default init spreads about 5e-5; a collapsed one about 1e-7 or 0
+COLLAPSE_PATIENCE = 20  # steps in a row below it
+PRECISIONS = ("auto", "fp32", "bf16")
+SCHEDULES = ("cosine", "constant")
+ENCODER_CHUNK = 256  # 32x32 inputs per K=32 encoder call in training (measured best on a 2-core CPU)
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Published settings: Adam lr 1e-4, lambda 1e-3, batch 64 per loss, each image 100 times an epoch."""
+    """A training recipe. The defaults are the project's CPU recipe, measured on real bottle
+    (docs/benchmarks.md): He initialisation, Adam lr 1e-3 with 100 warm-up steps and a cosine decay
+    to a tenth, bf16 autocast where the hardware has it. ``PAPER_SETTINGS`` is the published one.
 
-    lr: float = 1e-4
+    ``repeat``: each training image is used this many times per epoch; ``lambda_svdd``: weight of the
+    SVDD loss; ``batch_size``: pairs per loss (B).
+    """
+
+    lr: float = 1e-3
     lambda_svdd: float = 1e-3
     batch_size: int = 64
     repeat: int = 100
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # or "constant"
+    precision: str = "auto"  # see resolve_precision
+    init: str = "kaiming"  # see model.initialise
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.lambda_svdd < 0:
+            raise ValueError(f"lr={self.lr}, lambda_svdd={self.lambda_svdd}: lr must be positive, lambda not negative")
+        if self.batch_size < 1 or self.repeat < 1 or self.warmup_steps < 0:
+            raise ValueError(f"batch_size={self.batch_size}, repeat={self.repeat}, warmup_steps={self.warmup_steps}: "
+                             "batch and repeat at least 1, warm-up not negative")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r}: choose {' or '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r}: choose {', '.join(PRECISIONS)}")
+
+    def lr_schedule(self, total_steps: int | None) -> "LRSchedule":
+        """The learning rate per global step for a run of ``total_steps`` steps (needed for 'cosine')."""
+        cosine = self.schedule == "cosine" and total_steps is not None
+        return LRSchedule(self.lr, self.warmup_steps, total_steps if cosine else None)
+
+    def steps_per_epoch(self, n_images: int, max_steps: int | None = None) -> int:
+        """Optimizer steps of one epoch over ``n_images`` images (cut to ``max_steps`` when given)."""
+        steps = math.ceil(n_images * self.repeat / self.batch_size)
+        return steps if max_steps is None else min(steps, max_steps)
+
+
+PAPER_SETTINGS = TrainSettings(lr=1e-4, warmup_steps=0, schedule="constant", precision="fp32", init="pytorch")
+RECIPES = {"cpu": TrainSettings(), "paper": PAPER_SETTINGS}
 
 
 def make_optimizer(model: PatchSVDD, lr: float = TrainSettings.lr) -> torch.optim.Adam:
@@ -44,17 +87,72 @@ def svdd_loss(emb_first: torch.Tensor, emb_second: torch.Tensor) -> torch.Tensor
     return (emb_first - emb_second).flatten(1).norm(dim=1).mean()
 
 
-def _pair_embeddings(
-    model: PatchSVDD, images: torch.Tensor, image_index: torch.Tensor, pairs: list[PatchPairs], patch_size: int, generator: torch.Generator
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Embed the patches of several pair sets in one forward pass; returns (first, second) per set."""
-    crops = []
-    for p in pairs:
-        crops.append(crop_patches(images, image_index, p.y1, p.x1, patch_size))
-        crops.append(crop_patches(images, image_index, p.y2, p.x2, patch_size))
-    batch = perturb(torch.cat(crops), generator)
-    emb = model.encoder_for(patch_size)(batch).chunk(2 * len(pairs))
-    return [(emb[2 * i], emb[2 * i + 1]) for i in range(len(pairs))]
+@dataclass
+class TrainingBatch:
+    """The patches of one step, drawn once. For each K in (64, 32):
+
+    ``patches[K]`` (4B,3,K,K): position pair first patches, their neighbours,
+    SVDD pair first patches, their jittered copies (in that order; position
+    patches perturbed, SVDD patches as cropped, as in the original code);
+    ``labels[K]`` (B,) the position classes 0..7.
+    """
+
+    patches: dict[int, torch.Tensor]
+    labels: dict[int, torch.Tensor]
+
+    @property
+    def pairs(self) -> int:
+        """B, the number of pairs of each loss."""
+        return self.labels[LARGE_PATCH].shape[0]
+
+
+def sample_batch(images: torch.Tensor, image_index: torch.Tensor, generator: torch.Generator) -> TrainingBatch:
+    """Draw the position and SVDD pairs of both K from images[image_index] (images (N,3,H,W), image_index (B,))."""
+    size = images.shape[-1]
+    n = image_index.shape[0]
+    patches, labels = {}, {}
+    for k in PATCH_SIZES:
+        pos = sample_position_pairs(n, size, k, generator)
+        svdd = sample_svdd_pairs(n, size, k, generator)
+        crops = [crop_patches(images, image_index, p.y1 if first else p.y2, p.x1 if first else p.x2, k)
+                 for p in (pos, svdd) for first in (True, False)]
+        patches[k] = torch.cat([perturb(torch.cat(crops[:2]), generator), *crops[2:]])
+        labels[k] = pos.labels.to(images.device)
+    return TrainingBatch(patches, labels)
+
+
+def batch_embeddings(model: PatchSVDD, batch: TrainingBatch, chunk: int = ENCODER_CHUNK) -> dict[int, torch.Tensor]:
+    """Embeddings (4B,D,1,1) of every patch of ``batch``, per K, with one pass of the K=32 encoder.
+
+    The K=64 patches enter as their four quadrants beside the K=32 patches, in
+    channels-last chunks of ``chunk`` 32x32 inputs (the size that keeps a
+    layer's activations in a CPU's cache); the K=64 head then combines the
+    quadrant embeddings. Equal to ``model.encoder(patches[64])`` and
+    ``model.encoder.small(patches[32])`` up to float rounding.
+    """
+    quadrants = split_quadrants(batch.patches[LARGE_PATCH])
+    inputs = torch.cat([quadrants, batch.patches[SMALL_PATCH]]).contiguous(memory_format=torch.channels_last)
+    small = torch.cat([model.encoder.small(part) for part in inputs.split(chunk)])
+    return {LARGE_PATCH: model.encoder.from_quadrants(small[: len(quadrants)]), SMALL_PATCH: small[len(quadrants):]}
+
+
+def batch_losses(
+    model: PatchSVDD, batch: TrainingBatch, lambda_svdd: float, embeddings: dict[int, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """'loss' = sum over K of position loss + lambda * SVDD loss, and each part, for one batch.
+
+    ``embeddings`` as :func:`batch_embeddings` returns them (computed when not given).
+    """
+    embeddings = batch_embeddings(model, batch) if embeddings is None else embeddings
+    out: dict[str, torch.Tensor] = {}
+    total = 0.0
+    for k in PATCH_SIZES:
+        pos_a, pos_b, svdd_a, svdd_b = embeddings[k].float().chunk(4)
+        out[f"loss_pos_{k}"] = position_loss(model.classifier_for(k), pos_a, pos_b, batch.labels[k])
+        out[f"loss_svdd_{k}"] = svdd_loss(svdd_a, svdd_b)
+        total = total + out[f"loss_pos_{k}"] + lambda_svdd * out[f"loss_svdd_{k}"]
+    out["loss"] = total
+    return out
 
 
 def training_losses(
@@ -65,19 +163,7 @@ def training_losses(
     images (N,3,H,W) standardised, on the model's device; image_index (B,).
     Returns 'loss' = sum of position losses + lambda * sum of SVDD losses, and each part.
     """
-    size = images.shape[-1]
-    n = image_index.shape[0]
-    out: dict[str, torch.Tensor] = {}
-    total = images.new_zeros(())
-    for k in (LARGE_PATCH, SMALL_PATCH):
-        pos = sample_position_pairs(n, size, k, generator)
-        svdd = sample_svdd_pairs(n, size, k, generator)
-        (pos_a, pos_b), (svdd_a, svdd_b) = _pair_embeddings(model, images, image_index, [pos, svdd], k, generator)
-        out[f"loss_pos_{k}"] = position_loss(model.classifier_for(k), pos_a, pos_b, pos.labels.to(images.device))
-        out[f"loss_svdd_{k}"] = svdd_loss(svdd_a, svdd_b)
-        total = total + out[f"loss_pos_{k}"] + lambda_svdd * out[f"loss_svdd_{k}"]
-    out["loss"] = total
-    return out
+    return batch_losses(model, sample_batch(images, image_index, generator), lambda_svdd)
 
 
 def as_generator(seed_or_generator: int | torch.Generator | None) -> torch.Generator:
@@ -92,6 +178,82 @@ def as_generator(seed_or_generator: int | torch.Generator | None) -> torch.Gener
     return generator
 
 
+@torch.no_grad()
+def heldout_losses(
+    model: PatchSVDD, images: torch.Tensor | np.ndarray, pairs: int = 256, batch_size: int = 64, seed: int = 0
+) -> dict[str, float]:
+    """The four losses on ``pairs`` fixed pairs per loss from held-out good images (N,3,H,W), no training.
+
+    The pairs depend only on ``seed`` and the images, so values from different
+    rounds or models compare. 'heldout_pos' = loss_pos_64 + loss_pos_32: the
+    model-choice criterion that needs no anomalies (lower is better).
+    """
+    device = next(model.parameters()).device
+    images = torch.as_tensor(images, dtype=torch.float32).to(device)
+    if images.shape[0] == 0:
+        raise ValueError("held-out losses need at least one held-out image")
+    was_training = model.training
+    model.eval()
+    gen = as_generator(seed)
+    order = torch.arange(pairs) % images.shape[0]
+    sums = dict.fromkeys(LOSS_NAMES, 0.0)
+    for start in range(0, pairs, batch_size):
+        index = order[start : start + batch_size]
+        losses = batch_losses(model, sample_batch(images, index, gen), lambda_svdd=0.0)
+        for name in LOSS_NAMES:
+            sums[name] += float(losses[name]) * len(index)
+    model.train(was_training)
+    out = {name: value / pairs for name, value in sums.items() if name != "loss"}
+    out["heldout_pos"] = out["loss_pos_64"] + out["loss_pos_32"]
+    return out
+
+
+class CollapseError(RuntimeError):
+    """The encoder's embeddings lost their spread (a known Patch SVDD failure: lr or lambda too large)."""
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """Learning rate per global step: linear warm-up from 0 over ``warmup_steps``, then constant
+    (``total_steps`` None) or cosine decay to ``final_fraction`` * ``base_lr`` at ``total_steps``."""
+
+    base_lr: float = TrainSettings.lr
+    warmup_steps: int = 0
+    total_steps: int | None = None
+    final_fraction: float = 0.1
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of global step ``step`` (0-based)."""
+        if step < self.warmup_steps:
+            return self.base_lr * (step + 1) / self.warmup_steps
+        if self.total_steps is None:
+            return self.base_lr
+        done = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.base_lr * (self.final_fraction + (1 - self.final_fraction) * 0.5 * (1 + math.cos(math.pi * done)))
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bfloat16 autocast runs natively on ``device``: a CUDA GPU with bf16, or a CPU with AVX-512 BF16 / AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """'fp32' -> None (no autocast); 'bf16' -> bfloat16 autocast of the encoders; 'auto' -> bf16 where
+    :func:`bf16_supported`, else fp32. The position classifiers and the losses always run in float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: choose {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        precision = "bf16" if bf16_supported(device) else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def embedding_spread(embeddings: torch.Tensor) -> float:
+    """Mean over dimensions of the standard deviation over patches: (B,D,1,1) -> float; 0 for a collapsed encoder."""
+    return float(embeddings.detach().float().flatten(1).std(dim=0).mean())
+
+
 def train_epoch(
     model: PatchSVDD,
     images: torch.Tensor | np.ndarray,
@@ -102,16 +264,30 @@ def train_epoch(
     lambda_svdd: float = TrainSettings.lambda_svdd,
     max_steps: int | None = None,
     generator: int | torch.Generator | None = None,
+    schedule: LRSchedule | None = None,
+    start_step: int = 0,
+    precision: str = "fp32",
+    collapse_spread: float = COLLAPSE_SPREAD,
     progress: bool = True,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
     """One epoch: every training image is used ``repeat`` times, in batches of ``batch_size``.
 
     images (N,3,H,W) float32 standardised (see ``data.standardise``); moved to the
     model's device. ``max_steps`` cuts the epoch short (for quick runs).
-    Returns the mean of each loss over the epoch and 'steps'.
+    ``schedule`` sets the optimizer's learning rate at each global step
+    (``start_step`` + step; None keeps the optimizer's). ``precision``: 'fp32',
+    'bf16' (autocast of the encoders) or 'auto' (bf16 on CUDA only).
+    Raises CollapseError when the embeddings of either K spread less than
+    ``collapse_spread`` for 20 steps in a row. ``on_step(global_step, losses)``
+    sees every step. Returns the mean of each loss and of the spreads
+    ('spread_64', 'spread_32') over the epoch, and 'steps'.
     """
+    if batch_size < 1 or repeat < 1:
+        raise ValueError(f"batch_size={batch_size}, repeat={repeat}: both must be at least 1")
     device = next(model.parameters()).device
     images = torch.as_tensor(images, dtype=torch.float32).to(device)
+    autocast_dtype = resolve_precision(precision, device)
     gen = as_generator(generator)
     n_images = images.shape[0]
     order = torch.arange(n_images).repeat(repeat)[torch.randperm(n_images * repeat, generator=gen)]
@@ -119,23 +295,41 @@ def train_epoch(
     if max_steps is not None:
         steps = min(steps, max_steps)
     model.train()
-    sums = dict.fromkeys(LOSS_NAMES, 0.0)
+    sums = dict.fromkeys(STEP_NAMES, 0.0)
+    collapsed_steps = 0
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc="train", leave=False)
     for step in range(steps):
-        image_index = order[step * batch_size : (step + 1) * batch_size]
-        losses = training_losses(model, images, image_index, lambda_svdd, gen)
+        if schedule is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = schedule.lr_at(start_step + step)
+        batch = sample_batch(images, order[step * batch_size : (step + 1) * batch_size], gen)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            embeddings = batch_embeddings(model, batch)
+        losses = batch_losses(model, batch, lambda_svdd, embeddings)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         optimizer.step()
-        for name in LOSS_NAMES:
-            sums[name] += float(losses[name].detach())
+        values = {name: float(losses[name].detach()) for name in LOSS_NAMES}
+        values.update({f"spread_{k}": embedding_spread(embeddings[k]) for k in PATCH_SIZES})
+        for name in STEP_NAMES:
+            sums[name] += values[name]
+        collapsed_steps = collapsed_steps + 1 if min(values[f"spread_{k}"] for k in PATCH_SIZES) < collapse_spread else 0
+        if collapsed_steps >= COLLAPSE_PATIENCE:
+            raise CollapseError(
+                f"the encoder collapsed at step {start_step + step}: embedding spread "
+                f"{values['spread_64']:.2e} (K=64) / {values['spread_32']:.2e} (K=32) below {collapse_spread:.0e} for "
+                f"{COLLAPSE_PATIENCE} steps, so every patch looks the same. Lower the learning rate or lambda, "
+                "or add warm-up (see README: Training)."
+            )
+        if on_step is not None:
+            on_step(start_step + step, values)
         if bar is not None:
             bar.update()
-            bar.set_postfix(loss=f"{float(losses['loss']):.3f}")
+            bar.set_postfix(pos64=f"{values['loss_pos_64']:.3f}", pos32=f"{values['loss_pos_32']:.3f}")
     if bar is not None:
         bar.close()
     result = {name: value / max(steps, 1) for name, value in sums.items()}

@@ -55,3 +55,22 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Capt
     assert main(["train", "--data-root", str(tmp_path / "none"), "--category", "x", "--epochs", "1",
                  "--out", str(tmp_path / "m.pt")]) == 2
     assert "data root does not exist" in capsys.readouterr().err
+    for bad, text in ((["--epochs", "1", "--batch-size", "0"], "batch_size=0"), (["--epochs", "-1"], "--epochs -1"),
+                      (["--epochs", "1", "--lr", "0"], "lr=0")):
+        assert main(["train", "--data-root", str(tmp_path), "--category", "x", "--out", str(tmp_path / "m.pt"), *bad]) == 2
+        assert text in capsys.readouterr().err  # said before any data is read (there are none here)
+
+
+def test_train_recipes(tiny_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from patchsvdd.checkpoint import load_checkpoint
+
+    ckpt = tmp_path / "paper.pt"
+    assert main(["train", "--data-root", str(tiny_root), "--category", "mesh", "--epochs", "1", "--max-steps", "2",
+                 "--batch-size", "2", "--recipe", "paper", "--warmup-steps", "5", "--emb-dim", "8", "--out", str(ckpt),
+                 "--no-progress"]) == 0
+    _, meta = load_checkpoint(ckpt)
+    assert meta["recipe"] == "paper"
+    assert meta["settings"] == {"lr": 1e-4, "lambda_svdd": 1e-3, "batch_size": 2, "repeat": 100, "warmup_steps": 5,
+                                "schedule": "constant", "precision": "fp32", "init": "pytorch"}
+    assert meta["history"][0]["spread_32"] < 1e-3  # PyTorch's init: nearly constant embeddings
+    assert "(chance 2.079)" in capsys.readouterr().out

@@ -27,7 +27,7 @@ from patchsvdd.train import make_optimizer
 
 pytestmark = pytest.mark.slow
 
-TINY = fed.ExperimentSettings(rounds=2, repeat=1, max_steps=1, batch_size=4, lr=1e-3, idle_timeout=300)
+TINY = fed.ExperimentSettings(rounds=2, repeat=1, max_steps=1, batch_size=4, lr=1e-3, warmup_steps=0, idle_timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_aggregated_weights_are_the_size_weighted_mean_of_the_envoys(federation,
     initial = _state(model)
     experiment = fed.start_experiment(client, model, settings, "aggregation-check", tmp_path / "nb")
     log = fed.follow_metrics(experiment, idle_timeout=settings.idle_timeout)
-    _, aggregated = fed.fetch_models(experiment)
+    aggregated = fed.fetch_last_model(experiment)
 
     # Redo each envoy's round here: same initial weights, shard, seeded task.
     index = index_category(fed_data, "fabric")
@@ -78,8 +78,8 @@ def test_aggregated_weights_are_the_size_weighted_mean_of_the_envoys(federation,
         shard = load_category(index.shard(rank, 2))
         local = PatchSVDD(emb_dim=16)
         local.load_state_dict(initial)
-        fed.train_task(local, shard, make_optimizer(local, settings.lr), "cpu", 0, settings.repeat, settings.batch_size,
-                       settings.lambda_svdd, settings.max_steps, settings.seed)
+        fed.train_task(local, shard, make_optimizer(local, settings.lr), "cpu", 0, settings.train_settings(),
+                       settings.rounds, settings.max_steps, settings.seed, settings.holdout_fraction)
         local_states.append(_state(local))
         sizes.append(len(shard.train_images))
     assert sizes == [4, 3]
@@ -108,13 +108,18 @@ def test_two_round_experiment_then_final_evaluation(federation, tmp_path: Path) 
         assert [r for r, _ in log.series("train", "train_loss")[envoy]] == [0, 1]
         for name in fed.ROUND_METRICS:  # rounds 0, 1 validate what they start with; round 2 the final aggregate
             values = log.series("aggregated_model_validate", name)[envoy]
-            assert [r for r, _ in values] == [0, 1, 2] and all(0.0 <= v <= 1.0 for _, v in values)
+            assert [r for r, _ in values] == [0, 1, 2]
+            if name == fed.HELDOUT_METRIC:  # sum of both position losses on the held-out image: near 2 ln 8
+                assert all(3.0 < v < 6.0 for _, v in values)
+            else:
+                assert all(0.0 <= v <= 1.0 for _, v in values)
     assert not log.series("locally_tuned_model_validate", "det_sum")  # skipped by our task assigner
-    best, last = fed.fetch_models(experiment)
+    last = fed.fetch_last_model(experiment)
     assert any(not torch.equal(initial[k], v) for k, v in last.state_dict().items())
-    saved, meta = load_checkpoint(tmp_path / "best.pt")  # the best validated aggregate, atomically written
-    scores = dict(log.series("aggregated_model_validate", "det_sum")["aggregator"])
-    assert meta["round"] == saver.best_round and meta["score"] == max(scores.values()) == scores[meta["round"]]
+    saved, meta = load_checkpoint(tmp_path / "best.pt")  # chosen by the held-out loss, atomically written
+    criterion = dict(log.series("aggregated_model_validate", fed.HELDOUT_METRIC)["aggregator"])
+    assert meta["metric"] == fed.HELDOUT_METRIC
+    assert meta["round"] == saver.best_round and meta["score"] == min(criterion.values()) == criterion[meta["round"]]
     if meta["round"] == 2:
         assert all(torch.equal(v, last.state_dict()[k]) for k, v in saved.state_dict().items())
     assert not list(tmp_path.glob(".best.pt.*"))
@@ -160,7 +165,7 @@ def test_notebook_killed_mid_experiment_attaches_again_and_gets_the_rest(federat
     rounds = {int(r["round"]) for r in log.records}
     assert 3 in rounds  # the final validation round: the experiment went on while no notebook listened
     assert {"envoy_1", "envoy_2"} <= set(log.final())
-    _, last = fed.fetch_models(experiment)
+    last = fed.fetch_last_model(experiment)
     assert any(not torch.equal(initial[k], v) for k, v in last.state_dict().items())
     with pytest.raises(fed.FederationError, match="no experiment 'nowhere' of this client"):
         (tmp_path / "nb2").mkdir()
@@ -176,7 +181,7 @@ def test_notebook_runs_with_tiny_parameters(federation, fed_data: Path, tmp_path
     save_checkpoint(start, tmp_path / "start.pt", round=4, experiment="earlier")  # resume from a checkpoint
     run_notebook(
         tmp_path / "executed.ipynb",
-        dict(director_host=nodes.host, director_port=nodes.port, expected_envoys=2, rounds=1, repeat=1, max_steps=1,
+        dict(director_host=nodes.host, director_port=nodes.port, expected_envoys=2, category="fabric", rounds=1, repeat=1, max_steps=1,
              batch_size=4, emb_dim=16, final_search="fast", output_dir=str(out), local_data_root=str(fed_data),
              idle_timeout=300, initial_checkpoint=str(tmp_path / "start.pt")),
         timeout=600, cwd=tmp_path,
@@ -184,7 +189,7 @@ def test_notebook_runs_with_tiny_parameters(federation, fed_data: Path, tmp_path
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["per_node"]) == {"envoy_1", "envoy_2", "aggregator"}
     assert set(json.loads((out / "local_metrics.json").read_text())) == set(METRIC_KEYS)
-    for name in ("best.pt", "last.pt", "best_checkpoint.pt", "rounds.png", "gallery.png", "round_metrics.json"):
+    for name in ("best.pt", "last.pt", "rounds.png", "gallery.png", "round_metrics.json", "learning.json"):
         assert (out / name).is_file(), name
     assert len(list((out / "maps").glob("*.png"))) == 6
     executed = (tmp_path / "executed.ipynb").read_text()

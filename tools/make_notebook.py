@@ -20,18 +20,23 @@ or run `make demo`, which does everything and executes this notebook."""),
 director_host = "localhost"
 director_port = 50050
 expected_envoys = 2          # wait until this many envoys are online
-category = "fabric"          # for the records; each envoy's config names its own data
+category = "washer"          # for the records; each envoy's config names its own data
 rounds = 5
 repeat = 100                 # each training image used this many times per round (paper: 100)
 max_steps = None             # cut each round's local epoch to this many steps (None: full epoch)
-batch_size = 64
-lr = 1e-4
+batch_size = 64              # pairs per loss (paper: 64)
+lr = 1e-3                    # peak learning rate (CPU recipe 1e-3 with warm-up and cosine decay; paper: 1e-4 constant)
+warmup_steps = 100           # linear warm-up steps (paper: 0)
+schedule = "cosine"          # cosine decay to lr/10 over all rounds, or "constant" (paper)
+precision = "auto"           # bf16 autocast where the envoy's GPU/CPU has it, else fp32; or "fp32"
+init = "kaiming"             # fresh model: "kaiming" (spread embeddings, learns fast) or "pytorch" (as the paper's code)
 lambda_svdd = 1e-3
+holdout_fraction = 0.1       # good training images each envoy keeps out of training to choose the best model
 emb_dim = 64                 # D
 device_policy = "CUDA_PREFERRED"   # envoys use their first cuda_devices entry, else the CPU; or "CPU_ONLY"
 round_search = "fast"        # nearest-neighbour search of the per-round validation: fast | exact
 final_search = "exact"       # search of the final evaluation
-final_model = "last"         # model of the final evaluation: last | best
+final_model = "best"         # model of the final evaluation: best (lowest held-out position loss) | last
 seed = 0
 idle_timeout = 900           # seconds without any metric before giving up
 output_dir = "../runs/notebook"
@@ -57,7 +62,8 @@ from patchsvdd.metrics import METRIC_KEYS
 from patchsvdd.model import PatchSVDD
 
 settings = fed.ExperimentSettings(
-    rounds=rounds, repeat=repeat, max_steps=max_steps, batch_size=batch_size, lr=lr, lambda_svdd=lambda_svdd,
+    rounds=rounds, repeat=repeat, max_steps=max_steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+    schedule=schedule, precision=precision, lambda_svdd=lambda_svdd, holdout_fraction=holdout_fraction,
     emb_dim=emb_dim, search=round_search, final_search=final_search, seed=seed, device_policy=device_policy,
     idle_timeout=idle_timeout,
 )
@@ -75,17 +81,19 @@ if initial_checkpoint:
     model, start_meta = load_checkpoint(initial_checkpoint)
     print(f"starting from {initial_checkpoint} (round {start_meta.get('round')}, {start_meta.get('experiment')})")
 else:
-    model = PatchSVDD(emb_dim=emb_dim)
+    model = PatchSVDD(emb_dim=emb_dim, init=init)
 print(fed.describe_model(model))"""),
     md("""## Train federatedly
 
-Each round every envoy runs `train_epoch` on its own shard, the director averages all weights (weighted by shard
-size), and each envoy scores its own test images against its own training patches with the averaged model.
-A last, validation-only round scores the final average. Whenever the averaged model's `det_sum` improves, it is
-saved to `best_checkpoint.pt` (written atomically, so a crash never leaves a broken file).
+Each round every envoy runs `train_epoch` on its own shard (less a few held-out good images), the director averages
+all weights (weighted by shard size), and each envoy scores the averaged model on its own data: the position loss on
+its held-out good images (`heldout_pos`, lower is better) and the AUROC of its test images against its own training
+patches. **Round 0 scores the initial, untrained model**; a last, validation-only round scores the final average.
+Whenever the averaged `heldout_pos` improves, that model is saved to `best.pt` (atomically, so a crash never leaves a
+broken file): the model is chosen without any anomalous image, and the test AUROCs are only reported.
 If this kernel dies, the experiment goes on: run the notebook again with `attach=True` and the same
 `experiment_name` and `output_dir` to follow it to the end. If the director dies, restart it (the envoys
-register again by themselves) and start a new experiment with `initial_checkpoint` set to `best_checkpoint.pt`."""),
+register again by themselves) and start a new experiment with `initial_checkpoint` set to `best.pt`."""),
     code("""def show(metric):
     if metric["metric_origin"] == "aggregator" and metric["task_name"] != "train":
         print(f"round {metric['round']}: {metric['metric_name']} {metric['metric_value']:.4f}")
@@ -94,29 +102,39 @@ if attach:  # the experiment kept running on the director while this kernel was 
     experiment = fed.attach(federation, experiment_name, model, out / "experiment")
 else:
     experiment = fed.start_experiment(federation, model, settings, experiment_name, out / "experiment")
-saver = fed.SaveWhenImproved(experiment, out / "best_checkpoint.pt", category=category, experiment=experiment_name)
+saver = fed.SaveWhenImproved(experiment, out / "best.pt", category=category, experiment=experiment_name,
+                             settings=fed.settings_dict(settings))
 metrics = fed.follow_metrics(experiment, idle_timeout=idle_timeout, on_metric=show, checkpointer=saver)
-print(f"best det_sum {saver.best_score:.4f} in round {saver.best_round}")
-report.write_json(out / "round_metrics.json", metrics.to_jsonable())"""),
+report.write_json(out / "round_metrics.json", metrics.to_jsonable())
+print(f"best held-out position loss {saver.best_score:.4f} in round {saver.best_round}")"""),
+    md("## Untrained (round 0) against trained (final round)"),
+    code("""learning = report.untrained_vs_trained(metrics.records)
+report.write_json(out / "learning.json", learning)
+display(Markdown(report.markdown_table(learning)))"""),
     md("## Best and last aggregated models"),
-    code("""best_model, last_model = fed.fetch_models(experiment)
-meta = dict(category=category, experiment=experiment_name, settings=fed.settings_dict(settings))
-save_checkpoint(best_model, out / "best.pt", which="best", **meta)
-save_checkpoint(last_model, out / "last.pt", which="last", **meta)
-print("saved", out / "best.pt", "and", out / "last.pt")"""),
-    md("## Metrics per round"),
+    code("""last_model = fed.fetch_last_model(experiment)
+save_checkpoint(last_model, out / "last.pt", which="last", category=category, experiment=experiment_name,
+                settings=fed.settings_dict(settings))
+if final_model == "best" and saver.saved_round is not None:
+    final, final_meta = load_checkpoint(out / "best.pt")
+    print(f"final evaluation of best.pt: round {final_meta['round']}, held-out position loss {final_meta['score']:.4f}")
+else:
+    final = last_model
+    print("final evaluation of last.pt")"""),
+    md("## Losses and metrics per round"),
     code("""fig = viz.plot_rounds({
-    "train loss": metrics.series("train", "train_loss"),
+    "training position loss K=64": metrics.series("train", "pos_loss_64"),
+    "training position loss K=32": metrics.series("train", "pos_loss_32"),
+    "held-out position loss (chooses best)": metrics.series("aggregated_model_validate", "heldout_pos"),
     "detection AUROC (sum)": metrics.series("aggregated_model_validate", "det_sum"),
     "segmentation AUROC (sum)": metrics.series("aggregated_model_validate", "seg_sum"),
 })
-fig.savefig(out / "rounds.png", dpi=90, bbox_inches="tight")"""),
+fig.savefig(out / "rounds.png", dpi=80, bbox_inches="tight")"""),
     md("""## Final evaluation on every envoy: all eight metrics
 
 A one-round, validation-only experiment: each envoy scores the final model on its own data
 (`final_search` nearest-neighbour search); no image leaves a site."""),
-    code("""final = best_model if final_model == "best" else last_model
-evaluation = fed.start_evaluation(federation, final, settings, experiment_name + "-final", out / "evaluation")
+    code("""evaluation = fed.start_evaluation(federation, final, settings, experiment_name + "-final", out / "evaluation")
 final_metrics = fed.follow_metrics(evaluation, idle_timeout=idle_timeout).final()
 report.write_json(out / "metrics.json", {"experiment": experiment_name, "model": final_model,
                                          "search": final_search, "per_node": final_metrics})

@@ -1,0 +1,24 @@
+"""Formatting helpers: untrained (round 0) against trained (last round) from the streamed metrics."""
+
+from __future__ import annotations
+
+from patchsvdd.report import markdown_table, untrained_vs_trained
+
+
+def _record(round_: int, origin: str, name: str, value: float, task: str = "aggregated_model_validate") -> dict:
+    return {"round": round_, "metric_origin": origin, "task_name": task, "metric_name": name, "metric_value": value}
+
+
+def test_untrained_vs_trained_takes_the_first_and_last_round_per_node() -> None:
+    records = [
+        _record(1, "envoy_1", "det_sum", 0.8), _record(0, "envoy_1", "det_sum", 0.6), _record(2, "envoy_1", "det_sum", 0.9),
+        _record(0, "aggregator", "det_sum", 0.65), _record(2, "aggregator", "det_sum", 0.85),
+        _record(0, "aggregator", "heldout_pos", 4.2), _record(2, "aggregator", "heldout_pos", 3.1),
+        _record(1, "envoy_1", "train_loss", 4.0, task="train"), _record(2, "envoy_1", "det_64", 0.1),
+    ]
+    rows = untrained_vs_trained(records)
+    assert [r["node"] for r in rows] == ["envoy_1", "aggregator"]
+    assert rows[0]["det_sum untrained"] == 0.6 and rows[0]["det_sum trained"] == 0.9
+    assert rows[0]["heldout_pos untrained"] is None  # never reported by that node
+    assert rows[1]["heldout_pos untrained"] == 4.2 and rows[1]["heldout_pos trained"] == 3.1
+    assert "| aggregator | 4.2000 | 3.1000 | 0.6500 | 0.8500 | n/a | n/a |" in markdown_table(rows)
