@@ -91,7 +91,7 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if step == 0:  # the same model and batch for all: the losses must agree
-                first_losses[name] = {k: float(losses[k]) for k in LOSS_NAMES}
+                first_losses[name] = {k: float(losses[k].detach()) for k in LOSS_NAMES}
             else:
                 times[name].append(time.perf_counter() - start)
 
