@@ -100,11 +100,6 @@ class TrainingBatch:
     patches: dict[int, torch.Tensor]
     labels: dict[int, torch.Tensor]
 
-    @property
-    def pairs(self) -> int:
-        """B, the number of pairs of each loss."""
-        return self.labels[LARGE_PATCH].shape[0]
-
 
 def sample_batch(images: torch.Tensor, image_index: torch.Tensor, generator: torch.Generator) -> TrainingBatch:
     """Draw the position and SVDD pairs of both K from images[image_index] (images (N,3,H,W), image_index (B,))."""
@@ -153,17 +148,6 @@ def batch_losses(
         total = total + out[f"loss_pos_{k}"] + lambda_svdd * out[f"loss_svdd_{k}"]
     out["loss"] = total
     return out
-
-
-def training_losses(
-    model: PatchSVDD, images: torch.Tensor, image_index: torch.Tensor, lambda_svdd: float, generator: torch.Generator
-) -> dict[str, torch.Tensor]:
-    """All four losses for one batch, sampled at once from images[image_index].
-
-    images (N,3,H,W) standardised, on the model's device; image_index (B,).
-    Returns 'loss' = sum of position losses + lambda * sum of SVDD losses, and each part.
-    """
-    return batch_losses(model, sample_batch(images, image_index, generator), lambda_svdd)
 
 
 def as_generator(seed_or_generator: int | torch.Generator | None) -> torch.Generator:
