@@ -11,14 +11,19 @@ import numpy as np
 from openfl.interface.interactive_api.shard_descriptor import ShardDataset, ShardDescriptor
 
 from patchsvdd.configs import resolve_data_folder
-from patchsvdd.data import CategoryData, index_category, load_category, parse_rank_worldsize
+from patchsvdd.data import DEFECT_TYPES_LABEL, CategoryData, index_category, load_category, parse_rank_worldsize
 
 
 class MVTecShardDataset(ShardDataset):
-    """One split of a shard. Items: (image uint8 (H,W,3), mask uint8 (H,W) of 0/1, label 0/1)."""
+    """One split of a shard. Items: (image uint8 (H,W,3), mask uint8 (H,W) of 0/1, label 0/1).
 
-    def __init__(self, images, masks, labels, names):
-        self.images, self.masks, self.labels, self.names = images, masks, labels, names
+    ``names`` ('<defect type>/<stem>') and ``defect_types`` ('good' or the defect folder) per item:
+    strings the envoy's tasks may report statistics by; they never leave as images do not.
+    """
+
+    def __init__(self, images, masks, labels, names, defect_types):
+        self.images, self.masks, self.labels = images, masks, labels
+        self.names, self.defect_types = list(names), list(defect_types)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -44,9 +49,10 @@ class MVTecShardDescriptor(ShardDescriptor):
         if dataset_type == "train":  # all good: empty masks, label 0
             n = len(d.train_images)
             masks = np.zeros((n, *d.train_images.shape[1:3]), dtype=np.uint8)
-            return MVTecShardDataset(d.train_images, masks, np.zeros(n, dtype=np.int64), [f"train/{i}" for i in range(n)])
+            return MVTecShardDataset(d.train_images, masks, np.zeros(n, dtype=np.int64), [f"train/{i}" for i in range(n)],
+                                     ["good"] * n)
         if dataset_type in ("test", "val"):
-            return MVTecShardDataset(d.test_images, d.test_masks, d.test_labels, d.test_names)
+            return MVTecShardDataset(d.test_images, d.test_masks, d.test_labels, d.test_names, d.defect_types)
         raise ValueError(f"dataset_type {dataset_type!r}: expected 'train' or 'test'")
 
     @property
@@ -63,5 +69,6 @@ class MVTecShardDescriptor(ShardDescriptor):
         return (
             f"MVTec AD '{self.category}', shard {self.rank}/{self.world_size}: {len(d.train_images)} training and "
             f"{len(d.test_images)} test images ({int(d.test_labels.sum())} defective)"
+            f"; {DEFECT_TYPES_LABEL} {', '.join(sorted(set(d.defect_types) - {'good'})) or 'none'}"
         )
 

@@ -18,7 +18,7 @@ from typing import Sequence
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", required=True, type=Path, help="folder holding <category>/ in the MVTec AD layout")
-    p.add_argument("--category", required=True, help="category folder name, e.g. bottle")
+    p.add_argument("--category", required=True, help="category folder name, e.g. bottle (evaluate: or 'all')")
     p.add_argument("--rank-worldsize", default="1,1", help="use only shard RANK of WORLD_SIZE, e.g. 1,2 (default: all data)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -60,10 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--emb-dim", type=int, default=64, help="D (default 64)")
     train.add_argument("--seed", type=int, default=0)
 
-    ev = sub.add_parser("evaluate", help="score a category with a checkpoint; write metrics.json, maps and ROC")
+    ev = sub.add_parser("evaluate", help="score a category (or all) with a checkpoint; write metrics.json, maps and ROC")
     _add_data_args(ev)
-    ev.add_argument("--checkpoint", required=True, type=Path)
-    ev.add_argument("--out-dir", required=True, type=Path)
+    weights = ev.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--checkpoint", type=Path, help="one checkpoint (for every category with --category all)")
+    weights.add_argument("--checkpoint-dir", type=Path, help="a folder holding <category>.pt for each category")
+    weights.add_argument("--weights", choices=("official",),
+                         help="official: the authors' released encoder of each category (downloaded once, checked)")
+    ev.add_argument("--out-dir", required=True, type=Path,
+                    help="where metrics.json etc. go; with --category all one folder per category, and "
+                         "results.md, results.csv, results.png")
     ev.add_argument("--search", choices=("exact", "fast"), default="exact", help="nearest-neighbour search")
     ev.add_argument("--fusion", default="sum", choices=("64", "32", "sum", "mult"), help="map shown in the gallery")
     ev.add_argument("--no-gallery", action="store_true", help="skip the per-image PNGs")
@@ -83,11 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, category: str | None = None):
+    """The shard of ``category`` (default --category) that --rank-worldsize names, decoded."""
     from .data import index_category, load_category, parse_rank_worldsize
 
     rank, world = parse_rank_worldsize(args.rank_worldsize)
-    index = index_category(args.data_root, args.category).shard(rank, world)
+    index = index_category(args.data_root, category or args.category).shard(rank, world)
     return load_category(index, progress=not args.no_progress)
 
 
@@ -157,40 +164,91 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def _evaluation_model(args: argparse.Namespace, category: str):
+    """(model, metadata) for ``category`` from --checkpoint, --checkpoint-dir or --weights official."""
     from .checkpoint import load_checkpoint
+    from .released import import_released
+
+    if args.weights == "official":
+        model, meta = import_released(category)
+        return model, {"imported": meta, "category": category}
+    path = args.checkpoint if args.checkpoint is not None else args.checkpoint_dir / f"{category}.pt"
+    return load_checkpoint(path)
+
+
+def _print_defects(defects: dict, fusion: str) -> None:
+    """The per-defect image-score table of one fusion, as the autoencoder pipelines print it."""
+    print(f"image scores ({fusion}) per defect type:")
+    print(f"  {'type':18s} {'n':>4s} {'mean':>9s} {'std':>9s} {'min':>9s} {'max':>9s} {'AUROC':>6s}")
+    for name, row in defects[fusion].items():
+        shown = "" if row.get("auroc") is None else f"{row['auroc']:.3f}"
+        print(f"  {name:18s} {row['n']:4d} {row['mean']:9.4g} {row['std']:9.4g} {row['min']:9.4g} {row['max']:9.4g} "
+              f"{shown:>6s}")
+
+
+def evaluate_one(args: argparse.Namespace, category: str, out_dir: Path) -> dict:
+    """Evaluate one category into ``out_dir`` (metrics.json, roc.png, maps/); returns the report."""
     from .device import resolve_device
     from .evaluate import evaluate_category, image_scores
     from .viz import plot_roc, save_gallery
 
     device = resolve_device(args.device)
-    model, meta = load_checkpoint(args.checkpoint)  # fails before the data is decoded
-    data = _load(args)
+    model, meta = _evaluation_model(args, category)  # fails before the data is decoded
+    data = _load(args, category)
     model.to(device)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     result = evaluate_category(model, data, mode=args.search, progress=not args.no_progress)
     seconds = {**result.seconds, "total": time.perf_counter() - start}
     report = {
         **result.metrics,
-        "category": args.category,
+        "category": category,
         "search": args.search,
         "device": str(device),
         "n_train": int(len(data.train_images)),
         "n_test": int(len(data.test_images)),
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": str(args.checkpoint or args.checkpoint_dir or "official"),
         "checkpoint_metadata": {k: v for k, v in meta.items() if k != "history"},
+        "per_defect": result.defects,
         "seconds": seconds,
     }
-    (args.out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
-    plot_roc(data.test_labels, {f: image_scores(result, f) for f in result.scores.maps}, args.out_dir / "roc.png")
+    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
+    plot_roc(data.test_labels, {f: image_scores(result, f) for f in result.scores.maps}, out_dir / "roc.png")
     if not args.no_gallery:
         maps = result.scores.maps[args.fusion].numpy()
-        save_gallery(args.out_dir / "maps", data.test_images, data.test_masks, maps, data.test_names)
+        save_gallery(out_dir / "maps", data.test_images, data.test_masks, maps, data.test_names)
     for key, value in result.metrics.items():
-        print(f"{key:9s} {'n/a' if value is None else f'{value:.4f}'}")
-    print(f"evaluated in {seconds['total']:.1f} s; wrote {args.out_dir / 'metrics.json'}")
-    return 0
+        print(f"{key:10s} {'n/a' if value is None else f'{value:.4f}'}")
+    _print_defects(result.defects, args.fusion)
+    print(f"evaluated {category} in {seconds['total']:.1f} s; wrote {out_dir / 'metrics.json'}")
+    return report
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.category != "all":
+        evaluate_one(args, args.category, args.out_dir)
+        return 0
+    from .results import CategoryResult, find_categories, write_results
+
+    categories = find_categories(args.data_root)
+    results = []
+    for number, category in enumerate(categories, start=1):
+        print(f"[{number}/{len(categories)}] {category}", flush=True)
+        start = time.perf_counter()
+        try:
+            report = evaluate_one(args, category, args.out_dir / category)
+            results.append(CategoryResult(category, {k: report.get(k) for k in report}, time.perf_counter() - start))
+        except Exception as exc:  # one category's failure is reported in the table; the others go on
+            error = f"{type(exc).__name__}: {exc}"
+            print(f"[{number}/{len(categories)}] {category} failed: {error}", file=sys.stderr, flush=True)
+            results.append(CategoryResult(category, seconds=time.perf_counter() - start, error=error))
+    source = "--weights official" if args.weights else str(args.checkpoint or args.checkpoint_dir)
+    paths = write_results(results, args.out_dir, f"Patch SVDD on {args.data_root} ({source}, {args.search} search)")
+    print(paths["md"].read_text())
+    failed = [r.category for r in results if r.error is not None]
+    print(f"wrote {paths['md']}, {paths['csv']}, {paths['png']}"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
 
 
 def cmd_import_weights(args: argparse.Namespace) -> int:

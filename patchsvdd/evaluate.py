@@ -11,28 +11,31 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .data import CategoryData, standardise
-from .metrics import category_metrics
+from .metrics import category_metrics, per_defect
 from .model import PatchSVDD
 from .scoring import CategoryScores, SearchMode, anomaly_maps, embed_images
 
 
 @dataclass
 class Evaluation:
-    """metrics: det_/seg_ AUROC per fusion (None where undefined); scores: maps (M,H,W) per fusion."""
+    """metrics: det_/seg_ AUROC and aupro_ per fusion (None where undefined); scores: maps (M,H,W) per
+    fusion; defects: image-score statistics per defect type, per fusion (see ``metrics.per_defect``)."""
 
     metrics: dict[str, float | None]
     scores: CategoryScores
     seconds: dict[str, float] = field(default_factory=dict)
+    defects: dict[str, dict[str, dict]] = field(default_factory=dict)
 
 
 def evaluate_category(
     model: PatchSVDD, data: CategoryData, mode: SearchMode = "exact", batch_size: int = 8, progress: bool = False,
-    mean: np.ndarray | None = None,
+    mean: np.ndarray | None = None, with_aupro: bool = True,
 ) -> Evaluation:
     """Score ``data``'s test images against all of its training patches with ``model`` (on its device).
 
     Both splits are standardised with the *training* mean: ``data.mean``, or
     ``mean`` (H,W,3) when given (e.g. the mean of a fuller training set).
+    ``with_aupro=False`` skips AUPRO (a few seconds a fusion on a full category).
     """
     device = next(model.parameters()).device
     mean = data.mean if mean is None else mean
@@ -44,9 +47,10 @@ def evaluate_category(
     scores = anomaly_maps(train_emb, test_emb, mode=mode, device=device)
     seconds.update(scores.seconds)
     start = time.perf_counter()
-    metrics = category_metrics(scores.maps, data.test_labels, data.test_masks)
+    metrics = category_metrics(scores.maps, data.test_labels, data.test_masks, with_aupro=with_aupro)
+    defects = {fusion: per_defect(scores.image_scores(fusion).numpy(), data.defect_types) for fusion in scores.maps}
     seconds["metrics"] = time.perf_counter() - start
-    return Evaluation(metrics=metrics, scores=scores, seconds=seconds)
+    return Evaluation(metrics=metrics, scores=scores, seconds=seconds, defects=defects)
 
 
 def image_scores(evaluation: Evaluation, fusion: str) -> np.ndarray:

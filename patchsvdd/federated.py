@@ -27,9 +27,9 @@ import numpy as np
 from openfl.interface.interactive_api.experiment import DataInterface, FLExperiment, ModelInterface, TaskInterface
 from openfl.interface.interactive_api.federation import Federation
 
-from .data import CategoryData, holdout_split, standardise
+from .data import DEFECT_TYPES_LABEL, GOOD, CategoryData, holdout_split, standardise
 from .evaluate import evaluate_category
-from .metrics import METRIC_KEYS
+from .metrics import AUPRO_KEYS, METRIC_KEYS, flatten_defects, per_defect
 from .model import PatchSVDD, count_parameters
 from .supervise import director_listens
 from .tls import TLSCheckError, check_mutual_tls, speaks_tls
@@ -38,6 +38,8 @@ from .train import TrainSettings, heldout_losses, make_optimizer, train_epoch
 FRAMEWORK_ADAPTER = "openfl.plugins.frameworks_adapters.pytorch_adapter.FrameworkAdapterPlugin"
 HELDOUT_METRIC = "heldout_pos"  # the model-choice criterion: needs no anomaly, lower is better
 ROUND_METRICS = (HELDOUT_METRIC, "det_sum", "seg_sum")
+FINAL_METRICS = METRIC_KEYS + AUPRO_KEYS
+DEFECT_FUSION = "sum"  # the fusion whose image scores the final evaluation reports per defect type
 EXPERIMENT_RECORD = "patchsvdd_experiment.json"  # written in an experiment's working folder; read by attach()
 
 
@@ -125,12 +127,17 @@ class MVTecDataInterface(DataInterface):
         train = shard_descriptor.get_dataset("train")
         test = shard_descriptor.get_dataset("test")
         test_items = [test[i] for i in range(len(test))]
+        labels = np.array([item[2] for item in test_items], dtype=np.int64)
+        # a shard descriptor of our own names each test image's defect type; another gets good/defective
+        types = list(getattr(test, "defect_types", None) or ["defective" if label else "good" for label in labels])
         self._data = CategoryData(
             category=getattr(shard_descriptor, "category", "shard"),
             train_images=np.stack([train[i][0] for i in range(len(train))]),
             test_images=np.stack([item[0] for item in test_items]),
             test_masks=np.stack([item[1] for item in test_items]),
-            test_labels=np.array([item[2] for item in test_items], dtype=np.int64),
+            test_labels=labels,
+            defect_types=types,
+            test_names=list(getattr(test, "names", None) or [f"{t}/{i}" for i, t in enumerate(types)]),
         )
 
     def get_train_loader(self, **kwargs: Any) -> CategoryData:
@@ -163,9 +170,13 @@ def train_task(model, train_data, optimizer, device, round_num, train_settings, 
             "spread_64": losses["spread_64"], "spread_32": losses["spread_32"]}
 
 
-def validate_task(model, val_data, device, search, metric_names, holdout_fraction) -> dict:
+def validate_task(model, val_data, device, search, metric_names, holdout_fraction, defect_fusion=None,
+                  defect_types=None) -> dict:
     """An envoy's view of the model: 'heldout_pos' (position loss on its held-out good training images;
-    NaN without any) and AUROCs of its test images against its own training patches (NaN where undefined)."""
+    NaN without any) and AUROCs / AUPROs of its test images against its own training patches (NaN where
+    undefined); with ``defect_fusion``, also that fusion's image-score statistics for each of
+    ``defect_types`` as 'defect/<type>/<stat>' (NaN for a type this envoy lacks: the aggregator needs the
+    same metrics from every envoy). Numbers only: the types are folder names, no image leaves."""
     model.to(device)
     out: dict[str, float] = {}
     if HELDOUT_METRIC in metric_names:
@@ -173,9 +184,13 @@ def validate_task(model, val_data, device, search, metric_names, holdout_fractio
         out[HELDOUT_METRIC] = (heldout_losses(model, standardise(val_data.train_images[held], val_data.mean))[HELDOUT_METRIC]
                                if len(held) else math.nan)
     aurocs = [name for name in metric_names if name != HELDOUT_METRIC]
-    if aurocs:
-        result = evaluate_category(model, val_data, mode=search)
+    if aurocs or defect_fusion:
+        result = evaluate_category(model, val_data, mode=search,
+                                   with_aupro=any(name.startswith("aupro_") for name in aurocs))
         out.update({name: math.nan if result.metrics[name] is None else result.metrics[name] for name in aurocs})
+        if defect_fusion:
+            scores = result.scores.image_scores(defect_fusion).numpy()
+            out.update(flatten_defects(per_defect(scores, val_data.defect_types, defect_types)))
     return out
 
 
@@ -214,10 +229,13 @@ class TrainThenValidate:
         return {name: list(tasks) for name in collaborators}
 
 
-def validation_only_tasks(settings: ExperimentSettings) -> TaskInterface:
-    """Tasks of the final evaluation: only ``validate_task``, all eight metrics, ``final_search``."""
+def validation_only_tasks(settings: ExperimentSettings, defect_types: list[str] | None = None) -> TaskInterface:
+    """Tasks of the final evaluation: only ``validate_task``: the eight AUROCs, the AUPROs and, given the
+    ``defect_types`` of all envoys, the per-defect statistics, with ``final_search``."""
     tasks = TaskInterface()
-    tasks.add_kwargs(search=settings.final_search, metric_names=METRIC_KEYS, holdout_fraction=settings.holdout_fraction)(validate_task)
+    tasks.add_kwargs(search=settings.final_search, metric_names=FINAL_METRICS, holdout_fraction=settings.holdout_fraction,
+                     defect_fusion=DEFECT_FUSION if defect_types else None,
+                     defect_types=defect_types)(validate_task)
     tasks.register_fl_task(model="model", data_loader="val_data", device="device")(validate_task)
     return tasks
 
@@ -351,8 +369,24 @@ def start_experiment(
 def start_evaluation(
     federation: Federation, model: PatchSVDD, settings: ExperimentSettings, name: str, workdir: str | os.PathLike
 ) -> FLExperiment:
-    """Send a one-round, validation-only experiment: every envoy scores ``model`` on its own data (8 metrics)."""
-    return _submit(federation, name, model, settings, validation_only_tasks(settings), 1, workdir)
+    """Send a one-round, validation-only experiment: every envoy scores ``model`` on its own data (AUROCs,
+    AUPROs, and image-score statistics per defect type where the envoys' shard descriptions name the types)."""
+    types = shard_defect_types(federation)
+    return _submit(federation, name, model, settings, validation_only_tasks(settings, types), 1, workdir)
+
+
+def shard_defect_types(federation: Federation) -> list[str] | None:
+    """The union of the defect types the online envoys' shard descriptions list ('good' first), or None
+    when some envoy's description lists none (a shard descriptor other than this project's)."""
+    types = {GOOD}
+    for row in shard_table(federation):
+        if not row["online"]:
+            continue
+        _, found, listed = str(row["description"]).partition(DEFECT_TYPES_LABEL)
+        if not found:
+            return None
+        types.update(t.strip() for t in listed.split(",") if t.strip() and t.strip() != "none")
+    return [GOOD, *sorted(types - {GOOD})]
 
 
 def experiment_status(federation: Federation, name: str) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from patchsvdd.cli import main
-from patchsvdd.metrics import METRIC_KEYS
+from patchsvdd.metrics import AUPRO_KEYS, METRIC_KEYS
 
 
 @pytest.mark.slow
@@ -24,14 +25,50 @@ def test_synth_train_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["evaluate", "--data-root", str(root), "--category", "washer", "--checkpoint", str(ckpt),
                  "--out-dir", str(out), "--search", "fast", "--no-progress"]) == 0
     report = json.loads((out / "metrics.json").read_text())
-    assert all(0.0 <= report[k] <= 1.0 for k in METRIC_KEYS)
+    assert all(0.0 <= report[k] <= 1.0 for k in METRIC_KEYS + AUPRO_KEYS)
+    defects = report["per_defect"]["sum"]
+    assert list(defects) == ["good", "crack", "missing", "scratch", "stain"]
+    assert defects["good"]["n"] == 2 and "auroc" not in defects["good"]
+    assert defects["crack"]["n"] == 1 and 0.0 <= defects["crack"]["auroc"] <= 1.0
     assert report["n_train"] == 6 and report["n_test"] == 6 and report["search"] == "fast"
     assert report["checkpoint_metadata"]["epochs"] == 2
     assert {"embed", "search_64", "search_32", "total"} <= set(report["seconds"])
     assert (out / "roc.png").is_file()
     assert sorted(p.name for p in (out / "maps").glob("*.png"))[:2] == ["crack_000.png", "good_000.png"]
     printed = capsys.readouterr().out
-    assert "det_sum" in printed and "epoch 2/2" in printed
+    assert "det_sum" in printed and "epoch 2/2" in printed and "image scores (sum) per defect type" in printed
+
+
+@pytest.mark.slow
+def test_evaluate_all_categories_reports_each_and_goes_on_after_a_failure(
+    tiny_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt_dir = tmp_path / "ckpts"
+    assert main(["train", "--data-root", str(tiny_root), "--category", "fabric", "--epochs", "1", "--repeat", "1",
+                 "--batch-size", "4", "--max-steps", "1", "--emb-dim", "16", "--out", str(ckpt_dir / "fabric.pt"),
+                 "--no-progress"]) == 0
+    out = tmp_path / "all"
+    # mesh has no mesh.pt: it fails with the reason, fabric is still evaluated and tabled
+    assert main(["evaluate", "--data-root", str(tiny_root), "--category", "all", "--checkpoint-dir", str(ckpt_dir),
+                 "--out-dir", str(out), "--search", "exact", "--no-progress", "--no-gallery"]) == 1
+    captured = capsys.readouterr()
+    assert "[1/2] fabric" in captured.out and "[2/2] mesh" in captured.out
+    assert "mesh failed: CheckpointError" in captured.err and "mesh.pt: checkpoint file not found" in captured.err
+    rows = {row["category"]: row for row in csv.DictReader(open(out / "results.csv"))}
+    assert list(rows) == ["fabric", "mesh", "mean"]
+    assert rows["fabric"]["status"] == "ok" and rows["mesh"]["status"].startswith("failed: CheckpointError")
+    fabric = json.loads((out / "fabric" / "metrics.json").read_text())
+    assert float(rows["fabric"]["det_sum"]) == pytest.approx(fabric["det_sum"])
+    assert float(rows["mean"]["det_sum"]) == pytest.approx(fabric["det_sum"])  # the mean of what succeeded
+    assert rows["mesh"]["det_sum"] == "" and rows["fabric"]["paper_det"] == ""  # no paper figure for fabric
+    markdown = (out / "results.md").read_text()
+    assert "| fabric |" in markdown and "**mean**" in markdown and "1 of 2 categories" in markdown
+    assert (out / "results.png").stat().st_size > 1000
+    # one checkpoint for every category: both succeed
+    assert main(["evaluate", "--data-root", str(tiny_root), "--category", "all", "--checkpoint",
+                 str(ckpt_dir / "fabric.pt"), "--out-dir", str(tmp_path / "one"), "--no-progress", "--no-gallery"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "one" / "results.csv")))
+    assert [row["status"] for row in rows] == ["ok", "ok", "2 of 2 categories"]
 
 
 def test_synth_is_deterministic_for_a_seed(tmp_path: Path) -> None:

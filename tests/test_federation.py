@@ -20,7 +20,7 @@ from patchsvdd import federated as fed
 from patchsvdd.checkpoint import load_checkpoint, save_checkpoint
 from patchsvdd.data import index_category, load_category
 from patchsvdd.demo import Processes, log_contains, run_notebook, start_federation, wait_for
-from patchsvdd.metrics import METRIC_KEYS
+from patchsvdd.metrics import split_defects
 from patchsvdd.model import PatchSVDD
 from patchsvdd.synth import generate_category
 from patchsvdd.train import make_optimizer
@@ -59,6 +59,7 @@ def test_registry_lists_both_shards(federation) -> None:
     assert {r["envoy"] for r in rows} == {"envoy_1", "envoy_2"}
     assert all(r["sample_shape"] == ["256", "256", "3"] and r["target_shape"] == ["256", "256"] for r in rows)
     assert "4 training" in next(r for r in rows if r["envoy"] == "envoy_1")["description"]
+    assert fed.shard_defect_types(client) == ["good", "crack", "hole", "scratch", "stain"]  # the union of both shards
 
 
 def test_aggregated_weights_are_the_size_weighted_mean_of_the_envoys(federation, fed_data: Path, tmp_path: Path) -> None:
@@ -96,7 +97,7 @@ def test_aggregated_weights_are_the_size_weighted_mean_of_the_envoys(federation,
     assert any(k.startswith("encoder.") for k in changed) and any(k.startswith("classifier64.") for k in changed)
 
 
-def test_two_round_experiment_then_final_evaluation(federation, tmp_path: Path) -> None:
+def test_two_round_experiment_then_final_evaluation(federation, fed_data: Path, tmp_path: Path) -> None:
     _, client, _ = federation
     torch.manual_seed(0)
     model = PatchSVDD(emb_dim=16)
@@ -125,13 +126,21 @@ def test_two_round_experiment_then_final_evaluation(federation, tmp_path: Path) 
     assert not list(tmp_path.glob(".best.pt.*"))
     assert (tmp_path / "nb" / "plan").is_dir()  # OpenFL's files stay in the working folder given
 
-    # A second experiment on the same director: validation only, all eight metrics per envoy.
+    # A second experiment on the same director: validation only, all metrics and per-defect statistics per envoy.
     evaluation = fed.start_evaluation(client, last, TINY, "two-rounds-final", tmp_path / "nb_eval")
     final = fed.follow_metrics(evaluation, idle_timeout=TINY.idle_timeout).final()
     assert set(final) == {"envoy_1", "envoy_2", "aggregator"}
-    for metrics in final.values():
-        assert set(metrics) == set(METRIC_KEYS)
+    for node, values in final.items():
+        metrics, defects = split_defects(values)
+        assert set(metrics) == set(fed.FINAL_METRICS)
         assert all(0.0 <= v <= 1.0 for v in metrics.values() if not math.isnan(v))
+        # the union of both envoys' types, though each shard lacks some (NaN there): one metric set for FedAvg
+        assert list(defects) == ["good", "crack", "hole", "scratch", "stain"]
+        if node != "aggregator":  # each envoy's own test images: counts add up to its test shard
+            shard = index_category(fed_data, "fabric").shard(int(node.split("_")[1]), 2).test
+            assert {name: row["n"] for name, row in defects.items()} == {
+                name: sum(s.defect_type == name for s in shard) for name in defects}
+            assert any(row["n"] == 0 and math.isnan(row["mean"]) for row in defects.values())
 
 
 NOTEBOOK_THAT_DIES = """
@@ -188,7 +197,8 @@ def test_notebook_runs_with_tiny_parameters(federation, fed_data: Path, tmp_path
     )
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["per_node"]) == {"envoy_1", "envoy_2", "aggregator"}
-    assert set(json.loads((out / "local_metrics.json").read_text())) == set(METRIC_KEYS)
+    assert set(json.loads((out / "local_metrics.json").read_text())) == set(fed.FINAL_METRICS)
+    assert set(metrics["per_defect"]) == {"envoy_1", "envoy_2"}
     for name in ("best.pt", "last.pt", "rounds.png", "gallery.png", "round_metrics.json", "learning.json"):
         assert (out / name).is_file(), name
     assert len(list((out / "maps").glob("*.png"))) == 6

@@ -58,7 +58,7 @@ from IPython.display import Markdown, display
 from patchsvdd import federated as fed
 from patchsvdd import report, viz
 from patchsvdd.checkpoint import load_checkpoint, save_checkpoint
-from patchsvdd.metrics import METRIC_KEYS
+from patchsvdd.metrics import split_defects
 from patchsvdd.model import PatchSVDD
 
 settings = fed.ExperimentSettings(
@@ -130,15 +130,22 @@ else:
     "segmentation AUROC (sum)": metrics.series("aggregated_model_validate", "seg_sum"),
 })
 fig.savefig(out / "rounds.png", dpi=80, bbox_inches="tight")"""),
-    md("""## Final evaluation on every envoy: all eight metrics
+    md("""## Final evaluation on every envoy: eight AUROCs, AUPRO, scores per defect type
 
 A one-round, validation-only experiment: each envoy scores the final model on its own data
-(`final_search` nearest-neighbour search); no image leaves a site."""),
+(`final_search` nearest-neighbour search); no image leaves a site, only numbers (the defect types are folder names)."""),
     code("""evaluation = fed.start_evaluation(federation, final, settings, experiment_name + "-final", out / "evaluation")
-final_metrics = fed.follow_metrics(evaluation, idle_timeout=idle_timeout).final()
-report.write_json(out / "metrics.json", {"experiment": experiment_name, "model": final_model,
-                                         "search": final_search, "per_node": final_metrics})
-display(Markdown(report.markdown_table(report.metrics_rows(final_metrics, METRIC_KEYS))))"""),
+final_metrics, per_defect = {}, {}
+for node, values in fed.follow_metrics(evaluation, idle_timeout=idle_timeout).final().items():
+    final_metrics[node], per_defect[node] = split_defects(values)
+per_defect.pop("aggregator", None)  # a weighted mean of the envoys' statistics: not a table to read
+report.write_json(out / "metrics.json", {"experiment": experiment_name, "model": final_model, "search": final_search,
+                                         "per_node": final_metrics, "per_defect": per_defect})
+display(Markdown(report.markdown_table(report.metrics_rows(final_metrics, fed.FINAL_METRICS))))
+for node, table in sorted(per_defect.items()):
+    display(Markdown(f"**{node}**: image scores ({fed.DEFECT_FUSION}) per defect type; AUROC of each type against good\\n\\n"
+                     + report.markdown_table([{"type": name, **row} for name, row in table.items()],
+                                             ["type", "n", "mean", "std", "min", "max", "auroc"])))"""),
     md("""## Anomaly maps
 
 Only where this notebook may read some data itself (`local_data_root`): the final model scores it here, exactly as
@@ -150,7 +157,7 @@ an envoy would, with one colour scale for the whole category so that good images
     data = load_category(index_category(local_data_root, category))
     local = evaluate_category(final, data, mode=final_search)
     report.write_json(out / "local_metrics.json", local.metrics)
-    display(Markdown(report.markdown_table([{"node": "notebook", **local.metrics}], ["node", *METRIC_KEYS])))
+    display(Markdown(report.markdown_table([{"node": "notebook", **local.metrics}], ["node", *fed.FINAL_METRICS])))
     maps = local.scores.maps["sum"].numpy()
     viz.save_gallery(out / "maps", data.test_images, data.test_masks, maps, data.test_names)
     viz.gallery_figure(data.test_images, data.test_masks, maps, data.test_names).savefig(out / "gallery.png", dpi=80)
