@@ -28,6 +28,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "workspace" / "PatchSVDD_with_Director.ipynb"
 DIRECTOR_READY = "Starting director server on"
+FRESH_LR, FRESH_WARMUP = 1e-3, 40  # the CPU recipe, scaled to the demo's budget
+FINETUNE_LR, FINETUNE_WARMUP = 1e-5, 0  # from a trained encoder: small steps keep what it knows
 SHARD_ACCEPTED = "Director accepted shard for {name}"
 
 
@@ -238,6 +240,25 @@ def ensure_demo_data(data_root: Path, category: str, seed: int = 0) -> Path:
     return data_root
 
 
+def initial_checkpoint(init: str, category: str, run_dir: Path) -> Path | None:
+    """The checkpoint the federation starts from: None for 'fresh'; the released encoder of ``category``
+    ('official' or a released .pkl file) imported into ``run_dir``; or a project checkpoint as given."""
+    if init == "fresh":
+        return None
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .released import import_released
+
+    path = Path(init)
+    if init != "official" and path.suffix == ".pt":
+        load_checkpoint(path)  # a bad file fails here, before any process starts
+        return path.resolve()
+    model, meta = import_released(category, None if init == "official" else path)
+    out = run_dir / "initial.pt"
+    save_checkpoint(model, out, imported=meta, category=category)
+    print(f"starting from the released {category} encoder ({meta['file']}, SHA-256 {meta['sha256'][:12]}...)")
+    return out
+
+
 def summarise(run_dir: Path, seconds: float) -> str:
     """A few lines: where results are, untrained against trained, the final metrics, the time."""
     from .report import fmt, untrained_vs_trained
@@ -269,11 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--envoys", type=int, default=2)
     p.add_argument("--rounds", type=int, default=int(os.environ.get("ROUNDS") or 5))
     p.add_argument("--repeat", type=int, default=100)
-    p.add_argument("--max-steps", type=int, default=int(os.environ.get("MAX_STEPS") or 40),
+    p.add_argument("--max-steps", type=int, default=int(os.environ.get("MAX_STEPS") or 80),
                    help="steps per envoy per round (0: full epochs)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the CPU recipe")
-    p.add_argument("--warmup-steps", type=int, default=40, help="linear warm-up, then cosine decay over all rounds")
+    p.add_argument("--init", default=os.environ.get("INIT") or "fresh",
+                   help="fresh (a new model), official (the authors' released encoder of --category: downloaded once, "
+                        "SHA-256 checked, cached), or a checkpoint .pt or released .pkl file (env INIT)")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"peak learning rate (default {FRESH_LR:g} from scratch, {FINETUNE_LR:g} when fine-tuning)")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help=f"linear warm-up, then cosine decay over all rounds (default {FRESH_WARMUP} from scratch, "
+                        f"{FINETUNE_WARMUP} when fine-tuning)")
     p.add_argument("--final-search", choices=("exact", "fast"), default="fast")
     p.add_argument("--tls", action="store_true", default=os.environ.get("TLS", "0") not in ("", "0"),
                    help="mutual TLS between all nodes with fresh certificates (env TLS=1)")
@@ -291,14 +318,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     builtin = args.data_root is None
     data_root = ensure_demo_data(REPO / "data" / "demo", args.category) if builtin else args.data_root.resolve()
     print(f"run folder {run_dir}")
+    fresh = args.init == "fresh"
+    lr = args.lr if args.lr is not None else (FRESH_LR if fresh else FINETUNE_LR)
+    warmup = args.warmup_steps if args.warmup_steps is not None else (FRESH_WARMUP if fresh else FINETUNE_WARMUP)
     processes = Processes()
     try:
+        start_from = initial_checkpoint(args.init, args.category, run_dir)
         federation = start_federation(run_dir, data_root, args.category, args.envoys, processes=processes, tls=args.tls)
         print(f"director on port {federation.port} accepted {', '.join(federation.envoys)}; running the notebook")
         params = dict(
             director_host=federation.host, director_port=federation.port, expected_envoys=args.envoys,
             category=args.category, rounds=args.rounds, repeat=args.repeat, max_steps=args.max_steps or None,
-            batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, final_search=args.final_search,
+            batch_size=args.batch_size, lr=lr, warmup_steps=warmup, final_search=args.final_search,
+            initial_checkpoint=None if start_from is None else str(start_from),
             idle_timeout=args.idle_timeout,
             output_dir=str(run_dir / "notebook"), local_data_root=str(data_root), **federation.tls,
         )

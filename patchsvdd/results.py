@@ -87,7 +87,7 @@ def write_markdown(rows: list[dict[str, object]], path: Path, title: str) -> Pat
     columns = ["category", *TABLE_KEYS, *PAPER_KEYS, "seconds", "status"]
     lines = [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for row in rows:
-        cells = [_cell(round(row[c], 1) if c == "seconds" and row[c] is not None else row[c]) for c in columns]
+        cells = [f"{row[c]:.0f}" if c == "seconds" and row[c] is not None else _cell(row[c]) for c in columns]
         if row["category"] == MEAN:
             cells = [f"**{cell}**" for cell in cells]
         lines.append("| " + " | ".join(cells) + " |")
