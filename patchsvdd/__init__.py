@@ -25,6 +25,9 @@ _LAZY = {
     "index_category": "patchsvdd.data",
     "load_category": "patchsvdd.data",
     "MVTecDataError": "patchsvdd.data",
+    "load_bundle": "patchsvdd.inspector",
+    "Inspector": "patchsvdd.inspector",
+    "export_bundle": "patchsvdd.inspector",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -1,4 +1,4 @@
-"""Command line: ``patchsvdd synth | train | evaluate | import-weights | certs``.
+"""Command line: ``patchsvdd synth | train | evaluate | export | predict | import-weights | certs``.
 
 Heavy imports happen inside each command so that ``patchsvdd --help`` and
 ``patchsvdd synth`` start quickly and bad arguments fail before any work.
@@ -73,6 +73,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--search", choices=("exact", "fast"), default="exact", help="nearest-neighbour search")
     ev.add_argument("--fusion", default="sum", choices=("64", "32", "sum", "mult"), help="map shown in the gallery")
     ev.add_argument("--no-gallery", action="store_true", help="skip the per-image PNGs")
+
+    export = sub.add_parser("export", help="make a site bundle: the model, this site's mean and memory banks, "
+                                           "thresholds calibrated on its labelled images")
+    _add_data_args(export)
+    export.add_argument("--checkpoint", required=True, type=Path, help="the model (e.g. a federation's last.pt)")
+    export.add_argument("--out", required=True, type=Path, help="bundle folder to write")
+    export.add_argument("--bank-fraction", type=float, default=1.0,
+                        help="keep this random share of the training patches in the memory banks (default 1: all)")
+    export.add_argument("--max-fpr", type=float, default=None,
+                        help="image threshold at this false-positive rate on good images (default: at maximum F1)")
+    export.add_argument("--calibration-root", type=Path, default=None,
+                        help="a data root whose <category>/test calibrates the thresholds (default: --data-root's)")
+
+    predict = sub.add_parser("predict", help="inspect images with a bundle: a CSV of decisions and one PNG per image")
+    predict.add_argument("bundle", type=Path, help="bundle folder written by 'patchsvdd export'")
+    predict.add_argument("inputs", nargs="+", type=Path, help="image files or folders (searched recursively)")
+    predict.add_argument("--out", required=True, type=Path, help="folder for predictions.csv and the PNGs")
+    predict.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    predict.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     weights = sub.add_parser("import-weights", help="import the authors' released encoder of a category as a checkpoint")
     weights.add_argument("--category", required=True, help="an MVTec AD category, e.g. bottle")
@@ -251,6 +270,97 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+    from .device import resolve_device
+    from .inspector import export_bundle
+    from .released import sha256_of
+    from .viz import plot_roc_point
+
+    if not 0 < args.bank_fraction <= 1 or (args.max_fpr is not None and not 0 <= args.max_fpr < 1):
+        raise ValueError(f"--bank-fraction {args.bank_fraction}, --max-fpr {args.max_fpr}: fraction in (0, 1], "
+                         "max-fpr in [0, 1)")
+    model, meta = load_checkpoint(args.checkpoint)  # fails before the data is decoded
+    data = _load(args)
+    calibration = None
+    if args.calibration_root is not None:
+        from .data import index_category, load_category
+
+        calibration = load_category(index_category(args.calibration_root, args.category))
+    model.to(resolve_device(args.device))
+    start = time.perf_counter()
+    info = {"source_checkpoint": str(args.checkpoint), "source_sha256": sha256_of(args.checkpoint),
+            "source_metadata": {k: v for k, v in meta.items() if k != "history"}}
+    inspector, calib = export_bundle(model, data, args.out, bank_fraction=args.bank_fraction, max_fpr=args.max_fpr,
+                                     calibration=calibration, info=info)
+    image_t, pixel_t = inspector.image_threshold, inspector.pixel_threshold
+    lines = [f"# Calibration of bundle {args.out.name} ({args.category})", "", calib.note, "",
+             "| threshold | value | method | FPR | TPR | F1 |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, t in (("image", image_t), ("pixel", pixel_t)):
+        cells = ["n/a" if v is None else f"{v:.3f}" for v in (t.fpr, t.tpr, t.f1)]
+        lines.append(f"| {name} | {t.value:.4g} | {t.method} | " + " | ".join(cells) + " |")
+    lines += ["", "Image scores per defect type (AUROC of each type against good):", "",
+              "| type | n | mean | std | min | max | AUROC |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, row in calib.defects.items():
+        cells = ["n/a" if row.get(k) is None else (str(row[k]) if k == "n" else f"{row[k]:.4g}")
+                 for k in ("n", "mean", "std", "min", "max", "auroc")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    (args.out / "calibration.md").write_text("\n".join(lines) + "\n")
+    plot_roc_point(calib.labels, calib.scores, image_t.fpr, image_t.tpr, args.out / "roc.png")
+    print("\n".join(lines))
+    print(f"wrote bundle {args.out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _image_files(inputs: Sequence[Path]) -> list[Path]:
+    """Every image file named or found (recursively) in the folders named, in a stable order."""
+    from .data import IMAGE_SUFFIXES
+
+    files: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            files += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise ValueError(f"{item}: no such file or folder")
+    if not files:
+        raise ValueError(f"no image ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, inputs))}")
+    return files
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import csv
+
+    from .inspector import load_bundle, to_image
+    from .viz import save_prediction
+
+    files = _image_files(args.inputs)
+    inspector = load_bundle(args.bundle, device=args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    pixel = inspector.pixel_threshold
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        files_iter = tqdm(files, desc="predict")
+    else:
+        files_iter = files
+    flagged = 0
+    with open(args.out / "predictions.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "score", "normalized_score", "anomalous"])
+        for number, path in enumerate(files_iter):
+            image = to_image(path)
+            result = inspector.inspect(image)
+            flagged += result.anomalous
+            writer.writerow([str(path), repr(result.score), f"{result.normalized_score:.4f}", int(result.anomalous)])
+            label = "ANOMALOUS" if result.anomalous else "ok"
+            save_prediction(args.out / f"{number:05d}_{path.stem}.png", image, result.map, pixel.low, pixel.high,
+                            pixel.value, f"{path.name}: {label} ({result.normalized_score:.2f})")
+    print(f"{len(files)} images, {flagged} anomalous; wrote {args.out / 'predictions.csv'} and one PNG per image")
+    return 0
+
+
 def cmd_import_weights(args: argparse.Namespace) -> int:
     from .checkpoint import save_checkpoint
     from .released import import_released
@@ -275,8 +385,8 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"synth": cmd_synth, "train": cmd_train, "evaluate": cmd_evaluate, "import-weights": cmd_import_weights,
-            "certs": cmd_certs}
+COMMANDS = {"synth": cmd_synth, "train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export,
+            "predict": cmd_predict, "import-weights": cmd_import_weights, "certs": cmd_certs}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

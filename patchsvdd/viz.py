@@ -132,3 +132,26 @@ def plot_rounds(series: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]])
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     return fig
+
+
+def save_prediction(path: str | Path, image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float,
+                    pixel_threshold: float, title: str) -> Path:
+    """One PNG: the image with the region above ``pixel_threshold`` outlined, beside its map on the
+    bundle's colour scale (``vmin``..``vmax``). image uint8 (H,W,3), amap (H,W)."""
+    fig, (ax_img, ax_map) = plt.subplots(1, 2, figsize=(6, 3.2))
+    _draw_pair(ax_img, ax_map, image, (amap >= pixel_threshold).astype(np.uint8), amap, vmin, vmax, title)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_roc_point(labels: np.ndarray, scores: np.ndarray, fpr: float | None, tpr: float | None,
+                   path: str | Path) -> Path:
+    """Detection ROC of one score with the chosen operating point marked; saved to ``path``."""
+    fig = plot_roc(labels, {"sum": scores})
+    if fpr is not None and tpr is not None:
+        fig.axes[0].plot([fpr], [tpr], "o", color="red", label="threshold")
+        fig.axes[0].legend(loc="lower right", fontsize=8)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)

@@ -111,3 +111,37 @@ def test_train_recipes(tiny_root: Path, tmp_path: Path, capsys: pytest.CaptureFi
                                 "schedule": "constant", "precision": "fp32", "init": "pytorch"}
     assert meta["history"][0]["spread_32"] < 1e-3  # PyTorch's init: nearly constant embeddings
     assert "(chance 2.079)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_export_then_predict_a_folder(tiny_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = tmp_path / "model.pt"
+    assert main(["train", "--data-root", str(tiny_root), "--category", "fabric", "--epochs", "1", "--repeat", "1",
+                 "--batch-size", "4", "--max-steps", "1", "--emb-dim", "16", "--out", str(ckpt), "--no-progress"]) == 0
+    bundle = tmp_path / "bundle"
+    assert main(["export", "--data-root", str(tiny_root), "--category", "fabric", "--checkpoint", str(ckpt),
+                 "--out", str(bundle), "--bank-fraction", "0.5", "--no-progress"]) == 0
+    info = json.loads((bundle / "bundle.json").read_text())
+    assert info["bank_fraction"] == 0.5 and len(info["source_sha256"]) == 64 and info["category"] == "fabric"
+    calibration = (bundle / "calibration.md").read_text()
+    assert "| image |" in calibration and "| pixel |" in calibration and "| crack |" in calibration
+    assert (bundle / "roc.png").is_file()
+    capsys.readouterr()
+    out = tmp_path / "pred"
+    folder = tiny_root / "fabric" / "test"
+    assert main(["predict", str(bundle), str(folder), "--out", str(out), "--no-progress"]) == 0
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert len(rows) == len(list(folder.rglob("*.png"))) == len(list(out.glob("*.png")))
+    threshold = info["image_threshold"]["value"]
+    for row in rows:
+        assert (float(row["score"]) >= threshold) == (row["anomalous"] == "1")
+        assert 0.0 <= float(row["normalized_score"]) <= 1.0
+    assert f"{len(rows)} images" in capsys.readouterr().out
+    # bad input: one line naming what is wrong, exit 2
+    assert main(["predict", str(tmp_path / "nowhere"), str(folder), "--out", str(out)]) == 2
+    assert "bundle.json: not found" in capsys.readouterr().err
+    assert main(["predict", str(bundle), str(tmp_path / "missing.png"), "--out", str(out)]) == 2
+    assert "missing.png: no such file or folder" in capsys.readouterr().err
+    assert main(["export", "--data-root", str(tiny_root), "--category", "fabric", "--checkpoint", str(ckpt),
+                 "--out", str(bundle), "--bank-fraction", "0"]) == 2
+    assert "--bank-fraction 0.0" in capsys.readouterr().err

@@ -1,0 +1,130 @@
+"""Site bundles: what one site needs to inspect new images, as plain files.
+
+A bundle is a folder: ``model.pt`` (a project checkpoint: tensors and plain
+metadata, read with ``weights_only=True``), ``mean.npy`` (the site's training
+mean, (256,256,3) float32), ``bank_64.npy`` / ``bank_32.npy`` (training patch
+embeddings (P,D) float32, all or a random subsample) and ``bundle.json``
+(category, image size, thresholds, where the model came from, when, version).
+Reading one never unpickles code (``numpy.load(allow_pickle=False)``).
+The memory bank and the mean are the site's data: a bundle stays at its site.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .calibration import Threshold
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import IMAGE_SIZE
+from .model import LARGE_PATCH, SMALL_PATCH, PatchSVDD
+from .scoring import embed_images, flatten_grid
+
+BUNDLE_FORMAT = 1
+INFO_FILE = "bundle.json"
+
+
+class BundleError(ValueError):
+    """A bundle folder that cannot be read; the message names the file and what is wrong."""
+
+
+@dataclass
+class Bundle:
+    """A site's inspector in memory: model, training mean (H,W,3), banks {64: (P,D), 32: (P,D)}, thresholds."""
+
+    model: PatchSVDD
+    mean: np.ndarray
+    banks: dict[int, np.ndarray]
+    image_threshold: Threshold
+    pixel_threshold: Threshold
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def memory_banks(model: PatchSVDD, images: np.ndarray, fraction: float = 1.0, seed: int = 0) -> dict[int, np.ndarray]:
+    """Patch embeddings of standardised training images (N,3,H,W) for both K, flattened to (P,D) and,
+    with ``fraction`` < 1, a random ``fraction`` of the rows (at least one), the same way for every K."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"bank fraction {fraction}: must be in (0, 1]")
+    emb64, emb32 = embed_images(model, images)
+    rng = np.random.default_rng(seed)
+    banks = {}
+    for k, emb in ((LARGE_PATCH, emb64), (SMALL_PATCH, emb32)):
+        rows = flatten_grid(emb).numpy()
+        if fraction < 1:
+            keep = np.sort(rng.choice(len(rows), size=max(1, round(fraction * len(rows))), replace=False))
+            rows = rows[keep]
+        banks[k] = np.ascontiguousarray(rows, dtype=np.float32)
+    return banks
+
+
+def write_bundle(bundle: Bundle, path: str | os.PathLike) -> Path:
+    """Write ``bundle`` into the folder ``path`` (created; files replaced)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(bundle.model, path / "model.pt", category=bundle.info.get("category", ""))
+    np.save(path / "mean.npy", bundle.mean.astype(np.float32), allow_pickle=False)
+    for k, bank in bundle.banks.items():
+        np.save(path / f"bank_{k}.npy", bank.astype(np.float32), allow_pickle=False)
+    info = {
+        **bundle.info,
+        "format": BUNDLE_FORMAT,
+        "version": __version__,
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "image_size": IMAGE_SIZE,
+        "emb_dim": bundle.model.emb_dim,
+        "bank_rows": {str(k): int(len(bank)) for k, bank in bundle.banks.items()},
+        "image_threshold": bundle.image_threshold.to_json(),
+        "pixel_threshold": bundle.pixel_threshold.to_json(),
+    }
+    (path / INFO_FILE).write_text(json.dumps(info, indent=2))
+    return path
+
+
+def _load_array(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise BundleError(f"{path}: missing from the bundle")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise BundleError(f"{path}: not a plain numpy array ({exc})") from exc
+
+
+def read_bundle(path: str | os.PathLike) -> Bundle:
+    """The bundle in folder ``path``; BundleError naming the file when something is missing or wrong."""
+    path = Path(path)
+    info_file = path / INFO_FILE
+    if not info_file.is_file():
+        raise BundleError(f"{info_file}: not found (is {path} a bundle folder written by 'patchsvdd export'?)")
+    try:
+        info = json.loads(info_file.read_text())
+        image_threshold = Threshold(**info["image_threshold"])
+        pixel_threshold = Threshold(**info["pixel_threshold"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BundleError(f"{info_file}: unreadable ({type(exc).__name__}: {exc})") from exc
+    if info.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{info_file}: bundle format {info.get('format')!r}, this version reads {BUNDLE_FORMAT}")
+    model, _ = load_checkpoint(path / "model.pt")
+    mean = _load_array(path / "mean.npy")
+    if mean.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
+        raise BundleError(f"{path / 'mean.npy'}: shape {mean.shape}, expected {(IMAGE_SIZE, IMAGE_SIZE, 3)}")
+    banks = {}
+    for k in (LARGE_PATCH, SMALL_PATCH):
+        bank = _load_array(path / f"bank_{k}.npy")
+        if bank.ndim != 2 or bank.shape[1] != model.emb_dim or len(bank) == 0:
+            raise BundleError(f"{path / f'bank_{k}.npy'}: shape {bank.shape}, expected (rows, {model.emb_dim})")
+        banks[k] = bank.astype(np.float32)
+    return Bundle(model, mean.astype(np.float32), banks, image_threshold, pixel_threshold, info)
+
+
+def bundle_bytes(path: str | os.PathLike) -> int:
+    """Size of a bundle folder on disk in bytes."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+

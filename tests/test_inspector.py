@@ -1,0 +1,93 @@
+"""Site bundles and the inspector: round trip, same maps as the evaluator, thresholds, bad bundles."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from patchsvdd.bundle import BundleError, read_bundle
+from patchsvdd.calibration import choose_threshold
+from patchsvdd.data import index_category, load_category
+from patchsvdd.evaluate import evaluate_category
+from patchsvdd.inspector import export_bundle, load_bundle, to_image
+from patchsvdd.model import PatchSVDD
+
+
+@pytest.fixture(scope="module")
+def fabric(tiny_root: Path):
+    torch.manual_seed(0)
+    return PatchSVDD(emb_dim=16), load_category(index_category(tiny_root, "fabric"))
+
+
+def test_bundle_round_trip_scores_as_the_evaluator_does(fabric, tmp_path: Path) -> None:
+    model, data = fabric
+    inspector, calibration = export_bundle(model, data, tmp_path / "b", search="exact", info={"source": "test"})
+    loaded = load_bundle(tmp_path / "b", device="cpu", search="exact")
+    expected = evaluate_category(model, data, mode="exact", with_aupro=False).scores.maps["sum"].numpy()
+    np.testing.assert_allclose(loaded.maps(data.test_images), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(calibration.scores, expected.reshape(len(expected), -1).max(axis=1), rtol=1e-5)
+    info = loaded.bundle.info
+    assert info["category"] == "fabric" and info["source"] == "test" and info["image_threshold"]["method"] == "max_f1"
+    assert info["bank_rows"] == {"64": 8 * 13 * 13, "32": 8 * 57 * 57}
+    threshold = loaded.image_threshold.value
+    result = loaded.inspect(data.test_images[0])
+    assert result.map.shape == (256, 256) and result.score == pytest.approx(float(expected[0].max()), rel=1e-5)
+    assert result.anomalous == (result.score >= threshold)
+    assert (result.normalized_score >= 0.5) == result.anomalous
+    # any size, grayscale or RGB, a path or an array: read as training reads
+    big = np.asarray(Image.fromarray(data.test_images[0]).resize((400, 300)))
+    assert load_bundle(tmp_path / "b", device="cpu").inspect(big).map.shape == (256, 256)
+    gray = tmp_path / "gray.png"
+    Image.fromarray(data.test_images[1][:, :, 0]).save(gray)
+    assert to_image(gray).shape == (256, 256, 3) and np.isfinite(loaded.inspect(gray).score)
+    # the bundle holds plain arrays only
+    for name in ("mean.npy", "bank_64.npy", "bank_32.npy"):
+        np.load(tmp_path / "b" / name, allow_pickle=False)
+
+
+def test_subsampled_bank_and_no_defective_images(fabric, tmp_path: Path) -> None:
+    model, data = fabric
+    good_only = replace(data, test_images=data.test_images[data.test_labels == 0],
+                        test_masks=data.test_masks[data.test_labels == 0], test_labels=data.test_labels[data.test_labels == 0],
+                        defect_types=["good"] * int((data.test_labels == 0).sum()), test_names=[])
+    inspector, calibration = export_bundle(model, data, tmp_path / "g", bank_fraction=0.25, calibration=good_only)
+    info = read_bundle(tmp_path / "g").info
+    assert info["image_threshold"]["method"] == "good_quantile" and "no defective image" in info["calibration_note"]
+    assert info["n_train_in_bank"] == 7  # one of 8 training images held out to set the threshold
+    assert info["bank_rows"]["32"] == round(0.25 * 7 * 57 * 57)
+    # never a threshold that flags every good image
+    assert (calibration.scores < inspector.image_threshold.value).any() and inspector.image_threshold.fpr < 1
+
+
+def test_thresholds_by_hand() -> None:
+    labels = np.array([0, 0, 0, 1, 1])
+    scores = np.array([0.1, 0.2, 0.6, 0.5, 0.9])
+    best = choose_threshold(labels, scores)
+    assert best.method == "max_f1" and best.value == 0.5 and best.f1 == pytest.approx(0.8)  # 2 TP, 1 FP
+    strict = choose_threshold(labels, scores, max_fpr=0.0)
+    assert strict.value == 0.9 and strict.fpr == 0.0 and strict.tpr == 0.5
+    assert best.normalise(best.value) == 0.5 and best.normalise(0.1) == 0.0 and best.normalise(0.9) == 1.0
+    good = choose_threshold(np.zeros(3), np.array([1.0, 2.0, 3.0]), good_scores=np.arange(101.0))
+    assert good.method == "good_quantile" and good.value == pytest.approx(99.0)
+    with pytest.raises(ValueError, match="only defective"):
+        choose_threshold(np.ones(2), np.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match="3 scores for 2 labels"):
+        choose_threshold(np.zeros(2), np.zeros(3))
+
+
+def test_bad_bundles_are_named(fabric, tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="bundle.json: not found"):
+        read_bundle(tmp_path)
+    model, data = fabric
+    export_bundle(model, data, tmp_path / "b", bank_fraction=0.1)
+    np.save(tmp_path / "b" / "bank_32.npy", np.array([{"code": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(BundleError, match="bank_32.npy: not a plain numpy array"):
+        read_bundle(tmp_path / "b")
+    (tmp_path / "b" / "bank_32.npy").unlink()
+    with pytest.raises(BundleError, match="bank_32.npy: missing"):
+        read_bundle(tmp_path / "b")
