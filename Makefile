@@ -13,7 +13,7 @@ $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
-	$(PY) -m pip install --quiet --disable-pip-version-check 'pytest>=7.4' 'pytest-timeout>=2.1'
+	$(PY) -m pip install --quiet --disable-pip-version-check 'pytest>=7.4' 'pytest-timeout>=2.1' 'httpx>=0.24'
 	touch $(STAMP)
 
 install: $(STAMP)

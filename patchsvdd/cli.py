@@ -1,4 +1,4 @@
-"""Command line: ``patchsvdd synth | train | evaluate | export | predict | import-weights | certs``.
+"""Command line: ``patchsvdd synth | train | evaluate | export | predict | serve | import-weights | certs``.
 
 Heavy imports happen inside each command so that ``patchsvdd --help`` and
 ``patchsvdd synth`` start quickly and bad arguments fail before any work.
@@ -92,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True, type=Path, help="folder for predictions.csv and the PNGs")
     predict.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     predict.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    serve = sub.add_parser("serve", help="serve a bundle over HTTP: POST /infer, GET /health, GET /info (FastAPI)")
+    serve.add_argument("bundle", type=Path, help="bundle folder written by 'patchsvdd export'")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--max-bytes", type=int, default=20 * 1024 * 1024, help="largest request accepted (default 20 MB)")
+    serve.add_argument("--workers", type=int, default=2, help="requests scored at once (default 2)")
+    serve.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
 
     weights = sub.add_parser("import-weights", help="import the authors' released encoder of a category as a checkpoint")
     weights.add_argument("--category", required=True, help="an MVTec AD category, e.g. bottle")
@@ -361,6 +369,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    if args.max_bytes < 1 or args.workers < 1 or not 0 < args.port < 65536:
+        raise ValueError(f"--max-bytes {args.max_bytes}, --workers {args.workers}, --port {args.port}: "
+                         "bytes and workers at least 1, port 1-65535")
+    serve(str(args.bundle), host=args.host, port=args.port, max_bytes=args.max_bytes, workers=args.workers,
+          device=args.device)
+    return 0
+
+
 def cmd_import_weights(args: argparse.Namespace) -> int:
     from .checkpoint import save_checkpoint
     from .released import import_released
@@ -386,7 +405,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"synth": cmd_synth, "train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export,
-            "predict": cmd_predict, "import-weights": cmd_import_weights, "certs": cmd_certs}
+            "predict": cmd_predict, "serve": cmd_serve, "import-weights": cmd_import_weights, "certs": cmd_certs}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
