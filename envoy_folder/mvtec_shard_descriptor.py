@@ -11,7 +11,9 @@ import numpy as np
 from openfl.interface.interactive_api.shard_descriptor import ShardDataset, ShardDescriptor
 
 from patchsvdd.configs import resolve_data_folder
-from patchsvdd.data import DEFECT_TYPES_LABEL, CategoryData, index_category, load_category, parse_rank_worldsize
+from patchsvdd.data import (
+    BUNDLE_FOLDER_LABEL, DEFECT_TYPES_LABEL, CategoryData, index_category, load_category, parse_rank_worldsize,
+)
 
 
 class MVTecShardDataset(ShardDataset):
@@ -35,14 +37,17 @@ class MVTecShardDataset(ShardDataset):
 class MVTecShardDescriptor(ShardDescriptor):
     """Shard ``rank_worldsize`` of ``<data_folder>/<category>``; shapes are read from the data.
 
-    A relative ``data_folder`` is taken relative to the envoy config's folder.
+    A relative ``data_folder`` is taken relative to the envoy config's folder, as is ``bundle_folder``:
+    where this site's inspection bundles are written (``patchsvdd.federated.start_export``).
     """
 
-    def __init__(self, data_folder: str, category: str, rank_worldsize: str = "1,1", image_size: int = 256) -> None:
+    def __init__(self, data_folder: str, category: str, rank_worldsize: str = "1,1", image_size: int = 256,
+                 bundle_folder: str = "bundles") -> None:
         rank, world_size = parse_rank_worldsize(str(rank_worldsize))
         index = index_category(resolve_data_folder(data_folder), category).shard(rank, world_size)
         self.data: CategoryData = load_category(index, size=int(image_size))
         self.category, self.rank, self.world_size = category, rank, world_size
+        self.bundle_folder = str(resolve_data_folder(bundle_folder).resolve())
 
     def get_dataset(self, dataset_type: str = "train") -> MVTecShardDataset:
         d = self.data
@@ -70,5 +75,6 @@ class MVTecShardDescriptor(ShardDescriptor):
             f"MVTec AD '{self.category}', shard {self.rank}/{self.world_size}: {len(d.train_images)} training and "
             f"{len(d.test_images)} test images ({int(d.test_labels.sum())} defective)"
             f"; {DEFECT_TYPES_LABEL} {', '.join(sorted(set(d.defect_types) - {'good'})) or 'none'}"
+            f"; {BUNDLE_FOLDER_LABEL} {self.bundle_folder}"
         )
 

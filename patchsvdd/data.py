@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 IMAGE_SIZE = 256
 GOOD = "good"
 DEFECT_TYPES_LABEL = "defect types:"  # an envoy's shard description lists its defect types after this
+BUNDLE_FOLDER_LABEL = "bundle folder:"  # ... and where its site bundles go (patchsvdd.federated reads both)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MASK_SUFFIX = "_mask"
 MASK_THRESHOLD = 128

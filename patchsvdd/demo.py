@@ -154,7 +154,8 @@ def write_envoy_config(path: Path, data_root: Path, category: str, rank: int, wo
     config = yaml.safe_load((REPO / "envoy_folder" / "shard_config.yaml").read_text())
     config["params"]["cuda_devices"] = list(cuda_devices)
     config["shard_descriptor"]["params"].update(
-        data_folder=str(Path(data_root).resolve()), category=category, rank_worldsize=f"{rank},{world_size}"
+        data_folder=str(Path(data_root).resolve()), category=category, rank_worldsize=f"{rank},{world_size}",
+        bundle_folder=str(Path(path).resolve().parent / f"{Path(path).stem}_bundles"),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -275,6 +276,12 @@ def summarise(run_dir: Path, seconds: float) -> str:
     lines.append(f"  final evaluation of the {final['model']} model ({final['search']} search):")
     for node, metrics in sorted(final["per_node"].items()):
         lines.append(f"  {node:10s} " + " ".join(f"{k}={fmt(v)}" for k, v in metrics.items()))
+    bundles = results / "bundles.json"
+    if bundles.is_file():
+        lines.append("  inspection bundles written at the sites (patchsvdd predict BUNDLE IMAGES --out DIR, or serve BUNDLE):")
+        for row in json.loads(bundles.read_text()):
+            lines.append(f"  {row['envoy']:10s} {row['bundle at the site']} (image threshold "
+                         f"{fmt(row['image_threshold'])}, {row['bundle_mb']:.1f} MB)")
     local = results / "local_metrics.json"
     if local.is_file():
         metrics = json.loads(local.read_text())

@@ -6,8 +6,9 @@ unchanged, so federated, local and tested code paths are the same.
 Envoy side: ``MVTecDataInterface`` turns the envoy's shard descriptor into
 arrays; ``train_task`` and ``validate_task`` run there on the envoy's own data
 (validation scores an envoy's test images against its own training patches,
-so no image leaves a site). Notebook side: ``connect``, ``start_experiment``,
-``follow_metrics``, ``fetch_models`` and ``start_evaluation``.
+so no image leaves a site); ``export_task`` writes a site's inspection bundle
+at the site. Notebook side: ``connect``, ``start_experiment``, ``follow_metrics``,
+``fetch_last_model``, ``start_evaluation`` and ``start_export``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 from openfl.interface.interactive_api.experiment import DataInterface, FLExperiment, ModelInterface, TaskInterface
 from openfl.interface.interactive_api.federation import Federation
 
-from .data import DEFECT_TYPES_LABEL, GOOD, CategoryData, holdout_split, standardise
+from .data import BUNDLE_FOLDER_LABEL, DEFECT_TYPES_LABEL, GOOD, CategoryData, holdout_split, standardise
 from .evaluate import evaluate_category
 from .metrics import AUPRO_KEYS, METRIC_KEYS, flatten_defects, per_defect
 from .model import PatchSVDD, count_parameters
@@ -110,8 +111,15 @@ class ExperimentSettings:
 # --------------------------------------------------------------------------- envoy side
 
 
+@dataclass
+class SiteData(CategoryData):
+    """An envoy's shard (see ``CategoryData``) and the folder at its site where its bundles go (or None)."""
+
+    bundle_folder: str | None = None
+
+
 class MVTecDataInterface(DataInterface):
-    """Gives both tasks the envoy's shard as a ``CategoryData`` (uint8 arrays, decoded once)."""
+    """Gives the tasks the envoy's shard as a ``SiteData`` (uint8 arrays, decoded once)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -130,7 +138,8 @@ class MVTecDataInterface(DataInterface):
         labels = np.array([item[2] for item in test_items], dtype=np.int64)
         # a shard descriptor of our own names each test image's defect type; another gets good/defective
         types = list(getattr(test, "defect_types", None) or ["defective" if label else "good" for label in labels])
-        self._data = CategoryData(
+        self._data = SiteData(
+            bundle_folder=getattr(shard_descriptor, "bundle_folder", None),
             category=getattr(shard_descriptor, "category", "shard"),
             train_images=np.stack([train[i][0] for i in range(len(train))]),
             test_images=np.stack([item[0] for item in test_items]),
@@ -192,6 +201,30 @@ def validate_task(model, val_data, device, search, metric_names, holdout_fractio
             scores = result.scores.image_scores(defect_fusion).numpy()
             out.update(flatten_defects(per_defect(scores, val_data.defect_types, defect_types)))
     return out
+
+
+EXPORT_METRICS = ("image_threshold", "image_fpr", "image_tpr", "pixel_threshold", "calibrated", "bundle_mb",
+                  "bank_rows_32")
+
+
+def export_task(model, val_data, device, name, bank_fraction, max_fpr) -> dict:
+    """Write this site's bundle (``name`` in its bundle folder) from ``model`` and its own images, calibrated
+    on its own test images; report only numbers: thresholds, whether defects calibrated them, size."""
+    from .bundle import bundle_bytes
+    from .inspector import export_bundle
+
+    if not getattr(val_data, "bundle_folder", None):
+        raise FederationError("this envoy's shard descriptor names no bundle folder (shard_descriptor.params.bundle_folder)")
+    model.to(device)
+    out = Path(val_data.bundle_folder) / name
+    inspector, _ = export_bundle(model, val_data, out, bank_fraction=bank_fraction, max_fpr=max_fpr,
+                                 info={"experiment": name})
+    image, pixel = inspector.image_threshold, inspector.pixel_threshold
+    nan = math.nan
+    return {"image_threshold": image.value, "image_fpr": nan if image.fpr is None else image.fpr,
+            "image_tpr": nan if image.tpr is None else image.tpr, "pixel_threshold": pixel.value,
+            "calibrated": float(image.method != "good_quantile"), "bundle_mb": bundle_bytes(out) / 1e6,
+            "bank_rows_32": float(len(inspector.bundle.banks[32]))}
 
 
 def build_tasks(settings: ExperimentSettings, metric_names: tuple[str, ...] = ROUND_METRICS, search: str | None = None) -> TaskInterface:
@@ -375,6 +408,27 @@ def start_evaluation(
     return _submit(federation, name, model, settings, validation_only_tasks(settings, types), 1, workdir)
 
 
+def start_export(
+    federation: Federation, model: PatchSVDD, settings: ExperimentSettings, name: str, workdir: str | os.PathLike,
+    bank_fraction: float = 1.0, max_fpr: float | None = None,
+) -> FLExperiment:
+    """Send a one-round experiment in which every envoy writes its own inspection bundle of ``model`` (folder
+    ``name`` in its bundle folder) from its own images and reports only its thresholds and the bundle's size
+    (``EXPORT_METRICS``). No image and no embedding leaves a site."""
+    tasks = TaskInterface()
+    tasks.add_kwargs(name=name, bank_fraction=bank_fraction, max_fpr=max_fpr)(export_task)
+    tasks.register_fl_task(model="model", data_loader="val_data", device="device")(export_task)
+    return _submit(federation, name, model, settings, tasks, 1, workdir)
+
+
+def _described(description: str, label: str) -> str | None:
+    """The text after ``label`` in a shard description's '; '-separated parts, or None."""
+    for part in str(description).split("; "):
+        if part.startswith(label):
+            return part[len(label):].strip()
+    return None
+
+
 def shard_defect_types(federation: Federation) -> list[str] | None:
     """The union of the defect types the online envoys' shard descriptions list ('good' first), or None
     when some envoy's description lists none (a shard descriptor other than this project's)."""
@@ -382,11 +436,16 @@ def shard_defect_types(federation: Federation) -> list[str] | None:
     for row in shard_table(federation):
         if not row["online"]:
             continue
-        _, found, listed = str(row["description"]).partition(DEFECT_TYPES_LABEL)
-        if not found:
+        listed = _described(row["description"], DEFECT_TYPES_LABEL)
+        if listed is None:
             return None
         types.update(t.strip() for t in listed.split(",") if t.strip() and t.strip() != "none")
     return [GOOD, *sorted(types - {GOOD})]
+
+
+def shard_bundle_folders(federation: Federation) -> dict[str, str | None]:
+    """{envoy: the bundle folder at its site, as its shard description says (None where it does not)}."""
+    return {row["envoy"]: _described(row["description"], BUNDLE_FOLDER_LABEL) for row in shard_table(federation)}
 
 
 def experiment_status(federation: Federation, name: str) -> str | None:

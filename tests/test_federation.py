@@ -13,10 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from patchsvdd import federated as fed
+from patchsvdd.bundle import read_bundle
 from patchsvdd.checkpoint import load_checkpoint, save_checkpoint
 from patchsvdd.data import index_category, load_category
 from patchsvdd.demo import Processes, log_contains, run_notebook, start_federation, wait_for
@@ -143,6 +145,28 @@ def test_two_round_experiment_then_final_evaluation(federation, fed_data: Path, 
             assert any(row["n"] == 0 and math.isnan(row["mean"]) for row in defects.values())
 
 
+def test_each_site_writes_its_own_bundle_and_reports_only_numbers(federation, fed_data: Path, tmp_path: Path) -> None:
+    _, client, _ = federation
+    torch.manual_seed(5)
+    model = PatchSVDD(emb_dim=16)
+    experiment = fed.start_export(client, model, TINY, "site-bundles", tmp_path / "nb", bank_fraction=0.5)
+    reported = fed.follow_metrics(experiment, idle_timeout=TINY.idle_timeout).final()
+    folders = fed.shard_bundle_folders(client)
+    assert set(folders) == {"envoy_1", "envoy_2"} and len(set(folders.values())) == 2  # one folder per site
+    banks = []
+    for envoy, folder in folders.items():
+        bundle = read_bundle(Path(folder) / "site-bundles")
+        metrics = reported[envoy]
+        assert set(metrics) == set(fed.EXPORT_METRICS) and all(isinstance(v, float) for v in metrics.values())
+        assert metrics["image_threshold"] == pytest.approx(bundle.image_threshold.value)
+        assert metrics["bank_rows_32"] == len(bundle.banks[32]) and bundle.info["bank_fraction"] == 0.5
+        shard = load_category(index_category(fed_data, "fabric").shard(int(envoy.split("_")[1]), 2))
+        assert bundle.info["n_train_in_bank"] == len(shard.train_images)  # its own images, all labelled here
+        np.testing.assert_allclose(bundle.mean, shard.mean)  # the site's own mean, never another's
+        banks.append(bundle.banks[64])
+    assert banks[0].shape != banks[1].shape or not np.allclose(banks[0], banks[1])
+
+
 NOTEBOOK_THAT_DIES = """
 import sys, torch
 from patchsvdd import federated as fed
@@ -199,6 +223,10 @@ def test_notebook_runs_with_tiny_parameters(federation, fed_data: Path, tmp_path
     assert set(metrics["per_node"]) == {"envoy_1", "envoy_2", "aggregator"}
     assert set(json.loads((out / "local_metrics.json").read_text())) == set(fed.FINAL_METRICS)
     assert set(metrics["per_defect"]) == {"envoy_1", "envoy_2"}
+    bundles = json.loads((out / "bundles.json").read_text())
+    assert [row["envoy"] for row in bundles] == ["envoy_1", "envoy_2"]
+    for row in bundles:  # written at each site, where the envoy's config says
+        assert (Path(row["bundle at the site"]) / "bundle.json").is_file() and row["bundle_mb"] > 0
     for name in ("best.pt", "last.pt", "rounds.png", "gallery.png", "round_metrics.json", "learning.json"):
         assert (out / name).is_file(), name
     assert len(list((out / "maps").glob("*.png"))) == 6

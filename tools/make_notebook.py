@@ -41,7 +41,9 @@ seed = 0
 idle_timeout = 900           # seconds without any metric before giving up
 output_dir = "../runs/notebook"
 local_data_root = None       # a data root with <category>/ this notebook may read, for the gallery; None to skip
-initial_checkpoint = None    # start from this checkpoint (e.g. an earlier best.pt) instead of from scratch
+initial_checkpoint = None    # start from this checkpoint (an earlier best.pt, an imported released encoder)
+export_bundles = True        # at the end every envoy writes its own inspection bundle of the final model
+bank_fraction = 1.0          # share of each site's training patches its bundle keeps (smaller: faster, lighter)
 experiment_name = None       # default: patchsvdd-<category>-<time>
 attach = False               # True: take up experiment_name again (same output_dir) after a kernel restart
 tls = False                  # mutual TLS: set the three files below
@@ -164,6 +166,20 @@ an envoy would, with one colour scale for the whole category so that good images
     plt.show()
 else:
     print("local_data_root not set: no gallery (the envoys' images stay at their sites)")"""),
+    md("""## Site bundles: from the federated model to a decision on a new image
+
+Each envoy writes an inspection bundle of the final model at its own site (its `bundle_folder`): its training mean
+and patch embeddings, thresholds calibrated on its own labelled images. Only the thresholds and sizes come back here.
+At a site: `patchsvdd predict BUNDLE IMAGES... --out DIR` or `patchsvdd serve BUNDLE`."""),
+    code("""if export_bundles:
+    bundle_name = experiment_name + "-bundle"
+    export = fed.start_export(federation, final, settings, bundle_name, out / "bundles", bank_fraction=bank_fraction)
+    sites = fed.follow_metrics(export, idle_timeout=idle_timeout).final()
+    folders = fed.shard_bundle_folders(federation)
+    bundles = [{"envoy": node, "bundle at the site": f"{folders.get(node)}/{bundle_name}", **values}
+               for node, values in sorted(sites.items()) if node != "aggregator"]
+    report.write_json(out / "bundles.json", bundles)
+    display(Markdown(report.markdown_table(bundles)))"""),
 ]
 
 nb = nbf.v4.new_notebook(cells=cells, metadata={
