@@ -13,6 +13,12 @@ from patchsvdd.cli import main
 from patchsvdd.metrics import AUPRO_KEYS, METRIC_KEYS
 
 
+def _train_tiny(root: Path, category: str, out: Path) -> None:
+    """One training step of a D=16 model: a checkpoint to test the commands after train with."""
+    assert main(["train", "--data-root", str(root), "--category", category, "--epochs", "1", "--repeat", "1",
+                 "--batch-size", "4", "--max-steps", "1", "--emb-dim", "16", "--out", str(out), "--no-progress"]) == 0
+
+
 @pytest.mark.slow
 def test_synth_train_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "data"
@@ -44,9 +50,7 @@ def test_evaluate_all_categories_reports_each_and_goes_on_after_a_failure(
     tiny_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ckpt_dir = tmp_path / "ckpts"
-    assert main(["train", "--data-root", str(tiny_root), "--category", "fabric", "--epochs", "1", "--repeat", "1",
-                 "--batch-size", "4", "--max-steps", "1", "--emb-dim", "16", "--out", str(ckpt_dir / "fabric.pt"),
-                 "--no-progress"]) == 0
+    _train_tiny(tiny_root, "fabric", ckpt_dir / "fabric.pt")
     out = tmp_path / "all"
     # mesh has no mesh.pt: it fails with the reason, fabric is still evaluated and tabled
     assert main(["evaluate", "--data-root", str(tiny_root), "--category", "all", "--checkpoint-dir", str(ckpt_dir),
@@ -116,8 +120,7 @@ def test_train_recipes(tiny_root: Path, tmp_path: Path, capsys: pytest.CaptureFi
 @pytest.mark.slow
 def test_export_then_predict_a_folder(tiny_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ckpt = tmp_path / "model.pt"
-    assert main(["train", "--data-root", str(tiny_root), "--category", "fabric", "--epochs", "1", "--repeat", "1",
-                 "--batch-size", "4", "--max-steps", "1", "--emb-dim", "16", "--out", str(ckpt), "--no-progress"]) == 0
+    _train_tiny(tiny_root, "fabric", ckpt)
     bundle = tmp_path / "bundle"
     assert main(["export", "--data-root", str(tiny_root), "--category", "fabric", "--checkpoint", str(ckpt),
                  "--out", str(bundle), "--bank-fraction", "0.5", "--no-progress"]) == 0
