@@ -1,20 +1,20 @@
 # Helpers shared by the director and envoy start scripts (sourced, not run).
 
-# The fx command of this project's virtual environment, else the one on PATH.
-patchsvdd_fx() {
+# Find OpenFL's fx once, in the sourcing shell itself (so that a missing fx stops the script here with one
+# line, not later in a $(...) subshell): this project's virtual environment first, else the one on PATH.
+patchsvdd_require_fx() {
   local repo
   repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-  if [ -x "$repo/.venv/bin/fx" ]; then echo "$repo/.venv/bin/fx"
-  elif command -v fx >/dev/null 2>&1; then command -v fx
+  if [ -x "$repo/.venv/bin/fx" ]; then PATCHSVDD_FX="$repo/.venv/bin/fx"
+  elif command -v fx >/dev/null 2>&1; then PATCHSVDD_FX="$(command -v fx)"
   else echo "fx (OpenFL) not found: run 'make install' or activate the environment that has openfl==1.7.1" >&2; exit 2
   fi
+  PATCHSVDD_PY="$(dirname "$PATCHSVDD_FX")/python"
 }
 
-# The python of the same environment as fx.
-patchsvdd_python() {
-  local fx; fx="$(patchsvdd_fx)"
-  echo "$(dirname "$fx")/python"
-}
+# The fx command and the python of the same environment (found when this file is sourced).
+patchsvdd_fx() { echo "$PATCHSVDD_FX"; }
+patchsvdd_python() { echo "$PATCHSVDD_PY"; }
 
 # Stop with one clear line when a YAML config is missing or malformed (ROLE: director or envoy).
 patchsvdd_check_config() {
@@ -78,3 +78,5 @@ patchsvdd_run_envoy() {
   fi
   return "$status"
 }
+
+patchsvdd_require_fx

@@ -119,6 +119,18 @@ def test_bad_director_config_is_one_line_naming_the_file(tmp_path: Path, text: s
     assert_one_line_error(result, seconds, f"{config}: ", expected)
 
 
+@pytest.mark.parametrize("script", ["director_folder/start_director.sh", "envoy_folder/start_envoy.sh"])
+def test_no_fx_anywhere_is_one_line(tmp_path: Path, script: str) -> None:
+    """A checkout without .venv and no fx on PATH: the script stops at once with what to do, nothing else."""
+    import shutil
+
+    for folder in ("scripts", "director_folder", "envoy_folder"):
+        shutil.copytree(REPO / folder, tmp_path / "checkout" / folder)
+    args = ["x.yaml"] if script.startswith("director") else ["envoy_1", "x.yaml", "localhost", "50051"]
+    result, seconds = run_script([str(tmp_path / "checkout" / script), *args], tmp_path / "w")
+    assert_one_line_error(result, seconds, "fx (OpenFL) not found", "make install")
+
+
 def test_director_refuses_a_shard_of_other_shapes_with_a_sentence(tiny_root: Path, tmp_path: Path) -> None:
     port = free_port()
     config = write_director_config(tmp_path / "d" / "director_config.yaml", port)

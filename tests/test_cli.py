@@ -148,3 +148,11 @@ def test_export_then_predict_a_folder(tiny_root: Path, tmp_path: Path, capsys: p
     assert main(["export", "--data-root", str(tiny_root), "--category", "fabric", "--checkpoint", str(ckpt),
                  "--out", str(bundle), "--bank-fraction", "0"]) == 2
     assert "--bank-fraction 0.0" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_command_line() -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "patchsvdd", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "export" in result.stdout and "serve" in result.stdout

@@ -52,6 +52,14 @@ def test_files_are_read_weights_only(tmp_path: Path) -> None:
         import_released("bottles", path)
 
 
+def test_a_truncated_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "enchier.pkl"
+    torch.save(_released_like(PatchSVDD()), path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # an interrupted download
+    with pytest.raises(ReleasedWeightsError, match="enchier.pkl: not a weights-only torch file"):
+        import_released("bottle", path)
+
+
 def test_no_network_gives_one_sentence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATCHSVDD_CACHE", str(tmp_path))
     with pytest.raises(ReleasedWeightsError, match="cannot download http://127.0.0.1:9/x.pkl .*--source PATH or put it at"):

@@ -1,0 +1,7 @@
+"""``python -m patchsvdd ...``: the same command line as ``patchsvdd ...``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
