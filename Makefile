@@ -28,6 +28,7 @@ bench: install
 	$(PY) benchmarks/bench_embed.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_evaluate.py
+	$(PY) benchmarks/bench_serve.py
 
 notebook:
 	$(PY) tools/make_notebook.py
