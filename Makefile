@@ -1,5 +1,5 @@
 # make demo: set up .venv if needed, then run the federated demo end to end on built-in data.
-# make test: set up .venv if needed, then run the test suite.
+# make test: set up .venv if needed, then run the test suite (make test-fast: without the slow end-to-end tests).
 # DATA_ROOT=/path/to/mvtec CATEGORY=bottle make demo   runs the same demo on real MVTec AD data.
 
 PYTHON ?= python3
@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench notebook clean
+.PHONY: install demo test test-fast bench notebook clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"
 
 bench: install
 	$(PY) benchmarks/bench_embed.py
