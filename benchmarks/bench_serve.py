@@ -2,7 +2,7 @@
 
     python benchmarks/bench_serve.py [--data-root ../shared/mvtec] [--category bottle]
         [--checkpoint CKPT | --released ../shared/official/bottle_enchier.pkl] [--fractions 1.0 0.1]
-        [--requests 500] [--clients 8] [--out runs/bench_serve]
+        [--subsample kcenter|random] [--requests 500] [--clients 8] [--out runs/bench_serve]
 
 For each bank fraction: export a bundle from the model and the category's
 training images (thresholds calibrated on its test images), report its size and
@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument("--released", type=Path, default=REPO.parent / "shared" / "official" / "bottle_enchier.pkl")
     parser.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.1])
+    parser.add_argument("--subsample", choices=("kcenter", "random"), default="kcenter")
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_serve")
@@ -116,7 +117,7 @@ def main() -> None:
     for fraction in args.fractions:
         folder = args.out / f"bundle_{fraction:g}"
         start = time.perf_counter()
-        inspector, calibration = export_bundle(model, data, folder, bank_fraction=fraction)
+        inspector, calibration = export_bundle(model, data, folder, bank_fraction=fraction, subsample=args.subsample)
         export_s = time.perf_counter() - start
         maps = inspector.maps(data.test_images)
         det = roc_auc_score(labels, maps.reshape(len(maps), -1).max(axis=1))
@@ -140,7 +141,7 @@ def main() -> None:
             memory_after = rss_mib(node.process.pid)
         wrong = sum(1 for i, answer in enumerate(answers)
                     if not answer or abs(answer["score"] - expected[i % len(bodies)]) > 1e-4 * max(1.0, expected[i % len(bodies)]))
-        row = dict(fraction=fraction, size_mb=bundle_bytes(folder) / 1e6, export_s=export_s, load_s=load_s, det_sum=det,
+        row = dict(fraction=fraction, subsample=args.subsample if fraction < 1 else "-", size_mb=bundle_bytes(folder) / 1e6, export_s=export_s, load_s=load_s, det_sum=det,
                    seg_sum=seg, p50_256=p50_256, p95_256=p95_256, p50_1024=p50_1024, p95_1024=p95_1024,
                    throughput_4=throughput, load_requests=args.requests, load_s_total=load_seconds, load_errors=errors,
                    load_wrong=wrong, rss_before_mib=memory_before, rss_after_mib=memory_after,
@@ -153,7 +154,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         gap = "" if full is None or r is full else f" ({r['det_sum'] - full['det_sum']:+.4f} / {r['seg_sum'] - full['seg_sum']:+.4f})"
-        print(f"| {r['fraction']:g} | {r['size_mb']:.1f} MB | {r['bank_search']} | {r['det_sum']:.4f} | {r['seg_sum']:.4f}{gap} | "
+        print(f"| {r['fraction']:g} {r['subsample']} | {r['size_mb']:.1f} MB | {r['bank_search']} | {r['det_sum']:.4f} | {r['seg_sum']:.4f}{gap} | "
               f"{r['p50_256']:.3f} / {r['p95_256']:.3f} s | {r['p50_1024']:.3f} / {r['p95_1024']:.3f} s | "
               f"{r['throughput_4']:.2f} | {r['load_errors']}, {r['load_wrong']}, "
               f"{r['rss_before_mib']:.0f} -> {r['rss_after_mib']:.0f} MiB |")

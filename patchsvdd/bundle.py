@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from . import __version__
 from .calibration import Threshold
@@ -47,19 +48,53 @@ class Bundle:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def memory_banks(model: PatchSVDD, images: np.ndarray, fraction: float = 1.0, seed: int = 0) -> dict[int, np.ndarray]:
-    """Patch embeddings of standardised training images (N,3,H,W) for both K, flattened to (P,D) and,
-    with ``fraction`` < 1, a random ``fraction`` of the rows (at least one), the same way for every K."""
+SUBSAMPLES = ("kcenter", "random")
+
+
+@torch.no_grad()
+def kcenter_per_position(embeddings: torch.Tensor, keep: int) -> torch.Tensor:
+    """A covering subsample of a grid of patch embeddings (N,D,H,W) -> (H*W*keep, D).
+
+    At each of the H*W grid positions, greedy k-center over the N images'
+    patches there: start from the patch farthest from their mean, then add the
+    patch farthest from all chosen so far, ``keep`` times. Near-duplicates (the
+    many ordinary patches) are dropped first and unusual good patches kept,
+    which a random subsample does the other way round.
+    """
+    n, d, h, w = embeddings.shape
+    keep = min(max(1, keep), n)
+    patches = embeddings.permute(2, 3, 0, 1).reshape(h * w, n, d).float()  # (P,N,D)
+    rows = torch.arange(h * w)
+    chosen = torch.empty(h * w, keep, dtype=torch.long)
+    chosen[:, 0] = (patches - patches.mean(dim=1, keepdim=True)).norm(dim=2).argmax(dim=1)
+    nearest = (patches - patches[rows, chosen[:, 0]][:, None]).norm(dim=2)  # (P,N) distance to the chosen set
+    for j in range(1, keep):
+        chosen[:, j] = nearest.argmax(dim=1)
+        nearest = torch.minimum(nearest, (patches - patches[rows, chosen[:, j]][:, None]).norm(dim=2))
+    return patches[rows[:, None], chosen].reshape(-1, d)
+
+
+def memory_banks(
+    model: PatchSVDD, images: np.ndarray, fraction: float = 1.0, subsample: str = "kcenter", seed: int = 0
+) -> dict[int, np.ndarray]:
+    """Patch embeddings of standardised training images (N,3,H,W) for both K, flattened to (P,D); with
+    ``fraction`` < 1 only about that share of the rows: 'kcenter' (``kcenter_per_position``, the default)
+    or 'random' (rows drawn with ``seed``)."""
     if not 0 < fraction <= 1:
         raise ValueError(f"bank fraction {fraction}: must be in (0, 1]")
+    if subsample not in SUBSAMPLES:
+        raise ValueError(f"subsample {subsample!r}: choose {' or '.join(SUBSAMPLES)}")
     emb64, emb32 = embed_images(model, images)
     rng = np.random.default_rng(seed)
     banks = {}
     for k, emb in ((LARGE_PATCH, emb64), (SMALL_PATCH, emb32)):
-        rows = flatten_grid(emb).numpy()
-        if fraction < 1:
-            keep = np.sort(rng.choice(len(rows), size=max(1, round(fraction * len(rows))), replace=False))
-            rows = rows[keep]
+        if fraction == 1:
+            rows = flatten_grid(emb).numpy()
+        elif subsample == "kcenter":
+            rows = kcenter_per_position(emb, round(fraction * emb.shape[0])).numpy()
+        else:
+            rows = flatten_grid(emb).numpy()
+            rows = rows[np.sort(rng.choice(len(rows), size=max(1, round(fraction * len(rows))), replace=False))]
         banks[k] = np.ascontiguousarray(rows, dtype=np.float32)
     return banks
 

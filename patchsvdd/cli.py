@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, type=Path, help="bundle folder to write")
     export.add_argument("--bank-fraction", type=float, default=1.0,
                         help="keep this random share of the training patches in the memory banks (default 1: all)")
+    export.add_argument("--subsample", choices=("kcenter", "random"), default="kcenter",
+                        help="how --bank-fraction picks patches: kcenter (covering, per grid position; default) or random")
     export.add_argument("--max-fpr", type=float, default=None,
                         help="image threshold at this false-positive rate on good images (default: at maximum F1)")
     export.add_argument("--calibration-root", type=Path, default=None,
@@ -300,7 +302,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     info = {"source_checkpoint": str(args.checkpoint), "source_sha256": sha256_of(args.checkpoint),
             "source_metadata": {k: v for k, v in meta.items() if k != "history"}}
     inspector, calib = export_bundle(model, data, args.out, bank_fraction=args.bank_fraction, max_fpr=args.max_fpr,
-                                     calibration=calibration, info=info)
+                                     calibration=calibration, info=info, subsample=args.subsample)
     image_t, pixel_t = inspector.image_threshold, inspector.pixel_threshold
     lines = [f"# Calibration of bundle {args.out.name} ({args.category})", "", calib.note, "",
              "| threshold | value | method | FPR | TPR | F1 |", "| --- | --- | --- | --- | --- | --- |"]

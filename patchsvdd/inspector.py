@@ -153,20 +153,21 @@ class Calibration:
 def export_bundle(
     model: PatchSVDD, data: CategoryData, out: str | os.PathLike, bank_fraction: float = 1.0,
     max_fpr: float | None = None, calibration: CategoryData | None = None, info: dict | None = None,
-    search: BankSearch = "auto", holdout_fraction: float = 0.1,
+    search: BankSearch = "auto", holdout_fraction: float = 0.1, subsample: str = "kcenter",
 ) -> tuple[Inspector, Calibration]:
     """Build and write a site bundle from ``model`` and the site's ``data`` (its training images make the
     memory banks and the mean); calibrate the thresholds on ``calibration`` (default: ``data``'s test split).
 
     With defective calibration images: image threshold at maximum F1 (or at ``max_fpr`` on good images),
     pixel threshold the same on the masks. Without: ``holdout_fraction`` of the training images stay out
-    of the banks and a high quantile of their scores is the threshold.
+    of the banks and a high quantile of good scores is the threshold. ``bank_fraction`` < 1 keeps that
+    share of the patches, chosen by ``subsample`` (see ``bundle.memory_banks``).
     """
     calibration = calibration if calibration is not None else data
     labelled = calibration.test_labels.size > 0 and calibration.test_labels.max() == 1
     fit, held = holdout_split(len(data.train_images), 0.0 if labelled else holdout_fraction)
     mean = data.mean
-    banks = memory_banks(model.eval(), standardise(data.train_images[fit], mean), bank_fraction)
+    banks = memory_banks(model.eval(), standardise(data.train_images[fit], mean), bank_fraction, subsample)
     placeholder = Threshold(value=float("inf"), method="none", low=0.0, high=1.0)
     bundle = Bundle(model, mean, banks, placeholder, placeholder, dict(info or {}))
     inspector = Inspector(bundle, device=str(next(model.parameters()).device), search=search)
@@ -186,7 +187,7 @@ def export_bundle(
         note = (f"no defective image to calibrate on: thresholds are the {GOOD_QUANTILE} quantile of the scores of "
                 f"{len(pool)} good images ({len(held)} held out of the bank); check them on a few known defects")
     bundle.image_threshold, bundle.pixel_threshold = image_threshold, pixel_threshold
-    bundle.info.update(category=data.category, bank_fraction=bank_fraction, calibration_note=note,
+    bundle.info.update(category=data.category, bank_fraction=bank_fraction, bank_subsample=subsample, calibration_note=note,
                        n_train_in_bank=int(len(fit)), n_calibration=int(len(scores)))
     write_bundle(bundle, out)
     types = calibration.defect_types or [GOOD if label == 0 else "defective" for label in calibration.test_labels]

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from patchsvdd.bundle import BundleError, read_bundle
+from patchsvdd.bundle import BundleError, kcenter_per_position, memory_banks, read_bundle
 from patchsvdd.calibration import choose_threshold
-from patchsvdd.data import index_category, load_category
+from patchsvdd.data import index_category, load_category, standardise
 from patchsvdd.evaluate import evaluate_category
 from patchsvdd.inspector import export_bundle, load_bundle, to_image
 from patchsvdd.model import PatchSVDD
@@ -59,7 +59,7 @@ def test_subsampled_bank_and_no_defective_images(fabric, tmp_path: Path) -> None
     info = read_bundle(tmp_path / "g").info
     assert info["image_threshold"]["method"] == "good_quantile" and "no defective image" in info["calibration_note"]
     assert info["n_train_in_bank"] == 7  # one of 8 training images held out to set the threshold
-    assert info["bank_rows"]["32"] == round(0.25 * 7 * 57 * 57)
+    assert info["bank_subsample"] == "kcenter" and info["bank_rows"]["32"] == round(0.25 * 7) * 57 * 57
     # never a threshold that flags every good image
     assert (calibration.scores < inspector.image_threshold.value).any() and inspector.image_threshold.fpr < 1
 
@@ -91,3 +91,25 @@ def test_bad_bundles_are_named(fabric, tmp_path: Path) -> None:
     (tmp_path / "b" / "bank_32.npy").unlink()
     with pytest.raises(BundleError, match="bank_32.npy: missing"):
         read_bundle(tmp_path / "b")
+
+
+def test_kcenter_keeps_the_unusual_patches_and_drops_near_duplicates() -> None:
+    points = torch.tensor([[0.0, 0.0], [0.0, 0.01], [10.0, 0.0], [0.0, 10.0], [0.02, 0.0]])
+    grid = points[:, :, None, None]  # N=5 images, D=2, one grid position
+    kept = kcenter_per_position(grid, 3)
+    assert kept.shape == (3, 2)
+    rows = {tuple(round(v, 2) for v in row.tolist()) for row in kept}
+    assert {(10.0, 0.0), (0.0, 10.0)} <= rows and len(rows - {(10.0, 0.0), (0.0, 10.0)}) == 1  # one of the three near 0
+    two_positions = torch.cat([grid, grid + 100], dim=3)  # (5,2,1,2): each position chosen on its own
+    assert kcenter_per_position(two_positions, 2).shape == (4, 2)
+
+
+def test_random_subsample_and_bad_settings(fabric) -> None:
+    model, data = fabric
+    images = standardise(data.train_images[:2], data.mean)
+    banks = memory_banks(model, images, 0.1, subsample="random")
+    assert len(banks[32]) == round(0.1 * 2 * 57 * 57) and len(banks[64]) == round(0.1 * 2 * 13 * 13)
+    with pytest.raises(ValueError, match="subsample 'coreset'"):
+        memory_banks(model, images, 0.1, subsample="coreset")
+    with pytest.raises(ValueError, match="bank fraction 0"):
+        memory_banks(model, images, 0)
