@@ -285,6 +285,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .device import resolve_device
     from .inspector import export_bundle
     from .released import sha256_of
+    from .report import markdown_table
     from .viz import plot_roc_point
 
     if not 0 < args.bank_fraction <= 1 or (args.max_fpr is not None and not 0 <= args.max_fpr < 1):
@@ -304,17 +305,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     inspector, calib = export_bundle(model, data, args.out, bank_fraction=args.bank_fraction, max_fpr=args.max_fpr,
                                      calibration=calibration, info=info, subsample=args.subsample)
     image_t, pixel_t = inspector.image_threshold, inspector.pixel_threshold
+    thresholds = [{"threshold": name, "value": t.value, "method": t.method, "FPR": t.fpr, "TPR": t.tpr, "F1": t.f1}
+                  for name, t in (("image", image_t), ("pixel", pixel_t))]
+    defects = [{"type": name, **row} for name, row in calib.defects.items()]
     lines = [f"# Calibration of bundle {args.out.name} ({args.category})", "", calib.note, "",
-             "| threshold | value | method | FPR | TPR | F1 |", "| --- | --- | --- | --- | --- | --- |"]
-    for name, t in (("image", image_t), ("pixel", pixel_t)):
-        cells = ["n/a" if v is None else f"{v:.3f}" for v in (t.fpr, t.tpr, t.f1)]
-        lines.append(f"| {name} | {t.value:.4g} | {t.method} | " + " | ".join(cells) + " |")
-    lines += ["", "Image scores per defect type (AUROC of each type against good):", "",
-              "| type | n | mean | std | min | max | AUROC |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for name, row in calib.defects.items():
-        cells = ["n/a" if row.get(k) is None else (str(row[k]) if k == "n" else f"{row[k]:.4g}")
-                 for k in ("n", "mean", "std", "min", "max", "auroc")]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+             markdown_table(thresholds), "", "Image scores per defect type (AUROC of each type against good):", "",
+             markdown_table(defects, ["type", "n", "mean", "std", "min", "max", "auroc"])]
     (args.out / "calibration.md").write_text("\n".join(lines) + "\n")
     plot_roc_point(calib.labels, calib.scores, image_t.fpr, image_t.tpr, args.out / "roc.png")
     print("\n".join(lines))
