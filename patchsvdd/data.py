@@ -161,14 +161,19 @@ def _check_orphan_masks(gt_dir: Path, test_dir: Path) -> None:
                 raise MVTecDataError(f"{mask_path}: mask has no test image (expected {folder / image_stem}.png)")
 
 
+def as_model_image(img: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
+    """A PIL image as the model reads it: RGB (grayscale repeated to 3 channels) resized bicubic, uint8 (size,size,3)."""
+    img = img.convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(img, dtype=np.uint8)
+
+
 def read_image(path: Path, size: int = IMAGE_SIZE) -> np.ndarray:
-    """RGB (grayscale repeated to 3 channels) resized bicubic: uint8 (size,size,3)."""
+    """The image file at ``path`` as ``as_model_image`` gives it: uint8 (size,size,3)."""
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.Resampling.BICUBIC)
-            return np.asarray(img, dtype=np.uint8)
+            return as_model_image(img, size)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise MVTecDataError(f"{path}: cannot decode image ({exc})") from exc
 

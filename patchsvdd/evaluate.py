@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
@@ -29,13 +30,14 @@ class Evaluation:
 
 def evaluate_category(
     model: PatchSVDD, data: CategoryData, mode: SearchMode = "exact", batch_size: int = 8, progress: bool = False,
-    mean: np.ndarray | None = None, with_aupro: bool = True,
+    mean: np.ndarray | None = None, with_aupro: bool = True, defect_names: Sequence[str] | None = None,
 ) -> Evaluation:
     """Score ``data``'s test images against all of its training patches with ``model`` (on its device).
 
     Both splits are standardised with the *training* mean: ``data.mean``, or
     ``mean`` (H,W,3) when given (e.g. the mean of a fuller training set).
-    ``with_aupro=False`` skips AUPRO (a few seconds a fusion on a full category).
+    ``with_aupro=False`` skips AUPRO (a few seconds a fusion on a full category). ``defect_names``:
+    the defect types the per-defect tables list (default: those in ``data``; see ``metrics.per_defect``).
     """
     device = next(model.parameters()).device
     mean = data.mean if mean is None else mean
@@ -48,7 +50,8 @@ def evaluate_category(
     seconds.update(scores.seconds)
     start = time.perf_counter()
     metrics = category_metrics(scores.maps, data.test_labels, data.test_masks, with_aupro=with_aupro)
-    defects = {fusion: per_defect(scores.image_scores(fusion).numpy(), data.defect_types) for fusion in scores.maps}
+    defects = {fusion: per_defect(scores.image_scores(fusion).numpy(), data.defect_types, defect_names)
+               for fusion in scores.maps}
     seconds["metrics"] = time.perf_counter() - start
     return Evaluation(metrics=metrics, scores=scores, seconds=seconds, defects=defects)
 

@@ -30,7 +30,7 @@ from openfl.interface.interactive_api.federation import Federation
 
 from .data import BUNDLE_FOLDER_LABEL, DEFECT_TYPES_LABEL, GOOD, CategoryData, holdout_split, standardise
 from .evaluate import evaluate_category
-from .metrics import AUPRO_KEYS, METRIC_KEYS, flatten_defects, per_defect
+from .metrics import AUPRO_KEYS, METRIC_KEYS, flatten_defects
 from .model import PatchSVDD, count_parameters
 from .supervise import director_listens
 from .tls import TLSCheckError, check_mutual_tls, speaks_tls
@@ -194,12 +194,11 @@ def validate_task(model, val_data, device, search, metric_names, holdout_fractio
                                if len(held) else math.nan)
     aurocs = [name for name in metric_names if name != HELDOUT_METRIC]
     if aurocs or defect_fusion:
-        result = evaluate_category(model, val_data, mode=search,
+        result = evaluate_category(model, val_data, mode=search, defect_names=defect_types,
                                    with_aupro=any(name.startswith("aupro_") for name in aurocs))
         out.update({name: math.nan if result.metrics[name] is None else result.metrics[name] for name in aurocs})
         if defect_fusion:
-            scores = result.scores.image_scores(defect_fusion).numpy()
-            out.update(flatten_defects(per_defect(scores, val_data.defect_types, defect_types)))
+            out.update(flatten_defects(result.defects[defect_fusion]))
     return out
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from .bundle import Bundle, memory_banks, read_bundle, write_bundle
 from .calibration import GOOD_QUANTILE, Threshold, choose_threshold
-from .data import GOOD, IMAGE_SIZE, CategoryData, holdout_split, read_image, standardise
+from .data import GOOD, IMAGE_SIZE, CategoryData, as_model_image, holdout_split, read_image, standardise
 from .device import resolve_device
 from .metrics import per_defect
 from .model import LARGE_PATCH, SMALL_PATCH, PatchSVDD
@@ -86,10 +86,7 @@ def to_image(image: np.ndarray | Image.Image | str | os.PathLike) -> np.ndarray:
         if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
             raise ValueError(f"image array of shape {array.shape}: expected (H,W), (H,W,1), (H,W,3) or (H,W,4)")
         image = Image.fromarray(array)
-    rgb = image.convert("RGB")
-    if rgb.size != (IMAGE_SIZE, IMAGE_SIZE):
-        rgb = rgb.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
-    return np.asarray(rgb, dtype=np.uint8)
+    return as_model_image(image)
 
 
 class Inspector:

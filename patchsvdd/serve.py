@@ -48,11 +48,13 @@ def decode_image(data: bytes, what: str = "image") -> np.ndarray:
 
 
 def map_png(amap: np.ndarray, low: float, high: float) -> str:
-    """An anomaly map (H,W) as a base64 PNG, coloured on the fixed scale ``low``..``high`` (jet)."""
+    """An anomaly map (H,W) as a base64 PNG, coloured on the fixed scale ``low``..``high`` (``viz.CMAP``)."""
     from matplotlib import colormaps
 
+    from .viz import CMAP
+
     scaled = np.clip((amap - low) / max(high - low, 1e-12), 0.0, 1.0)
-    rgb = (colormaps["jet"](scaled)[..., :3] * 255).astype(np.uint8)
+    rgb = (colormaps[CMAP](scaled)[..., :3] * 255).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
