@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench notebook clean
+.PHONY: install demo test test-fast bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,9 +32,6 @@ bench: install
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_evaluate.py
 	$(PY) benchmarks/bench_serve.py
-
-notebook:
-	$(PY) tools/make_notebook.py
 
 clean:
 	rm -rf runs data .pytest_cache

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from patchsvdd import federated as fed
-from patchsvdd.demo import Processes, start_federation
+from patchsvdd.harness import Processes, start_federation
 from patchsvdd.model import PatchSVDD
 from patchsvdd.synth import generate_category
 

@@ -35,7 +35,8 @@ import torch
 from patchsvdd.data import CategoryData, index_category, load_category, standardise
 from patchsvdd.evaluate import evaluate_category
 from patchsvdd.model import PatchSVDD, initialise
-from patchsvdd.train import RECIPES, CollapseError, TrainSettings, make_optimizer, train_epoch
+from patchsvdd.settings import RECIPES, TrainSettings
+from patchsvdd.train import CollapseError, make_optimizer, train_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 LN8 = math.log(8)

@@ -34,7 +34,8 @@ from sklearn.metrics import roc_auc_score
 from patchsvdd.bundle import bundle_bytes
 from patchsvdd.checkpoint import load_checkpoint
 from patchsvdd.data import index_category, load_category
-from patchsvdd.demo import Processes, free_port, wait_for
+from patchsvdd.harness import Processes, wait_for
+from patchsvdd.net import free_port
 from patchsvdd.inspector import export_bundle
 from patchsvdd.released import import_released
 

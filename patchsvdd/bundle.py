@@ -25,6 +25,7 @@ from . import __version__
 from .calibration import Threshold
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import IMAGE_SIZE
+from .errors import InputError
 from .model import LARGE_PATCH, SMALL_PATCH, PatchSVDD
 from .scoring import embed_images, flatten_grid
 
@@ -32,7 +33,7 @@ BUNDLE_FORMAT = 1
 INFO_FILE = "bundle.json"
 
 
-class BundleError(ValueError):
+class BundleError(InputError):
     """A bundle folder that cannot be read; the message names the file and what is wrong."""
 
 

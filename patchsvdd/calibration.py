@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from sklearn.metrics import precision_recall_curve, roc_curve
 
+from .errors import InputError
+
 GOOD_QUANTILE = 0.99  # without defective images: this quantile of held-out good scores (the max of a few images)
 
 
@@ -68,18 +70,18 @@ def choose_threshold(
     labels = np.asarray(labels).ravel().astype(np.int64)
     scores = np.asarray(scores, dtype=np.float64).ravel()
     if labels.shape != scores.shape or scores.size == 0:
-        raise ValueError(f"{scores.size} scores for {labels.size} labels: need the same, non-zero number")
+        raise InputError(f"{scores.size} scores for {labels.size} labels: need the same, non-zero number")
     low, high = float(scores.min()), float(scores.max())
     if labels.min() == labels.max():
         if labels[0] == 1:
-            raise ValueError("only defective samples: a threshold needs good ones (their scores set the false alarms)")
+            raise InputError("only defective samples: a threshold needs good ones (their scores set the false alarms)")
         reference = scores if good_scores is None or len(good_scores) == 0 else np.asarray(good_scores, np.float64)
         value = float(np.quantile(reference, quantile))
         fpr, _, _ = _rates(labels, scores, value)
         return Threshold(value, "good_quantile", min(low, float(reference.min())), max(high, value * 1.5 if value > 0 else 1.0), fpr=fpr)
     if max_fpr is not None:
         if not 0 <= max_fpr < 1:
-            raise ValueError(f"max_fpr {max_fpr}: must be in [0, 1)")
+            raise InputError(f"max_fpr {max_fpr}: must be in [0, 1)")
         fprs, _, thresholds = roc_curve(labels, scores)
         allowed = np.nonzero(fprs <= max_fpr)[0]
         value = float(min(thresholds[allowed[-1]], high + 1e-9)) if allowed.size else high + 1e-9

@@ -9,13 +9,14 @@ from typing import Any
 
 import torch
 
+from .errors import InputError
 from .model import PatchSVDD
 
 FORMAT_VERSION = 1
 _PLAIN_TYPES = (str, int, float, bool, type(None))
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint file that is missing, unreadable or not a Patch SVDD checkpoint."""
 
 

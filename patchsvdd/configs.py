@@ -15,11 +15,12 @@ from typing import Any
 import yaml
 
 from .data import MVTecDataError, index_category, load_category, parse_rank_worldsize
+from .errors import InputError
 
 ENVOY_CONFIG_DIR_VAR = "PATCHSVDD_ENVOY_CONFIG_DIR"
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config file that cannot be used; the message names the file and the setting."""
 
 
@@ -63,12 +64,14 @@ def check_director_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def resolve_data_folder(data_folder: str | os.PathLike, config_dir: str | os.PathLike | None = None) -> Path:
-    """A relative ``data_folder`` is taken relative to the envoy config's folder (``$PATCHSVDD_ENVOY_CONFIG_DIR``)."""
+    """The absolute folder: a relative ``data_folder`` is taken relative to the envoy config's folder
+    (``config_dir``, else ``$PATCHSVDD_ENVOY_CONFIG_DIR``, which the start script sets), else, under a plain
+    ``fx envoy start``, to the current folder; absolute, so that every message names the folder really read."""
     folder = Path(data_folder).expanduser()
     base = config_dir if config_dir is not None else os.environ.get(ENVOY_CONFIG_DIR_VAR)
     if not folder.is_absolute() and base:
         folder = Path(base) / folder
-    return folder
+    return folder.absolute()
 
 
 def check_envoy_config(path: str | os.PathLike, check_data: bool = True) -> dict[str, Any]:

@@ -16,6 +16,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .errors import InputError
+
 IMAGE_SIZE = 256
 GOOD = "good"
 DEFECT_TYPES_LABEL = "defect types:"  # an envoy's shard description lists its defect types after this
@@ -25,7 +27,7 @@ MASK_SUFFIX = "_mask"
 MASK_THRESHOLD = 128
 
 
-class MVTecDataError(ValueError):
+class MVTecDataError(InputError):
     """Bad MVTec input. The message names the path and what is wrong with it."""
 
 

@@ -2,9 +2,9 @@
 
 ``python -m patchsvdd.demo`` (what ``make demo`` runs) writes everything under
 ``runs/<time>/``: process logs, configs, the executed notebook, metrics and
-pictures. Processes are started through the repository's start scripts,
-readiness is read from their logs (polled, never a fixed sleep), and every
-process started is stopped on success, failure or Ctrl-C.
+pictures. The director and envoys are started through the project's start
+scripts by ``harness.start_federation``; every process started is stopped on
+success, failure or Ctrl-C. The settings are ``settings.DEMO_SETTINGS``.
 
 This module starts processes; it does not import OpenFL.
 """
@@ -14,215 +14,36 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
-import yaml
+from .harness import HarnessError, Processes, project_root, start_federation
+from .net import free_port
+from .settings import DEMO_SETTINGS, FINETUNE, SEARCHES, SettingsError
 
-REPO = Path(__file__).resolve().parents[1]
-NOTEBOOK = REPO / "workspace" / "PatchSVDD_with_Director.ipynb"
-DIRECTOR_READY = "Starting director server on"
-FRESH_LR, FRESH_WARMUP = 1e-3, 40  # the CPU recipe, scaled to the demo's budget
-FINETUNE_LR, FINETUNE_WARMUP = 1e-5, 0  # from a trained encoder: small steps keep what it knows
-SHARD_ACCEPTED = "Director accepted shard for {name}"
+NOTEBOOK = Path("workspace") / "PatchSVDD_with_Director.ipynb"
 
 
-class DemoError(RuntimeError):
-    """A step of the demo failed; the message says which and where its log is."""
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def tail(path: Path, lines: int = 15) -> str:
-    """The last ``lines`` lines of a log, or '' when it does not exist."""
+def _env_int(name: str, default: int) -> int:
+    """An integer from environment variable ``name`` (unset or empty: ``default``); a clear error otherwise."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return ""
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"{name}={value!r}: expected a whole number") from None
 
 
-@dataclass
-class Node:
-    """A started process with its log."""
-
-    name: str
-    process: subprocess.Popen
-    log: Path
-
-
-@dataclass
-class Processes:
-    """Processes started in their own sessions, so that each can be stopped with all its children."""
-
-    nodes: list[Node] = field(default_factory=list)
-
-    def start(self, name: str, command: Sequence[str], log: Path, env: dict[str, str] | None = None) -> Node:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "ab") as handle:
-            process = subprocess.Popen(
-                list(command), stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, **(env or {})}, start_new_session=True,
-            )
-        node = Node(name, process, log)
-        self.nodes.append(node)
-        return node
-
-    def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM every process group, SIGKILL what is left after ``grace`` seconds."""
-        for node in self.nodes:
-            if node.process.poll() is None:
-                _signal_group(node.process, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for node in self.nodes:
-            try:
-                node.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _signal_group(node.process, signal.SIGKILL)
-                node.process.wait(timeout=5)
-        self.nodes.clear()
-
-    def __enter__(self) -> "Processes":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def _signal_group(process: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(process.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str, watch: Sequence[Node] = (), poll: float = 0.2) -> None:
-    """Poll ``condition`` until true; DemoError when ``timeout`` passes or a watched process exits first."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        for node in watch:
-            if node.process.poll() is not None:
-                raise DemoError(
-                    f"{node.name} exited (code {node.process.returncode}) while waiting for {what}; "
-                    f"its log {node.log} ends with:\n{tail(node.log)}"
-                )
-        if time.monotonic() > deadline:
-            logs = "; ".join(str(n.log) for n in watch)
-            raise DemoError(f"timed out after {timeout:.0f} s waiting for {what} (logs: {logs})")
-        time.sleep(poll)
-
-
-def log_contains(path: Path, text: str) -> bool:
-    try:
-        return text in path.read_text(errors="replace")
-    except FileNotFoundError:
-        return False
-
-
-@dataclass
-class Federation:
-    """A running director and its envoys; ``tls`` holds the notebook's TLS parameters when mutual TLS is on."""
-
-    host: str
-    port: int
-    envoys: list[str]
-    processes: Processes
-    tls: dict[str, object] = field(default_factory=lambda: {"tls": False})
-
-
-def write_director_config(path: Path, port: int, host: str = "localhost") -> Path:
-    """A copy of director_folder/director_config.yaml listening on ``host:port``."""
-    config = yaml.safe_load((REPO / "director_folder" / "director_config.yaml").read_text())
-    config["settings"].update(listen_host=host, listen_port=port)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-def write_envoy_config(path: Path, data_root: Path, category: str, rank: int, world_size: int, cuda_devices: Sequence[int] = ()) -> Path:
-    """A copy of envoy_folder/shard_config.yaml for shard ``rank`` of ``world_size`` of ``data_root/category``."""
-    config = yaml.safe_load((REPO / "envoy_folder" / "shard_config.yaml").read_text())
-    config["params"]["cuda_devices"] = list(cuda_devices)
-    config["shard_descriptor"]["params"].update(
-        data_folder=str(Path(data_root).resolve()), category=category, rank_worldsize=f"{rank},{world_size}",
-        bundle_folder=str(Path(path).resolve().parent / f"{Path(path).stem}_bundles"),
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-def start_federation(
-    run_dir: Path, data_root: Path, category: str, n_envoys: int = 2, port: int | None = None,
-    processes: Processes | None = None, timeout: float = 120.0, tls: bool = False,
-) -> Federation:
-    """Start a director and ``n_envoys`` envoys (shards 1..n of the category) through the start scripts.
-
-    With ``tls`` a fresh authority and certificates are made in ``run_dir/certs``
-    and the TLS start scripts are used. Returns once the director has accepted
-    every shard. On failure the processes started so far are stopped and
-    DemoError says which node failed and why.
-    """
-    processes = processes if processes is not None else Processes()
-    port = port or free_port()
-    run_dir = Path(run_dir).resolve()
-    names = [f"envoy_{i}" for i in range(1, n_envoys + 1)]
-    certs = run_dir / "certs"
-    suffix = "_with_tls.sh" if tls else ".sh"
-    cert_args = [str(certs)] if tls else []  # the TLS scripts take the certificate folder last
-    client_tls: dict[str, object] = {"tls": False}
-    if tls:
-        from .certs import create_federation_certs
-
-        create_federation_certs(certs, ["localhost"], names)
-        client_tls = dict(tls=True, cert_chain=str(certs / "root_ca.crt"), api_cert=str(certs / "frontend.crt"),
-                          api_private_key=str(certs / "frontend.key"))
-    try:
-        config = write_director_config(run_dir / "director" / "director_config.yaml", port)
-        director = processes.start(
-            "director", [str(REPO / "director_folder" / f"start_director{suffix}"), str(config), *cert_args],
-            run_dir / "logs" / "director.log", env={"PATCHSVDD_WORKDIR": str(run_dir / "director")},
-        )
-        wait_for(lambda: log_contains(director.log, DIRECTOR_READY), timeout, "the director to listen", [director])
-        # Envoys on one machine share its cores: oversubscribed BLAS threads slow everyone down.
-        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // n_envoys))
-        envoys = []
-        for rank, name in enumerate(names, start=1):
-            shard = write_envoy_config(run_dir / "envoys" / f"{name}.yaml", data_root, category, rank, n_envoys)
-            envoys.append(processes.start(
-                name, [str(REPO / "envoy_folder" / f"start_envoy{suffix}"), name, str(shard), "localhost", str(port),
-                       *cert_args],
-                run_dir / "logs" / f"{name}.log",
-                env={"PATCHSVDD_WORKDIR": str(run_dir / "envoys" / name), "OMP_NUM_THREADS": threads},
-            ))
-        for name in names:
-            wait_for(
-                lambda name=name: log_contains(director.log, SHARD_ACCEPTED.format(name=name)),
-                timeout, f"the director to accept {name}", [director, *envoys],
-            )
-    except BaseException:
-        processes.stop()
-        raise
-    return Federation("localhost", port, names, processes, client_tls)
-
-
-def run_notebook(output: Path, parameters: dict, timeout: float, cwd: Path) -> None:
-    """Execute the notebook headless with papermill; the executed copy is ``output``."""
+def run_notebook(notebook: Path, output: Path, parameters: dict, timeout: float, cwd: Path) -> None:
+    """Execute ``notebook`` headless with papermill; the executed copy is ``output``."""
     import papermill
 
     papermill.execute_notebook(
-        str(NOTEBOOK), str(output), parameters=parameters, cwd=str(cwd), kernel_name="python3",
-        execution_timeout=int(timeout), progress_bar=False, log_output=False,
+        str(notebook), str(output), parameters=parameters, cwd=str(cwd), kernel_name="python3",
+        execution_timeout=int(timeout), progress_bar=False, log_output=False, stdout_file=sys.stdout,
     )
 
 
@@ -290,58 +111,80 @@ def summarise(run_dir: Path, seconds: float) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m patchsvdd.demo", description="Run the federated Patch SVDD demo end to end.")
+    """The demo's options; defaults from ``settings.DEMO_SETTINGS`` (environment variables as in the Makefile)."""
+    d = DEMO_SETTINGS
+    p = argparse.ArgumentParser(prog="python -m patchsvdd.demo", description="Run the federated Patch SVDD demo end to end.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-root", type=Path, default=os.environ.get("DATA_ROOT") or None,
-                   help="MVTec-layout data root (default: built-in demo data in data/demo; env DATA_ROOT)")
+                   help="MVTec-layout data root (None: built-in demo data in data/demo; env DATA_ROOT)")
     p.add_argument("--category", default=os.environ.get("CATEGORY") or "washer", help="category (env CATEGORY)")
-    p.add_argument("--envoys", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=int(os.environ.get("ROUNDS") or 5))
-    p.add_argument("--repeat", type=int, default=100)
-    p.add_argument("--max-steps", type=int, default=int(os.environ.get("MAX_STEPS") or 80),
-                   help="steps per envoy per round (0: full epochs)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--envoys", type=int, default=2, help="envoys, each holding one shard of the category")
+    p.add_argument("--rounds", type=int, default=_env_int("ROUNDS", d.rounds), help="training rounds (env ROUNDS)")
+    p.add_argument("--repeat", type=int, default=d.repeat, help="times each training image is used per round")
+    p.add_argument("--max-steps", type=int, default=_env_int("MAX_STEPS", d.max_steps),
+                   help="steps per envoy per round (0: full epochs; env MAX_STEPS)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per loss")
     p.add_argument("--init", default=os.environ.get("INIT") or "fresh",
                    help="fresh (a new model), official (the authors' released encoder of --category: downloaded once, "
                         "SHA-256 checked, cached), or a checkpoint .pt or released .pkl file (env INIT)")
     p.add_argument("--lr", type=float, default=None,
-                   help=f"peak learning rate (default {FRESH_LR:g} from scratch, {FINETUNE_LR:g} when fine-tuning)")
+                   help=f"peak learning rate (None: {d.lr:g} from scratch, {FINETUNE['lr']:g} when fine-tuning)")
     p.add_argument("--warmup-steps", type=int, default=None,
-                   help=f"linear warm-up, then cosine decay over all rounds (default {FRESH_WARMUP} from scratch, "
-                        f"{FINETUNE_WARMUP} when fine-tuning)")
-    p.add_argument("--final-search", choices=("exact", "fast"), default="fast")
+                   help=f"linear warm-up, then cosine decay over all rounds (None: {d.warmup_steps} from scratch, "
+                        f"{FINETUNE['warmup_steps']} when fine-tuning)")
+    p.add_argument("--final-search", choices=SEARCHES, default=d.final_search, help="search of the final evaluation")
     p.add_argument("--tls", action="store_true", default=os.environ.get("TLS", "0") not in ("", "0"),
                    help="mutual TLS between all nodes with fresh certificates (env TLS=1)")
-    p.add_argument("--runs-dir", type=Path, default=REPO / "runs")
+    p.add_argument("--runs-dir", type=Path, default=None, help="where run folders go (None: runs/ of the project)")
     p.add_argument("--timeout", type=float, default=1800, help="give up after this many seconds in one notebook cell")
-    p.add_argument("--idle-timeout", type=float, default=600, help="give up after this many seconds without a metric")
+    p.add_argument("--idle-timeout", type=float, default=d.idle_timeout,
+                   help="give up after this many seconds without a metric")
     return p
 
 
+def demo_settings(args: argparse.Namespace):
+    """``DEMO_SETTINGS`` with the options put in (fine-tuning defaults when ``--init`` is not 'fresh');
+    ValueError with the setting's name for a value out of range."""
+    from dataclasses import replace
+
+    tuned = {} if args.init == "fresh" else FINETUNE
+    chosen = dict(rounds=args.rounds, repeat=args.repeat, max_steps=args.max_steps or None, batch_size=args.batch_size,
+                  final_search=args.final_search, idle_timeout=args.idle_timeout, **tuned)
+    chosen.update({k: v for k, v in (("lr", args.lr), ("warmup_steps", args.warmup_steps)) if v is not None})
+    if args.envoys < 1:
+        raise SettingsError(f"envoys={args.envoys}: at least one")
+    return replace(DEMO_SETTINGS, **chosen)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = demo_settings(args)
+        root = project_root()
+    except (SettingsError, HarnessError) as exc:
+        parser.error(str(exc))
     start = time.monotonic()
-    run_dir = (args.runs_dir / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    run_dir = ((args.runs_dir or root / "runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     builtin = args.data_root is None
-    data_root = ensure_demo_data(REPO / "data" / "demo", args.category) if builtin else args.data_root.resolve()
+    data_root = ensure_demo_data(root / "data" / "demo", args.category) if builtin else args.data_root.resolve()
     print(f"run folder {run_dir}")
-    fresh = args.init == "fresh"
-    lr = args.lr if args.lr is not None else (FRESH_LR if fresh else FINETUNE_LR)
-    warmup = args.warmup_steps if args.warmup_steps is not None else (FRESH_WARMUP if fresh else FINETUNE_WARMUP)
     processes = Processes()
     try:
         start_from = initial_checkpoint(args.init, args.category, run_dir)
-        federation = start_federation(run_dir, data_root, args.category, args.envoys, processes=processes, tls=args.tls)
-        print(f"director on port {federation.port} accepted {', '.join(federation.envoys)}; running the notebook")
+        federation = start_federation(run_dir, data_root, args.category, args.envoys, processes=processes, tls=args.tls,
+                                      root=root)
+        print(f"director on port {federation.port} lists {', '.join(federation.envoys)} online; running the notebook")
+        fields = ("rounds", "repeat", "max_steps", "batch_size", "lr", "warmup_steps", "final_search", "idle_timeout")
         params = dict(
+            {name: getattr(settings, name) for name in fields},
             director_host=federation.host, director_port=federation.port, expected_envoys=args.envoys,
-            category=args.category, rounds=args.rounds, repeat=args.repeat, max_steps=args.max_steps or None,
-            batch_size=args.batch_size, lr=lr, warmup_steps=warmup, final_search=args.final_search,
+            category=args.category, aggregator_port=free_port(),  # fixed per run: tests and demos may share a machine
             initial_checkpoint=None if start_from is None else str(start_from),
-            idle_timeout=args.idle_timeout,
             output_dir=str(run_dir / "notebook"), local_data_root=str(data_root), **federation.tls,
         )
-        run_notebook(run_dir / "PatchSVDD_with_Director.ipynb", params, args.timeout, run_dir)
+        run_notebook(root / NOTEBOOK, run_dir / NOTEBOOK.name, params, args.timeout, run_dir)
     except KeyboardInterrupt:
         print("interrupted: stopping the director and envoys", file=sys.stderr)
         return 130

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .settings import EMB_DIM, INIT_SCHEMES
+
 LEAKY_SLOPE = 0.1
 SMALL_PATCH = 32  # K of the small encoder
 LARGE_PATCH = 64  # K of the hierarchical encoder
@@ -29,7 +31,7 @@ class SmallEncoder(nn.Module):
     patch_size = SMALL_PATCH
     native_stride = 2
 
-    def __init__(self, emb_dim: int = 64) -> None:
+    def __init__(self, emb_dim: int = EMB_DIM) -> None:
         super().__init__()
         channels = (*SMALL_ENCODER_CHANNELS, emb_dim)
         layers: list[nn.Module] = []
@@ -63,7 +65,7 @@ class HierarchicalEncoder(nn.Module):
 
     patch_size = LARGE_PATCH
 
-    def __init__(self, emb_dim: int = 64, hidden: int = 128) -> None:
+    def __init__(self, emb_dim: int = EMB_DIM, hidden: int = 128) -> None:
         super().__init__()
         self.small = SmallEncoder(emb_dim)
         self.combine = nn.Conv2d(emb_dim, hidden, kernel_size=2)
@@ -124,7 +126,7 @@ class PositionClassifier(nn.Module):
 
     n_classes = 8
 
-    def __init__(self, emb_dim: int = 64, hidden: int = 128) -> None:
+    def __init__(self, emb_dim: int = EMB_DIM, hidden: int = 128) -> None:
         super().__init__()
         self.layers = nn.Sequential(
             nn.Linear(emb_dim, hidden),
@@ -150,7 +152,7 @@ class PatchSVDD(nn.Module):
     patch_sizes = (LARGE_PATCH, SMALL_PATCH)
     strides = {LARGE_PATCH: 16, SMALL_PATCH: 4}
 
-    def __init__(self, emb_dim: int = 64, init: str = "kaiming") -> None:
+    def __init__(self, emb_dim: int = EMB_DIM, init: str = "kaiming") -> None:
         super().__init__()
         self.emb_dim = emb_dim
         self.encoder = HierarchicalEncoder(emb_dim)
@@ -182,9 +184,6 @@ class PatchSVDD(nn.Module):
         return emb64, emb32
 
 
-INIT_SCHEMES = ("kaiming", "pytorch")
-
-
 def initialise(model: nn.Module, scheme: str = "kaiming") -> nn.Module:
     """Re-draw the weights of every convolution and linear layer of ``model`` in place (torch's global RNG).
 
@@ -210,3 +209,11 @@ def initialise(model: nn.Module, scheme: str = "kaiming") -> nn.Module:
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable scalars."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def describe(model: PatchSVDD) -> str:
+    """A short text: D, K and strides with their grids on 256x256 images, the parameters and the layers."""
+    return (
+        f"Patch SVDD, D={model.emb_dim}: K=64 at stride {model.strides[64]} (13x13 grid), "
+        f"K=32 at stride {model.strides[32]} (57x57 grid), {count_parameters(model):,} parameters\n{model}"
+    )

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .errors import InputError
 from .model import PatchSVDD
 
 SOURCE_REPOSITORY = "nuclearboy95/Anomaly-Detection-PatchSVDD-PyTorch"
@@ -48,7 +49,7 @@ CATEGORIES = tuple(SHA256)
 DOWNLOAD_TIMEOUT = 60.0
 
 
-class ReleasedWeightsError(ValueError):
+class ReleasedWeightsError(InputError):
     """A released encoder that cannot be had or does not fit; the message names the file or URL and what is wrong."""
 
 

@@ -3,9 +3,29 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+
+FRAMEWORK_LOGGERS = ("openfl", "grpc", "faiss", "py.warnings")
+
+
+def log_framework_to(path: str | Path, loggers: Sequence[str] = FRAMEWORK_LOGGERS) -> Path:
+    """Send the frameworks' log lines and Python warnings to the file ``path`` instead of the notebook's
+    cells, which then show only what the project prints: tables, one line per round, pictures."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.captureWarnings(True)
+    for name in loggers:
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]  # in place of any console handler
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return path
 
 
 def fmt(value: Any) -> str:

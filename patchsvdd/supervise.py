@@ -28,18 +28,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from .tls import TLSCheckError, check_reachable
+from .net import listens
 
 DIRECTOR_GONE_EXIT = 3
-
-
-def director_listens(host: str, port: int, timeout: float = 3.0) -> bool:
-    """True when a TCP connection to ``host:port`` opens (works with and without TLS)."""
-    try:
-        check_reachable(host, port, timeout)
-    except TLSCheckError:
-        return False
-    return True
 
 
 def _die_with_parent() -> None:  # runs in the child before exec
@@ -61,7 +52,7 @@ class Supervisor:
     director_timeout: float = 600.0
     poll: float = 1.0
     grace: float = 10.0
-    probe: Callable[[str, int], bool] = director_listens
+    probe: Callable[[str, int], bool] = listens
     say: Callable[[str], None] = lambda line: print(f"[supervise] {line}", file=sys.stderr, flush=True)
 
     def __post_init__(self) -> None:

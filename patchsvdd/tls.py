@@ -75,7 +75,7 @@ def check_mutual_tls(host: str, port: int, ca_cert: str, cert: str, key: str, ti
             ) from exc
         if any(word in reason for word in ("WRONG_VERSION", "RECORD_LAYER", "PACKET_LENGTH", "UNEXPECTED_EOF")):
             raise TLSCheckError(f"the director at {host}:{port} does not speak TLS: start it with "
-                                "start_director_with_tls.sh, or start this node without TLS") from exc
+                                "a certificate folder (start_director.sh CONFIG CERT_DIR), or start this node without TLS") from exc
         raise TLSCheckError(f"TLS handshake with the director at {host}:{port} failed: {exc}") from exc
     except (ConnectionResetError, BrokenPipeError) as exc:
         raise TLSCheckError(f"the director at {host}:{port} closed the connection during the TLS handshake: "

@@ -16,60 +16,14 @@ import torch.nn.functional as F
 
 from .model import LARGE_PATCH, SMALL_PATCH, PatchSVDD, split_quadrants
 from .sampling import crop_patches, perturb, sample_position_pairs, sample_svdd_pairs
+from .settings import PRECISIONS, LRSchedule, TrainSettings
 
 LOSS_NAMES = ("loss", "loss_pos_64", "loss_pos_32", "loss_svdd_64", "loss_svdd_32")
 PATCH_SIZES = (LARGE_PATCH, SMALL_PATCH)
 STEP_NAMES = (*LOSS_NAMES, "spread_64", "spread_32")
 COLLAPSE_SPREAD = 1e-6  # a fresh encoder with PyTorch's default init spreads about 5e-5; a collapsed one about 1e-7 or 0
 COLLAPSE_PATIENCE = 20  # steps in a row below it
-PRECISIONS = ("auto", "fp32", "bf16")
-SCHEDULES = ("cosine", "constant")
 ENCODER_CHUNK = 256  # 32x32 inputs per K=32 encoder call in training (measured best on a 2-core CPU)
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """A training recipe. The defaults are the project's CPU recipe, measured on real bottle
-    (docs/benchmarks.md): He initialisation, Adam lr 1e-3 with 100 warm-up steps and a cosine decay
-    to a tenth, bf16 autocast where the hardware has it. ``PAPER_SETTINGS`` is the published one.
-
-    ``repeat``: each training image is used this many times per epoch; ``lambda_svdd``: weight of the
-    SVDD loss; ``batch_size``: pairs per loss (B).
-    """
-
-    lr: float = 1e-3
-    lambda_svdd: float = 1e-3
-    batch_size: int = 64
-    repeat: int = 100
-    warmup_steps: int = 100
-    schedule: str = "cosine"  # or "constant"
-    precision: str = "auto"  # see resolve_precision
-    init: str = "kaiming"  # see model.initialise
-
-    def __post_init__(self) -> None:
-        if self.lr <= 0 or self.lambda_svdd < 0:
-            raise ValueError(f"lr={self.lr}, lambda_svdd={self.lambda_svdd}: lr must be positive, lambda not negative")
-        if self.batch_size < 1 or self.repeat < 1 or self.warmup_steps < 0:
-            raise ValueError(f"batch_size={self.batch_size}, repeat={self.repeat}, warmup_steps={self.warmup_steps}: "
-                             "batch and repeat at least 1, warm-up not negative")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule {self.schedule!r}: choose {' or '.join(SCHEDULES)}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision {self.precision!r}: choose {', '.join(PRECISIONS)}")
-
-    def lr_schedule(self, total_steps: int | None) -> "LRSchedule":
-        """The learning rate per global step for a run of ``total_steps`` steps (needed for 'cosine')."""
-        cosine = self.schedule == "cosine" and total_steps is not None
-        return LRSchedule(self.lr, self.warmup_steps, total_steps if cosine else None)
-
-    def steps_per_epoch(self, n_images: int, max_steps: int | None = None) -> int:
-        """Optimizer steps of one epoch over ``n_images`` images (cut to ``max_steps`` when given)."""
-        steps = math.ceil(n_images * self.repeat / self.batch_size)
-        return steps if max_steps is None else min(steps, max_steps)
-
-
-PAPER_SETTINGS = TrainSettings(lr=1e-4, warmup_steps=0, schedule="constant", precision="fp32", init="pytorch")
-RECIPES = {"cpu": TrainSettings(), "paper": PAPER_SETTINGS}
 
 
 def make_optimizer(model: PatchSVDD, lr: float = TrainSettings.lr) -> torch.optim.Adam:
@@ -194,26 +148,6 @@ def heldout_losses(
 
 class CollapseError(RuntimeError):
     """The encoder's embeddings lost their spread (a known Patch SVDD failure: lr or lambda too large)."""
-
-
-@dataclass(frozen=True)
-class LRSchedule:
-    """Learning rate per global step: linear warm-up from 0 over ``warmup_steps``, then constant
-    (``total_steps`` None) or cosine decay to ``final_fraction`` * ``base_lr`` at ``total_steps``."""
-
-    base_lr: float = TrainSettings.lr
-    warmup_steps: int = 0
-    total_steps: int | None = None
-    final_fraction: float = 0.1
-
-    def lr_at(self, step: int) -> float:
-        """Learning rate of global step ``step`` (0-based)."""
-        if step < self.warmup_steps:
-            return self.base_lr * (step + 1) / self.warmup_steps
-        if self.total_steps is None:
-            return self.base_lr
-        done = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
-        return self.base_lr * (self.final_fraction + (1 - self.final_fraction) * 0.5 * (1 + math.cos(math.pi * done)))
 
 
 def bf16_supported(device: torch.device) -> bool:

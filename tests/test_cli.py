@@ -96,10 +96,41 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Capt
     assert main(["train", "--data-root", str(tmp_path / "none"), "--category", "x", "--epochs", "1",
                  "--out", str(tmp_path / "m.pt")]) == 2
     assert "data root does not exist" in capsys.readouterr().err
-    for bad, text in ((["--epochs", "1", "--batch-size", "0"], "batch_size=0"), (["--epochs", "-1"], "--epochs -1"),
+    for bad, text in ((["--epochs", "1", "--batch-size", "0"], "--batch-size: 0: must be at least 1"),
+                      (["--epochs", "-1"], "--epochs: -1: must be at least 0"), (["--epochs", "x"], "'x' is not a whole"),
                       (["--epochs", "1", "--lr", "0"], "lr=0")):
-        assert main(["train", "--data-root", str(tmp_path), "--category", "x", "--out", str(tmp_path / "m.pt"), *bad]) == 2
+        assert _exit_code(["train", "--data-root", str(tmp_path), "--category", "x", "--out", str(tmp_path / "m.pt"), *bad]) == 2
         assert text in capsys.readouterr().err  # said before any data is read (there are none here)
+    assert _exit_code(["synth", "--out", str(tmp_path / "s"), "--n-train", "0"]) == 2
+    assert "--n-train: 0: must be at least 1" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+def _exit_code(argv: list[str]) -> int:
+    """main's return value, or the code of the SystemExit argparse raises for a malformed argument."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code)
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Only a user's mistake (InputError) becomes one line; any other error is a bug and propagates."""
+    from patchsvdd import commands
+
+    def broken(args):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(commands, "cmd_synth", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["synth", "--out", str(tmp_path / "s")])
+
+
+def test_help_shows_defaults_and_no_markup(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _exit_code(["train", "--help"]) == 0
+    shown = capsys.readouterr().out
+    assert "(default: 0)" in shown and "--recipe" in shown and "(default: None)" not in shown
+    assert _exit_code(["--help"]) == 0
+    assert "``" not in capsys.readouterr().out
 
 
 def test_train_recipes(tiny_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -96,3 +96,17 @@ def test_truncated_png_fails_on_decode_with_its_path(writable_category: Path) ->
     index = index_category(writable_category, "fabric")  # header still readable
     with pytest.raises(MVTecDataError, match="003.png: cannot decode"):
         load_category(index)
+
+
+def test_a_relative_data_folder_is_named_absolutely(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beside the config under the start script; the current folder under a plain ``fx envoy start``:
+    either way the error names the folder really read."""
+    from patchsvdd.configs import ENVOY_CONFIG_DIR_VAR, resolve_data_folder
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(ENVOY_CONFIG_DIR_VAR, str(tmp_path / "configs"))
+    assert resolve_data_folder("data") == tmp_path / "configs" / "data"
+    monkeypatch.delenv(ENVOY_CONFIG_DIR_VAR)
+    assert resolve_data_folder("data") == tmp_path / "data"
+    with pytest.raises(MVTecDataError, match=str(tmp_path / "data")):
+        index_category(resolve_data_folder("data"), "x")

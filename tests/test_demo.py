@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from patchsvdd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from patchsvdd.demo import FINETUNE_LR, FRESH_LR, build_parser, initial_checkpoint
+from patchsvdd.demo import build_parser, demo_settings, initial_checkpoint
+from patchsvdd.settings import DEMO_SETTINGS
 from patchsvdd.model import PatchSVDD
 from patchsvdd.released import SHA256, ReleasedWeightsError
 
@@ -48,5 +49,49 @@ def test_parser_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INIT", "official")
     monkeypatch.setenv("MAX_STEPS", "7")
     args = build_parser().parse_args([])
-    assert args.init == "official" and args.max_steps == 7 and args.lr is None  # lr: chosen by init in main
-    assert FINETUNE_LR < FRESH_LR
+    assert args.init == "official" and args.max_steps == 7 and args.lr is None  # lr: chosen by init
+    tuned = demo_settings(args)
+    assert tuned.max_steps == 7 and tuned.lr < DEMO_SETTINGS.lr and tuned.warmup_steps == 0
+    fresh = demo_settings(build_parser().parse_args(["--init", "fresh", "--lr", "0.002"]))
+    assert fresh.lr == 0.002 and fresh.warmup_steps == DEMO_SETTINGS.warmup_steps
+
+
+def test_harness_finds_the_project_or_says_how(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from patchsvdd import harness
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.delenv("PATCHSVDD_ROOT", raising=False)
+    assert harness.project_root(root / "workspace") == root  # from a folder inside the checkout
+    monkeypatch.setattr(harness, "__file__", str(tmp_path / "site-packages" / "patchsvdd" / "harness.py"))
+    with pytest.raises(harness.HarnessError, match="set PATCHSVDD_ROOT"):  # an installed package, run elsewhere
+        harness.project_root(tmp_path)
+    monkeypatch.setenv("PATCHSVDD_ROOT", str(root))
+    assert harness.project_root(tmp_path) == root
+
+
+@pytest.mark.slow
+def test_a_non_editable_install_runs_the_demo_parts_from_a_checkout(tmp_path: Path) -> None:
+    """``pip install .`` copies the package away from the checkout: the harness still finds the scripts."""
+    import subprocess
+    import sys
+
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    source, target = tmp_path / "source", tmp_path / "site"  # a copy: the build leaves build/ beside its source
+    shutil.copytree(root / "patchsvdd", source / "patchsvdd", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(source)], check=True, timeout=300, cwd=tmp_path)
+    probe = ("import patchsvdd, patchsvdd.demo as d, patchsvdd.harness as h; "
+             "print(patchsvdd.__file__); print(h.project_root()); print(d.build_parser().parse_args([]).rounds)")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target)}
+    inside = subprocess.run([sys.executable, "-c", probe], cwd=root / "envoy_folder", env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert inside.returncode == 0, inside.stderr
+    package, found, rounds = inside.stdout.split()
+    assert package.startswith(str(target)) and Path(found) == root and int(rounds) == 5
+    outside = subprocess.run([sys.executable, "-m", "patchsvdd.demo"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert outside.returncode == 2 and "set PATCHSVDD_ROOT" in outside.stderr and "Traceback" not in outside.stderr

@@ -21,9 +21,11 @@ from patchsvdd import federated as fed
 from patchsvdd.bundle import read_bundle
 from patchsvdd.checkpoint import load_checkpoint, save_checkpoint
 from patchsvdd.data import index_category, load_category
-from patchsvdd.demo import Processes, log_contains, run_notebook, start_federation, wait_for
+from patchsvdd.demo import NOTEBOOK, run_notebook
+from patchsvdd.harness import Processes, log_contains, project_root, start_federation, wait_for
 from patchsvdd.metrics import split_defects
 from patchsvdd.model import PatchSVDD
+from patchsvdd.net import free_port
 from patchsvdd.synth import generate_category
 from patchsvdd.train import make_optimizer
 
@@ -81,8 +83,7 @@ def test_aggregated_weights_are_the_size_weighted_mean_of_the_envoys(federation,
         shard = load_category(index.shard(rank, 2))
         local = PatchSVDD(emb_dim=16)
         local.load_state_dict(initial)
-        fed.train_task(local, shard, make_optimizer(local, settings.lr), "cpu", 0, settings.train_settings(),
-                       settings.rounds, settings.max_steps, settings.seed, settings.holdout_fraction)
+        fed.train_task(local, shard, make_optimizer(local, settings.lr), "cpu", 0, settings)
         local_states.append(_state(local))
         sizes.append(len(shard.train_images))
     assert sizes == [4, 3]
@@ -123,8 +124,10 @@ def test_two_round_experiment_then_final_evaluation(federation, fed_data: Path, 
     criterion = dict(log.series("aggregated_model_validate", fed.HELDOUT_METRIC)["aggregator"])
     assert meta["metric"] == fed.HELDOUT_METRIC
     assert meta["round"] == saver.best_round and meta["score"] == min(criterion.values()) == criterion[meta["round"]]
-    if meta["round"] == 2:
-        assert all(torch.equal(v, last.state_dict()[k]) for k, v in saved.state_dict().items())
+    same = lambda a, b: all(torch.equal(v, b[k]) for k, v in a.items())  # noqa: E731
+    # round 0 validates the initial model, round 2 the final aggregate, round 1 the one between
+    assert same(saved.state_dict(), initial) == (meta["round"] == 0)
+    assert same(saved.state_dict(), last.state_dict()) == (meta["round"] == 2)
     assert not list(tmp_path.glob(".best.pt.*"))
     assert (tmp_path / "nb" / "plan").is_dir()  # OpenFL's files stay in the working folder given
 
@@ -212,11 +215,12 @@ def test_notebook_runs_with_tiny_parameters(federation, fed_data: Path, tmp_path
     torch.manual_seed(3)
     start = PatchSVDD(emb_dim=16)
     save_checkpoint(start, tmp_path / "start.pt", round=4, experiment="earlier")  # resume from a checkpoint
+    aggregator_port = free_port()
     run_notebook(
-        tmp_path / "executed.ipynb",
+        project_root() / NOTEBOOK, tmp_path / "executed.ipynb",
         dict(director_host=nodes.host, director_port=nodes.port, expected_envoys=2, category="fabric", rounds=1, repeat=1, max_steps=1,
              batch_size=4, emb_dim=16, final_search="fast", output_dir=str(out), local_data_root=str(fed_data),
-             idle_timeout=300, initial_checkpoint=str(tmp_path / "start.pt")),
+             idle_timeout=300, initial_checkpoint=str(tmp_path / "start.pt"), aggregator_port=aggregator_port),
         timeout=600, cwd=tmp_path,
     )
     metrics = json.loads((out / "metrics.json").read_text())
@@ -231,4 +235,6 @@ def test_notebook_runs_with_tiny_parameters(federation, fed_data: Path, tmp_path
         assert (out / name).is_file(), name
     assert len(list((out / "maps").glob("*.png"))) == 6
     executed = (tmp_path / "executed.ipynb").read_text()
+    plan = (out / "experiment" / "plan" / "plan.yaml").read_text()
+    assert f"agg_port: {aggregator_port}" in plan  # the port envoys must reach, as set in the notebook
     assert "starting from" in executed and "round 4" in executed

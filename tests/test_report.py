@@ -22,3 +22,27 @@ def test_untrained_vs_trained_takes_the_first_and_last_round_per_node() -> None:
     assert rows[0]["heldout_pos untrained"] is None  # never reported by that node
     assert rows[1]["heldout_pos untrained"] == 4.2 and rows[1]["heldout_pos trained"] == 3.1
     assert "| aggregator | 4.2000 | 3.1000 | 0.6500 | 0.8500 | n/a | n/a |" in markdown_table(rows)
+
+
+def test_framework_log_goes_to_a_file(tmp_path) -> None:
+    import logging
+    import warnings
+
+    from patchsvdd.report import FRAMEWORK_LOGGERS, log_framework_to
+
+    path = log_framework_to(tmp_path / "logs" / "framework.log")
+    try:
+        logging.getLogger("openfl.something").info("Getting experiment Status...")
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            logging.captureWarnings(True)
+            warnings.warn("a framework warning", UserWarning, stacklevel=1)
+        for handler in logging.getLogger("openfl").handlers:
+            handler.flush()
+        text = path.read_text()
+        assert "Getting experiment Status" in text and "a framework warning" in text
+    finally:
+        logging.captureWarnings(False)
+        for name in FRAMEWORK_LOGGERS:
+            logging.getLogger(name).handlers = []
+            logging.getLogger(name).propagate = True

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from patchsvdd.data import index_category, load_category
-from patchsvdd.demo import Processes, free_port, wait_for
+from patchsvdd.harness import Processes, wait_for
+from patchsvdd.net import free_port
 from patchsvdd.inspector import export_bundle, load_bundle
 from patchsvdd.model import PatchSVDD
 

@@ -11,7 +11,9 @@ from cryptography import x509
 
 from patchsvdd import federated as fed
 from patchsvdd.certs import create_federation_certs, issued_by
-from patchsvdd.demo import REPO, Processes, start_federation
+from patchsvdd.harness import Processes, project_root, start_federation
+
+REPO = project_root()
 from patchsvdd.model import PatchSVDD
 from patchsvdd.synth import generate_category
 
@@ -76,7 +78,7 @@ def test_envoy_from_another_authority_is_refused(tls_federation, tmp_path: Path,
         f"  params: {{data_folder: {data}, category: fabric, rank_worldsize: '1,2'}}\n"
     )
     result = subprocess.run(
-        [str(REPO / "envoy_folder" / "start_envoy_with_tls.sh"), "envoy_x", str(config), nodes.host, str(nodes.port), str(foreign)],
+        [str(REPO / "envoy_folder" / "start_envoy.sh"), "envoy_x", str(config), nodes.host, str(nodes.port), str(foreign)],
         capture_output=True, text=True, timeout=60, env={"PATCHSVDD_WORKDIR": str(tmp_path / "w"), "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 2
@@ -86,7 +88,7 @@ def test_envoy_from_another_authority_is_refused(tls_federation, tmp_path: Path,
 
 
 def test_unreachable_director_is_reported_at_once(tmp_path: Path) -> None:
-    from patchsvdd.demo import free_port
+    from patchsvdd.net import free_port
 
     with pytest.raises(fed.FederationError, match="cannot reach the director"):
         fed.connect("localhost", free_port(), tls=False)

@@ -9,9 +9,10 @@ import torch
 from patchsvdd.model import PatchSVDD, initialise
 from patchsvdd.sampling import crop_patches, sample_position_pairs, sample_svdd_pairs
 from patchsvdd.train import (
-    CollapseError, LRSchedule, as_generator, batch_embeddings, batch_losses, bf16_supported, heldout_losses,
+    CollapseError, as_generator, batch_embeddings, batch_losses, bf16_supported, heldout_losses,
     make_optimizer, resolve_precision, sample_batch, svdd_loss, train_epoch,
 )
+from patchsvdd.settings import LRSchedule
 
 
 def _images(n: int = 3) -> np.ndarray:

@@ -1,0 +1,29 @@
+"""The federation layer: the only part of ``patchsvdd`` that imports OpenFL (1.7.1, director/envoy API).
+
+- ``tasks``: what travels to the envoys (data interface, train/validate/export tasks, task assigner);
+- ``client``: the notebook's side of the director (connect, shard registry, submit, attach, fetch);
+- ``monitor``: following an experiment (metric log, watchdog, stream reader, best-model checkpointer).
+
+The notebook imports this package as ``fed`` and uses the names below.
+"""
+
+from ..settings import ExperimentSettings
+from .client import (
+    EXPERIMENT_RECORD, DirectorFederation, FederationError, attach, connect, experiment_status, fetch_last_model,
+    online_envoys, shard_bundle_folders, shard_defect_types, shard_table, start_evaluation, start_experiment,
+    start_export, wait_for_envoys,
+)
+from .monitor import DirectorGoneError, MetricLog, SaveWhenImproved, Watchdog, follow_metrics
+from .tasks import (
+    DEFECT_FUSION, EXPORT_METRICS, FINAL_METRICS, HELDOUT_METRIC, ROUND_METRICS, MVTecDataInterface, SiteData, SiteError,
+    export_task, train_task, validate_task,
+)
+
+__all__ = [
+    "DEFECT_FUSION", "EXPERIMENT_RECORD", "EXPORT_METRICS", "FINAL_METRICS", "HELDOUT_METRIC", "ROUND_METRICS",
+    "DirectorFederation", "DirectorGoneError", "ExperimentSettings", "FederationError", "MVTecDataInterface",
+    "MetricLog", "SaveWhenImproved", "SiteData", "SiteError", "Watchdog", "attach", "connect", "experiment_status",
+    "export_task", "fetch_last_model", "follow_metrics", "online_envoys", "shard_bundle_folders", "shard_defect_types",
+    "shard_table", "start_evaluation", "start_experiment", "start_export", "train_task", "validate_task",
+    "wait_for_envoys",
+]

@@ -1,0 +1,234 @@
+"""Following a running experiment: the metric log, the watchdog that decides when to give up, the
+stream reader, and the checkpointer that keeps the best model.
+
+``Watchdog`` holds every give-up rule as a pure decision on (time, envoys
+online, status) and is tested without a director; ``follow_metrics`` only
+moves messages from OpenFL's metric stream to it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from openfl.interface.interactive_api.experiment import FLExperiment
+
+from ..net import still_listens_after
+from .client import FederationError, experiment_status, online_envoys
+from .tasks import HELDOUT_METRIC
+
+
+class DirectorGoneError(FederationError):
+    """The director stopped answering during an experiment; its experiments are lost with it."""
+
+
+@dataclass
+class MetricLog:
+    """Metrics as streamed: dicts with round, metric_origin, task_name, metric_name, metric_value."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    def series(self, task_name: str, metric_name: str) -> dict[str, list[tuple[int, float]]]:
+        """{origin: [(round, value), ...]} for one task and metric."""
+        out: dict[str, list[tuple[int, float]]] = {}
+        for r in self.records:
+            if r["task_name"] == task_name and r["metric_name"] == metric_name:
+                out.setdefault(r["metric_origin"], []).append((int(r["round"]), float(r["metric_value"])))
+        return out
+
+    def final(self, task_name: str = "aggregated_model_validate") -> dict[str, dict[str, float]]:
+        """{origin: {metric: value}} from the last round each origin reported for ``task_name``."""
+        out: dict[str, dict[str, tuple[int, float]]] = {}
+        for r in self.records:
+            if r["task_name"] == task_name:
+                slot = out.setdefault(r["metric_origin"], {})
+                if r["metric_name"] not in slot or slot[r["metric_name"]][0] <= r["round"]:
+                    slot[r["metric_name"]] = (int(r["round"]), float(r["metric_value"]))
+        return {origin: {k: v for k, (_, v) in metrics.items()} for origin, metrics in out.items()}
+
+    def to_jsonable(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.records]
+
+
+@dataclass
+class Watchdog:
+    """When to give up on experiment ``name`` while no metric arrives; times are ``time.monotonic()`` seconds.
+
+    ``check`` answers None (keep waiting) or the sentence to raise: an envoy of
+    ``participants`` is offline; the experiment has waited ``pending_timeout``
+    seconds behind another one; no metric for ``idle_timeout`` seconds.
+    """
+
+    name: str
+    participants: set[str]
+    idle_timeout: float
+    pending_timeout: float
+    last_progress: float
+    pending_since: float | None = None
+
+    def progress(self, now: float) -> None:
+        """A metric (or the stream's end) arrived at ``now``."""
+        self.last_progress = now
+
+    def check(self, now: float, online: set[str], status: str | None) -> str | None:
+        """The reason to give up at ``now``, given the envoys online and the director's status; or None."""
+        if self.participants - online:
+            return (f"experiment {self.name!r}: envoy {', '.join(sorted(self.participants - online))} went offline "
+                    "during the experiment, which cannot finish without it. Restart the envoy and the director, then "
+                    "start a new experiment from the last checkpoint (the notebook's initial_checkpoint).")
+        self.pending_since = (self.pending_since if self.pending_since is not None else now) if status == "pending" else None
+        if self.pending_since is not None and now - self.pending_since > self.pending_timeout:
+            return (f"experiment {self.name!r} has waited {self.pending_timeout:.0f} s behind another experiment on "
+                    "the director, which runs one at a time and cannot stop one (OpenFL 1.7.1). If that one is stuck "
+                    "(an envoy died), restart the director: the envoys register again by themselves.")
+        if now - self.last_progress > self.idle_timeout:
+            return (f"experiment {self.name!r}: no metric for {self.idle_timeout:.0f} s although every envoy is "
+                    f"online (status {status}); see the director and envoy logs.")
+        return None
+
+
+_END = object()
+
+
+def _pump(call, inbox: queue.Queue) -> None:
+    """Move the gRPC metric stream into ``inbox`` as dicts, then the end marker (or the error)."""
+    try:
+        for message in call:
+            inbox.put({"round": int(message.round), "metric_origin": message.metric_origin,
+                       "task_name": message.task_name, "metric_name": message.metric_name,
+                       "metric_value": float(message.metric_value)})
+        inbox.put(_END)
+    except Exception as exc:  # gRPC errors arrive here; re-raised by follow_metrics
+        inbox.put(exc)
+
+
+def follow_metrics(
+    experiment: FLExperiment, idle_timeout: float = 900.0, on_metric: Callable[[dict[str, Any]], None] | None = None,
+    checkpointer: SaveWhenImproved | None = None, registry_poll: float = 5.0, pending_timeout: float = 300.0,
+) -> MetricLog:
+    """Collect the experiment's metrics until it ends; ``on_metric`` sees each, ``checkpointer`` saves improvements.
+
+    While waiting, the shard registry and the experiment's status are read
+    every ``registry_poll`` seconds and put to a ``Watchdog``: FederationError
+    when it gives up or the experiment ends in failure; DirectorGoneError when
+    the director stops answering.
+    """
+    import grpc
+    from openfl.protocols import director_pb2
+
+    log = MetricLog()
+    inbox: queue.Queue = queue.Queue()
+    name = experiment.experiment_name
+    call = experiment.federation.dir_client.stub.GetMetricStream(director_pb2.GetMetricStreamRequest(experiment_name=name))
+    threading.Thread(target=_pump, args=(call, inbox), name="metric-stream", daemon=True).start()
+    watchdog = Watchdog(name, set(experiment.plan.authorized_cols), idle_timeout, pending_timeout, time.monotonic())
+    try:
+        while True:
+            try:
+                item = inbox.get(timeout=min(idle_timeout, registry_poll))
+            except queue.Empty:
+                try:
+                    online, status = online_envoys(experiment.federation), experiment_status(experiment.federation, name)
+                except grpc.RpcError as exc:
+                    raise director_gone(experiment, checkpointer, exc) from None
+                reason = watchdog.check(time.monotonic(), online, status)
+                if reason is not None:
+                    raise FederationError(reason)
+                continue
+            watchdog.progress(time.monotonic())
+            if item is _END:
+                break
+            if isinstance(item, grpc.RpcError) and item.code() == grpc.StatusCode.UNAVAILABLE:
+                raise director_gone(experiment, checkpointer, item) from None
+            if isinstance(item, Exception):
+                raise FederationError(f"experiment {name!r}: metric stream broke: {item}") from item
+            log.records.append(item)
+            if on_metric is not None:
+                on_metric(item)
+            if checkpointer is not None:
+                checkpointer.observe(item)
+    except BaseException:
+        call.cancel()
+        raise
+    if checkpointer is not None:
+        checkpointer.finish()
+    status = experiment.get_experiment_status()
+    if status is not None and str(status).lower() == "failed":
+        raise FederationError(f"experiment {name!r} failed on the director (see its log)")
+    return log
+
+
+def director_gone(experiment: FLExperiment, checkpointer: SaveWhenImproved | None, cause: Exception) -> DirectorGoneError:
+    """The sentence for a director that stopped answering (process ended, machine or network down)."""
+    federation = experiment.federation
+    host, port = federation.director_node_fqdn, getattr(federation, "director_port", None)
+    where = f"{host}:{port}" if port else host
+    gone = port is not None and not still_listens_after(host, int(port), seconds=5.0)
+    state = "does not listen any more" if gone else f"stopped answering ({getattr(cause, 'details', lambda: cause)()})"
+    saved = ""
+    if checkpointer is not None and checkpointer.saved_round is not None:
+        saved = f" The best model so far (round {checkpointer.saved_round}) is saved in {checkpointer.path}."
+    return DirectorGoneError(
+        f"experiment {experiment.experiment_name!r}: the director at {where} {state}; the experiment is lost with it."
+        f"{saved} Start the director again: envoys started with start_envoy.sh wait for it and register again by "
+        "themselves. Then connect again and start a new experiment from the last checkpoint (initial_checkpoint)."
+    )
+
+
+class SaveWhenImproved:
+    """Saves the validated aggregate atomically each time it beats the best so far (pass to ``follow_metrics``).
+
+    The criterion is ``metric`` of the aggregator's validation: by default the
+    held-out position loss ('heldout_pos', lower is better), which needs no
+    anomalous image, so the test images whose AUROC is reported never choose
+    the model. Round r's aggregated validation scores the model round r started
+    with; the director holds that model as "last" from the end of round r until
+    the end of round r+1. So an improvement seen in round r is saved when the
+    first metric of a later round arrives (round r+1 is then under way: its
+    training takes far longer than the fetch), or when the experiment ends. ``fetch`` (default: the
+    experiment's last model) is called once per save. ``save_checkpoint``
+    writes a temporary file and renames it: a crash never leaves a broken file.
+    ``metadata`` goes into the file, with the round and the score.
+    """
+
+    def __init__(self, experiment: FLExperiment | None, path: str | os.PathLike, /, metric: str = HELDOUT_METRIC,
+                 lower_is_better: bool = True, fetch: Callable[[], Any] | None = None, **metadata: Any) -> None:
+        self.path, self.metric, self.metadata = Path(path), metric, metadata
+        self.fetch = fetch if fetch is not None else experiment.get_last_model
+        self.lower_is_better = lower_is_better
+        self.best_score = math.inf if lower_is_better else -math.inf
+        self.best_round: int | None = None
+        self.saved_round: int | None = None  # round of the model in ``path``, once written
+        self._pending: tuple[int, float] | None = None
+
+    def _better(self, score: float) -> bool:
+        return not math.isnan(score) and (score < self.best_score if self.lower_is_better else score > self.best_score)
+
+    def observe(self, record: dict[str, Any]) -> None:
+        """Look at one streamed metric: save a pending improvement once a later round reports."""
+        if self._pending is not None and record["round"] > self._pending[0]:
+            self._save()
+        key = (record["metric_origin"], record["task_name"], record["metric_name"])
+        score = record["metric_value"]
+        if key == ("aggregator", "aggregated_model_validate", self.metric) and self._better(score):
+            self.best_score, self.best_round = score, int(record["round"])
+            self._pending = (self.best_round, score)
+
+    def finish(self) -> None:
+        """The experiment ended: save the pending improvement, if any."""
+        if self._pending is not None:
+            self._save()
+
+    def _save(self) -> None:
+        from ..checkpoint import save_checkpoint
+
+        round_number, score = self._pending
+        self._pending = None
+        save_checkpoint(self.fetch(), self.path, round=round_number, score=float(score), metric=self.metric, **self.metadata)
+        self.saved_round = round_number

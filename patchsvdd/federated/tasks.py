@@ -1,0 +1,203 @@
+"""What travels to the envoys: the data interface, the three tasks and the task assigner.
+
+Thin on purpose: the tasks call ``train_epoch``, ``evaluate_category`` and
+``export_bundle`` unchanged, so federated, local and tested code paths are the
+same. Everything here runs at a site, on that site's own data: validation
+scores an envoy's test images against its own training patches and reports
+numbers only, so no image leaves a site.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from openfl.interface.interactive_api.experiment import DataInterface, TaskInterface
+
+from ..data import CategoryData, holdout_split, standardise
+from ..evaluate import evaluate_category
+from ..metrics import AUPRO_KEYS, METRIC_KEYS, flatten_defects
+from ..settings import ExperimentSettings
+from ..train import heldout_losses, train_epoch
+
+HELDOUT_METRIC = "heldout_pos"  # the model-choice criterion: needs no anomaly, lower is better
+ROUND_METRICS = (HELDOUT_METRIC, "det_sum", "seg_sum")
+FINAL_METRICS = METRIC_KEYS + AUPRO_KEYS
+DEFECT_FUSION = "sum"  # the fusion whose image scores the final evaluation reports per defect type
+EXPORT_METRICS = ("image_threshold", "image_fpr", "image_tpr", "pixel_threshold", "calibrated", "bundle_mb",
+                  "bank_rows_32")
+
+
+class SiteError(RuntimeError):
+    """A task cannot run at this site as configured; the message names the setting to change."""
+
+
+@dataclass
+class SiteData(CategoryData):
+    """An envoy's shard (see ``CategoryData``) and the folder at its site where its bundles go (or None)."""
+
+    bundle_folder: str | None = None
+
+
+class MVTecDataInterface(DataInterface):
+    """Gives the tasks the envoy's shard as a ``SiteData`` (uint8 arrays, decoded once)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._data: SiteData | None = None
+
+    @property
+    def shard_descriptor(self):
+        return self._shard_descriptor
+
+    @shard_descriptor.setter
+    def shard_descriptor(self, shard_descriptor) -> None:
+        self._shard_descriptor = shard_descriptor
+        train = shard_descriptor.get_dataset("train")
+        test = shard_descriptor.get_dataset("test")
+        test_items = [test[i] for i in range(len(test))]
+        labels = np.array([item[2] for item in test_items], dtype=np.int64)
+        # a shard descriptor of our own names each test image's defect type; another gets good/defective
+        types = list(getattr(test, "defect_types", None) or ["defective" if label else "good" for label in labels])
+        self._data = SiteData(
+            bundle_folder=getattr(shard_descriptor, "bundle_folder", None),
+            category=getattr(shard_descriptor, "category", "shard"),
+            train_images=np.stack([train[i][0] for i in range(len(train))]),
+            test_images=np.stack([item[0] for item in test_items]),
+            test_masks=np.stack([item[1] for item in test_items]),
+            test_labels=labels,
+            defect_types=types,
+            test_names=list(getattr(test, "names", None) or [f"{t}/{i}" for i, t in enumerate(types)]),
+        )
+
+    def get_train_loader(self, **kwargs: Any) -> SiteData:
+        return self._data
+
+    def get_valid_loader(self, **kwargs: Any) -> SiteData:
+        return self._data
+
+    def get_train_data_size(self) -> int:
+        return len(self._data.train_images)
+
+    def get_valid_data_size(self) -> int:
+        return len(self._data.test_images)
+
+
+def train_task(model, train_data, optimizer, device, round_num, settings: ExperimentSettings) -> dict:
+    """One round of local training on an envoy: ``train_epoch`` on its standardised training images
+    less the held-out ones, at the global steps of this round in a schedule over all rounds."""
+    model.to(device)
+    recipe = settings.train_settings()
+    fit, _ = holdout_split(len(train_data.train_images), settings.holdout_fraction)
+    images = standardise(train_data.train_images[fit], train_data.mean)
+    steps = recipe.steps_per_epoch(len(fit), settings.max_steps)
+    losses = train_epoch(
+        model, images, optimizer, repeat=recipe.repeat, batch_size=recipe.batch_size,
+        lambda_svdd=recipe.lambda_svdd, max_steps=settings.max_steps, generator=settings.seed * 100_003 + int(round_num),
+        schedule=recipe.lr_schedule(settings.rounds * steps), start_step=int(round_num) * steps,
+        precision=recipe.precision, progress=False,
+    )
+    return {"train_loss": losses["loss"], "pos_loss_64": losses["loss_pos_64"], "pos_loss_32": losses["loss_pos_32"],
+            "spread_64": losses["spread_64"], "spread_32": losses["spread_32"]}
+
+
+def validate_task(model, val_data, device, search, metric_names, holdout_fraction, defect_fusion=None,
+                  defect_types=None) -> dict:
+    """An envoy's view of the model: 'heldout_pos' (position loss on its held-out good training images;
+    NaN without any) and AUROCs / AUPROs of its test images against its own training patches (NaN where
+    undefined); with ``defect_fusion``, also that fusion's image-score statistics for each of
+    ``defect_types`` as 'defect/<type>/<stat>' (NaN for a type this envoy lacks: the aggregator needs the
+    same metrics from every envoy). Numbers only: the types are folder names, no image leaves."""
+    model.to(device)
+    out: dict[str, float] = {}
+    if HELDOUT_METRIC in metric_names:
+        _, held = holdout_split(len(val_data.train_images), holdout_fraction)
+        out[HELDOUT_METRIC] = (heldout_losses(model, standardise(val_data.train_images[held], val_data.mean))[HELDOUT_METRIC]
+                               if len(held) else math.nan)
+    aurocs = [name for name in metric_names if name != HELDOUT_METRIC]
+    if aurocs or defect_fusion:
+        result = evaluate_category(model, val_data, mode=search, defect_names=defect_types,
+                                   with_aupro=any(name.startswith("aupro_") for name in aurocs))
+        out.update({name: math.nan if result.metrics[name] is None else result.metrics[name] for name in aurocs})
+        if defect_fusion:
+            out.update(flatten_defects(result.defects[defect_fusion]))
+    return out
+
+
+def export_task(model, val_data, device, name, bank_fraction, max_fpr) -> dict:
+    """Write this site's bundle (``name`` in its bundle folder) from ``model`` and its own images, calibrated
+    on its own test images; report only numbers: thresholds, whether defects calibrated them, size."""
+    from ..bundle import bundle_bytes
+    from ..inspector import export_bundle
+
+    if not getattr(val_data, "bundle_folder", None):
+        raise SiteError("this envoy's shard descriptor names no bundle folder (shard_descriptor.params.bundle_folder)")
+    model.to(device)
+    out = Path(val_data.bundle_folder) / name
+    inspector, _ = export_bundle(model, val_data, out, bank_fraction=bank_fraction, max_fpr=max_fpr,
+                                 info={"experiment": name})
+    image, pixel = inspector.image_threshold, inspector.pixel_threshold
+    nan = math.nan
+    return {"image_threshold": image.value, "image_fpr": nan if image.fpr is None else image.fpr,
+            "image_tpr": nan if image.tpr is None else image.tpr, "pixel_threshold": pixel.value,
+            "calibrated": float(image.method != "good_quantile"), "bundle_mb": bundle_bytes(out) / 1e6,
+            "bank_rows_32": float(len(inspector.bundle.banks[32]))}
+
+
+def _with_validation(tasks: TaskInterface, **kwargs: Any) -> TaskInterface:
+    tasks.add_kwargs(**kwargs)(validate_task)
+    tasks.register_fl_task(model="model", data_loader="val_data", device="device")(validate_task)
+    return tasks
+
+
+def training_tasks(settings: ExperimentSettings, metric_names: tuple[str, ...] = ROUND_METRICS) -> TaskInterface:
+    """``train_task`` (with the optimizer) and ``validate_task`` (``metric_names``, ``round_search``)."""
+    tasks = TaskInterface()
+    tasks.add_kwargs(settings=settings)(train_task)
+    tasks.register_fl_task(model="model", data_loader="train_data", device="device", optimizer="optimizer",
+                           round_num="round_num")(train_task)
+    return _with_validation(tasks, search=settings.round_search, metric_names=tuple(metric_names),
+                            holdout_fraction=settings.holdout_fraction)
+
+
+def evaluation_tasks(settings: ExperimentSettings, defect_types: list[str] | None = None) -> TaskInterface:
+    """Only ``validate_task``: the eight AUROCs, the AUPROs and, given the ``defect_types`` of all envoys,
+    the per-defect statistics, with ``final_search``."""
+    return _with_validation(TaskInterface(), search=settings.final_search, metric_names=FINAL_METRICS,
+                            holdout_fraction=settings.holdout_fraction,
+                            defect_fusion=DEFECT_FUSION if defect_types else None, defect_types=defect_types)
+
+
+def export_tasks(name: str, bank_fraction: float, max_fpr: float | None) -> TaskInterface:
+    """Only ``export_task``: every envoy writes bundle ``name`` at its site."""
+    tasks = TaskInterface()
+    tasks.add_kwargs(name=name, bank_fraction=bank_fraction, max_fpr=max_fpr)(export_task)
+    tasks.register_fl_task(model="model", data_loader="val_data", device="device")(export_task)
+    return tasks
+
+
+class TrainThenValidate:
+    """Task assigner: ``training_rounds`` rounds of train + validate, then one validation-only round.
+
+    OpenFL 1.7.1 validates the model a round *starts* with and keeps that one
+    as "last", so the aggregate of the final training round would be neither
+    validated nor returned; the extra round fixes both. The locally-tuned
+    validation of OpenFL's default assigner is left out: it doubles the cost
+    of validation for a number nobody aggregates.
+    """
+
+    def __init__(self, tasks: TaskInterface, training_rounds: int) -> None:
+        registered = tasks.get_registered_tasks()
+        self.train = registered["train"]
+        self.validate = registered["aggregated_model_validate"]
+        self.training_rounds = training_rounds
+
+    def __call__(self, collaborators, round_number, **kwargs) -> dict:
+        return {name: list(self.tasks_of_round(round_number)) for name in collaborators}
+
+    def tasks_of_round(self, round_number: int) -> list:
+        """The tasks every envoy runs in ``round_number`` (0-based)."""
+        return [self.train, self.validate] if round_number < self.training_rounds else [self.validate]

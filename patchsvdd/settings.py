@@ -1,0 +1,167 @@
+"""Every default of the project in one place: the training recipe and the federated experiment.
+
+``TrainSettings`` is a training recipe (what ``patchsvdd train`` and the envoys'
+training task use); ``ExperimentSettings`` is a federated experiment: the
+recipe plus rounds, model choice and search. The notebook's parameter cell, the
+demo's command line and the CLI take their defaults from these dataclasses, and
+a test checks that the notebook's parameter cell agrees field for field.
+Standard library only: the envoy side, the demo and the CLI's help read it
+without torch or OpenFL.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from .errors import InputError
+
+EMB_DIM = 64  # D, the paper's embedding size
+INIT_SCHEMES = ("kaiming", "pytorch")  # see model.initialise
+PRECISIONS = ("auto", "fp32", "bf16")  # see train.resolve_precision
+SCHEDULES = ("cosine", "constant")
+SEARCHES = ("exact", "fast")
+FINAL_MODELS = ("best", "last")
+DEVICE_POLICIES = ("CUDA_PREFERRED", "CPU_ONLY")
+
+
+class SettingsError(InputError):
+    """A setting out of range; the message names it and what it may be."""
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """Learning rate per global step: linear warm-up from 0 over ``warmup_steps``, then constant
+    (``total_steps`` None) or cosine decay to ``final_fraction`` * ``base_lr`` at ``total_steps``."""
+
+    base_lr: float = 1e-3
+    warmup_steps: int = 0
+    total_steps: int | None = None
+    final_fraction: float = 0.1
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of global step ``step`` (0-based)."""
+        if step < self.warmup_steps:
+            return self.base_lr * (step + 1) / self.warmup_steps
+        if self.total_steps is None:
+            return self.base_lr
+        done = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.base_lr * (self.final_fraction + (1 - self.final_fraction) * 0.5 * (1 + math.cos(math.pi * done)))
+
+
+def _choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise SettingsError(f"{name}={value!r}: choose {', '.join(map(str, choices))}")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """A training recipe. The defaults are the project's CPU recipe, measured on real bottle
+    (docs/benchmarks.md): He initialisation, Adam lr 1e-3 with 100 warm-up steps and a cosine decay
+    to a tenth, bf16 autocast where the hardware has it. ``PAPER_SETTINGS`` is the published one.
+
+    ``repeat``: each training image is used this many times per epoch; ``lambda_svdd``: weight of the
+    SVDD loss (lambda); ``batch_size``: pairs per loss (B).
+    """
+
+    lr: float = 1e-3
+    lambda_svdd: float = 1e-3
+    batch_size: int = 64
+    repeat: int = 100
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    precision: str = "auto"
+    init: str = "kaiming"
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0 or self.lambda_svdd < 0:
+            raise SettingsError(f"lr={self.lr}, lambda_svdd={self.lambda_svdd}: lr must be positive, lambda not negative")
+        if self.batch_size < 1 or self.repeat < 1 or self.warmup_steps < 0:
+            raise SettingsError(f"batch_size={self.batch_size}, repeat={self.repeat}, warmup_steps={self.warmup_steps}: "
+                             "batch and repeat at least 1, warm-up not negative")
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("init", self.init, INIT_SCHEMES)
+
+    def lr_schedule(self, total_steps: int | None) -> LRSchedule:
+        """The learning rate per global step for a run of ``total_steps`` steps (needed for 'cosine')."""
+        cosine = self.schedule == "cosine" and total_steps is not None
+        return LRSchedule(self.lr, self.warmup_steps, total_steps if cosine else None)
+
+    def steps_per_epoch(self, n_images: int, max_steps: int | None = None) -> int:
+        """Optimizer steps of one epoch over ``n_images`` images (cut to ``max_steps`` when given)."""
+        steps = math.ceil(n_images * self.repeat / self.batch_size)
+        return steps if max_steps is None else min(steps, max_steps)
+
+
+PAPER_SETTINGS = TrainSettings(lr=1e-4, warmup_steps=0, schedule="constant", precision="fp32", init="pytorch")
+RECIPES = {"cpu": TrainSettings(), "paper": PAPER_SETTINGS}
+_TRAIN = TrainSettings()
+
+
+@dataclass(frozen=True)
+class ExperimentSettings:
+    """A federated experiment: the training recipe (defaults: ``TrainSettings``) and the federation's own.
+
+    ``repeat``/``max_steps``: each training image is used ``repeat`` times per round, cut to ``max_steps``
+    steps when set; the learning-rate schedule runs over all rounds. ``holdout_fraction``: share of each
+    envoy's good training images kept out of training; the position loss on them ('heldout_pos', lower is
+    better) chooses the best model without any anomaly. ``round_search``/``final_search``: nearest-neighbour
+    search of the per-round validation and of the final evaluation. ``final_model``: the model the final
+    evaluation scores. ``idle_timeout``: seconds without any metric before giving up. ``aggregator_port``:
+    the port of the aggregator the director starts for each experiment, which every envoy must reach
+    (None: OpenFL's choice, from a hash of the plan, somewhere in 49152-60998).
+    """
+
+    rounds: int = 5
+    repeat: int = _TRAIN.repeat
+    max_steps: int | None = None
+    batch_size: int = _TRAIN.batch_size
+    lr: float = _TRAIN.lr
+    warmup_steps: int = _TRAIN.warmup_steps
+    schedule: str = _TRAIN.schedule
+    precision: str = _TRAIN.precision
+    init: str = _TRAIN.init
+    lambda_svdd: float = _TRAIN.lambda_svdd
+    holdout_fraction: float = 0.1
+    emb_dim: int = EMB_DIM
+    device_policy: str = "CUDA_PREFERRED"
+    round_search: str = "fast"
+    final_search: str = "exact"
+    final_model: str = "best"
+    seed: int = 0
+    idle_timeout: float = 900.0
+    aggregator_port: int | None = 50051
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise SettingsError(f"rounds={self.rounds}: at least one round")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise SettingsError(f"max_steps={self.max_steps}: at least 1 (None for whole epochs)")
+        if not 0 <= self.holdout_fraction < 1:
+            raise SettingsError(f"holdout_fraction={self.holdout_fraction}: from 0 (none) to below 1")
+        if self.emb_dim < 1 or not self.idle_timeout > 0:
+            raise SettingsError(f"emb_dim={self.emb_dim}, idle_timeout={self.idle_timeout}: both must be positive")
+        if self.aggregator_port is not None and not 0 < self.aggregator_port < 65536:
+            raise SettingsError(f"aggregator_port={self.aggregator_port}: a TCP port (1-65535) or None")
+        _choice("device_policy", self.device_policy, DEVICE_POLICIES)
+        _choice("round_search", self.round_search, SEARCHES)
+        _choice("final_search", self.final_search, SEARCHES)
+        _choice("final_model", self.final_model, FINAL_MODELS)
+        self.train_settings()  # checks the training part
+
+    def train_settings(self) -> TrainSettings:
+        """The training part of these settings."""
+        return TrainSettings(**{f.name: getattr(self, f.name) for f in fields(TrainSettings)})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict, for checkpoint metadata and reports."""
+        return asdict(self)
+
+
+# The demo's budget: 5 rounds of 80 steps at batch 32 per envoy, a warm-up scaled to it (docs/benchmarks.md).
+DEMO_SETTINGS = replace(ExperimentSettings(), max_steps=80, batch_size=32, warmup_steps=40, final_search="fast",
+                        idle_timeout=600.0)
+# Fine-tuning a trained encoder (a released one): small steps keep what it knows.
+FINETUNE = {"lr": 1e-5, "warmup_steps": 0}

@@ -1,0 +1,104 @@
+"""The monitor's decisions without a director: watchdog, metric log, best-model checkpointer, task assigner."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from patchsvdd import federated as fed
+from patchsvdd.checkpoint import load_checkpoint
+from patchsvdd.federated.tasks import TrainThenValidate, training_tasks
+from patchsvdd.model import PatchSVDD
+
+
+def _watchdog(**kw) -> fed.Watchdog:
+    return fed.Watchdog(name="x", participants={"a", "b"}, idle_timeout=100.0, pending_timeout=30.0, last_progress=0.0, **kw)
+
+
+def test_watchdog_gives_up_on_an_offline_envoy_at_once() -> None:
+    assert _watchdog().check(1.0, {"a", "b", "c"}, "in_progress") is None
+    reason = _watchdog().check(1.0, {"a"}, "in_progress")
+    assert "envoy b went offline" in reason and "initial_checkpoint" in reason
+
+
+def test_watchdog_waits_pending_timeout_behind_another_experiment() -> None:
+    dog = _watchdog()
+    assert dog.check(10.0, {"a", "b"}, "pending") is None  # pending from 10 s
+    assert dog.check(40.0, {"a", "b"}, "pending") is None  # 30 s: not more than the limit yet
+    assert "waited 30 s behind another experiment" in dog.check(40.5, {"a", "b"}, "pending")
+    dog = _watchdog()
+    dog.check(10.0, {"a", "b"}, "pending")
+    assert dog.check(20.0, {"a", "b"}, "in_progress") is None  # it started: the pending clock is reset
+    assert dog.check(45.0, {"a", "b"}, "pending") is None
+
+
+def test_watchdog_idle_clock_restarts_with_every_metric() -> None:
+    dog = _watchdog()
+    assert dog.check(99.0, {"a", "b"}, "in_progress") is None
+    dog.progress(99.0)
+    assert dog.check(150.0, {"a", "b"}, "in_progress") is None
+    assert "no metric for 100 s" in dog.check(199.5, {"a", "b"}, "in_progress")
+
+
+def _record(round_: int, origin: str, task: str, name: str, value: float) -> dict:
+    return {"round": round_, "metric_origin": origin, "task_name": task, "metric_name": name, "metric_value": value}
+
+
+def test_metric_log_series_and_final() -> None:
+    log = fed.MetricLog([
+        _record(0, "aggregator", "aggregated_model_validate", "det_sum", 0.5),
+        _record(0, "envoy_1", "train", "train_loss", 3.0),
+        _record(1, "aggregator", "aggregated_model_validate", "det_sum", 0.7),
+        _record(1, "envoy_1", "aggregated_model_validate", "det_sum", 0.6),
+    ])
+    assert log.series("aggregated_model_validate", "det_sum") == {"aggregator": [(0, 0.5), (1, 0.7)], "envoy_1": [(1, 0.6)]}
+    assert log.final() == {"aggregator": {"det_sum": 0.7}, "envoy_1": {"det_sum": 0.6}}
+    assert log.final("train") == {"envoy_1": {"train_loss": 3.0}}
+
+
+def test_checkpointer_saves_the_model_of_the_improving_round_once_a_later_round_reports(tmp_path: Path) -> None:
+    """Round r's model is fetched when round r+1's first metric arrives; NaN and worse rounds never save."""
+    models = {}  # what the director would hand out as "last", per round under way
+    current = {"round": 0}
+
+    def fetch() -> PatchSVDD:
+        return models[current["round"]]
+
+    for r in range(4):
+        torch.manual_seed(r)
+        models[r] = PatchSVDD(emb_dim=4)
+    saver = fed.SaveWhenImproved(None, tmp_path / "best.pt", fetch=fetch, experiment="t")
+    validation = "aggregated_model_validate"
+    stream = [(0, 3.0), (1, math.nan), (2, 2.0), (3, 2.5)]
+    for round_, score in stream:
+        current["round"] = max(0, round_ - 1)  # when round r reports, the director still holds round r-1's model
+        saver.observe(_record(round_, "envoy_1", "train", "train_loss", 1.0))
+        saver.observe(_record(round_, "aggregator", validation, fed.HELDOUT_METRIC, score))
+        saver.observe(_record(round_, "aggregator", validation, "det_sum", 0.9))  # another metric: ignored
+        if round_ == 1:
+            assert saver.saved_round == 0  # round 0's improvement, saved when round 1 reported
+    saver.finish()
+    assert (saver.best_round, saver.best_score, saver.saved_round) == (2, 2.0, 2)
+    model, meta = load_checkpoint(tmp_path / "best.pt")
+    assert meta["round"] == 2 and meta["score"] == 2.0 and meta["metric"] == fed.HELDOUT_METRIC and meta["experiment"] == "t"
+    expected = models[2].state_dict()  # fetched while round 3 was under way
+    assert all(torch.equal(model.state_dict()[k], expected[k]) for k in expected)
+
+
+def test_checkpointer_with_higher_is_better_and_nothing_to_save(tmp_path: Path) -> None:
+    saver = fed.SaveWhenImproved(None, tmp_path / "b.pt", metric="det_sum", lower_is_better=False,
+                                 fetch=lambda: pytest.fail("nothing improved: nothing to fetch"))
+    saver.observe(_record(0, "aggregator", "aggregated_model_validate", "det_sum", math.nan))
+    saver.finish()
+    assert saver.saved_round is None and not (tmp_path / "b.pt").exists()
+
+
+def test_task_assigner_trains_then_validates_once_more() -> None:
+    settings = fed.ExperimentSettings(rounds=2, aggregator_port=None)
+    assigner = TrainThenValidate(training_tasks(settings), settings.rounds)
+    names = [[task.name for task in assigner.tasks_of_round(r)] for r in range(3)]
+    assert names == [["train", "aggregated_model_validate"]] * 2 + [["aggregated_model_validate"]]
+    assert set(assigner(["envoy_1", "envoy_2"], 0)) == {"envoy_1", "envoy_2"}

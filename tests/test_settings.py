@@ -1,0 +1,64 @@
+"""One source of settings: the notebook's parameter cell, the demo and the CLI agree with ``settings``."""
+
+from __future__ import annotations
+
+import ast
+import json
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from patchsvdd.settings import DEMO_SETTINGS, ExperimentSettings, SettingsError, TrainSettings
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "workspace" / "PatchSVDD_with_Director.ipynb"
+
+
+def _cells() -> list[dict]:
+    return json.loads(NOTEBOOK.read_text())["cells"]
+
+
+def _parameters() -> dict[str, object]:
+    """The assignments of the notebook's cell tagged 'parameters', as Python values."""
+    cell = next(c for c in _cells() if "parameters" in c.get("metadata", {}).get("tags", []))
+    tree = ast.parse("".join(cell["source"]))
+    return {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)}
+
+
+def test_every_setting_is_a_notebook_parameter_with_the_same_default() -> None:
+    parameters = _parameters()
+    for field in fields(ExperimentSettings):
+        assert field.name in parameters, f"the notebook has no parameter {field.name}"
+        assert parameters[field.name] == field.default, field.name
+
+
+def test_the_notebook_passes_every_parameter_to_the_settings() -> None:
+    """The cell that builds ExperimentSettings passes each field as name=name (none left at its default)."""
+    source = next("".join(c["source"]) for c in _cells() if "ExperimentSettings(" in "".join(c["source"]))
+    call = next(node for node in ast.walk(ast.parse(source))
+                if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "ExperimentSettings")
+    passed = {kw.arg: kw.value.id for kw in call.keywords if isinstance(kw.value, ast.Name)}
+    assert passed == {f.name: f.name for f in fields(ExperimentSettings)}
+
+
+def test_notebook_is_kept_without_outputs() -> None:
+    for cell in _cells():
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None
+
+
+def test_training_defaults_come_from_the_recipe() -> None:
+    settings = ExperimentSettings()
+    assert settings.train_settings() == TrainSettings()
+    assert DEMO_SETTINGS.max_steps == 80 and DEMO_SETTINGS.rounds == settings.rounds
+
+
+@pytest.mark.parametrize("bad, named", [
+    ({"rounds": 0}, "rounds=0"), ({"max_steps": 0}, "max_steps=0"), ({"batch_size": 0}, "batch_size=0"),
+    ({"round_search": "slow"}, "round_search='slow'"), ({"final_model": "first"}, "final_model='first'"),
+    ({"aggregator_port": 70000}, "aggregator_port=70000"), ({"holdout_fraction": 1.0}, "holdout_fraction=1.0"),
+    ({"init": "xavier"}, "init='xavier'"), ({"idle_timeout": 0}, "idle_timeout=0"),
+])
+def test_settings_out_of_range_name_themselves(bad: dict, named: str) -> None:
+    with pytest.raises(SettingsError, match=named.replace("[", r"\[").replace("(", r"\(")):
+        ExperimentSettings(**bad)
