@@ -164,6 +164,8 @@ def write_envoy_config(root: Path, path: Path, data_root: Path, category: str, r
 
 def envoys_accepted(host: str, port: int, names: Sequence[str], tls: dict[str, object]) -> Callable[[], bool]:
     """A readiness probe: True once the director's shard registry lists every envoy of ``names`` online."""
+    import grpc
+
     from .federated import FederationError, connect, online_envoys
 
     federation = None
@@ -173,7 +175,7 @@ def envoys_accepted(host: str, port: int, names: Sequence[str], tls: dict[str, o
         try:
             federation = federation or connect(host, port, **tls, client_id="harness")
             return set(names) <= online_envoys(federation)
-        except (FederationError, OSError, RuntimeError):
+        except (FederationError, OSError, grpc.RpcError):  # not up yet: asked again until the deadline
             return False
 
     return probe

@@ -95,3 +95,19 @@ def test_a_non_editable_install_runs_the_demo_parts_from_a_checkout(tmp_path: Pa
     outside = subprocess.run([sys.executable, "-m", "patchsvdd.demo"], cwd=tmp_path, env=env, capture_output=True,
                              text=True, timeout=120)
     assert outside.returncode == 2 and "set PATCHSVDD_ROOT" in outside.stderr and "Traceback" not in outside.stderr
+
+
+def test_empty_or_bad_environment_numbers(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                          tmp_path: Path) -> None:
+    monkeypatch.setenv("ROUNDS", "")  # ROUNDS= make demo: the default, not a crash
+    assert build_parser().parse_args([]).rounds == DEMO_SETTINGS.rounds
+    monkeypatch.setenv("ROUNDS", "five")
+    with pytest.raises(SystemExit, match="ROUNDS='five': expected a whole number"):
+        build_parser()
+    monkeypatch.setenv("ROUNDS", "0")
+    from patchsvdd.demo import main
+
+    with pytest.raises(SystemExit) as stopped:  # before any folder, data or process
+        main(["--runs-dir", str(tmp_path / "runs")])
+    assert stopped.value.code == 2 and "rounds=0: at least one round" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -190,8 +190,12 @@ class SaveWhenImproved:
     the model. Round r's aggregated validation scores the model round r started
     with; the director holds that model as "last" from the end of round r until
     the end of round r+1. So an improvement seen in round r is saved when the
-    first metric of a later round arrives (round r+1 is then under way: its
-    training takes far longer than the fetch), or when the experiment ends. ``fetch`` (default: the
+    first metric of a later round arrives (round r+1 is then under way), or
+    when the experiment ends. The director streams metrics with up to a
+    second's delay, so a round r+1 shorter than that (toy test rounds, never a
+    real one) can end first, and the model fetched is then round r+1's; OpenFL
+    1.7.1 gives no way to check (GetExperimentDescription, which tells the
+    round, fails with a custom task assigner). ``fetch`` (default: the
     experiment's last model) is called once per save. ``save_checkpoint``
     writes a temporary file and renames it: a crash never leaves a broken file.
     ``metadata`` goes into the file, with the round and the score.
