@@ -18,8 +18,7 @@ from typing import Callable, Sequence
 from .errors import InputError
 
 
-
-class HELP(argparse.HelpFormatter):
+class DefaultsHelp(argparse.HelpFormatter):
     """Help that shows each option's default where it has one (not for required or recipe-chosen ones)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
@@ -30,8 +29,8 @@ class HELP(argparse.HelpFormatter):
         return text
 
 
-def at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: a whole number not below ``low``."""
+def at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number not below ``low`` (nor above ``high`` when given)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -39,6 +38,8 @@ def at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"{value}: must be at least {low}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{value}: must be at most {high}")
         return value
     return parse
 
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "localisation on MVTec-layout images.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    synth = sub.add_parser("synth", formatter_class=HELP,
+    synth = sub.add_parser("synth", formatter_class=DefaultsHelp,
                          help="write a procedural demo category in the MVTec AD layout")
     synth.add_argument("--out", required=True, type=Path, help="data root to write <category>/ into")
     synth.add_argument("--category", default="fabric", choices=sorted(CATEGORIES))
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--n-test-per-defect", type=at_least(1), default=20, help="test images of each defect type")
     synth.add_argument("--image-size", type=at_least(256), default=320, help="side in pixels (>= 256; the reader resizes to 256)")
 
-    train = sub.add_parser("train", formatter_class=HELP,
+    train = sub.add_parser("train", formatter_class=DefaultsHelp,
                          help="train Patch SVDD on one category locally (also the centralised baseline)")
     _add_data_args(train)
     train.add_argument("--epochs", type=at_least(0), required=True, help="passes over the data (0: save the initialised model)")
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--emb-dim", type=at_least(1), default=EMB_DIM, help="D, the embedding size")
     train.add_argument("--seed", type=int, default=0, help="random seed of the initialisation and the sampling")
 
-    ev = sub.add_parser("evaluate", formatter_class=HELP,
+    ev = sub.add_parser("evaluate", formatter_class=DefaultsHelp,
                          help="score a category (or all) with a checkpoint; write metrics.json, maps and ROC")
     _add_data_args(ev)
     weights = ev.add_mutually_exclusive_group(required=True)
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--fusion", default="sum", choices=("64", "32", "sum", "mult"), help="map shown in the gallery")
     ev.add_argument("--no-gallery", action="store_true", help="skip the per-image PNGs")
 
-    export = sub.add_parser("export", formatter_class=HELP,
+    export = sub.add_parser("export", formatter_class=DefaultsHelp,
                          help="make a site bundle: the model, this site's mean and memory banks, "
                                            "thresholds calibrated on its labelled images")
     _add_data_args(export)
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--calibration-root", type=Path, default=None,
                         help="a data root whose <category>/test calibrates the thresholds (default: --data-root's)")
 
-    predict = sub.add_parser("predict", formatter_class=HELP,
+    predict = sub.add_parser("predict", formatter_class=DefaultsHelp,
                          help="inspect images with a bundle: a CSV of decisions and one PNG per image")
     predict.add_argument("bundle", type=Path, help="bundle folder written by 'patchsvdd export'")
     predict.add_argument("inputs", nargs="+", type=Path, help="image files or folders (searched recursively)")
@@ -127,23 +128,23 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     predict.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    serve = sub.add_parser("serve", formatter_class=HELP,
+    serve = sub.add_parser("serve", formatter_class=DefaultsHelp,
                          help="serve a bundle over HTTP: POST /infer, GET /health, GET /info (FastAPI)")
     serve.add_argument("bundle", type=Path, help="bundle folder written by 'patchsvdd export'")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    serve.add_argument("--port", type=int, default=8080, help="port to listen on")
+    serve.add_argument("--port", type=at_least(1, 65535), default=8080, help="port to listen on")
     serve.add_argument("--max-bytes", type=at_least(1), default=20 * 1024 * 1024, help="largest request accepted, in bytes")
     serve.add_argument("--workers", type=at_least(1), default=2, help="requests scored at once")
     serve.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
 
-    weights = sub.add_parser("import-weights", formatter_class=HELP,
+    weights = sub.add_parser("import-weights", formatter_class=DefaultsHelp,
                          help="import the authors' released encoder of a category as a checkpoint")
     weights.add_argument("--category", required=True, help="an MVTec AD category, e.g. bottle")
     weights.add_argument("--source", help="the released enchier.pkl: a file or URL (default: downloaded once from the "
                                           "original repository at a pinned commit, SHA-256 checked, cached)")
     weights.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
 
-    certs = sub.add_parser("certs", formatter_class=HELP,
+    certs = sub.add_parser("certs", formatter_class=DefaultsHelp,
                          help="create a root authority and mutual-TLS certificates for every node (offline)")
     certs.add_argument("--out", required=True, type=Path, help="folder for root_ca.* and one .crt/.key per node")
     certs.add_argument("--director-host", action="append", help="name(s) the others use to reach the director (default localhost)")

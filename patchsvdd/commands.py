@@ -11,8 +11,6 @@ import sys
 import time
 from dataclasses import asdict
 
-from .errors import InputError
-
 
 def load_shard(args: argparse.Namespace, category: str | None = None):
     """The shard of ``category`` (default --category) that --rank-worldsize names, decoded."""
@@ -54,9 +52,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import make_optimizer, train_epoch
 
     settings = train_settings(args)
-    if args.epochs < 0 or (args.max_steps is not None and args.max_steps < 1):
-        raise InputError(f"--epochs {args.epochs}, --max-steps {args.max_steps}: epochs at least 0 (0 saves the "
-                         "initialised model), max-steps at least 1")
     device = resolve_device(args.device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     data = load_shard(args)

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from .cli import DefaultsHelp
 from .harness import HarnessError, Processes, project_root, start_federation
 from .net import free_port
 from .settings import DEMO_SETTINGS, FINETUNE, SEARCHES, SettingsError
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The demo's options; defaults from ``settings.DEMO_SETTINGS`` (environment variables as in the Makefile)."""
     d = DEMO_SETTINGS
     p = argparse.ArgumentParser(prog="python -m patchsvdd.demo", description="Run the federated Patch SVDD demo end to end.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelp)
     p.add_argument("--data-root", type=Path, default=os.environ.get("DATA_ROOT") or None,
                    help="MVTec-layout data root (None: built-in demo data in data/demo; env DATA_ROOT)")
     p.add_argument("--category", default=os.environ.get("CATEGORY") or "washer", help="category (env CATEGORY)")

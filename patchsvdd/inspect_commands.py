@@ -194,9 +194,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
-    if args.max_bytes < 1 or args.workers < 1 or not 0 < args.port < 65536:
-        raise InputError(f"--max-bytes {args.max_bytes}, --workers {args.workers}, --port {args.port}: "
-                         "bytes and workers at least 1, port 1-65535")
     serve(str(args.bundle), host=args.host, port=args.port, max_bytes=args.max_bytes, workers=args.workers,
           device=args.device)
     return 0

@@ -101,6 +101,8 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Capt
                       (["--epochs", "1", "--lr", "0"], "lr=0")):
         assert _exit_code(["train", "--data-root", str(tmp_path), "--category", "x", "--out", str(tmp_path / "m.pt"), *bad]) == 2
         assert text in capsys.readouterr().err  # said before any data is read (there are none here)
+    assert _exit_code(["serve", str(tmp_path), "--port", "70000"]) == 2
+    assert "--port: 70000: must be at most 65535" in capsys.readouterr().err
     assert _exit_code(["synth", "--out", str(tmp_path / "s"), "--n-train", "0"]) == 2
     assert "--n-train: 0: must be at least 1" in capsys.readouterr().err and not (tmp_path / "s").exists()
 
