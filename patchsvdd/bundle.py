@@ -1,10 +1,12 @@
 """Site bundles: what one site needs to inspect new images, as plain files.
 
 A bundle is a folder: ``model.pt`` (a project checkpoint: tensors and plain
-metadata, read with ``weights_only=True``), ``mean.npy`` (the site's training
-mean, (256,256,3) float32), ``bank_64.npy`` / ``bank_32.npy`` (training patch
-embeddings (P,D) float32, all or a random subsample) and ``bundle.json``
-(category, image size, thresholds, where the model came from, when, version).
+metadata, read with ``weights_only=True``) and ``bundle.json`` (model, category,
+image size, thresholds, where the model came from, when, version). A Patch SVDD
+bundle adds ``mean.npy`` (the site's training mean, (256,256,3) float32) and
+``bank_64.npy`` / ``bank_32.npy`` (training patch embeddings (P,D) float32, all
+or a subsample); an autoencoder bundle needs no bank, only the scales of its two
+errors on the site's good images (in ``bundle.json``).
 Reading one never unpickles code (``numpy.load(allow_pickle=False)``).
 The memory bank and the mean are the site's data: a bundle stays at its site.
 """
@@ -26,7 +28,9 @@ from .calibration import Threshold
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import IMAGE_SIZE
 from .errors import InputError
+from .autoencoder import ConvAutoencoder
 from .model import LARGE_PATCH, SMALL_PATCH, PatchSVDD
+from .models import kind_of
 from .scoring import embed_images, flatten_grid
 
 BUNDLE_FORMAT = 1
@@ -39,14 +43,22 @@ class BundleError(InputError):
 
 @dataclass
 class Bundle:
-    """A site's inspector in memory: model, training mean (H,W,3), banks {64: (P,D), 32: (P,D)}, thresholds."""
+    """A site's inspector in memory: model and thresholds; Patch SVDD: training mean (H,W,3) and banks
+    {64: (P,D), 32: (P,D)}; the autoencoder: ``scales`` of its errors (see ``autoencoder.fuse``), mean None and
+    no bank."""
 
-    model: PatchSVDD
-    mean: np.ndarray
+    model: PatchSVDD | ConvAutoencoder
+    mean: np.ndarray | None
     banks: dict[int, np.ndarray]
     image_threshold: Threshold
     pixel_threshold: Threshold
     info: dict[str, Any] = field(default_factory=dict)
+    scales: dict[str, float] | None = None
+
+    @property
+    def kind(self) -> str:
+        """'patchsvdd' or 'autoencoder'."""
+        return kind_of(self.model)
 
 
 SUBSAMPLES = ("kcenter", "random")
@@ -105,7 +117,8 @@ def write_bundle(bundle: Bundle, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_checkpoint(bundle.model, path / "model.pt", category=bundle.info.get("category", ""))
-    np.save(path / "mean.npy", bundle.mean.astype(np.float32), allow_pickle=False)
+    if bundle.mean is not None:
+        np.save(path / "mean.npy", bundle.mean.astype(np.float32), allow_pickle=False)
     for k, bank in bundle.banks.items():
         np.save(path / f"bank_{k}.npy", bank.astype(np.float32), allow_pickle=False)
     info = {
@@ -113,8 +126,9 @@ def write_bundle(bundle: Bundle, path: str | os.PathLike) -> Path:
         "format": BUNDLE_FORMAT,
         "version": __version__,
         "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "model": bundle.kind,
         "image_size": IMAGE_SIZE,
-        "emb_dim": bundle.model.emb_dim,
+        **({"emb_dim": bundle.model.emb_dim} if bundle.kind == "patchsvdd" else {"scales": bundle.scales}),
         "bank_rows": {str(k): int(len(bank)) for k, bank in bundle.banks.items()},
         "image_threshold": bundle.image_threshold.to_json(),
         "pixel_threshold": bundle.pixel_threshold.to_json(),
@@ -147,6 +161,14 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
     if info.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{info_file}: bundle format {info.get('format')!r}, this version reads {BUNDLE_FORMAT}")
     model, _ = load_checkpoint(path / "model.pt")
+    if kind_of(model) != info.get("model", "patchsvdd"):
+        raise BundleError(f"{path / 'model.pt'}: holds a {kind_of(model)} model, {info_file} says {info.get('model')!r}")
+    if kind_of(model) == "autoencoder":
+        scales = info.get("scales")
+        if not isinstance(scales, dict) or not all(isinstance(scales.get(n), (int, float)) and scales[n] > 0
+                                                   for n in ("l2", "ssim")):
+            raise BundleError(f"{info_file}: 'scales' {scales!r}: expected positive numbers 'l2' and 'ssim'")
+        return Bundle(model, None, {}, image_threshold, pixel_threshold, info, scales=dict(scales))
     mean = _load_array(path / "mean.npy")
     if mean.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
         raise BundleError(f"{path / 'mean.npy'}: shape {mean.shape}, expected {(IMAGE_SIZE, IMAGE_SIZE, 3)}")

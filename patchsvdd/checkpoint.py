@@ -1,4 +1,9 @@
-"""Saving and loading Patch SVDD checkpoints (plain tensors and metadata, ``weights_only`` safe)."""
+"""Saving and loading checkpoints of either model (plain tensors and metadata, ``weights_only`` safe).
+
+A checkpoint names its model ('patchsvdd' or 'autoencoder') and the numbers
+that rebuild its shape; one without a name (written before the autoencoder
+existed) is a Patch SVDD checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +15,14 @@ from typing import Any
 import torch
 
 from .errors import InputError
-from .model import PatchSVDD
+from .models import architecture, from_architecture, kind_of
 
 FORMAT_VERSION = 1
 _PLAIN_TYPES = (str, int, float, bool, type(None))
 
 
 class CheckpointError(InputError):
-    """A checkpoint file that is missing, unreadable or not a Patch SVDD checkpoint."""
+    """A checkpoint file that is missing, unreadable or not a checkpoint of this project."""
 
 
 def _check_metadata(value: Any, key: str) -> None:
@@ -36,7 +41,7 @@ def _check_metadata(value: Any, key: str) -> None:
     raise TypeError(f"checkpoint metadata {key!r}: {type(value).__name__} is not a plain str/int/float/bool/list/dict value")
 
 
-def save_checkpoint(model: PatchSVDD, path: str | os.PathLike, **metadata: Any) -> Path:
+def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, **metadata: Any) -> Path:
     """Write ``model``'s weights and plain ``metadata`` to ``path`` atomically.
 
     The file is written next to ``path`` and renamed over it, so a crash
@@ -46,9 +51,12 @@ def save_checkpoint(model: PatchSVDD, path: str | os.PathLike, **metadata: Any) 
         _check_metadata(value, key)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    kind, numbers = kind_of(model), architecture(model)
     payload = {
         "format_version": FORMAT_VERSION,
-        "emb_dim": int(model.emb_dim),
+        "model": kind,
+        "architecture": numbers,
+        **({"emb_dim": numbers["emb_dim"]} if kind == "patchsvdd" else {}),  # what versions before the autoencoder read
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "metadata": dict(metadata),
     }
@@ -65,8 +73,11 @@ def save_checkpoint(model: PatchSVDD, path: str | os.PathLike, **metadata: Any) 
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[PatchSVDD, dict[str, Any]]:
-    """Read a checkpoint written by :func:`save_checkpoint`. Returns ``(model, metadata)``."""
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Read a checkpoint written by :func:`save_checkpoint`. Returns ``(model, metadata)``; the model is a
+    ``PatchSVDD`` or a ``ConvAutoencoder`` as the file says."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
@@ -74,11 +85,18 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt file
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(payload, dict) or "state_dict" not in payload or "emb_dim" not in payload:
-        raise CheckpointError(f"{path}: not a Patch SVDD checkpoint (no state_dict/emb_dim)")
-    model = PatchSVDD(emb_dim=int(payload["emb_dim"]))
+    if not isinstance(payload, dict) or "state_dict" not in payload:
+        raise CheckpointError(f"{path}: not a checkpoint of this project (no state_dict)")
+    kind = payload.get("model", "patchsvdd")
+    numbers = payload.get("architecture") or ({"emb_dim": payload["emb_dim"]} if "emb_dim" in payload else None)
+    if numbers is None:
+        raise CheckpointError(f"{path}: not a checkpoint of this project (no architecture/emb_dim)")
+    try:
+        model = from_architecture(kind, numbers)
+    except (InputError, TypeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"{path}: model {kind!r} with {numbers}: {exc}") from exc
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit PatchSVDD(emb_dim={payload['emb_dim']}): {exc}") from exc
+        raise CheckpointError(f"{path}: weights do not fit {kind} {numbers}: {exc}") from exc
     return model, dict(payload.get("metadata", {}))

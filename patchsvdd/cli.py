@@ -53,7 +53,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .settings import EMB_DIM, INIT_SCHEMES, PRECISIONS, RECIPES, SCHEDULES
+    from .settings import EMB_DIM, INIT_SCHEMES, MODELS, PRECISIONS, RECIPES, SCHEDULES
     from .synth import CATEGORIES
 
     parser = argparse.ArgumentParser(prog="patchsvdd", description="Federated Patch SVDD: anomaly detection and "
@@ -71,13 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--image-size", type=at_least(256), default=320, help="side in pixels (>= 256; the reader resizes to 256)")
 
     train = sub.add_parser("train", formatter_class=DefaultsHelp,
-                         help="train Patch SVDD on one category locally (also the centralised baseline)")
+                         help="train Patch SVDD or the autoencoder baseline on one category locally (centralised)")
     _add_data_args(train)
+    train.add_argument("--model", choices=MODELS, default="patchsvdd",
+                       help="patchsvdd, or autoencoder: the convolutional autoencoder baseline (MSE + SSIM loss)")
     train.add_argument("--epochs", type=at_least(0), required=True, help="passes over the data (0: save the initialised model)")
     train.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
-    train.add_argument("--recipe", choices=sorted(RECIPES), default="cpu",
+    train.add_argument("--recipe", choices=sorted(RECIPES),
                        help="defaults of the settings below: cpu (He init, lr 1e-3, warm-up, cosine, bf16 where fast; "
-                            "measured to learn on a CPU) or paper (PyTorch init, constant lr 1e-4, fp32) (default: cpu)")
+                            "measured to learn on a CPU), paper (PyTorch init, constant lr 1e-4, fp32), autoencoder "
+                            "(lr 1e-3, batch 16, one pass per epoch) (None: cpu for patchsvdd, autoencoder for the autoencoder)")
     train.add_argument("--repeat", type=at_least(1), help="times each image is used per epoch (None: the recipe's)")
     train.add_argument("--max-steps", type=at_least(1), default=None, help="cut each epoch to at most this many steps")
     train.add_argument("--batch-size", type=at_least(1), help="pairs per loss (None: the recipe's)")
@@ -102,12 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where metrics.json etc. go; with --category all one folder per category, and "
                          "results.md, results.csv, results.png")
     ev.add_argument("--search", choices=("exact", "fast"), default="exact", help="nearest-neighbour search")
-    ev.add_argument("--fusion", default="sum", choices=("64", "32", "sum", "mult"), help="map shown in the gallery")
+    ev.add_argument("--fusion", default="sum", choices=("64", "32", "sum", "mult", "l2", "ssim"),
+                    help="map shown in the gallery: Patch SVDD's 64, 32, sum, mult; the autoencoder's l2, ssim, sum")
     ev.add_argument("--no-gallery", action="store_true", help="skip the per-image PNGs")
 
     export = sub.add_parser("export", formatter_class=DefaultsHelp,
-                         help="make a site bundle: the model, this site's mean and memory banks, "
-                                           "thresholds calibrated on its labelled images")
+                         help="make a site bundle: the model, this site's memory banks (Patch SVDD) or error scales "
+                              "(autoencoder), thresholds calibrated on its labelled images")
     _add_data_args(export)
     export.add_argument("--checkpoint", required=True, type=Path, help="the model (e.g. a federation's last.pt)")
     export.add_argument("--out", required=True, type=Path, help="bundle folder to write")

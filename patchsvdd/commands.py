@@ -32,52 +32,88 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def train_settings(args: argparse.Namespace):
-    """The recipe named by ``--recipe`` with every setting given on the command line put in."""
+    """The recipe named by ``--recipe`` (default: the model's) with every setting given on the command line put in."""
     from dataclasses import replace
 
     from .settings import RECIPES
 
+    from .settings import DEFAULT_RECIPE
+
     chosen = {name: getattr(args, name) for name in ("lr", "lambda_svdd", "batch_size", "repeat", "warmup_steps",
                                                      "schedule", "precision", "init") if getattr(args, name) is not None}
-    return replace(RECIPES[args.recipe], **chosen)
+    return replace(RECIPES[args.recipe or DEFAULT_RECIPE[args.model]], **chosen)
+
+
+def _patchsvdd_epochs(args: argparse.Namespace, settings, model, data):
+    """(steps per epoch, a function that runs epoch ``number`` and returns its losses and a line about them)."""
+    from .data import standardise
+    from .train import train_epoch
+
+    images = standardise(data.train_images, data.mean)
+    steps = settings.steps_per_epoch(len(images), args.max_steps)
+
+    def epoch(number: int, optimizer, schedule, generator) -> tuple[dict, str]:
+        losses = train_epoch(
+            model, images, optimizer, repeat=settings.repeat, batch_size=settings.batch_size,
+            lambda_svdd=settings.lambda_svdd, max_steps=args.max_steps, generator=generator, schedule=schedule,
+            start_step=number * steps, precision=settings.precision, progress=not args.no_progress,
+        )
+        return losses, (f"loss {losses['loss']:.4f}, position losses K=64 {losses['loss_pos_64']:.3f} K=32 "
+                        f"{losses['loss_pos_32']:.3f} (chance 2.079), spread {losses['spread_64']:.2g}/{losses['spread_32']:.2g}")
+    return steps, epoch
+
+
+def _autoencoder_epochs(args: argparse.Namespace, settings, model, data):
+    """As ``_patchsvdd_epochs``, for the autoencoder (images in [0,1])."""
+    from .autoencoder import as_input
+    from .autoencoder_training import train_autoencoder_epoch
+
+    images = as_input(data.train_images, model.channels)
+    steps = settings.steps_per_epoch(len(images), args.max_steps)
+
+    def epoch(number: int, optimizer, schedule, generator) -> tuple[dict, str]:
+        losses = train_autoencoder_epoch(
+            model, images, optimizer, repeat=settings.repeat, batch_size=settings.batch_size, max_steps=args.max_steps,
+            generator=generator, schedule=schedule, start_step=number * steps, precision=settings.precision,
+            progress=not args.no_progress,
+        )
+        return losses, f"loss {losses['loss']:.4f} (MSE {losses['mse']:.5f}, SSIM {losses['ssim']:.4f})"
+    return steps, epoch
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
+    from .autoencoder import is_grayscale
     from .checkpoint import save_checkpoint
-    from .data import standardise
     from .device import resolve_device
-    from .model import PatchSVDD
-    from .train import make_optimizer, train_epoch
+    from .models import build_model, kind_of
+    from .settings import DEFAULT_RECIPE
+    from .train import make_optimizer
 
     settings = train_settings(args)
+    recipe = args.recipe or DEFAULT_RECIPE[args.model]
     device = resolve_device(args.device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     data = load_shard(args)
     torch.manual_seed(args.seed)
-    model = PatchSVDD(emb_dim=args.emb_dim, init=settings.init).to(device)
+    channels = 1 if is_grayscale(data.train_images) else 3
+    model = build_model(args.model, emb_dim=args.emb_dim, init=settings.init, channels=channels).to(device)
     optimizer = make_optimizer(model, settings.lr)
-    images = standardise(data.train_images, data.mean)
-    steps_per_epoch = settings.steps_per_epoch(len(images), args.max_steps)
+    epochs = _autoencoder_epochs if kind_of(model) == "autoencoder" else _patchsvdd_epochs
+    steps_per_epoch, run_epoch = epochs(args, settings, model, data)
     schedule = settings.lr_schedule(args.epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(args.seed)
-    print(f"training on {len(images)} images of {args.category} on {device}: {args.epochs} x {steps_per_epoch} steps, "
-          f"recipe {args.recipe} ({settings})")
+    print(f"training {args.model} on {len(data.train_images)} images of {args.category} on {device}: {args.epochs} x "
+          f"{steps_per_epoch} steps, recipe {recipe} ({settings})")
     history = []
     start = time.perf_counter()
     for epoch in range(args.epochs):
-        losses = train_epoch(
-            model, images, optimizer, repeat=settings.repeat, batch_size=settings.batch_size,
-            lambda_svdd=settings.lambda_svdd, max_steps=args.max_steps, generator=generator, schedule=schedule,
-            start_step=epoch * steps_per_epoch, precision=settings.precision, progress=not args.no_progress,
-        )
+        losses, line = run_epoch(epoch, optimizer, schedule, generator)
         history.append(losses)
-        print(f"epoch {epoch + 1}/{args.epochs}: loss {losses['loss']:.4f}, position losses K=64 "
-              f"{losses['loss_pos_64']:.3f} K=32 {losses['loss_pos_32']:.3f} (chance 2.079), spread "
-              f"{losses['spread_64']:.2g}/{losses['spread_32']:.2g} ({int(losses['steps'])} steps)")
+        print(f"epoch {epoch + 1}/{args.epochs}: {line} ({int(losses['steps'])} steps)")
     save_checkpoint(
-        model, args.out, category=args.category, epochs=args.epochs, recipe=args.recipe, seed=args.seed,
+        model, args.out, category=args.category, epochs=args.epochs, recipe=recipe, seed=args.seed,
         settings=asdict(settings), history=history, train_seconds=time.perf_counter() - start,
     )
     print(f"saved {args.out}")

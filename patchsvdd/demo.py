@@ -22,7 +22,9 @@ from typing import Sequence
 from .cli import DefaultsHelp
 from .harness import HarnessError, Processes, project_root, start_federation
 from .net import free_port
-from .settings import DEMO_SETTINGS, FINETUNE, SEARCHES, SettingsError
+from .settings import DEMO_SETTINGS, FINETUNE, MODELS, SEARCHES, SettingsError
+
+HELDOUT_NAMES = {"patchsvdd": "heldout_pos", "autoencoder": "heldout_rec"}  # models.HELDOUT_METRICS, without torch
 
 NOTEBOOK = Path("workspace") / "PatchSVDD_with_Director.ipynb"
 
@@ -87,14 +89,15 @@ def summarise(run_dir: Path, seconds: float) -> str:
     from .report import fmt, untrained_vs_trained
 
     results = run_dir / "notebook"
-    lines = [f"demo finished in {seconds:.0f} s; results in {run_dir}"]
-    learning = untrained_vs_trained(json.loads((results / "round_metrics.json").read_text()))
+    final = json.loads((results / "metrics.json").read_text())
+    network = final.get("network", "patchsvdd")
+    keys = (HELDOUT_NAMES[network], "det_sum", "seg_sum")
+    lines = [f"demo ({network}) finished in {seconds:.0f} s; results in {run_dir}"]
+    learning = untrained_vs_trained(json.loads((results / "round_metrics.json").read_text()), keys)
     lines.append("  untrained (round 0) -> trained (final round), per-round validation on each envoy's own data:")
     for row in learning:
-        shown = "  ".join(f"{key} {fmt(row[f'{key} untrained'])} -> {fmt(row[f'{key} trained'])}"
-                          for key in ("heldout_pos", "det_sum", "seg_sum"))
+        shown = "  ".join(f"{key} {fmt(row[f'{key} untrained'])} -> {fmt(row[f'{key} trained'])}" for key in keys)
         lines.append(f"  {row['node']:10s} {shown}")
-    final = json.loads((results / "metrics.json").read_text())
     lines.append(f"  final evaluation of the {final['model']} model ({final['search']} search):")
     for node, metrics in sorted(final["per_node"].items()):
         lines.append(f"  {node:10s} " + " ".join(f"{k}={fmt(v)}" for k, v in metrics.items()))
@@ -119,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", type=Path, default=os.environ.get("DATA_ROOT") or None,
                    help="MVTec-layout data root (None: built-in demo data in data/demo; env DATA_ROOT)")
     p.add_argument("--category", default=os.environ.get("CATEGORY") or "washer", help="category (env CATEGORY)")
+    p.add_argument("--model", choices=MODELS, default=os.environ.get("MODEL") or d.model,
+                   help="patchsvdd, or autoencoder: the convolutional autoencoder baseline (env MODEL)")
     p.add_argument("--envoys", type=int, default=2, help="envoys, each holding one shard of the category")
     p.add_argument("--rounds", type=int, default=_env_int("ROUNDS", d.rounds), help="training rounds (env ROUNDS)")
     p.add_argument("--repeat", type=int, default=d.repeat, help="times each training image is used per round")
@@ -149,7 +154,7 @@ def demo_settings(args: argparse.Namespace):
     from dataclasses import replace
 
     tuned = {} if args.init == "fresh" else FINETUNE
-    chosen = dict(rounds=args.rounds, repeat=args.repeat, max_steps=args.max_steps or None, batch_size=args.batch_size,
+    chosen = dict(model=args.model, rounds=args.rounds, repeat=args.repeat, max_steps=args.max_steps or None, batch_size=args.batch_size,
                   final_search=args.final_search, idle_timeout=args.idle_timeout, **tuned)
     chosen.update({k: v for k, v in (("lr", args.lr), ("warmup_steps", args.warmup_steps)) if v is not None})
     if args.envoys < 1:
@@ -177,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         federation = start_federation(run_dir, data_root, args.category, args.envoys, processes=processes, tls=args.tls,
                                       root=root)
         print(f"director on port {federation.port} lists {', '.join(federation.envoys)} online; running the notebook")
-        fields = ("rounds", "repeat", "max_steps", "batch_size", "lr", "warmup_steps", "final_search", "idle_timeout")
+        fields = ("model", "rounds", "repeat", "max_steps", "batch_size", "lr", "warmup_steps", "final_search", "idle_timeout")
         params = dict(
             {name: getattr(settings, name) for name in fields},
             director_host=federation.host, director_port=federation.port, expected_envoys=args.envoys,

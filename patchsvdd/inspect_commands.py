@@ -43,10 +43,14 @@ def evaluate_one(args: argparse.Namespace, category: str, out_dir: Path) -> dict
     """Evaluate one category into ``out_dir`` (metrics.json, roc.png, maps/); returns the report."""
     from .device import resolve_device
     from .evaluate import evaluate_category, image_scores
+    from .models import FUSIONS, kind_of
     from .viz import plot_roc, save_gallery
 
     device = resolve_device(args.device)
     model, meta = _evaluation_model(args, category)  # fails before the data is decoded
+    fusions = FUSIONS[kind_of(model)]
+    if args.fusion not in fusions:
+        raise InputError(f"--fusion {args.fusion}: the {kind_of(model)} model's maps are {', '.join(fusions)}")
     data = load_shard(args, category)
     model.to(device)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -56,6 +60,7 @@ def evaluate_one(args: argparse.Namespace, category: str, out_dir: Path) -> dict
     report = {
         **result.metrics,
         "category": category,
+        "model": kind_of(model),
         "search": args.search,
         "device": str(device),
         "n_train": int(len(data.train_images)),
@@ -96,7 +101,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"[{number}/{len(categories)}] {category} failed: {error}", file=sys.stderr, flush=True)
             results.append(CategoryResult(category, seconds=time.perf_counter() - start, error=error))
     source = "--weights official" if args.weights else str(args.checkpoint or args.checkpoint_dir)
-    paths = write_results(results, args.out_dir, f"Patch SVDD on {args.data_root} ({source}, {args.search} search)")
+    models = sorted({r.metrics.get("model") for r in results if r.metrics.get("model")}) or ["no model"]
+    paths = write_results(results, args.out_dir, f"{' / '.join(models)} on {args.data_root} ({source}, {args.search} search)")
     print(paths["md"].read_text())
     failed = [r.category for r in results if r.error is not None]
     print(f"wrote {paths['md']}, {paths['csv']}, {paths['png']}"

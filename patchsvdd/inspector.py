@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .autoencoder import ConvAutoencoder, as_input, error_maps, fuse, map_scales
 from .bundle import Bundle, memory_banks, read_bundle, write_bundle
 from .calibration import GOOD_QUANTILE, Threshold, choose_threshold
 from .data import GOOD, IMAGE_SIZE, CategoryData, as_model_image, holdout_split, read_image, standardise
@@ -109,6 +110,9 @@ class Inspector:
     @torch.no_grad()
     def maps(self, images: np.ndarray, batch_size: int = 8) -> np.ndarray:
         """Anomaly maps (N,256,256) float32 (sum fusion) of uint8 images (N,256,256,3)."""
+        if self.bundle.kind == "autoencoder":
+            errors = error_maps(self.model, as_input(images, self.model.channels), batch_size)
+            return fuse(errors, self.bundle.scales)["sum"].numpy().astype(np.float32)
         out = []
         for start in range(0, len(images), batch_size):
             batch = torch.from_numpy(standardise(images[start : start + batch_size], self.bundle.mean)).to(self.device)
@@ -148,12 +152,12 @@ class Calibration:
 
 
 def export_bundle(
-    model: PatchSVDD, data: CategoryData, out: str | os.PathLike, bank_fraction: float = 1.0,
+    model: PatchSVDD | ConvAutoencoder, data: CategoryData, out: str | os.PathLike, bank_fraction: float = 1.0,
     max_fpr: float | None = None, calibration: CategoryData | None = None, info: dict | None = None,
     search: BankSearch = "auto", holdout_fraction: float = 0.1, subsample: str = "kcenter",
 ) -> tuple[Inspector, Calibration]:
-    """Build and write a site bundle from ``model`` and the site's ``data`` (its training images make the
-    memory banks and the mean); calibrate the thresholds on ``calibration`` (default: ``data``'s test split).
+    """Build and write a site bundle from ``model`` and the site's ``data`` (its training images make
+    Patch SVDD's memory banks and mean, or the autoencoder's error scales); calibrate the thresholds on ``calibration`` (default: ``data``'s test split).
 
     With defective calibration images: image threshold at maximum F1 (or at ``max_fpr`` on good images),
     pixel threshold the same on the masks. Without: ``holdout_fraction`` of the training images stay out
@@ -163,10 +167,14 @@ def export_bundle(
     calibration = calibration if calibration is not None else data
     labelled = calibration.test_labels.size > 0 and calibration.test_labels.max() == 1
     fit, held = holdout_split(len(data.train_images), 0.0 if labelled else holdout_fraction)
-    mean = data.mean
-    banks = memory_banks(model.eval(), standardise(data.train_images[fit], mean), bank_fraction, subsample)
     placeholder = Threshold(value=float("inf"), method="none", low=0.0, high=1.0)
-    bundle = Bundle(model, mean, banks, placeholder, placeholder, dict(info or {}))
+    if isinstance(model, ConvAutoencoder):  # no bank: the good images only set the scale of each error
+        scales = map_scales(error_maps(model.eval(), as_input(data.train_images[fit], model.channels)))
+        bundle = Bundle(model, None, {}, placeholder, placeholder, dict(info or {}), scales=scales)
+    else:
+        mean = data.mean
+        banks = memory_banks(model.eval(), standardise(data.train_images[fit], mean), bank_fraction, subsample)
+        bundle = Bundle(model, mean, banks, placeholder, placeholder, dict(info or {}))
     inspector = Inspector(bundle, device=str(next(model.parameters()).device), search=search)
     maps = inspector.maps(calibration.test_images)
     scores = maps.reshape(len(maps), -1).max(axis=1)

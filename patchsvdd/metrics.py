@@ -15,8 +15,20 @@ from sklearn.metrics import auc, roc_auc_score
 from .data import GOOD
 from .scoring import FUSIONS
 
-METRIC_KEYS = tuple(f"{task}_{fusion}" for fusion in FUSIONS for task in ("det", "seg"))
-AUPRO_KEYS = tuple(f"aupro_{fusion}" for fusion in FUSIONS)
+
+
+def metric_keys(fusions: Sequence[str]) -> tuple[str, ...]:
+    """det_<f>, seg_<f> for each fusion f, in that order."""
+    return tuple(f"{task}_{fusion}" for fusion in fusions for task in ("det", "seg"))
+
+
+def aupro_keys(fusions: Sequence[str]) -> tuple[str, ...]:
+    """aupro_<f> for each fusion f."""
+    return tuple(f"aupro_{fusion}" for fusion in fusions)
+
+
+METRIC_KEYS = metric_keys(FUSIONS)  # Patch SVDD's (the autoencoder's: metric_keys(autoencoder.FUSIONS))
+AUPRO_KEYS = aupro_keys(FUSIONS)
 PRO_MAX_FPR = 0.3  # the MVTec AD evaluation integrates the PRO curve up to this false-positive rate
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from .errors import InputError
 
+MODELS = ("patchsvdd", "autoencoder")  # see models.py
 EMB_DIM = 64  # D, the paper's embedding size
 INIT_SCHEMES = ("kaiming", "pytorch")  # see model.initialise
 PRECISIONS = ("auto", "fp32", "bf16")  # see train.resolve_precision
@@ -96,13 +97,20 @@ class TrainSettings:
 
 
 PAPER_SETTINGS = TrainSettings(lr=1e-4, warmup_steps=0, schedule="constant", precision="fp32", init="pytorch")
-RECIPES = {"cpu": TrainSettings(), "paper": PAPER_SETTINGS}
+# The autoencoder baseline: Adam lr 1e-3, whole images in batches of 16, one pass per epoch, cosine decay.
+AUTOENCODER_SETTINGS = TrainSettings(lr=1e-3, batch_size=16, repeat=1, warmup_steps=0)
+RECIPES = {"cpu": TrainSettings(), "paper": PAPER_SETTINGS, "autoencoder": AUTOENCODER_SETTINGS}
+DEFAULT_RECIPE = {"patchsvdd": "cpu", "autoencoder": "autoencoder"}  # the recipe of each model unless one is named
 _TRAIN = TrainSettings()
 
 
 @dataclass(frozen=True)
 class ExperimentSettings:
     """A federated experiment: the training recipe (defaults: ``TrainSettings``) and the federation's own.
+
+    ``model``: 'patchsvdd' or 'autoencoder' (the baseline, see ``autoencoder``; it uses neither
+    ``emb_dim``, ``init`` nor ``lambda_svdd``, and chooses its best model by 'heldout_rec', its loss on
+    the held-out images).
 
     ``repeat``/``max_steps``: each training image is used ``repeat`` times per round, cut to ``max_steps``
     steps when set; the learning-rate schedule runs over all rounds. ``holdout_fraction``: share of each
@@ -114,6 +122,7 @@ class ExperimentSettings:
     (None: OpenFL's choice, from a hash of the plan, somewhere in 49152-60998).
     """
 
+    model: str = "patchsvdd"
     rounds: int = 5
     repeat: int = _TRAIN.repeat
     max_steps: int | None = None
@@ -145,6 +154,7 @@ class ExperimentSettings:
             raise SettingsError(f"emb_dim={self.emb_dim}, idle_timeout={self.idle_timeout}: both must be positive")
         if self.aggregator_port is not None and not 0 < self.aggregator_port < 65536:
             raise SettingsError(f"aggregator_port={self.aggregator_port}: a TCP port (1-65535) or None")
+        _choice("model", self.model, MODELS)
         _choice("device_policy", self.device_policy, DEVICE_POLICIES)
         _choice("round_search", self.round_search, SEARCHES)
         _choice("final_search", self.final_search, SEARCHES)

@@ -6,7 +6,6 @@ task all call, unchanged.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,6 +20,7 @@ from .settings import PRECISIONS, LRSchedule, TrainSettings
 LOSS_NAMES = ("loss", "loss_pos_64", "loss_pos_32", "loss_svdd_64", "loss_svdd_32")
 PATCH_SIZES = (LARGE_PATCH, SMALL_PATCH)
 STEP_NAMES = (*LOSS_NAMES, "spread_64", "spread_32")
+HELDOUT_METRIC = "heldout_pos"  # loss_pos_64 + loss_pos_32 on held-out good images: lower is better
 COLLAPSE_SPREAD = 1e-6  # a fresh encoder with PyTorch's default init spreads about 5e-5; a collapsed one about 1e-7 or 0
 COLLAPSE_PATIENCE = 20  # steps in a row below it
 ENCODER_CHUNK = 256  # 32x32 inputs per K=32 encoder call in training (measured best on a 2-core CPU)
@@ -142,8 +142,33 @@ def heldout_losses(
             sums[name] += float(losses[name]) * len(index)
     model.train(was_training)
     out = {name: value / pairs for name, value in sums.items() if name != "loss"}
-    out["heldout_pos"] = out["loss_pos_64"] + out["loss_pos_32"]
+    out[HELDOUT_METRIC] = out["loss_pos_64"] + out["loss_pos_32"]
     return out
+
+
+def epoch_batches(n_images: int, repeat: int, batch_size: int, max_steps: int | None,
+                  generator: torch.Generator) -> list[torch.Tensor]:
+    """The image indices of each step of one epoch: every image ``repeat`` times, shuffled, in batches of
+    ``batch_size`` (the last may be smaller), cut to ``max_steps`` batches when given."""
+    if batch_size < 1 or repeat < 1:
+        raise ValueError(f"batch_size={batch_size}, repeat={repeat}: both must be at least 1")
+    order = torch.arange(n_images).repeat(repeat)[torch.randperm(n_images * repeat, generator=generator)]
+    batches = list(order.split(batch_size))
+    return batches if max_steps is None else batches[:max_steps]
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, schedule: LRSchedule | None, step: int) -> None:
+    """Put the schedule's learning rate of global ``step`` into every parameter group (None: leave it)."""
+    if schedule is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = schedule.lr_at(step)
+
+
+def progress_bar(steps: int, desc: str = "train"):
+    """A tqdm bar of ``steps`` steps that disappears when done."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=steps, desc=desc, leave=False)
 
 
 class CollapseError(RuntimeError):
@@ -201,30 +226,19 @@ def train_epoch(
     sees every step. Returns the mean of each loss and of the spreads
     ('spread_64', 'spread_32') over the epoch, and 'steps'.
     """
-    if batch_size < 1 or repeat < 1:
-        raise ValueError(f"batch_size={batch_size}, repeat={repeat}: both must be at least 1")
     device = next(model.parameters()).device
     images = torch.as_tensor(images, dtype=torch.float32).to(device)
     autocast_dtype = resolve_precision(precision, device)
     gen = as_generator(generator)
-    n_images = images.shape[0]
-    order = torch.arange(n_images).repeat(repeat)[torch.randperm(n_images * repeat, generator=gen)]
-    steps = math.ceil(len(order) / batch_size)
-    if max_steps is not None:
-        steps = min(steps, max_steps)
+    batches = epoch_batches(images.shape[0], repeat, batch_size, max_steps, gen)
+    steps = len(batches)
     model.train()
     sums = dict.fromkeys(STEP_NAMES, 0.0)
     collapsed_steps = 0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc="train", leave=False)
-    for step in range(steps):
-        if schedule is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = schedule.lr_at(start_step + step)
-        batch = sample_batch(images, order[step * batch_size : (step + 1) * batch_size], gen)
+    bar = progress_bar(steps) if progress else None
+    for step, index in enumerate(batches):
+        set_learning_rate(optimizer, schedule, start_step + step)
+        batch = sample_batch(images, index, gen)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             embeddings = batch_embeddings(model, batch)
         losses = batch_losses(model, batch, lambda_svdd, embeddings)

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from patchsvdd import federated as fed
+from patchsvdd.autoencoder import ConvAutoencoder
 from patchsvdd.bundle import read_bundle
 from patchsvdd.checkpoint import load_checkpoint, save_checkpoint
 from patchsvdd.data import index_category, load_category
@@ -26,6 +27,7 @@ from patchsvdd.harness import Processes, log_contains, project_root, start_feder
 from patchsvdd.metrics import split_defects
 from patchsvdd.model import PatchSVDD
 from patchsvdd.net import free_port
+from patchsvdd.settings import SettingsError
 from patchsvdd.synth import generate_category
 from patchsvdd.train import make_optimizer
 
@@ -169,9 +171,38 @@ def test_each_site_writes_its_own_bundle_and_reports_only_numbers(federation, fe
     assert banks[0].shape != banks[1].shape or not np.allclose(banks[0], banks[1])
 
 
+def test_autoencoder_trains_through_the_same_federation(federation, fed_data: Path, tmp_path: Path) -> None:
+    _, client, _ = federation
+    settings = fed.ExperimentSettings(**{**TINY.__dict__, "model": "autoencoder", "rounds": 1})
+    torch.manual_seed(2)
+    model = ConvAutoencoder(latent_dim=16, width=8)
+    initial = _state(model)
+    with pytest.raises(SettingsError, match="the model sent is a patchsvdd but settings.model is 'autoencoder'"):
+        fed.start_experiment(client, PatchSVDD(emb_dim=16), settings, "mismatch", tmp_path / "bad")
+    experiment = fed.start_experiment(client, model, settings, "autoencoder-round", tmp_path / "nb")
+    saver = fed.SaveWhenImproved(experiment, tmp_path / "best.pt", metric=fed.HELDOUT_METRICS["autoencoder"])
+    log = fed.follow_metrics(experiment, idle_timeout=settings.idle_timeout, checkpointer=saver)
+    for envoy in ("envoy_1", "envoy_2"):
+        assert set(log.final("train")[envoy]) == set(fed.TRAIN_METRICS["autoencoder"])
+        for name in fed.round_metrics("autoencoder"):  # round 0 the initial model, round 1 the aggregate
+            values = log.series("aggregated_model_validate", name)[envoy]
+            assert [r for r, _ in values] == [0, 1] and all(0.0 <= v <= 2.0 for _, v in values)
+    last = fed.fetch_last_model(experiment)
+    assert isinstance(last, ConvAutoencoder)
+    changed = [k for k, v in last.state_dict().items() if not torch.equal(initial[k], v)]
+    assert any(k.startswith("encoder.") for k in changed) and any(k.startswith("decoder.") for k in changed)
+    assert isinstance(load_checkpoint(tmp_path / "best.pt")[0], ConvAutoencoder)
+    evaluation = fed.start_evaluation(client, last, settings, "autoencoder-final", tmp_path / "nb_eval")
+    final = fed.follow_metrics(evaluation, idle_timeout=settings.idle_timeout).final()
+    for node, values in final.items():
+        metrics, defects = split_defects(values)
+        assert set(metrics) == set(fed.final_metrics("autoencoder")) and "good" in defects
+
+
 NOTEBOOK_THAT_DIES = """
 import sys, torch
 from patchsvdd import federated as fed
+from patchsvdd.autoencoder import ConvAutoencoder
 from patchsvdd.model import PatchSVDD
 host, port, workdir, seen = sys.argv[1:]
 client = fed.connect(host, int(port))

@@ -7,6 +7,7 @@
 The notebook imports this package as ``fed`` and uses the names below.
 """
 
+from ..models import HELDOUT_METRICS
 from ..settings import ExperimentSettings
 from .client import (
     EXPERIMENT_RECORD, DirectorFederation, FederationError, attach, connect, experiment_status, fetch_last_model,
@@ -15,12 +16,13 @@ from .client import (
 )
 from .monitor import DirectorGoneError, MetricLog, SaveWhenImproved, Watchdog, follow_metrics
 from .tasks import (
-    DEFECT_FUSION, EXPORT_METRICS, FINAL_METRICS, HELDOUT_METRIC, ROUND_METRICS, MVTecDataInterface, SiteData, SiteError,
-    export_task, train_task, validate_task,
+    DEFECT_FUSION, EXPORT_METRICS, FINAL_METRICS, HELDOUT_METRIC, ROUND_METRICS, TRAIN_METRICS, MVTecDataInterface,
+    SiteData, SiteError, export_task, final_metrics, round_metrics, train_task, validate_task,
 )
 
 __all__ = [
     "DEFECT_FUSION", "EXPERIMENT_RECORD", "EXPORT_METRICS", "FINAL_METRICS", "HELDOUT_METRIC", "ROUND_METRICS",
+    "HELDOUT_METRICS", "TRAIN_METRICS", "final_metrics", "round_metrics",
     "DirectorFederation", "DirectorGoneError", "ExperimentSettings", "FederationError", "MVTecDataInterface",
     "MetricLog", "SaveWhenImproved", "SiteData", "SiteError", "Watchdog", "attach", "connect", "experiment_status",
     "export_task", "fetch_last_model", "follow_metrics", "online_envoys", "shard_bundle_folders", "shard_defect_types",

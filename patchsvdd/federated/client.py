@@ -16,10 +16,11 @@ from typing import Any, Iterator
 
 from openfl.interface.interactive_api.experiment import FLExperiment, ModelInterface, TaskInterface
 from openfl.interface.interactive_api.federation import Federation
+from torch import nn
 
 from ..data import BUNDLE_FOLDER_LABEL, DEFECT_TYPES_LABEL, GOOD
-from ..model import PatchSVDD
-from ..settings import ExperimentSettings
+from ..models import kind_of
+from ..settings import ExperimentSettings, SettingsError
 from ..tls import TLSCheckError, check_mutual_tls, speaks_tls
 from ..train import make_optimizer
 from .tasks import MVTecDataInterface, TrainThenValidate, evaluation_tasks, export_tasks, training_tasks
@@ -155,8 +156,11 @@ def working_folder(path: str | os.PathLike) -> Iterator[Path]:
         os.chdir(previous)
 
 
-def _submit(federation: Federation, name: str, model: PatchSVDD, settings: ExperimentSettings, tasks: TaskInterface,
+def _submit(federation: Federation, name: str, model: nn.Module, settings: ExperimentSettings, tasks: TaskInterface,
             rounds: int, workdir: str | os.PathLike, assigner: TrainThenValidate | None = None) -> FLExperiment:
+    if kind_of(model) != settings.model:  # the tasks' metrics are the settings' model's
+        raise SettingsError(f"the model sent is a {kind_of(model)} but settings.model is {settings.model!r}: "
+                            "set model to match (or start from a checkpoint of that model)")
     model_interface = ModelInterface(model=model, optimizer=make_optimizer(model, settings.lr), framework_plugin=FRAMEWORK_ADAPTER)
     override = {} if settings.aggregator_port is None else {"network.settings.agg_port": int(settings.aggregator_port)}
     with working_folder(workdir):
@@ -174,7 +178,7 @@ def _submit(federation: Federation, name: str, model: PatchSVDD, settings: Exper
 
 
 def start_experiment(
-    federation: Federation, model: PatchSVDD, settings: ExperimentSettings, name: str, workdir: str | os.PathLike
+    federation: Federation, model: nn.Module, settings: ExperimentSettings, name: str, workdir: str | os.PathLike
 ) -> FLExperiment:
     """Send a training experiment to the director: ``settings.rounds`` rounds of train + validate, then
     a validation-only round for the final aggregate (reported as round ``settings.rounds``)."""
@@ -184,7 +188,7 @@ def start_experiment(
 
 
 def start_evaluation(
-    federation: Federation, model: PatchSVDD, settings: ExperimentSettings, name: str, workdir: str | os.PathLike
+    federation: Federation, model: nn.Module, settings: ExperimentSettings, name: str, workdir: str | os.PathLike
 ) -> FLExperiment:
     """Send a one-round, validation-only experiment: every envoy scores ``model`` on its own data (AUROCs,
     AUPROs, and image-score statistics per defect type where the envoys' shard descriptions name the types)."""
@@ -193,7 +197,7 @@ def start_evaluation(
 
 
 def start_export(
-    federation: Federation, model: PatchSVDD, settings: ExperimentSettings, name: str, workdir: str | os.PathLike,
+    federation: Federation, model: nn.Module, settings: ExperimentSettings, name: str, workdir: str | os.PathLike,
     bank_fraction: float = 1.0, max_fpr: float | None = None,
 ) -> FLExperiment:
     """Send a one-round experiment in which every envoy writes its own inspection bundle of ``model`` (folder
@@ -209,11 +213,11 @@ def experiment_status(federation: Federation, name: str) -> str | None:
     return status or None
 
 
-def attach(federation: Federation, name: str, model: PatchSVDD, workdir: str | os.PathLike) -> FLExperiment:
+def attach(federation: Federation, name: str, model: nn.Module, workdir: str | os.PathLike) -> FLExperiment:
     """Take up experiment ``name`` again after the notebook lost its connection (kernel restart, network).
 
     ``workdir`` is the folder the experiment was started from; ``model`` any
-    PatchSVDD of the same shape (its weights are replaced when models are
+    model of the same kind and shape (its weights are replaced when models are
     fetched). The director keeps the metrics nobody has read yet: the next
     ``follow_metrics`` streams them, then the rest of the experiment. Connect
     with the same client id (or certificate) as the one that started it.
@@ -239,7 +243,7 @@ def attach(federation: Federation, name: str, model: PatchSVDD, workdir: str | o
     return experiment
 
 
-def fetch_last_model(experiment: FLExperiment) -> PatchSVDD:
+def fetch_last_model(experiment: FLExperiment) -> nn.Module:
     """The final aggregated model from the director, on the CPU. (OpenFL's own "best" model is not used:
     it keeps the highest of all validation metrics at once; ``SaveWhenImproved`` chooses instead.)"""
     return experiment.get_last_model()

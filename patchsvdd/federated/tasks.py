@@ -17,16 +17,21 @@ from typing import Any
 import numpy as np
 from openfl.interface.interactive_api.experiment import DataInterface, TaskInterface
 
+from ..autoencoder import ConvAutoencoder, as_input
+from ..autoencoder_training import heldout_reconstruction, train_autoencoder_epoch
 from ..data import CategoryData, holdout_split, standardise
 from ..evaluate import evaluate_category
-from ..metrics import AUPRO_KEYS, METRIC_KEYS, flatten_defects
+from ..metrics import AUPRO_KEYS, METRIC_KEYS, aupro_keys, flatten_defects, metric_keys
+from ..models import FUSIONS, HELDOUT_METRICS, kind_of
 from ..settings import ExperimentSettings
 from ..train import heldout_losses, train_epoch
 
-HELDOUT_METRIC = "heldout_pos"  # the model-choice criterion: needs no anomaly, lower is better
-ROUND_METRICS = (HELDOUT_METRIC, "det_sum", "seg_sum")
+HELDOUT_METRIC = HELDOUT_METRICS["patchsvdd"]  # the model-choice criterion: needs no anomaly, lower is better
+ROUND_METRICS = (HELDOUT_METRIC, "det_sum", "seg_sum")  # Patch SVDD's; either model's: round_metrics(model)
 FINAL_METRICS = METRIC_KEYS + AUPRO_KEYS
-DEFECT_FUSION = "sum"  # the fusion whose image scores the final evaluation reports per defect type
+DEFECT_FUSION = "sum"  # the fusion whose image scores the final evaluation reports per defect type (both models)
+TRAIN_METRICS = {"patchsvdd": ("train_loss", "pos_loss_64", "pos_loss_32", "spread_64", "spread_32"),
+                 "autoencoder": ("train_loss", "mse", "ssim")}
 EXPORT_METRICS = ("image_threshold", "image_fpr", "image_tpr", "pixel_threshold", "calibrated", "bundle_mb",
                   "bank_rows_32")
 
@@ -86,38 +91,62 @@ class MVTecDataInterface(DataInterface):
         return len(self._data.test_images)
 
 
+def round_metrics(model: str) -> tuple[str, ...]:
+    """What each round's validation reports for ``model`` ('patchsvdd' or 'autoencoder'): its held-out
+    criterion, det_sum and seg_sum."""
+    return (HELDOUT_METRICS[model], "det_sum", "seg_sum")
+
+
+def final_metrics(model: str) -> tuple[str, ...]:
+    """What the final evaluation reports for ``model``: det/seg AUROC and AUPRO of each of its fusions."""
+    return metric_keys(FUSIONS[model]) + aupro_keys(FUSIONS[model])
+
+
 def train_task(model, train_data, optimizer, device, round_num, settings: ExperimentSettings) -> dict:
-    """One round of local training on an envoy: ``train_epoch`` on its standardised training images
-    less the held-out ones, at the global steps of this round in a schedule over all rounds."""
+    """One round of local training on an envoy: ``train_epoch`` (Patch SVDD, standardised images) or
+    ``train_autoencoder_epoch`` (images in [0,1]) on its training images less the held-out ones, at the
+    global steps of this round in a schedule over all rounds. Reports ``TRAIN_METRICS`` of the model."""
     model.to(device)
     recipe = settings.train_settings()
     fit, _ = holdout_split(len(train_data.train_images), settings.holdout_fraction)
-    images = standardise(train_data.train_images[fit], train_data.mean)
     steps = recipe.steps_per_epoch(len(fit), settings.max_steps)
-    losses = train_epoch(
-        model, images, optimizer, repeat=recipe.repeat, batch_size=recipe.batch_size,
-        lambda_svdd=recipe.lambda_svdd, max_steps=settings.max_steps, generator=settings.seed * 100_003 + int(round_num),
-        schedule=recipe.lr_schedule(settings.rounds * steps), start_step=int(round_num) * steps,
-        precision=recipe.precision, progress=False,
-    )
+    common = dict(repeat=recipe.repeat, batch_size=recipe.batch_size, max_steps=settings.max_steps,
+                  generator=settings.seed * 100_003 + int(round_num), schedule=recipe.lr_schedule(settings.rounds * steps),
+                  start_step=int(round_num) * steps, precision=recipe.precision, progress=False)
+    if isinstance(model, ConvAutoencoder):
+        losses = train_autoencoder_epoch(model, as_input(train_data.train_images[fit], model.channels), optimizer,
+                                         **common)
+        return {"train_loss": losses["loss"], "mse": losses["mse"], "ssim": losses["ssim"]}
+    images = standardise(train_data.train_images[fit], train_data.mean)
+    losses = train_epoch(model, images, optimizer, lambda_svdd=recipe.lambda_svdd, **common)
     return {"train_loss": losses["loss"], "pos_loss_64": losses["loss_pos_64"], "pos_loss_32": losses["loss_pos_32"],
             "spread_64": losses["spread_64"], "spread_32": losses["spread_32"]}
 
 
+def heldout_metric(model, data: CategoryData, holdout_fraction: float) -> tuple[str, float]:
+    """(name, value) of ``model``'s held-out criterion on the held-out good training images of ``data``:
+    'heldout_pos' (Patch SVDD's position loss) or 'heldout_rec' (the autoencoder's loss); NaN without any."""
+    name = HELDOUT_METRICS[kind_of(model)]
+    _, held = holdout_split(len(data.train_images), holdout_fraction)
+    if not len(held):
+        return name, math.nan
+    if isinstance(model, ConvAutoencoder):
+        return name, heldout_reconstruction(model, as_input(data.train_images[held], model.channels))[name]
+    return name, heldout_losses(model, standardise(data.train_images[held], data.mean))[name]
+
+
 def validate_task(model, val_data, device, search, metric_names, holdout_fraction, defect_fusion=None,
                   defect_types=None) -> dict:
-    """An envoy's view of the model: 'heldout_pos' (position loss on its held-out good training images;
-    NaN without any) and AUROCs / AUPROs of its test images against its own training patches (NaN where
+    """An envoy's view of the model: its held-out criterion (see ``heldout_metric``) and AUROCs / AUPROs of its test images against its own training patches (NaN where
     undefined); with ``defect_fusion``, also that fusion's image-score statistics for each of
     ``defect_types`` as 'defect/<type>/<stat>' (NaN for a type this envoy lacks: the aggregator needs the
     same metrics from every envoy). Numbers only: the types are folder names, no image leaves."""
     model.to(device)
     out: dict[str, float] = {}
-    if HELDOUT_METRIC in metric_names:
-        _, held = holdout_split(len(val_data.train_images), holdout_fraction)
-        out[HELDOUT_METRIC] = (heldout_losses(model, standardise(val_data.train_images[held], val_data.mean))[HELDOUT_METRIC]
-                               if len(held) else math.nan)
-    aurocs = [name for name in metric_names if name != HELDOUT_METRIC]
+    if HELDOUT_METRICS[kind_of(model)] in metric_names:
+        name, value = heldout_metric(model, val_data, holdout_fraction)
+        out[name] = value
+    aurocs = [name for name in metric_names if name not in HELDOUT_METRICS.values()]
     if aurocs or defect_fusion:
         result = evaluate_category(model, val_data, mode=search, defect_names=defect_types,
                                    with_aupro=any(name.startswith("aupro_") for name in aurocs))
@@ -144,7 +173,7 @@ def export_task(model, val_data, device, name, bank_fraction, max_fpr) -> dict:
     return {"image_threshold": image.value, "image_fpr": nan if image.fpr is None else image.fpr,
             "image_tpr": nan if image.tpr is None else image.tpr, "pixel_threshold": pixel.value,
             "calibrated": float(image.method != "good_quantile"), "bundle_mb": bundle_bytes(out) / 1e6,
-            "bank_rows_32": float(len(inspector.bundle.banks[32]))}
+            "bank_rows_32": float(len(inspector.bundle.banks.get(32, ())))}  # 0 for the autoencoder: no bank
 
 
 def _with_validation(tasks: TaskInterface, **kwargs: Any) -> TaskInterface:
@@ -153,8 +182,10 @@ def _with_validation(tasks: TaskInterface, **kwargs: Any) -> TaskInterface:
     return tasks
 
 
-def training_tasks(settings: ExperimentSettings, metric_names: tuple[str, ...] = ROUND_METRICS) -> TaskInterface:
-    """``train_task`` (with the optimizer) and ``validate_task`` (``metric_names``, ``round_search``)."""
+def training_tasks(settings: ExperimentSettings, metric_names: tuple[str, ...] | None = None) -> TaskInterface:
+    """``train_task`` (with the optimizer) and ``validate_task`` (``metric_names``, default
+    ``round_metrics(settings.model)``, with ``round_search``)."""
+    metric_names = round_metrics(settings.model) if metric_names is None else metric_names
     tasks = TaskInterface()
     tasks.add_kwargs(settings=settings)(train_task)
     tasks.register_fl_task(model="model", data_loader="train_data", device="device", optimizer="optimizer",
@@ -164,9 +195,9 @@ def training_tasks(settings: ExperimentSettings, metric_names: tuple[str, ...] =
 
 
 def evaluation_tasks(settings: ExperimentSettings, defect_types: list[str] | None = None) -> TaskInterface:
-    """Only ``validate_task``: the eight AUROCs, the AUPROs and, given the ``defect_types`` of all envoys,
+    """Only ``validate_task``: ``final_metrics(settings.model)`` and, given the ``defect_types`` of all envoys,
     the per-defect statistics, with ``final_search``."""
-    return _with_validation(TaskInterface(), search=settings.final_search, metric_names=FINAL_METRICS,
+    return _with_validation(TaskInterface(), search=settings.final_search, metric_names=final_metrics(settings.model),
                             holdout_fraction=settings.holdout_fraction,
                             defect_fusion=DEFECT_FUSION if defect_types else None, defect_types=defect_types)
 
