@@ -13,11 +13,11 @@ from typing import Callable
 import torch
 
 from .autoencoder import ConvAutoencoder, reconstruction_losses
-from .settings import LRSchedule, TrainSettings
+from .settings import HELDOUT_METRICS, LRSchedule, TrainSettings
 from .train import as_generator, epoch_batches, progress_bar, resolve_precision, set_learning_rate
 
 LOSS_NAMES = ("loss", "mse", "ssim")
-HELDOUT_METRIC = "heldout_rec"  # the reconstruction loss on held-out good images: lower is better
+HELDOUT_METRIC = HELDOUT_METRICS["autoencoder"]  # the reconstruction loss on held-out good images
 
 
 def train_autoencoder_epoch(

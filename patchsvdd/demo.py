@@ -22,9 +22,7 @@ from typing import Sequence
 from .cli import DefaultsHelp
 from .harness import HarnessError, Processes, project_root, start_federation
 from .net import free_port
-from .settings import DEMO_SETTINGS, FINETUNE, MODELS, SEARCHES, SettingsError
-
-HELDOUT_NAMES = {"patchsvdd": "heldout_pos", "autoencoder": "heldout_rec"}  # models.HELDOUT_METRICS, without torch
+from .settings import DEMO_SETTINGS, FINETUNE, HELDOUT_METRICS, MODELS, SEARCHES, SettingsError
 
 NOTEBOOK = Path("workspace") / "PatchSVDD_with_Director.ipynb"
 
@@ -91,7 +89,7 @@ def summarise(run_dir: Path, seconds: float) -> str:
     results = run_dir / "notebook"
     final = json.loads((results / "metrics.json").read_text())
     network = final.get("network", "patchsvdd")
-    keys = (HELDOUT_NAMES[network], "det_sum", "seg_sum")
+    keys = (HELDOUT_METRICS[network], "det_sum", "seg_sum")
     lines = [f"demo ({network}) finished in {seconds:.0f} s; results in {run_dir}"]
     learning = untrained_vs_trained(json.loads((results / "round_metrics.json").read_text()), keys)
     lines.append("  untrained (round 0) -> trained (final round), per-round validation on each envoy's own data:")

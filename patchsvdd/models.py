@@ -14,14 +14,13 @@ from torch import nn
 from . import scoring
 from .autoencoder import FUSIONS as AUTOENCODER_FUSIONS
 from .autoencoder import ConvAutoencoder
-from .autoencoder_training import HELDOUT_METRIC as AUTOENCODER_HELDOUT
 from .model import PatchSVDD, count_parameters
 from .model import describe as describe_patchsvdd
-from .settings import EMB_DIM, MODELS, SettingsError
-from .train import HELDOUT_METRIC as PATCHSVDD_HELDOUT
+from .settings import EMB_DIM, HELDOUT_METRICS, MODELS, SettingsError
 
 FUSIONS = {"patchsvdd": scoring.FUSIONS, "autoencoder": AUTOENCODER_FUSIONS}
-HELDOUT_METRICS = {"patchsvdd": PATCHSVDD_HELDOUT, "autoencoder": AUTOENCODER_HELDOUT}
+__all__ = ["FUSIONS", "HELDOUT_METRICS", "architecture", "build_model", "check_kind", "describe", "from_architecture",
+           "kind_of"]
 
 
 def check_kind(kind: str) -> str:

@@ -18,6 +18,8 @@ from typing import Any
 from .errors import InputError
 
 MODELS = ("patchsvdd", "autoencoder")  # see models.py
+# each model's criterion on held-out good images, which chooses the best model without any anomaly (lower is better)
+HELDOUT_METRICS = {"patchsvdd": "heldout_pos", "autoencoder": "heldout_rec"}
 EMB_DIM = 64  # D, the paper's embedding size
 INIT_SCHEMES = ("kaiming", "pytorch")  # see model.initialise
 PRECISIONS = ("auto", "fp32", "bf16")  # see train.resolve_precision
