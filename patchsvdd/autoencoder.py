@@ -131,3 +131,14 @@ def fuse(maps: dict[str, torch.Tensor], scales: dict[str, float]) -> dict[str, t
     """``maps`` with 'sum' = l2 / scale_l2 + ssim / scale_ssim added: both errors in units of their mean on
     good images, so neither dominates by its scale alone."""
     return {**maps, "sum": maps["l2"] / scales["l2"] + maps["ssim"] / scales["ssim"]}
+
+
+def good_scales(model: ConvAutoencoder, good_images: np.ndarray) -> dict[str, float]:
+    """``map_scales`` of the error maps of uint8 good images (N,H,W,3): what a site's 'sum' divides by."""
+    return map_scales(error_maps(model, as_input(good_images, model.channels)))
+
+
+def image_maps(model: ConvAutoencoder, images: np.ndarray, scales: dict[str, float], batch_size: int = 16
+               ) -> dict[str, torch.Tensor]:
+    """Every map (``FUSIONS``, each (N,H,W)) of uint8 images (N,H,W,3), 'sum' on ``scales``."""
+    return fuse(error_maps(model, as_input(images, model.channels), batch_size), scales)

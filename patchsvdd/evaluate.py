@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .autoencoder import ConvAutoencoder, as_input, error_maps, fuse, map_scales
+from .autoencoder import ConvAutoencoder, good_scales, image_maps
 from .data import CategoryData, standardise
 from .metrics import category_metrics, per_defect
 from .model import PatchSVDD
@@ -66,10 +66,10 @@ def reconstruction_scores(model: ConvAutoencoder, train_images: np.ndarray, test
     """The autoencoder's maps (``autoencoder.FUSIONS``) of uint8 test images (M,H,W,3); the good training
     images (N,H,W,3) set the scale of each error for the 'sum' fusion (see ``autoencoder.fuse``)."""
     start = time.perf_counter()
-    scales = map_scales(error_maps(model, as_input(train_images, model.channels)))
+    scales = good_scales(model, train_images)
     seconds = {"scales": time.perf_counter() - start}
     start = time.perf_counter()
-    maps = fuse(error_maps(model, as_input(test_images, model.channels)), scales)
+    maps = image_maps(model, test_images, scales)
     seconds["reconstruct"] = time.perf_counter() - start
     return CategoryScores(maps=maps, seconds=seconds)
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .autoencoder import ConvAutoencoder, as_input, error_maps, fuse, map_scales
+from .autoencoder import ConvAutoencoder, good_scales, image_maps
 from .bundle import Bundle, memory_banks, read_bundle, write_bundle
 from .calibration import GOOD_QUANTILE, Threshold, choose_threshold
 from .data import GOOD, IMAGE_SIZE, CategoryData, as_model_image, holdout_split, read_image, standardise
@@ -111,8 +111,7 @@ class Inspector:
     def maps(self, images: np.ndarray, batch_size: int = 8) -> np.ndarray:
         """Anomaly maps (N,256,256) float32 (sum fusion) of uint8 images (N,256,256,3)."""
         if self.bundle.kind == "autoencoder":
-            errors = error_maps(self.model, as_input(images, self.model.channels), batch_size)
-            return fuse(errors, self.bundle.scales)["sum"].numpy().astype(np.float32)
+            return image_maps(self.model, images, self.bundle.scales, batch_size)["sum"].numpy().astype(np.float32)
         out = []
         for start in range(0, len(images), batch_size):
             batch = torch.from_numpy(standardise(images[start : start + batch_size], self.bundle.mean)).to(self.device)
@@ -169,7 +168,7 @@ def export_bundle(
     fit, held = holdout_split(len(data.train_images), 0.0 if labelled else holdout_fraction)
     placeholder = Threshold(value=float("inf"), method="none", low=0.0, high=1.0)
     if isinstance(model, ConvAutoencoder):  # no bank: the good images only set the scale of each error
-        scales = map_scales(error_maps(model.eval(), as_input(data.train_images[fit], model.channels)))
+        scales = good_scales(model.eval(), data.train_images[fit])
         bundle = Bundle(model, None, {}, placeholder, placeholder, dict(info or {}), scales=scales)
     else:
         mean = data.mean
