@@ -31,36 +31,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from patchsvdd.autoencoder import as_input, is_grayscale
-from patchsvdd.autoencoder_training import train_autoencoder_epoch
-from patchsvdd.data import CategoryData, index_category, load_category, standardise
+from patchsvdd.autoencoder import is_grayscale
+from patchsvdd.data import CategoryData, index_category, load_category
 from patchsvdd.evaluate import evaluate_category
+from patchsvdd.fit import model_inputs, train_one_epoch
 from patchsvdd.inspector import export_bundle
-from patchsvdd.models import build_model, kind_of
+from patchsvdd.models import build_model
 from patchsvdd.settings import RECIPES
-from patchsvdd.train import make_optimizer, train_epoch
+from patchsvdd.train import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 OFFICIAL = REPO.parent / "shared" / "official"
-
-
-def _epoch(model: torch.nn.Module, inputs: torch.Tensor, optimizer, recipe, steps: int, schedule, start: int,
-           on_step=None) -> dict:
-    common = dict(repeat=10_000, batch_size=recipe.batch_size, max_steps=steps, generator=start, schedule=schedule,
-                  start_step=start, precision=recipe.precision, progress=False, on_step=on_step)
-    if kind_of(model) == "autoencoder":
-        return train_autoencoder_epoch(model, inputs, optimizer, **common)
-    return train_epoch(model, inputs, optimizer, lambda_svdd=recipe.lambda_svdd, **common)
 
 
 def train_for(kind: str, data: CategoryData, budget_s: float) -> tuple[torch.nn.Module, dict]:
     """Train a fresh ``kind`` model for about ``budget_s`` seconds here; returns it and what it did."""
     recipe = RECIPES["autoencoder" if kind == "autoencoder" else "cpu"]
     channels = 1 if is_grayscale(data.train_images) else 3
-    inputs = (as_input(data.train_images, channels) if kind == "autoencoder"
-              else torch.from_numpy(standardise(data.train_images, data.mean)))
     torch.manual_seed(0)
     probe = build_model(kind, init=recipe.init, channels=channels)
+    inputs = model_inputs(probe, data.train_images, data.mean)
     times: list[float] = []
     last = [time.perf_counter()]
 
@@ -69,7 +59,8 @@ def train_for(kind: str, data: CategoryData, budget_s: float) -> tuple[torch.nn.
         times.append(now - last[0])
         last[0] = now
 
-    _epoch(probe, inputs, make_optimizer(probe, recipe.lr), recipe, 6, None, 0, tick)
+    train_one_epoch(probe, inputs, make_optimizer(probe, recipe.lr), recipe, repeat=10_000, max_steps=6, generator=0,
+                    on_step=tick)
     step_s = float(np.median(times[1:]))
     steps = max(1, int(budget_s / step_s))
     torch.manual_seed(0)
@@ -77,7 +68,8 @@ def train_for(kind: str, data: CategoryData, budget_s: float) -> tuple[torch.nn.
     optimizer = make_optimizer(model, recipe.lr)
     schedule = recipe.lr_schedule(steps)
     start = time.perf_counter()
-    losses = _epoch(model, inputs, optimizer, recipe, steps, schedule, 0)
+    losses = train_one_epoch(model, inputs, optimizer, recipe, repeat=10_000, max_steps=steps, generator=0,
+                             schedule=schedule)
     seconds = time.perf_counter() - start
     print(f"  {kind}: {steps} steps of {step_s:.2f} s in {seconds:.0f} s; last epoch losses "
           + ", ".join(f"{k} {v:.4f}" for k, v in losses.items() if k != "steps"), flush=True)

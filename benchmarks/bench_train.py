@@ -25,11 +25,12 @@ import torch
 
 from patchsvdd.data import index_category, load_category, standardise
 from patchsvdd.device import resolve_device
+from patchsvdd.loop import as_generator, bf16_supported
 from patchsvdd.model import PatchSVDD, initialise
 from patchsvdd.synth import generate_category
 from patchsvdd.train import (
-    LOSS_NAMES, PATCH_SIZES, TrainingBatch, as_generator, batch_embeddings, batch_losses, bf16_supported, make_optimizer,
-    position_loss, sample_batch, svdd_loss,
+    LOSS_NAMES, PATCH_SIZES, TrainingBatch, batch_embeddings, batch_losses, make_optimizer, position_loss, sample_batch,
+    svdd_loss,
 )
 
 

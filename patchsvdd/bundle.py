@@ -26,7 +26,7 @@ import torch
 from . import __version__
 from .calibration import Threshold
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import IMAGE_SIZE
+from .images import IMAGE_SIZE
 from .errors import InputError
 from .autoencoder import ConvAutoencoder
 from .model import LARGE_PATCH, SMALL_PATCH, PatchSVDD

@@ -44,41 +44,12 @@ def train_settings(args: argparse.Namespace):
     return replace(RECIPES[args.recipe or DEFAULT_RECIPE[args.model]], **chosen)
 
 
-def _patchsvdd_epochs(args: argparse.Namespace, settings, model, data):
-    """(steps per epoch, a function that runs epoch ``number`` and returns its losses and a line about them)."""
-    from .data import standardise
-    from .train import train_epoch
-
-    images = standardise(data.train_images, data.mean)
-    steps = settings.steps_per_epoch(len(images), args.max_steps)
-
-    def epoch(number: int, optimizer, schedule, generator) -> tuple[dict, str]:
-        losses = train_epoch(
-            model, images, optimizer, repeat=settings.repeat, batch_size=settings.batch_size,
-            lambda_svdd=settings.lambda_svdd, max_steps=args.max_steps, generator=generator, schedule=schedule,
-            start_step=number * steps, precision=settings.precision, progress=not args.no_progress,
-        )
-        return losses, (f"loss {losses['loss']:.4f}, position losses K=64 {losses['loss_pos_64']:.3f} K=32 "
-                        f"{losses['loss_pos_32']:.3f} (chance 2.079), spread {losses['spread_64']:.2g}/{losses['spread_32']:.2g}")
-    return steps, epoch
-
-
-def _autoencoder_epochs(args: argparse.Namespace, settings, model, data):
-    """As ``_patchsvdd_epochs``, for the autoencoder (images in [0,1])."""
-    from .autoencoder import as_input
-    from .autoencoder_training import train_autoencoder_epoch
-
-    images = as_input(data.train_images, model.channels)
-    steps = settings.steps_per_epoch(len(images), args.max_steps)
-
-    def epoch(number: int, optimizer, schedule, generator) -> tuple[dict, str]:
-        losses = train_autoencoder_epoch(
-            model, images, optimizer, repeat=settings.repeat, batch_size=settings.batch_size, max_steps=args.max_steps,
-            generator=generator, schedule=schedule, start_step=number * steps, precision=settings.precision,
-            progress=not args.no_progress,
-        )
-        return losses, f"loss {losses['loss']:.4f} (MSE {losses['mse']:.5f}, SSIM {losses['ssim']:.4f})"
-    return steps, epoch
+def epoch_line(losses: dict[str, float]) -> str:
+    """One line about an epoch's mean losses, for either model."""
+    if "mse" in losses:
+        return f"loss {losses['loss']:.4f} (MSE {losses['mse']:.5f}, SSIM {losses['ssim']:.4f})"
+    return (f"loss {losses['loss']:.4f}, position losses K=64 {losses['loss_pos_64']:.3f} K=32 "
+            f"{losses['loss_pos_32']:.3f} (chance 2.079), spread {losses['spread_64']:.2g}/{losses['spread_32']:.2g}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -87,7 +58,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .autoencoder import is_grayscale
     from .checkpoint import save_checkpoint
     from .device import resolve_device
-    from .models import build_model, kind_of
+    from .fit import model_inputs, train_one_epoch
+    from .models import build_model
     from .settings import DEFAULT_RECIPE
     from .train import make_optimizer
 
@@ -100,8 +72,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     channels = 1 if is_grayscale(data.train_images) else 3
     model = build_model(args.model, emb_dim=args.emb_dim, init=settings.init, channels=channels).to(device)
     optimizer = make_optimizer(model, settings.lr)
-    epochs = _autoencoder_epochs if kind_of(model) == "autoencoder" else _patchsvdd_epochs
-    steps_per_epoch, run_epoch = epochs(args, settings, model, data)
+    inputs = model_inputs(model, data.train_images, data.mean)
+    steps_per_epoch = settings.steps_per_epoch(len(inputs), args.max_steps)
     schedule = settings.lr_schedule(args.epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(args.seed)
     print(f"training {args.model} on {len(data.train_images)} images of {args.category} on {device}: {args.epochs} x "
@@ -109,9 +81,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     history = []
     start = time.perf_counter()
     for epoch in range(args.epochs):
-        losses, line = run_epoch(epoch, optimizer, schedule, generator)
+        losses = train_one_epoch(model, inputs, optimizer, settings, max_steps=args.max_steps, generator=generator,
+                                 schedule=schedule, start_step=epoch * steps_per_epoch, progress=not args.no_progress)
         history.append(losses)
-        print(f"epoch {epoch + 1}/{args.epochs}: {line} ({int(losses['steps'])} steps)")
+        print(f"epoch {epoch + 1}/{args.epochs}: {epoch_line(losses)} ({int(losses['steps'])} steps)")
     save_checkpoint(
         model, args.out, category=args.category, epochs=args.epochs, recipe=recipe, seed=args.seed,
         settings=asdict(settings), history=history, train_seconds=time.perf_counter() - start,

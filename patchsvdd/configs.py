@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from .data import MVTecDataError, index_category, load_category, parse_rank_worldsize
-from .errors import InputError
+from .errors import InputError, exit_code
 
 ENVOY_CONFIG_DIR_VAR = "PATCHSVDD_ENVOY_CONFIG_DIR"
 
@@ -100,12 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 2 or args[0] not in ("director", "envoy"):
         print("usage: python -m patchsvdd.configs director|envoy CONFIG", file=sys.stderr)
         return 2
-    try:
-        (check_director_config if args[0] == "director" else check_envoy_config)(args[1])
-    except ConfigError as exc:
-        print(f"{args[0]} config error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    check = check_director_config if args[0] == "director" else check_envoy_config
+    return exit_code(lambda: check(args[1]), ConfigError, f"{args[0]} config error: ")
 
 
 if __name__ == "__main__":

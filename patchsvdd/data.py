@@ -1,4 +1,5 @@
-"""MVTec AD reader: a validated index of one category, shards, loading and standardisation.
+"""MVTec AD reader: a validated index of one category, shards, loading and standardisation (one image
+file is decoded by ``images``).
 
 numpy and Pillow only (no torch), so that an envoy's shard descriptor can use it.
 
@@ -16,19 +17,14 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import InputError
+from .errors import MVTecDataError
+from .images import IMAGE_SIZE, read_image, read_mask
 
-IMAGE_SIZE = 256
 GOOD = "good"
 DEFECT_TYPES_LABEL = "defect types:"  # an envoy's shard description lists its defect types after this
 BUNDLE_FOLDER_LABEL = "bundle folder:"  # ... and where its site bundles go (patchsvdd.federated reads both)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MASK_SUFFIX = "_mask"
-MASK_THRESHOLD = 128
-
-
-class MVTecDataError(InputError):
-    """Bad MVTec input. The message names the path and what is wrong with it."""
 
 
 @dataclass(frozen=True)
@@ -161,37 +157,6 @@ def _check_orphan_masks(gt_dir: Path, test_dir: Path) -> None:
             folder = test_dir / defect_dir.name
             if not folder.is_dir() or not any((folder / f"{image_stem}{s}").is_file() for s in IMAGE_SUFFIXES):
                 raise MVTecDataError(f"{mask_path}: mask has no test image (expected {folder / image_stem}.png)")
-
-
-def as_model_image(img: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
-    """A PIL image as the model reads it: RGB (grayscale repeated to 3 channels) resized bicubic, uint8 (size,size,3)."""
-    img = img.convert("RGB")
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(img, dtype=np.uint8)
-
-
-def read_image(path: Path, size: int = IMAGE_SIZE) -> np.ndarray:
-    """The image file at ``path`` as ``as_model_image`` gives it: uint8 (size,size,3)."""
-    try:
-        with Image.open(path) as img:
-            return as_model_image(img, size)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise MVTecDataError(f"{path}: cannot decode image ({exc})") from exc
-
-
-def read_mask(path: Path | None, size: int = IMAGE_SIZE) -> np.ndarray:
-    """Binary mask resized nearest and binarised at 128: uint8 (size,size) of 0/1; zeros for None."""
-    if path is None:
-        return np.zeros((size, size), dtype=np.uint8)
-    try:
-        with Image.open(path) as img:
-            img = img.convert("L")
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.Resampling.NEAREST)
-            return (np.asarray(img) >= MASK_THRESHOLD).astype(np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise MVTecDataError(f"{path}: cannot decode mask ({exc})") from exc
 
 
 def _stack(arrays: Iterable[np.ndarray], count: int, desc: str, progress: bool) -> np.ndarray:

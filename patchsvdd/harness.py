@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,14 @@ def project_root(start: Path | None = None) -> Path:
             return folder
     raise HarnessError(f"no project checkout (a folder with {' and '.join(ROOT_MARKERS)}) at or above {here}: "
                        "run from the checkout, or set PATCHSVDD_ROOT to it")
+
+
+def with_this_environment(path: str | None = None) -> str:
+    """``path`` (default: $PATH) with this interpreter's bin folder first: the start scripts then find the
+    ``fx`` of the environment running this code even where that environment is not activated (a checkout's
+    own .venv still comes first: see scripts/common.sh)."""
+    path = os.environ.get("PATH", "") if path is None else path
+    return os.pathsep.join([str(Path(sys.executable).parent), *filter(None, path.split(os.pathsep))])
 
 
 def tail(path: Path, lines: int = 15) -> str:
@@ -84,7 +93,7 @@ class Processes:
         with open(log, "ab") as handle:
             process = subprocess.Popen(
                 list(command), stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, **(env or {})}, start_new_session=True,
+                env={**os.environ, "PATH": with_this_environment(), **(env or {})}, start_new_session=True,
             )
         node = Node(name, process, log)
         self.nodes.append(node)

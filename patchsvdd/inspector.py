@@ -20,7 +20,8 @@ from PIL import Image
 from .autoencoder import ConvAutoencoder, good_scales, image_maps
 from .bundle import Bundle, memory_banks, read_bundle, write_bundle
 from .calibration import GOOD_QUANTILE, Threshold, choose_threshold
-from .data import GOOD, IMAGE_SIZE, CategoryData, as_model_image, holdout_split, read_image, standardise
+from .data import GOOD, CategoryData, holdout_split, standardise
+from .images import IMAGE_SIZE, as_model_image, read_image
 from .device import resolve_device
 from .metrics import per_defect
 from .model import LARGE_PATCH, SMALL_PATCH, PatchSVDD

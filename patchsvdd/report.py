@@ -45,9 +45,33 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | N
     return "\n".join(lines)
 
 
+def final_evaluation(
+    values: Mapping[str, Mapping[str, float]], fusion: str = "sum"
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, float]]]]:
+    """The final evaluation's streamed metrics {origin: {metric: value}} as (per-node metrics, with a
+    'pooled' row: det_/seg_<fusion> of all sites' test images together, from their score sketches; per-node
+    defect tables, envoys only). The aggregator's mean of sketches and defect statistics is dropped."""
+    from .metrics import split_defects
+    from .pooling import pooled_aurocs, split_sketches
+
+    per_node: dict[str, dict[str, float]] = {}
+    per_defect: dict[str, dict[str, dict[str, float]]] = {}
+    sketches: dict[str, dict[str, float]] = {}
+    for node, metrics in values.items():
+        plain, sketch = split_sketches(metrics)
+        per_node[node], table = split_defects(plain)
+        if node != "aggregator":
+            per_defect[node] = table
+            if sketch:
+                sketches[node] = sketch
+    if sketches:
+        per_node["pooled"] = pooled_aurocs(sketches, fusion)
+    return per_node, per_defect
+
+
 def metrics_rows(per_origin: Mapping[str, Mapping[str, float]], keys: Sequence[str]) -> list[dict[str, Any]]:
-    """{origin: {metric: value}} -> table rows with the origin first, aggregator last."""
-    order = sorted(per_origin, key=lambda o: (o == "aggregator", o))
+    """{origin: {metric: value}} -> table rows with the origin first, then aggregator, then pooled."""
+    order = sorted(per_origin, key=lambda o: (o == "pooled", o == "aggregator", o))
     return [{"node": o, **{k: per_origin[o].get(k) for k in keys}} for o in order]
 
 

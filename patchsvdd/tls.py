@@ -13,6 +13,8 @@ import socket
 import ssl
 import sys
 
+from .errors import exit_code
+
 
 class TLSCheckError(ConnectionError):
     """The node cannot talk to the director over (mutual) TLS; the message says why."""
@@ -95,15 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     if not ((len(args) == 6 and args[0] == "check") or (len(args) == 3 and args[0] == "reach")):
         print(usage, file=sys.stderr)
         return 2
-    try:
-        if args[0] == "reach":
-            check_reachable(args[1], int(args[2]))
-        else:
-            check_mutual_tls(args[1], int(args[2]), *args[3:6])
-    except TLSCheckError as exc:
-        print(f"TLS: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    if args[0] == "reach":
+        return exit_code(lambda: check_reachable(args[1], int(args[2])), TLSCheckError, "TLS: ")
+    return exit_code(lambda: check_mutual_tls(args[1], int(args[2]), *args[3:6]), TLSCheckError, "TLS: ")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from .model import LARGE_PATCH, SMALL_PATCH, PatchSVDD, split_quadrants
 from .sampling import crop_patches, perturb, sample_position_pairs, sample_svdd_pairs
-from .settings import HELDOUT_METRICS, PRECISIONS, LRSchedule, TrainSettings
+from .loop import EpochPlan, as_generator, run_epoch
+from .settings import HELDOUT_METRICS, LRSchedule, TrainSettings
 
 LOSS_NAMES = ("loss", "loss_pos_64", "loss_pos_32", "loss_svdd_64", "loss_svdd_32")
 PATCH_SIZES = (LARGE_PATCH, SMALL_PATCH)
@@ -104,18 +105,6 @@ def batch_losses(
     return out
 
 
-def as_generator(seed_or_generator: int | torch.Generator | None) -> torch.Generator:
-    """A CPU generator: the one given, one seeded with the int given, or a randomly seeded one."""
-    if isinstance(seed_or_generator, torch.Generator):
-        return seed_or_generator
-    generator = torch.Generator()
-    if seed_or_generator is None:
-        generator.seed()
-    else:
-        generator.manual_seed(int(seed_or_generator))
-    return generator
-
-
 @torch.no_grad()
 def heldout_losses(
     model: PatchSVDD, images: torch.Tensor | np.ndarray, pairs: int = 256, batch_size: int = 64, seed: int = 0
@@ -146,50 +135,8 @@ def heldout_losses(
     return out
 
 
-def epoch_batches(n_images: int, repeat: int, batch_size: int, max_steps: int | None,
-                  generator: torch.Generator) -> list[torch.Tensor]:
-    """The image indices of each step of one epoch: every image ``repeat`` times, shuffled, in batches of
-    ``batch_size`` (the last may be smaller), cut to ``max_steps`` batches when given."""
-    if batch_size < 1 or repeat < 1:
-        raise ValueError(f"batch_size={batch_size}, repeat={repeat}: both must be at least 1")
-    order = torch.arange(n_images).repeat(repeat)[torch.randperm(n_images * repeat, generator=generator)]
-    batches = list(order.split(batch_size))
-    return batches if max_steps is None else batches[:max_steps]
-
-
-def set_learning_rate(optimizer: torch.optim.Optimizer, schedule: LRSchedule | None, step: int) -> None:
-    """Put the schedule's learning rate of global ``step`` into every parameter group (None: leave it)."""
-    if schedule is not None:
-        for group in optimizer.param_groups:
-            group["lr"] = schedule.lr_at(step)
-
-
-def progress_bar(steps: int, desc: str = "train"):
-    """A tqdm bar of ``steps`` steps that disappears when done."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=steps, desc=desc, leave=False)
-
-
 class CollapseError(RuntimeError):
     """The encoder's embeddings lost their spread (a known Patch SVDD failure: lr or lambda too large)."""
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bfloat16 autocast runs natively on ``device``: a CUDA GPU with bf16, or a CPU with AVX-512 BF16 / AMX."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """'fp32' -> None (no autocast); 'bf16' -> bfloat16 autocast of the encoders; 'auto' -> bf16 where
-    :func:`bf16_supported`, else fp32. The position classifiers and the losses always run in float32."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}: choose {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        precision = "bf16" if bf16_supported(device) else "fp32"
-    return torch.bfloat16 if precision == "bf16" else None
 
 
 def embedding_spread(embeddings: torch.Tensor) -> float:
@@ -228,42 +175,29 @@ def train_epoch(
     """
     device = next(model.parameters()).device
     images = torch.as_tensor(images, dtype=torch.float32).to(device)
-    autocast_dtype = resolve_precision(precision, device)
-    gen = as_generator(generator)
-    batches = epoch_batches(images.shape[0], repeat, batch_size, max_steps, gen)
-    steps = len(batches)
+    plan = EpochPlan(repeat, batch_size, max_steps, generator, schedule, start_step, precision, progress, on_step)
     model.train()
-    sums = dict.fromkeys(STEP_NAMES, 0.0)
-    collapsed_steps = 0
-    bar = progress_bar(steps) if progress else None
-    for step, index in enumerate(batches):
-        set_learning_rate(optimizer, schedule, start_step + step)
+
+    def step(index: torch.Tensor, gen: torch.Generator, autocast_dtype: torch.dtype | None):
         batch = sample_batch(images, index, gen)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             embeddings = batch_embeddings(model, batch)
         losses = batch_losses(model, batch, lambda_svdd, embeddings)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        optimizer.step()
         values = {name: float(losses[name].detach()) for name in LOSS_NAMES}
         values.update({f"spread_{k}": embedding_spread(embeddings[k]) for k in PATCH_SIZES})
-        for name in STEP_NAMES:
-            sums[name] += values[name]
-        collapsed_steps = collapsed_steps + 1 if min(values[f"spread_{k}"] for k in PATCH_SIZES) < collapse_spread else 0
-        if collapsed_steps >= COLLAPSE_PATIENCE:
+        return losses["loss"], values
+
+    collapsed = [0]  # steps in a row below collapse_spread
+
+    def guard(global_step: int, values: dict[str, float]) -> None:
+        collapsed[0] = collapsed[0] + 1 if min(values[f"spread_{k}"] for k in PATCH_SIZES) < collapse_spread else 0
+        if collapsed[0] >= COLLAPSE_PATIENCE:
             raise CollapseError(
-                f"the encoder collapsed at step {start_step + step}: embedding spread "
+                f"the encoder collapsed at step {global_step}: embedding spread "
                 f"{values['spread_64']:.2e} (K=64) / {values['spread_32']:.2e} (K=32) below {collapse_spread:.0e} for "
                 f"{COLLAPSE_PATIENCE} steps, so every patch looks the same. Lower the learning rate or lambda, "
                 "or add warm-up (see README: Training)."
             )
-        if on_step is not None:
-            on_step(start_step + step, values)
-        if bar is not None:
-            bar.update()
-            bar.set_postfix(pos64=f"{values['loss_pos_64']:.3f}", pos32=f"{values['loss_pos_32']:.3f}")
-    if bar is not None:
-        bar.close()
-    result = {name: value / max(steps, 1) for name, value in sums.items()}
-    result["steps"] = float(steps)
-    return result
+
+    return run_epoch(plan, images.shape[0], optimizer, device, step, shown=("loss_pos_64", "loss_pos_32"),
+                     after_step=guard)

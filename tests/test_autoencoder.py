@@ -12,6 +12,7 @@ import torch
 
 from patchsvdd import autoencoder as ae
 from patchsvdd.autoencoder_training import heldout_reconstruction, train_autoencoder_epoch
+from patchsvdd.loop import EpochPlan
 from patchsvdd.bundle import BundleError, read_bundle
 from patchsvdd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from patchsvdd.cli import main
@@ -93,8 +94,9 @@ def test_a_short_training_lowers_the_loss(fabric) -> None:
     before = heldout_reconstruction(model, images)
     optimizer = make_optimizer(model, 1e-2)
     seen: list[float] = []
-    result = train_autoencoder_epoch(model, images, optimizer, repeat=10, batch_size=4, max_steps=20, generator=0,
-                                     progress=False, on_step=lambda step, values: seen.append(values["loss"]))
+    plan = EpochPlan(repeat=10, batch_size=4, max_steps=20, generator=0, progress=False,
+                     on_step=lambda step, values: seen.append(values["loss"]))
+    result = train_autoencoder_epoch(model, images, optimizer, plan)
     after = heldout_reconstruction(model, images)
     assert result["steps"] == 20 and len(seen) == 20
     # measured: 0.771 -> 0.734 (MSE 0.038 -> 0.006; SSIM, the slow part to learn, 0.267 -> 0.272)

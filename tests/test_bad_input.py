@@ -15,14 +15,14 @@ import pytest
 import yaml
 from conftest import BAD_DATA_CASES
 
-from patchsvdd.harness import Processes, project_root, wait_for, write_director_config
+from patchsvdd.harness import Processes, project_root, wait_for, with_this_environment, write_director_config
 from patchsvdd.net import free_port, listens
 
 REPO = project_root()
 
 ENVOY = REPO / "envoy_folder" / "start_envoy.sh"
 DIRECTOR = REPO / "director_folder" / "start_director.sh"
-ENV = {"PATH": "/usr/bin:/bin"}
+ENV = {"PATH": with_this_environment("/usr/bin:/bin")}  # fx of the environment running the tests
 
 
 def _session_members(sid: int) -> list[str]:
@@ -38,11 +38,13 @@ def _session_members(sid: int) -> list[str]:
     return found
 
 
-def run_script(command: list[str], workdir: Path, timeout: float = 60) -> tuple[subprocess.CompletedProcess, float]:
-    """Run a start script in a new session; returns the result and the seconds it took. Asserts nothing is left."""
+def run_script(command: list[str], workdir: Path, timeout: float = 60, path: str = ENV["PATH"]
+               ) -> tuple[subprocess.CompletedProcess, float]:
+    """Run a start script in a new session with PATH ``path``; returns the result and the seconds it took.
+    Asserts nothing is left."""
     start = time.monotonic()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                               env={**ENV, "PATCHSVDD_WORKDIR": str(workdir)})
+                               env={**ENV, "PATH": path, "PATCHSVDD_WORKDIR": str(workdir)})
     try:
         out, err = process.communicate(timeout=timeout)
     finally:
@@ -128,7 +130,7 @@ def test_no_fx_anywhere_is_one_line(tmp_path: Path, script: str) -> None:
     for folder in ("scripts", "director_folder", "envoy_folder"):
         shutil.copytree(REPO / folder, tmp_path / "checkout" / folder)
     args = ["x.yaml"] if script.startswith("director") else ["envoy_1", "x.yaml", "localhost", "50051"]
-    result, seconds = run_script([str(tmp_path / "checkout" / script), *args], tmp_path / "w")
+    result, seconds = run_script([str(tmp_path / "checkout" / script), *args], tmp_path / "w", path="/usr/bin:/bin")
     assert_one_line_error(result, seconds, "fx (OpenFL) not found", "make install")
 
 

@@ -13,10 +13,10 @@ from patchsvdd.data import (
     index_category,
     load_category,
     parse_rank_worldsize,
-    read_mask,
     standardise,
     training_mean,
 )
+from patchsvdd.images import read_mask
 
 
 def test_index_lists_everything_and_pairs_masks(tiny_root: Path) -> None:

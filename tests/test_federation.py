@@ -16,17 +16,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 from patchsvdd import federated as fed
+from patchsvdd import report
 from patchsvdd.autoencoder import ConvAutoencoder
 from patchsvdd.bundle import read_bundle
 from patchsvdd.checkpoint import load_checkpoint, save_checkpoint
 from patchsvdd.data import index_category, load_category
 from patchsvdd.demo import NOTEBOOK, run_notebook
+from patchsvdd.evaluate import evaluate_category, image_scores
+from patchsvdd.federated.rounds import ROUND_TAG, round_of
 from patchsvdd.harness import Processes, log_contains, project_root, start_federation, wait_for
 from patchsvdd.metrics import split_defects
 from patchsvdd.model import PatchSVDD
 from patchsvdd.net import free_port
+from patchsvdd.pooling import split_sketches
 from patchsvdd.settings import SettingsError
 from patchsvdd.synth import generate_category
 from patchsvdd.train import make_optimizer
@@ -77,6 +82,7 @@ def test_aggregated_weights_are_the_size_weighted_mean_of_the_envoys(federation,
     experiment = fed.start_experiment(client, model, settings, "aggregation-check", tmp_path / "nb")
     log = fed.follow_metrics(experiment, idle_timeout=settings.idle_timeout)
     aggregated = fed.fetch_last_model(experiment)
+    assert round_of(experiment.get_last_model()) == 1 and ROUND_TAG not in aggregated.state_dict()  # the round tag
 
     # Redo each envoy's round here: same initial weights, shard, seeded task.
     index = index_category(fed_data, "fabric")
@@ -125,9 +131,12 @@ def test_two_round_experiment_then_final_evaluation(federation, fed_data: Path, 
     saved, meta = load_checkpoint(tmp_path / "best.pt")  # chosen by the held-out loss, atomically written
     criterion = dict(log.series("aggregated_model_validate", fed.HELDOUT_METRIC)["aggregator"])
     assert meta["metric"] == fed.HELDOUT_METRIC
-    assert meta["round"] == saver.best_round and meta["score"] == min(criterion.values()) == criterion[meta["round"]]
-    if meta["round"] == 2:  # the final aggregate. (Earlier rounds: these toy rounds are shorter than the metric
-        # stream's delay, so the model fetched for round r may be a later one: see SaveWhenImproved.)
+    # These toy rounds are shorter than the metric stream's delay, so round r's model may be gone when it is
+    # fetched: the round tag tells, and such a round is never saved under its score (SaveWhenImproved.missed).
+    kept = {r: v for r, v in criterion.items() if r not in saver.missed}
+    assert meta["round"] == saver.best_round == saver.saved_round and meta["score"] == min(kept.values()) == criterion[meta["round"]]
+    assert ROUND_TAG not in saved.state_dict()
+    if meta["round"] == 2:  # the final aggregate
         assert all(torch.equal(v, last.state_dict()[k]) for k, v in saved.state_dict().items())
     assert not list(tmp_path.glob(".best.pt.*"))
     assert (tmp_path / "nb" / "plan").is_dir()  # OpenFL's files stay in the working folder given
@@ -136,8 +145,15 @@ def test_two_round_experiment_then_final_evaluation(federation, fed_data: Path, 
     evaluation = fed.start_evaluation(client, last, TINY, "two-rounds-final", tmp_path / "nb_eval")
     final = fed.follow_metrics(evaluation, idle_timeout=TINY.idle_timeout).final()
     assert set(final) == {"envoy_1", "envoy_2", "aggregator"}
+    per_node, _ = report.final_evaluation(final)
+    scores, labels = [], []  # the pooled AUROC: every envoy's test images scored here as its envoy scores them
+    for rank in (1, 2):
+        shard = load_category(index_category(fed_data, "fabric").shard(rank, 2))
+        scores.append(image_scores(evaluate_category(last, shard, mode=TINY.final_search), "sum"))
+        labels.append(shard.test_labels)
+    assert per_node["pooled"]["det_sum"] == pytest.approx(roc_auc_score(np.concatenate(labels), np.concatenate(scores)))
     for node, values in final.items():
-        metrics, defects = split_defects(values)
+        metrics, defects = split_defects(split_sketches(values)[0])
         assert set(metrics) == set(fed.FINAL_METRICS)
         assert all(0.0 <= v <= 1.0 for v in metrics.values() if not math.isnan(v))
         # the union of both envoys' types, though each shard lacks some (NaN there): one metric set for FedAvg
@@ -195,7 +211,7 @@ def test_autoencoder_trains_through_the_same_federation(federation, fed_data: Pa
     evaluation = fed.start_evaluation(client, last, settings, "autoencoder-final", tmp_path / "nb_eval")
     final = fed.follow_metrics(evaluation, idle_timeout=settings.idle_timeout).final()
     for node, values in final.items():
-        metrics, defects = split_defects(values)
+        metrics, defects = split_defects(split_sketches(values)[0])
         assert set(metrics) == set(fed.final_metrics("autoencoder")) and "good" in defects
 
 
@@ -254,7 +270,9 @@ def test_notebook_runs_with_tiny_parameters(federation, fed_data: Path, tmp_path
         timeout=600, cwd=tmp_path,
     )
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["per_node"]) == {"envoy_1", "envoy_2", "aggregator"}
+    assert set(metrics["per_node"]) == {"envoy_1", "envoy_2", "aggregator", "pooled"}
+    assert set(metrics["per_node"]["envoy_1"]) == set(fed.FINAL_METRICS)  # the sketches are not metrics to read
+    assert set(metrics["per_node"]["pooled"]) == {"det_sum", "seg_sum"}
     assert set(json.loads((out / "local_metrics.json").read_text())) == set(fed.FINAL_METRICS)
     assert set(metrics["per_defect"]) == {"envoy_1", "envoy_2"}
     bundles = json.loads((out / "bundles.json").read_text())

@@ -10,6 +10,7 @@ import torch
 
 from patchsvdd import federated as fed
 from patchsvdd.checkpoint import load_checkpoint
+from patchsvdd.federated.rounds import ROUND_TAG, round_of, set_round, tagged, untagged
 from patchsvdd.federated.tasks import TrainThenValidate, training_tasks
 from patchsvdd.model import PatchSVDD
 
@@ -102,3 +103,49 @@ def test_task_assigner_trains_then_validates_once_more() -> None:
     names = [[task.name for task in assigner.tasks_of_round(r)] for r in range(3)]
     assert names == [["train", "aggregated_model_validate"]] * 2 + [["aggregated_model_validate"]]
     assert set(assigner(["envoy_1", "envoy_2"], 0)) == {"envoy_1", "envoy_2"}
+
+
+def test_round_tag_travels_with_a_copy_and_survives_fedavg() -> None:
+    torch.manual_seed(0)
+    model = PatchSVDD(emb_dim=4)
+    sent = tagged(model)
+    assert round_of(model) is None and ROUND_TAG not in model.state_dict()  # the caller's model is untouched
+    assert round_of(sent) == 0 and ROUND_TAG in sent.state_dict()
+    set_round(sent, 3)
+    weights = torch.tensor([4.0, 3.0]) / 7  # FedAvg of two envoys' equal tags, weighted by shard size
+    averaged = (weights[0] * sent.state_dict()[ROUND_TAG] + weights[1] * sent.state_dict()[ROUND_TAG]).item()
+    sent.state_dict()[ROUND_TAG].fill_(averaged)
+    assert round_of(sent) == 3
+    plain = untagged(sent)
+    assert round_of(plain) is None and set(plain.state_dict()) == set(model.state_dict())
+    set_round(plain, 5)  # no tag: left alone
+    assert round_of(plain) is None
+
+
+def test_checkpointer_never_saves_a_later_model_under_an_earlier_score(tmp_path: Path) -> None:
+    """Round 1's improvement is fetched after the director already holds round 2's model (a round shorter
+    than the stream's delay): the tag shows it, nothing is written for round 1, and a later model that
+    beats the one saved is still saved."""
+    tagged_models = {}
+    for r in range(4):
+        torch.manual_seed(r)
+        tagged_models[r] = tagged(PatchSVDD(emb_dim=4))
+        set_round(tagged_models[r], r)
+    held = {"round": 0}
+    saver = fed.SaveWhenImproved(None, tmp_path / "best.pt", fetch=lambda: tagged_models[held["round"]])
+    validation = "aggregated_model_validate"
+    saver.observe(_record(0, "aggregator", validation, fed.HELDOUT_METRIC, 3.0))
+    saver.observe(_record(1, "aggregator", validation, fed.HELDOUT_METRIC, 2.0))  # saves round 0
+    assert saver.saved_round == 0
+    held["round"] = 2  # round 2 ended before its metrics were read
+    with pytest.warns(RuntimeWarning, match="round 1 .* replaced on the director by round 2's"):
+        saver.observe(_record(3, "aggregator", validation, fed.HELDOUT_METRIC, 2.5))
+    assert saver.missed == [1] and saver.saved_round == 0
+    assert load_checkpoint(tmp_path / "best.pt")[1]["round"] == 0
+    held["round"] = 3
+    saver.finish()  # round 3's 2.5 beats the saved 3.0 (not the missed 2.0): saved
+    model, meta = load_checkpoint(tmp_path / "best.pt")
+    assert (meta["round"], meta["score"], saver.best_round) == (3, 2.5, 3)
+    assert ROUND_TAG not in model.state_dict()
+    expected = untagged(tagged_models[3]).state_dict()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())

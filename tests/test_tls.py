@@ -11,7 +11,7 @@ from cryptography import x509
 
 from patchsvdd import federated as fed
 from patchsvdd.certs import create_federation_certs, issued_by
-from patchsvdd.harness import Processes, project_root, start_federation
+from patchsvdd.harness import Processes, project_root, start_federation, with_this_environment
 
 REPO = project_root()
 from patchsvdd.model import PatchSVDD
@@ -79,7 +79,8 @@ def test_envoy_from_another_authority_is_refused(tls_federation, tmp_path: Path,
     )
     result = subprocess.run(
         [str(REPO / "envoy_folder" / "start_envoy.sh"), "envoy_x", str(config), nodes.host, str(nodes.port), str(foreign)],
-        capture_output=True, text=True, timeout=60, env={"PATCHSVDD_WORKDIR": str(tmp_path / "w"), "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=60,
+        env={"PATCHSVDD_WORKDIR": str(tmp_path / "w"), "PATH": with_this_environment("/usr/bin:/bin")},
     )
     assert result.returncode == 2
     assert expected in result.stderr, result.stderr

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from patchsvdd.loop import as_generator, bf16_supported, resolve_precision
 from patchsvdd.model import PatchSVDD, initialise
 from patchsvdd.sampling import crop_patches, sample_position_pairs, sample_svdd_pairs
 from patchsvdd.train import (
-    CollapseError, as_generator, batch_embeddings, batch_losses, bf16_supported, heldout_losses,
-    make_optimizer, resolve_precision, sample_batch, svdd_loss, train_epoch,
+    CollapseError, batch_embeddings, batch_losses, heldout_losses, make_optimizer, sample_batch, svdd_loss, train_epoch,
 )
 from patchsvdd.settings import LRSchedule
 

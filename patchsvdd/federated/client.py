@@ -23,6 +23,7 @@ from ..models import kind_of
 from ..settings import ExperimentSettings, SettingsError
 from ..tls import TLSCheckError, check_mutual_tls, speaks_tls
 from ..train import make_optimizer
+from .rounds import tagged, untagged
 from .tasks import MVTecDataInterface, TrainThenValidate, evaluation_tasks, export_tasks, training_tasks
 
 FRAMEWORK_ADAPTER = "openfl.plugins.frameworks_adapters.pytorch_adapter.FrameworkAdapterPlugin"
@@ -161,6 +162,7 @@ def _submit(federation: Federation, name: str, model: nn.Module, settings: Exper
     if kind_of(model) != settings.model:  # the tasks' metrics are the settings' model's
         raise SettingsError(f"the model sent is a {kind_of(model)} but settings.model is {settings.model!r}: "
                             "set model to match (or start from a checkpoint of that model)")
+    model = tagged(model)  # a copy that says which round made it (see rounds.py); the caller's model is untouched
     model_interface = ModelInterface(model=model, optimizer=make_optimizer(model, settings.lr), framework_plugin=FRAMEWORK_ADAPTER)
     override = {} if settings.aggregator_port is None else {"network.settings.agg_port": int(settings.aggregator_port)}
     with working_folder(workdir):
@@ -234,6 +236,7 @@ def attach(federation: Federation, name: str, model: nn.Module, workdir: str | o
                               "(experiments do not survive a director restart) or another client id started it")
     from openfl.federated.plan.plan import Plan
 
+    model = tagged(model)
     model_interface = ModelInterface(model=model, optimizer=make_optimizer(model), framework_plugin=FRAMEWORK_ADAPTER)
     with working_folder(workdir) as folder:
         experiment = FLExperiment(federation=federation, experiment_name=name)
@@ -244,6 +247,6 @@ def attach(federation: Federation, name: str, model: nn.Module, workdir: str | o
 
 
 def fetch_last_model(experiment: FLExperiment) -> nn.Module:
-    """The final aggregated model from the director, on the CPU. (OpenFL's own "best" model is not used:
-    it keeps the highest of all validation metrics at once; ``SaveWhenImproved`` chooses instead.)"""
-    return experiment.get_last_model()
+    """The final aggregated model from the director, on the CPU, without the round tag. (OpenFL's own "best"
+    model is not used: it keeps the highest of all validation metrics at once; ``SaveWhenImproved`` chooses.)"""
+    return untagged(experiment.get_last_model())

@@ -13,6 +13,7 @@ import os
 import queue
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +22,7 @@ from openfl.interface.interactive_api.experiment import FLExperiment
 
 from ..net import still_listens_after
 from .client import FederationError, experiment_status, online_envoys
+from .rounds import round_of, untagged
 from .tasks import HELDOUT_METRIC
 
 
@@ -193,11 +195,12 @@ class SaveWhenImproved:
     first metric of a later round arrives (round r+1 is then under way), or
     when the experiment ends. The director streams metrics with up to a
     second's delay, so a round r+1 shorter than that (toy test rounds, never a
-    real one) can end first, and the model fetched is then round r+1's; OpenFL
-    1.7.1 gives no way to check (GetExperimentDescription, which tells the
-    round, fails with a custom task assigner). ``fetch`` (default: the
-    experiment's last model) is called once per save. ``save_checkpoint``
-    writes a temporary file and renames it: a crash never leaves a broken file.
+    real one) can end first: the model fetched then says so by its round tag
+    (``rounds.py``; OpenFL 1.7.1 itself tells no round), and it is not saved
+    under round r's score: the round goes to ``missed`` with a warning, and
+    the file and ``best_score`` stay those of the model saved before. ``fetch`` (default: the experiment's
+    last model) is called once per save. ``save_checkpoint`` writes a
+    temporary file and renames it: a crash never leaves a broken file.
     ``metadata`` goes into the file, with the round and the score.
     """
 
@@ -209,7 +212,9 @@ class SaveWhenImproved:
         self.best_score = math.inf if lower_is_better else -math.inf
         self.best_round: int | None = None
         self.saved_round: int | None = None  # round of the model in ``path``, once written
+        self.missed: list[int] = []  # improvements whose model the director had replaced before it was fetched
         self._pending: tuple[int, float] | None = None
+        self._saved_score = self.best_score
 
     def _better(self, score: float) -> bool:
         return not math.isnan(score) and (score < self.best_score if self.lower_is_better else score > self.best_score)
@@ -234,5 +239,15 @@ class SaveWhenImproved:
 
         round_number, score = self._pending
         self._pending = None
-        save_checkpoint(self.fetch(), self.path, round=round_number, score=float(score), metric=self.metric, **self.metadata)
-        self.saved_round = round_number
+        model = self.fetch()
+        fetched = round_of(model)
+        if fetched is not None and fetched != round_number:
+            self.missed.append(round_number)
+            self.best_score, self.best_round = self._saved_score, self.saved_round
+            warnings.warn(f"the model validated in round {round_number} ({self.metric} {score:.4f}) was replaced on the "
+                          f"director by round {fetched}'s before it could be fetched (a round shorter than the metric "
+                          f"stream's delay); {self.path} keeps round {self.saved_round}'s", RuntimeWarning, stacklevel=2)
+            return
+        save_checkpoint(untagged(model), self.path, round=round_number, score=float(score), metric=self.metric,
+                        **self.metadata)
+        self.saved_round, self._saved_score = round_number, score

@@ -17,14 +17,17 @@ from typing import Any
 import numpy as np
 from openfl.interface.interactive_api.experiment import DataInterface, TaskInterface
 
-from ..autoencoder import ConvAutoencoder, as_input
-from ..autoencoder_training import heldout_reconstruction, train_autoencoder_epoch
-from ..data import CategoryData, holdout_split, standardise
+from ..autoencoder import ConvAutoencoder
+from ..autoencoder_training import heldout_reconstruction
+from ..data import CategoryData, holdout_split
 from ..evaluate import evaluate_category
+from ..fit import model_inputs, train_one_epoch
 from ..metrics import AUPRO_KEYS, METRIC_KEYS, aupro_keys, flatten_defects, metric_keys
 from ..models import FUSIONS, HELDOUT_METRICS, kind_of
+from ..pooling import sketch_metrics
 from ..settings import ExperimentSettings
-from ..train import heldout_losses, train_epoch
+from ..train import heldout_losses
+from .rounds import set_round, untagged
 
 HELDOUT_METRIC = HELDOUT_METRICS["patchsvdd"]  # the model-choice criterion: needs no anomaly, lower is better
 ROUND_METRICS = (HELDOUT_METRIC, "det_sum", "seg_sum")  # Patch SVDD's; either model's: round_metrics(model)
@@ -103,22 +106,19 @@ def final_metrics(model: str) -> tuple[str, ...]:
 
 
 def train_task(model, train_data, optimizer, device, round_num, settings: ExperimentSettings) -> dict:
-    """One round of local training on an envoy: ``train_epoch`` (Patch SVDD, standardised images) or
-    ``train_autoencoder_epoch`` (images in [0,1]) on its training images less the held-out ones, at the
-    global steps of this round in a schedule over all rounds. Reports ``TRAIN_METRICS`` of the model."""
+    """One round of local training on an envoy: ``fit.train_one_epoch`` of either model on its training
+    images less the held-out ones, at the global steps of this round in a schedule over all rounds; tags the model as trained ``round_num`` + 1
+    rounds (``rounds.py``). Reports ``TRAIN_METRICS`` of the model."""
     model.to(device)
+    set_round(model, int(round_num) + 1)
     recipe = settings.train_settings()
     fit, _ = holdout_split(len(train_data.train_images), settings.holdout_fraction)
     steps = recipe.steps_per_epoch(len(fit), settings.max_steps)
-    common = dict(repeat=recipe.repeat, batch_size=recipe.batch_size, max_steps=settings.max_steps,
-                  generator=settings.seed * 100_003 + int(round_num), schedule=recipe.lr_schedule(settings.rounds * steps),
-                  start_step=int(round_num) * steps, precision=recipe.precision, progress=False)
+    losses = train_one_epoch(model, model_inputs(model, train_data.train_images[fit], train_data.mean), optimizer, recipe,
+                             max_steps=settings.max_steps, generator=settings.seed * 100_003 + int(round_num),
+                             schedule=recipe.lr_schedule(settings.rounds * steps), start_step=int(round_num) * steps)
     if isinstance(model, ConvAutoencoder):
-        losses = train_autoencoder_epoch(model, as_input(train_data.train_images[fit], model.channels), optimizer,
-                                         **common)
         return {"train_loss": losses["loss"], "mse": losses["mse"], "ssim": losses["ssim"]}
-    images = standardise(train_data.train_images[fit], train_data.mean)
-    losses = train_epoch(model, images, optimizer, lambda_svdd=recipe.lambda_svdd, **common)
     return {"train_loss": losses["loss"], "pos_loss_64": losses["loss_pos_64"], "pos_loss_32": losses["loss_pos_32"],
             "spread_64": losses["spread_64"], "spread_32": losses["spread_32"]}
 
@@ -130,9 +130,10 @@ def heldout_metric(model, data: CategoryData, holdout_fraction: float) -> tuple[
     _, held = holdout_split(len(data.train_images), holdout_fraction)
     if not len(held):
         return name, math.nan
+    inputs = model_inputs(model, data.train_images[held], data.mean)
     if isinstance(model, ConvAutoencoder):
-        return name, heldout_reconstruction(model, as_input(data.train_images[held], model.channels))[name]
-    return name, heldout_losses(model, standardise(data.train_images[held], data.mean))[name]
+        return name, heldout_reconstruction(model, inputs)[name]
+    return name, heldout_losses(model, inputs)[name]
 
 
 def validate_task(model, val_data, device, search, metric_names, holdout_fraction, defect_fusion=None,
@@ -140,7 +141,9 @@ def validate_task(model, val_data, device, search, metric_names, holdout_fractio
     """An envoy's view of the model: its held-out criterion (see ``heldout_metric``) and AUROCs / AUPROs of its test images against its own training patches (NaN where
     undefined); with ``defect_fusion``, also that fusion's image-score statistics for each of
     ``defect_types`` as 'defect/<type>/<stat>' (NaN for a type this envoy lacks: the aggregator needs the
-    same metrics from every envoy). Numbers only: the types are folder names, no image leaves."""
+    same metrics from every envoy) and sketches of its image and pixel scores from which the notebook pools
+    AUROC over all sites (``pooling.sketch_metrics``). Numbers only: the types are folder names, no image
+    leaves."""
     model.to(device)
     out: dict[str, float] = {}
     if HELDOUT_METRICS[kind_of(model)] in metric_names:
@@ -153,6 +156,7 @@ def validate_task(model, val_data, device, search, metric_names, holdout_fractio
         out.update({name: math.nan if result.metrics[name] is None else result.metrics[name] for name in aurocs})
         if defect_fusion:
             out.update(flatten_defects(result.defects[defect_fusion]))
+            out.update(sketch_metrics(result.scores.maps[defect_fusion], val_data.test_labels, val_data.test_masks))
     return out
 
 
@@ -164,7 +168,7 @@ def export_task(model, val_data, device, name, bank_fraction, max_fpr) -> dict:
 
     if not getattr(val_data, "bundle_folder", None):
         raise SiteError("this envoy's shard descriptor names no bundle folder (shard_descriptor.params.bundle_folder)")
-    model.to(device)
+    model = untagged(model).to(device)  # the bundle's model.pt holds the model's own weights only
     out = Path(val_data.bundle_folder) / name
     inspector, _ = export_bundle(model, val_data, out, bank_fraction=bank_fraction, max_fpr=max_fpr,
                                  info={"experiment": name})
