@@ -35,9 +35,7 @@ def train_settings(args: argparse.Namespace):
     """The recipe named by ``--recipe`` (default: the model's) with every setting given on the command line put in."""
     from dataclasses import replace
 
-    from .settings import RECIPES
-
-    from .settings import DEFAULT_RECIPE
+    from .settings import DEFAULT_RECIPE, RECIPES
 
     chosen = {name: getattr(args, name) for name in ("lr", "lambda_svdd", "batch_size", "repeat", "warmup_steps",
                                                      "schedule", "precision", "init") if getattr(args, name) is not None}

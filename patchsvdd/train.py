@@ -20,7 +20,6 @@ from .settings import HELDOUT_METRICS, LRSchedule, TrainSettings
 
 LOSS_NAMES = ("loss", "loss_pos_64", "loss_pos_32", "loss_svdd_64", "loss_svdd_32")
 PATCH_SIZES = (LARGE_PATCH, SMALL_PATCH)
-STEP_NAMES = (*LOSS_NAMES, "spread_64", "spread_32")
 HELDOUT_METRIC = HELDOUT_METRICS["patchsvdd"]  # loss_pos_64 + loss_pos_32 on held-out good images
 COLLAPSE_SPREAD = 1e-6  # a fresh encoder with PyTorch's default init spreads about 5e-5; a collapsed one about 1e-7 or 0
 COLLAPSE_PATIENCE = 20  # steps in a row below it
