@@ -89,13 +89,13 @@ Step = Callable[[torch.Tensor, torch.Generator, torch.dtype | None], tuple[torch
 
 def run_epoch(
     plan: EpochPlan, n_images: int, optimizer: torch.optim.Optimizer, device: torch.device, step: Step,
-    shown: Sequence[str] = (), after_step: Callable[[int, dict[str, float]], None] | None = None,
+    shown: Sequence[str] = (),
 ) -> dict[str, float]:
     """The loop both models train in. ``step(index, generator, autocast_dtype)`` gets one batch's image
     indices (B,) and returns (the loss to minimise, the step's values by name); the loop sets the learning
-    rate, back-propagates, steps the optimizer, then calls ``after_step`` and ``plan.on_step`` with the
-    global step and the values. The bar shows the values named in ``shown``. Returns each value's mean
-    over the epoch and 'steps'."""
+    rate, back-propagates, steps the optimizer, then calls ``plan.on_step`` with the global step and the
+    values. The bar shows the values named in ``shown``. Returns each value's mean over the epoch and
+    'steps'."""
     autocast_dtype = resolve_precision(plan.precision, device)
     generator = as_generator(plan.generator)
     batches = epoch_batches(n_images, plan.repeat, plan.batch_size, plan.max_steps, generator)
@@ -110,8 +110,6 @@ def run_epoch(
         optimizer.step()
         for name, value in values.items():
             sums[name] = sums.get(name, 0.0) + value
-        if after_step is not None:
-            after_step(global_step, values)
         if plan.on_step is not None:
             plan.on_step(global_step, values)
         if bar is not None:

@@ -174,7 +174,6 @@ def train_epoch(
     """
     device = next(model.parameters()).device
     images = torch.as_tensor(images, dtype=torch.float32).to(device)
-    plan = EpochPlan(repeat, batch_size, max_steps, generator, schedule, start_step, precision, progress, on_step)
     model.train()
 
     def step(index: torch.Tensor, gen: torch.Generator, autocast_dtype: torch.dtype | None):
@@ -188,7 +187,7 @@ def train_epoch(
 
     collapsed = [0]  # steps in a row below collapse_spread
 
-    def guard(global_step: int, values: dict[str, float]) -> None:
+    def guard(global_step: int, values: dict[str, float]) -> None:  # the collapse check, then the caller's on_step
         collapsed[0] = collapsed[0] + 1 if min(values[f"spread_{k}"] for k in PATCH_SIZES) < collapse_spread else 0
         if collapsed[0] >= COLLAPSE_PATIENCE:
             raise CollapseError(
@@ -197,6 +196,9 @@ def train_epoch(
                 f"{COLLAPSE_PATIENCE} steps, so every patch looks the same. Lower the learning rate or lambda, "
                 "or add warm-up (see README: Training)."
             )
+        if on_step is not None:
+            on_step(global_step, values)
 
-    return run_epoch(plan, images.shape[0], optimizer, device, step, shown=("loss_pos_64", "loss_pos_32"),
-                     after_step=guard)
+    plan = EpochPlan(repeat=repeat, batch_size=batch_size, max_steps=max_steps, generator=generator,
+                     schedule=schedule, start_step=start_step, precision=precision, progress=progress, on_step=guard)
+    return run_epoch(plan, images.shape[0], optimizer, device, step, shown=("loss_pos_64", "loss_pos_32"))

@@ -198,9 +198,10 @@ class SaveWhenImproved:
     real one) can end first: the model fetched then says so by its round tag
     (``rounds.py``; OpenFL 1.7.1 itself tells no round), and it is not saved
     under round r's score: the round goes to ``missed`` with a warning, and
-    the file and ``best_score`` stay those of the model saved before. ``fetch`` (default: the experiment's
-    last model) is called once per save. ``save_checkpoint`` writes a
-    temporary file and renames it: a crash never leaves a broken file.
+    the file and ``best_score`` stay those of the model saved before.
+    ``fetch`` (default: the experiment's last model) is called once per save.
+    ``save_checkpoint`` writes a temporary file and renames it: a crash never
+    leaves a broken file.
     ``metadata`` goes into the file, with the round and the score.
     """
 

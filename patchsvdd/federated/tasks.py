@@ -107,8 +107,8 @@ def final_metrics(model: str) -> tuple[str, ...]:
 
 def train_task(model, train_data, optimizer, device, round_num, settings: ExperimentSettings) -> dict:
     """One round of local training on an envoy: ``fit.train_one_epoch`` of either model on its training
-    images less the held-out ones, at the global steps of this round in a schedule over all rounds; tags the model as trained ``round_num`` + 1
-    rounds (``rounds.py``). Reports ``TRAIN_METRICS`` of the model."""
+    images less the held-out ones, at the global steps of this round in a schedule over all rounds. Tags
+    the model as trained ``round_num`` + 1 rounds (``rounds.py``); reports ``TRAIN_METRICS`` of the model."""
     model.to(device)
     set_round(model, int(round_num) + 1)
     recipe = settings.train_settings()
