@@ -38,12 +38,12 @@ def main() -> None:
 
     from patchsvdd.data import index_category, load_category
     from patchsvdd.evaluate import evaluate_category
-    from patchsvdd.model import PatchSVDD, initialise
+    from patchsvdd.models import build_model
     from patchsvdd.settings import DEMO_SETTINGS
     from patchsvdd.synth import generate_category
 
     torch.manual_seed(DEMO_SETTINGS.seed)
-    model = initialise(PatchSVDD(init="pytorch"), DEMO_SETTINGS.init).eval()
+    model = build_model(DEMO_SETTINGS.model, emb_dim=DEMO_SETTINGS.emb_dim, init=DEMO_SETTINGS.init).eval()
     rows = []
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as root:
