@@ -126,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=_env_int("ROUNDS", d.rounds), help="training rounds (env ROUNDS)")
     p.add_argument("--repeat", type=int, default=d.repeat, help="times each training image is used per round")
     p.add_argument("--max-steps", type=int, default=_env_int("MAX_STEPS", d.max_steps),
-                   help="steps per envoy per round (0: full epochs; env MAX_STEPS)")
+                   help="at most this many steps per envoy per round; a round is one epoch, ceil(fitting images x "
+                        "repeat / batch) steps (85 on the demo data), so longer rounds need a larger --repeat "
+                        "too (0: full epochs; env MAX_STEPS)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per loss")
     p.add_argument("--init", default=os.environ.get("INIT") or "fresh",
                    help="fresh (a new model), official (the authors' released encoder of --category: downloaded once, "

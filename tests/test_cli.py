@@ -89,6 +89,24 @@ def test_synth_is_deterministic_for_a_seed(tmp_path: Path) -> None:
         assert img.mode == "L" and img.size == (260, 260)
 
 
+def test_demo_washer_fills_the_frame_and_its_defects_lie_on_it(tmp_path: Path) -> None:
+    """Demo data version 3: most of each image is the washer (on the table the position task has nothing
+    to learn), and every defect mask is non-empty and on the metal, not on the table."""
+    from PIL import Image
+
+    main(["synth", "--out", str(tmp_path), "--category", "washer", "--seed", "1", "--n-train", "2",
+          "--n-test-good", "1", "--n-test-per-defect", "3"])
+    root = tmp_path / "washer"
+    for path in root.glob("train/good/*.png"):
+        metal = np.asarray(Image.open(path).convert("L")) > 0.3 * 255  # table about 0.16, metal above 0.5
+        assert 0.55 < metal.mean() < 0.75, path  # version 2 had 0.37
+    for mask_path in root.glob("ground_truth/*/*_mask.png"):
+        mask = np.asarray(Image.open(mask_path)) > 0
+        assert mask.any(), mask_path
+        good = np.asarray(Image.open(root / "train" / "good" / "000.png").convert("L")) > 0.3 * 255
+        assert (mask & good).mean() / mask.mean() > 0.5, mask_path
+
+
 def test_bad_input_gives_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["evaluate", "--data-root", str(tmp_path), "--category", "x", "--checkpoint", str(tmp_path / "no.pt"),
                  "--out-dir", str(tmp_path / "o"), "--no-progress"]) == 2
