@@ -127,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=d.repeat, help="times each training image is used per round")
     p.add_argument("--max-steps", type=int, default=_env_int("MAX_STEPS", d.max_steps),
                    help="at most this many steps per envoy per round; a round is one epoch, ceil(fitting images x "
-                        "repeat / batch) steps (85 on the demo data), so longer rounds need a larger --repeat "
-                        "too (0: full epochs; env MAX_STEPS)")
+                        "repeat / batch) steps, so longer rounds need a larger --repeat too (0: full epochs; "
+                        "env MAX_STEPS)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per loss")
     p.add_argument("--init", default=os.environ.get("INIT") or "fresh",
                    help="fresh (a new model), official (the authors' released encoder of --category: downloaded once, "
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls", action="store_true", default=os.environ.get("TLS", "0") not in ("", "0"),
                    help="mutual TLS between all nodes with fresh certificates (env TLS=1)")
     p.add_argument("--runs-dir", type=Path, default=None, help="where run folders go (None: runs/ of the project)")
-    p.add_argument("--timeout", type=float, default=1800, help="give up after this many seconds in one notebook cell")
+    p.add_argument("--timeout", type=float, default=3600, help="give up after this many seconds in one notebook cell")
     p.add_argument("--idle-timeout", type=float, default=d.idle_timeout,
                    help="give up after this many seconds without a metric")
     return p

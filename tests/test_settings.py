@@ -50,7 +50,7 @@ def test_notebook_is_kept_without_outputs() -> None:
 def test_training_defaults_come_from_the_recipe() -> None:
     settings = ExperimentSettings()
     assert settings.train_settings() == TrainSettings()
-    assert DEMO_SETTINGS.max_steps == 80 and DEMO_SETTINGS.rounds == settings.rounds
+    assert DEMO_SETTINGS.max_steps == 240 and DEMO_SETTINGS.repeat == 300 and DEMO_SETTINGS.rounds == settings.rounds
 
 
 @pytest.mark.parametrize("bad, named", [
