@@ -27,7 +27,7 @@ from .settings import DEMO_SETTINGS, FINETUNE, HELDOUT_METRICS, MODELS, SEARCHES
 NOTEBOOK = Path("workspace") / "PatchSVDD_with_Director.ipynb"
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_int(name: str, default: int | None) -> int | None:
     """An integer from environment variable ``name`` (unset or empty: ``default``); a clear error otherwise."""
     value = os.environ.get(name, "").strip()
     if not value:
@@ -124,11 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="patchsvdd, or autoencoder: the convolutional autoencoder baseline (env MODEL)")
     p.add_argument("--envoys", type=int, default=2, help="envoys, each holding one shard of the category")
     p.add_argument("--rounds", type=int, default=_env_int("ROUNDS", d.rounds), help="training rounds (env ROUNDS)")
-    p.add_argument("--repeat", type=int, default=d.repeat, help="times each training image is used per round")
-    p.add_argument("--max-steps", type=int, default=_env_int("MAX_STEPS", d.max_steps),
-                   help="at most this many steps per envoy per round; a round is one epoch, ceil(fitting images x "
-                        "repeat / batch) steps, so longer rounds need a larger --repeat too (0: full epochs; "
-                        "env MAX_STEPS)")
+    p.add_argument("--repeat", type=int, default=None,
+                   help=f"times each training image is used per round (None: {d.repeat} from scratch, "
+                        f"{FINETUNE['repeat']} when fine-tuning)")
+    p.add_argument("--max-steps", type=int, default=_env_int("MAX_STEPS", None),
+                   help=f"at most this many steps per envoy per round (None: {d.max_steps} from scratch, "
+                        f"{FINETUNE['max_steps']} when fine-tuning; 0: full epochs; env MAX_STEPS); a round is one "
+                        "epoch, ceil(fitting images x repeat / batch) steps, so longer rounds need a larger --repeat too")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per loss")
     p.add_argument("--init", default=os.environ.get("INIT") or "fresh",
                    help="fresh (a new model), official (the authors' released encoder of --category: downloaded once, "
@@ -153,10 +155,13 @@ def demo_settings(args: argparse.Namespace):
     ValueError with the setting's name for a value out of range."""
     from dataclasses import replace
 
-    tuned = {} if args.init == "fresh" else FINETUNE
-    chosen = dict(model=args.model, rounds=args.rounds, repeat=args.repeat, max_steps=args.max_steps or None, batch_size=args.batch_size,
-                  final_search=args.final_search, idle_timeout=args.idle_timeout, **tuned)
-    chosen.update({k: v for k, v in (("lr", args.lr), ("warmup_steps", args.warmup_steps)) if v is not None})
+    tuned = dict(FINETUNE) if args.init != "fresh" else {}
+    chosen = dict(model=args.model, rounds=args.rounds, batch_size=args.batch_size, final_search=args.final_search,
+                  idle_timeout=args.idle_timeout, **tuned)
+    given = (("lr", args.lr), ("warmup_steps", args.warmup_steps), ("repeat", args.repeat), ("max_steps", args.max_steps))
+    chosen.update({k: v for k, v in given if v is not None})
+    if chosen.get("max_steps") == 0:
+        chosen["max_steps"] = None  # full epochs
     if args.envoys < 1:
         raise SettingsError(f"envoys={args.envoys}: at least one")
     return replace(DEMO_SETTINGS, **chosen)

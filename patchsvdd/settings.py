@@ -177,5 +177,6 @@ class ExperimentSettings:
 # clearly (docs/benchmarks.md, "The demo").
 DEMO_SETTINGS = replace(ExperimentSettings(), repeat=300, max_steps=240, batch_size=32, warmup_steps=40,
                         final_search="fast", idle_timeout=600.0)
-# Fine-tuning a trained encoder (a released one): small steps keep what it knows.
-FINETUNE = {"lr": 1e-5, "warmup_steps": 0}
+# Fine-tuning a trained encoder (a released one): small and few steps keep what it knows (5 rounds of 80;
+# docs/benchmarks.md, "Fine-tuning the released encoder across two sites").
+FINETUNE = {"lr": 1e-5, "warmup_steps": 0, "repeat": 100, "max_steps": 80}

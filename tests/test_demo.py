@@ -10,7 +10,7 @@ import torch
 
 from patchsvdd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from patchsvdd.demo import build_parser, demo_settings, initial_checkpoint
-from patchsvdd.settings import DEMO_SETTINGS
+from patchsvdd.settings import DEMO_SETTINGS, FINETUNE
 from patchsvdd.model import PatchSVDD
 from patchsvdd.released import SHA256, ReleasedWeightsError
 
@@ -54,6 +54,13 @@ def test_parser_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert tuned.max_steps == 7 and tuned.lr < DEMO_SETTINGS.lr and tuned.warmup_steps == 0
     fresh = demo_settings(build_parser().parse_args(["--init", "fresh", "--lr", "0.002"]))
     assert fresh.lr == 0.002 and fresh.warmup_steps == DEMO_SETTINGS.warmup_steps
+    assert (fresh.max_steps, fresh.repeat) == (7, DEMO_SETTINGS.repeat)
+    monkeypatch.delenv("MAX_STEPS")
+    fresh, tuned = (demo_settings(build_parser().parse_args(["--init", init])) for init in ("fresh", "official"))
+    assert (fresh.max_steps, fresh.repeat) == (DEMO_SETTINGS.max_steps, DEMO_SETTINGS.repeat)
+    assert (tuned.max_steps, tuned.repeat) == (FINETUNE["max_steps"], FINETUNE["repeat"]) != (fresh.max_steps, fresh.repeat)
+    full = demo_settings(build_parser().parse_args(["--init", "official", "--max-steps", "0", "--repeat", "3"]))
+    assert (full.max_steps, full.repeat, full.lr) == (None, 3, FINETUNE["lr"])
 
 
 def test_harness_finds_the_project_or_says_how(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
