@@ -10,8 +10,10 @@ demo's initial model (seed 0, He initialisation; fast search, as the per-round
 validation), and both shards' images together ("pooled": each image scored
 against its own envoy's bank, ranked together, as the demo's pooled row). The
 spread over seeds of the same untrained model is what the draw of the data
-alone moves a demo figure by. Prints a table and the range per metric; writes
-``seeds.json``.
+alone moves a demo figure by. Beside each envoy's det_sum the table gives the
+standard error an AUROC of that size has from its test set alone (Hanley and
+McNeil, 1982), the least spread any number of seeds can show. Prints a table
+and the range per metric; writes ``seeds.json``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHOWN = ("det_sum", "seg_sum", "det_64", "seg_64", "det_32", "seg_32")
+
 
 
 def main() -> None:
@@ -38,6 +41,7 @@ def main() -> None:
 
     from patchsvdd.data import index_category, load_category
     from patchsvdd.evaluate import evaluate_category
+    from patchsvdd.metrics import auroc_standard_error
     from patchsvdd.models import build_model
     from patchsvdd.settings import DEMO_SETTINGS
     from patchsvdd.synth import generate_category
@@ -55,21 +59,26 @@ def main() -> None:
                 evaluation = evaluate_category(model, data, mode="fast", with_aupro=False)
                 scores.append(evaluation.scores.image_scores("sum").numpy())
                 labels.append(np.asarray(data.test_labels))
+                n_anomalous = int(np.sum(data.test_labels))
+                det_sum = evaluation.metrics["det_sum"]
                 rows.append({"seed": seed, "envoy": str(rank), "test_images": len(data.test_labels),
-                             **{key: evaluation.metrics[key] for key in SHOWN}})
+                             **{key: evaluation.metrics[key] for key in SHOWN},
+                             "se_det_sum": auroc_standard_error(det_sum, len(data.test_labels) - n_anomalous,
+                                                                n_anomalous)})
                 print(rows[-1], flush=True)
             pooled = roc_auc_score(np.concatenate(labels), np.concatenate(scores))
             rows.append({"seed": seed, "envoy": "pooled", "test_images": sum(map(len, labels)), "det_sum": pooled})
             print(rows[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "seeds.json").write_text(json.dumps(rows, indent=1))
-    print(f"\n| data seed | envoy | test images | {' | '.join(SHOWN)} |\n|{'---|' * (3 + len(SHOWN))}")
+    columns = ("det_sum", "se_det_sum", *SHOWN[1:])
+    print(f"\n| data seed | envoy | test images | {' | '.join(columns)} |\n|{'---|' * (3 + len(columns))}")
     for row in rows:
         print(f"| {row['seed']} | {row['envoy']} | {row['test_images']} | "
-              + " | ".join(f"{row[k]:.4f}" if k in row else "" for k in SHOWN) + " |")
+              + " | ".join(f"{row[k]:.4f}" if k in row else "" for k in columns) + " |")
     envoys = [row for row in rows if row["envoy"] != "pooled"]
     print("| range, envoys | | | " + " | ".join(f"{min(r[k] for r in envoys):.3f}-{max(r[k] for r in envoys):.3f}"
-                                             for k in SHOWN) + " |")
+                                             for k in columns) + " |")
     pooled = [row["det_sum"] for row in rows if row["envoy"] == "pooled"]
     print(f"| range, pooled | | | {min(pooled):.3f}-{max(pooled):.3f} |")
 

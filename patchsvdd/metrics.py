@@ -45,6 +45,17 @@ def auroc(labels: np.ndarray, scores: np.ndarray, what: str = "AUROC") -> float 
     return float(roc_auc_score(labels, np.asarray(scores, dtype=np.float64).ravel()))
 
 
+def auroc_standard_error(value: float, n_normal: int, n_anomalous: int) -> float:
+    """Standard error an AUROC of ``value`` has from its test set alone, ``n_normal`` good and ``n_anomalous``
+    defective samples (Hanley and McNeil, 1982): the least a figure can move between draws of that many samples."""
+    if n_normal < 1 or n_anomalous < 1 or not 0.0 <= value <= 1.0:
+        raise ValueError(f"AUROC standard error needs 0 <= AUROC <= 1 and both classes, got {value}, "
+                         f"{n_normal} good, {n_anomalous} defective")
+    q1, q2 = value / (2 - value), 2 * value**2 / (1 + value)
+    variance = value * (1 - value) + (n_anomalous - 1) * (q1 - value**2) + (n_normal - 1) * (q2 - value**2)
+    return math.sqrt(max(variance, 0.0) / (n_normal * n_anomalous))
+
+
 def defect_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
     """Label every 8-connected defect region of ``masks`` (M,H,W) 0/1 with its own number 1..R across
     all images (0: good pixels); returns the labels (M,H,W) int64 and R."""

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from patchsvdd.metrics import (
-    AUPRO_KEYS, METRIC_KEYS, SingleClassWarning, aupro, auroc, category_metrics, flatten_defects, per_defect, split_defects,
+    AUPRO_KEYS, METRIC_KEYS, SingleClassWarning, aupro, auroc, auroc_standard_error, category_metrics,
+    flatten_defects, per_defect, split_defects,
 )
 
 
@@ -17,6 +18,25 @@ def test_auroc_hand_checked() -> None:
     # Pairs (pos, neg): (0.35>0.1) (0.35>0.4 no) (0.8>0.1) (0.8>0.4) -> 3 of 4.
     assert auroc(np.array([0, 1, 0, 1]), np.array([0.1, 0.35, 0.4, 0.8])) == 0.75
     assert auroc(np.array([0, 1]), np.array([0.5, 0.5])) == 0.5  # ties count half
+
+
+@pytest.mark.parametrize("value", [0.65, 0.86, 0.98])
+def test_auroc_standard_error_matches_the_spread_of_simulated_test_sets(value: float) -> None:
+    # Exponential scores: good ~ Exp(1), defective ~ Exp(rate mu) give AUROC 1 / (1 + mu), the model under which
+    # Hanley and McNeil's variance is exact. 4000 test sets of the demo's size (20 good, 40 defective per envoy).
+    rng = np.random.default_rng(0)
+    n_normal, n_anomalous, draws = 20, 40, 4000
+    good = rng.exponential(1.0, (draws, n_normal))
+    defective = rng.exponential(value / (1 - value), (draws, n_anomalous))
+    simulated = (defective[:, :, None] > good[:, None, :]).mean(axis=(1, 2))
+    expected = auroc_standard_error(value, n_normal, n_anomalous)
+    assert abs(simulated.mean() - value) < 0.01
+    assert simulated.std() == pytest.approx(expected, rel=0.08)
+
+
+def test_auroc_standard_error_refuses_a_single_class() -> None:
+    with pytest.raises(ValueError, match="0 good"):
+        auroc_standard_error(0.9, 0, 40)
 
 
 def test_single_class_gives_none_and_a_warning() -> None:
