@@ -82,9 +82,27 @@ def initial_checkpoint(init: str, category: str, run_dir: Path) -> Path | None:
     return out
 
 
+def detection_noise(learning: Sequence[dict], sizes: dict[str, tuple[int, int]]) -> list[str]:
+    """Summary lines: the standard error each envoy's det_sum has from its test-set size alone (Hanley and
+    McNeil), untrained and trained, so that a reader can tell a gain from the noise of a small test set."""
+    from .metrics import auroc_standard_error
+
+    parts = []
+    for row in learning:
+        good, defective = sizes.get(row["node"], (0, 0))
+        values = (row.get("det_sum untrained"), row.get("det_sum trained"))
+        if good and defective and None not in values:
+            errors = " -> ".join(f"{auroc_standard_error(v, good, defective):.3f}" for v in values)
+            parts.append(f"{row['node']} ({good} good, {defective} defective) {errors}")
+    if not parts:
+        return []
+    return ["  det_sum standard error, untrained -> trained, from the test-set size alone (Hanley-McNeil: another draw",
+            "  of as many test images moves det_sum by about this much): " + "; ".join(parts)]
+
+
 def summarise(run_dir: Path, seconds: float) -> str:
     """A few lines: where results are, untrained against trained, the final metrics, the time."""
-    from .report import fmt, untrained_vs_trained
+    from .report import fmt, test_set_sizes, untrained_vs_trained
 
     results = run_dir / "notebook"
     final = json.loads((results / "metrics.json").read_text())
@@ -96,6 +114,7 @@ def summarise(run_dir: Path, seconds: float) -> str:
     for row in learning:
         shown = "  ".join(f"{key} {fmt(row[f'{key} untrained'])} -> {fmt(row[f'{key} trained'])}" for key in keys)
         lines.append(f"  {row['node']:10s} {shown}")
+    lines += detection_noise(learning, test_set_sizes(final.get("per_defect", {})))
     lines.append(f"  final evaluation of the {final['model']} model ({final['search']} search):")
     for node, metrics in sorted(final["per_node"].items()):
         lines.append(f"  {node:10s} " + " ".join(f"{k}={fmt(v)}" for k, v in metrics.items()))

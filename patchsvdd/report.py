@@ -69,6 +69,16 @@ def final_evaluation(
     return per_node, per_defect
 
 
+def test_set_sizes(per_defect: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, tuple[int, int]]:
+    """(good, defective) test images per node from the final evaluation's per-defect tables
+    ({node: {type: {"n": count, ...}}}, 'good' among the types)."""
+    sizes = {}
+    for node, table in per_defect.items():
+        counts = {name: int(row.get("n") or 0) for name, row in table.items()}
+        sizes[node] = (counts.get("good", 0), sum(n for name, n in counts.items() if name != "good"))
+    return sizes
+
+
 def metrics_rows(per_origin: Mapping[str, Mapping[str, float]], keys: Sequence[str]) -> list[dict[str, Any]]:
     """{origin: {metric: value}} -> table rows with the origin first, then aggregator, then pooled."""
     order = sorted(per_origin, key=lambda o: (o == "pooled", o == "aggregator", o))

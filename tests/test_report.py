@@ -46,3 +46,27 @@ def test_framework_log_goes_to_a_file(tmp_path) -> None:
         for name in FRAMEWORK_LOGGERS:
             logging.getLogger(name).handlers = []
             logging.getLogger(name).propagate = True
+
+
+def test_demo_summary_gives_each_envoys_detection_noise(tmp_path) -> None:
+    import json
+
+    from patchsvdd.demo import summarise
+    from patchsvdd.metrics import auroc_standard_error
+    from patchsvdd.report import test_set_sizes
+
+    per_defect = {"envoy_1": {"good": {"n": 20.0, "mean": 1.0}, "crack": {"n": 25.0, "auroc": 0.7},
+                              "stain": {"n": 15.0, "auroc": 0.9}}}
+    assert test_set_sizes(per_defect) == {"envoy_1": (20, 40)}
+    notebook = tmp_path / "notebook"
+    notebook.mkdir()
+    records = [_record(0, "envoy_1", "det_sum", 0.6), _record(5, "envoy_1", "det_sum", 0.9),
+               _record(0, "aggregator", "det_sum", 0.6), _record(5, "aggregator", "det_sum", 0.9)]
+    (notebook / "round_metrics.json").write_text(json.dumps(records))
+    (notebook / "metrics.json").write_text(json.dumps({"model": "best", "search": "exact", "per_defect": per_defect,
+                                                       "per_node": {"envoy_1": {"det_sum": 0.9}}}))
+    text = summarise(tmp_path, 1.0)
+    before, after = auroc_standard_error(0.6, 20, 40), auroc_standard_error(0.9, 20, 40)
+    assert before > after > 0.03  # a small test set: a few points of AUROC are noise
+    assert f"envoy_1 (20 good, 40 defective) {before:.3f} -> {after:.3f}" in text
+    assert "aggregator (" not in text  # no test-set size of its own
