@@ -1,7 +1,8 @@
-"""How much do the demo's AUROCs depend on the draw of its data? The untrained encoder on several data seeds.
+"""How much do the demo's AUROCs depend on the draw of its data? The untrained encoder, and optionally a
+trained one, on several data seeds.
 
     python benchmarks/bench_demo_seeds.py [--seeds 0 1 2] [--test-good 100] [--test-per-defect 50]
-        [--out runs/bench_demo_seeds]
+        [--checkpoint runs/<time>/notebook/best.pt] [--out runs/bench_demo_seeds]
 
 Generates the demo category (washer, 60 training images) once per seed with
 the given test-set size (the demo: 40 good and 20 per defect type, i.e. 20 good
@@ -12,8 +13,15 @@ against its own envoy's bank, ranked together, as the demo's pooled row). The
 spread over seeds of the same untrained model is what the draw of the data
 alone moves a demo figure by. Beside each envoy's det_sum the table gives the
 standard error an AUROC of that size has from its test set alone (Hanley and
-McNeil, 1982), the least spread any number of seeds can show. Prints a table
-and the range per metric; writes ``seeds.json``.
+McNeil, 1982), the least spread any number of seeds can show.
+
+``--checkpoint`` (e.g. the demo's ``best.pt``, trained on seed 0's training
+images) scores that model on the same shards too, and gives the gain in
+det_sum over the untrained encoder on the same test images with a paired
+bootstrap 95 % interval (test images resampled within each class, both models
+scored on each resample). Seeds other than the training data's are data the
+model has not seen, drawn from the same generator. Prints a table and the
+range per metric; writes ``seeds.json``.
 """
 
 from __future__ import annotations
@@ -23,9 +31,26 @@ import json
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 SHOWN = ("det_sum", "seg_sum", "det_64", "seg_64", "det_32", "seg_32")
+BOOTSTRAP = 2000
 
+
+def paired_gain_interval(labels: np.ndarray, before: np.ndarray, after: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    """2.5 and 97.5 percentiles of AUROC(after) - AUROC(before) over bootstrap resamples of the test images
+    (labels (N,) 0/1, image scores (N,) of both models), resampled within each class."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    good, bad = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    gains = np.empty(BOOTSTRAP)
+    for b in range(BOOTSTRAP):
+        pick = np.concatenate([rng.choice(good, good.size), rng.choice(bad, bad.size)])
+        gains[b] = roc_auc_score(labels[pick], after[pick]) - roc_auc_score(labels[pick], before[pick])
+    low, high = np.percentile(gains, [2.5, 97.5])
+    return float(low), float(high)
 
 
 def main() -> None:
@@ -33,12 +58,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--test-good", type=int, default=100, help="good test images (both envoys together)")
     parser.add_argument("--test-per-defect", type=int, default=50, help="test images per defect type (both envoys)")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="a trained model to score beside the untrained one")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_demo_seeds")
     args = parser.parse_args()
-    import numpy as np
     import torch
     from sklearn.metrics import roc_auc_score
 
+    from patchsvdd.checkpoint import load_checkpoint
     from patchsvdd.data import index_category, load_category
     from patchsvdd.evaluate import evaluate_category
     from patchsvdd.metrics import auroc_standard_error
@@ -47,40 +73,57 @@ def main() -> None:
     from patchsvdd.synth import generate_category
 
     torch.manual_seed(DEMO_SETTINGS.seed)
-    model = build_model(DEMO_SETTINGS.model, emb_dim=DEMO_SETTINGS.emb_dim, init=DEMO_SETTINGS.init).eval()
+    models = {"untrained": build_model(DEMO_SETTINGS.model, emb_dim=DEMO_SETTINGS.emb_dim, init=DEMO_SETTINGS.init).eval()}
+    if args.checkpoint is not None:
+        models["trained"] = load_checkpoint(args.checkpoint)[0].eval()
     rows = []
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as root:
             generate_category(root, "washer", seed=seed, n_train=60, n_test_good=args.test_good,
                               n_test_per_defect=args.test_per_defect)
-            scores, labels = [], []
+            scores: dict[str, list[np.ndarray]] = {name: [] for name in models}
+            labels = []
             for rank in (1, 2):
                 data = load_category(index_category(root, "washer").shard(rank, 2))
-                evaluation = evaluate_category(model, data, mode="fast", with_aupro=False)
-                scores.append(evaluation.scores.image_scores("sum").numpy())
-                labels.append(np.asarray(data.test_labels))
-                n_anomalous = int(np.sum(data.test_labels))
-                det_sum = evaluation.metrics["det_sum"]
-                rows.append({"seed": seed, "envoy": str(rank), "test_images": len(data.test_labels),
-                             **{key: evaluation.metrics[key] for key in SHOWN},
-                             "se_det_sum": auroc_standard_error(det_sum, len(data.test_labels) - n_anomalous,
-                                                                n_anomalous)})
+                truth = np.asarray(data.test_labels)
+                labels.append(truth)
+                n_anomalous = int(truth.sum())
+                for name, model in models.items():
+                    evaluation = evaluate_category(model, data, mode="fast", with_aupro=False)
+                    scores[name].append(evaluation.scores.image_scores("sum").numpy())
+                    det_sum = evaluation.metrics["det_sum"]
+                    rows.append({"seed": seed, "envoy": str(rank), "model": name, "test_images": len(truth),
+                                 **{key: evaluation.metrics[key] for key in SHOWN},
+                                 "se_det_sum": auroc_standard_error(det_sum, len(truth) - n_anomalous, n_anomalous)})
+                    print(rows[-1], flush=True)
+            pooled_labels = np.concatenate(labels)
+            for name in models:
+                rows.append({"seed": seed, "envoy": "pooled", "model": name, "test_images": pooled_labels.size,
+                             "det_sum": roc_auc_score(pooled_labels, np.concatenate(scores[name]))})
                 print(rows[-1], flush=True)
-            pooled = roc_auc_score(np.concatenate(labels), np.concatenate(scores))
-            rows.append({"seed": seed, "envoy": "pooled", "test_images": sum(map(len, labels)), "det_sum": pooled})
-            print(rows[-1], flush=True)
+            if "trained" in models:
+                for envoy, truth, before, after in zip(("1", "2", "pooled"), [*labels, pooled_labels],
+                                                       [*scores["untrained"], np.concatenate(scores["untrained"])],
+                                                       [*scores["trained"], np.concatenate(scores["trained"])]):
+                    trained = next(r for r in rows if (r["seed"], r["envoy"], r["model"]) == (seed, envoy, "trained"))
+                    untrained = next(r for r in rows if (r["seed"], r["envoy"], r["model"]) == (seed, envoy, "untrained"))
+                    trained["gain_det_sum"] = trained["det_sum"] - untrained["det_sum"]
+                    trained["gain_low"], trained["gain_high"] = paired_gain_interval(truth, before, after, seed)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "seeds.json").write_text(json.dumps(rows, indent=1))
-    columns = ("det_sum", "se_det_sum", *SHOWN[1:])
-    print(f"\n| data seed | envoy | test images | {' | '.join(columns)} |\n|{'---|' * (3 + len(columns))}")
+    columns = ("det_sum", "se_det_sum", *(("gain_det_sum", "gain_low", "gain_high") if "trained" in models else ()),
+               *SHOWN[1:])
+    print(f"\n| data seed | envoy | model | test images | {' | '.join(columns)} |\n|{'---|' * (4 + len(columns))}")
     for row in rows:
-        print(f"| {row['seed']} | {row['envoy']} | {row['test_images']} | "
+        print(f"| {row['seed']} | {row['envoy']} | {row['model']} | {row['test_images']} | "
               + " | ".join(f"{row[k]:.4f}" if k in row else "" for k in columns) + " |")
-    envoys = [row for row in rows if row["envoy"] != "pooled"]
-    print("| range, envoys | | | " + " | ".join(f"{min(r[k] for r in envoys):.3f}-{max(r[k] for r in envoys):.3f}"
-                                             for k in columns) + " |")
-    pooled = [row["det_sum"] for row in rows if row["envoy"] == "pooled"]
-    print(f"| range, pooled | | | {min(pooled):.3f}-{max(pooled):.3f} |")
+    for name in models:
+        envoys = [row for row in rows if row["envoy"] != "pooled" and row["model"] == name]
+        print(f"| range, envoys | | {name} | | " + " | ".join(
+            f"{min(r[k] for r in envoys):.3f}-{max(r[k] for r in envoys):.3f}" if k in envoys[0] else ""
+            for k in columns) + " |")
+        pooled = [row["det_sum"] for row in rows if row["envoy"] == "pooled" and row["model"] == name]
+        print(f"| range, pooled | | {name} | | {min(pooled):.3f}-{max(pooled):.3f} |")
 
 
 if __name__ == "__main__":
