@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{FINETUNE['max_steps']} when fine-tuning; 0: full epochs; env MAX_STEPS); a round is one "
                         "epoch, ceil(fitting images x repeat / batch) steps, so longer rounds need a larger --repeat too")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per loss")
+    p.add_argument("--seed", type=int, default=_env_int("SEED", d.seed),
+                   help="seed of the initial model and of the envoys' training batches (the demo data keep seed 0; env SEED)")
     p.add_argument("--init", default=os.environ.get("INIT") or "fresh",
                    help="fresh (a new model), official (the authors' released encoder of --category: downloaded once, "
                         "SHA-256 checked, cached), or a checkpoint .pt or released .pkl file (env INIT)")
@@ -175,8 +177,8 @@ def demo_settings(args: argparse.Namespace):
     from dataclasses import replace
 
     tuned = dict(FINETUNE) if args.init != "fresh" else {}
-    chosen = dict(model=args.model, rounds=args.rounds, batch_size=args.batch_size, final_search=args.final_search,
-                  idle_timeout=args.idle_timeout, **tuned)
+    chosen = dict(model=args.model, rounds=args.rounds, batch_size=args.batch_size, seed=args.seed,
+                  final_search=args.final_search, idle_timeout=args.idle_timeout, **tuned)
     given = (("lr", args.lr), ("warmup_steps", args.warmup_steps), ("repeat", args.repeat), ("max_steps", args.max_steps))
     chosen.update({k: v for k, v in given if v is not None})
     if chosen.get("max_steps") == 0:
@@ -206,7 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         federation = start_federation(run_dir, data_root, args.category, args.envoys, processes=processes, tls=args.tls,
                                       root=root)
         print(f"director on port {federation.port} lists {', '.join(federation.envoys)} online; running the notebook")
-        fields = ("model", "rounds", "repeat", "max_steps", "batch_size", "lr", "warmup_steps", "final_search", "idle_timeout")
+        fields = ("model", "rounds", "repeat", "max_steps", "batch_size", "lr", "warmup_steps", "seed", "final_search",
+                  "idle_timeout")
         params = dict(
             {name: getattr(settings, name) for name in fields},
             director_host=federation.host, director_port=federation.port, expected_envoys=args.envoys,

@@ -61,6 +61,10 @@ def test_parser_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (tuned.max_steps, tuned.repeat) == (FINETUNE["max_steps"], FINETUNE["repeat"]) != (fresh.max_steps, fresh.repeat)
     full = demo_settings(build_parser().parse_args(["--init", "official", "--max-steps", "0", "--repeat", "3"]))
     assert (full.max_steps, full.repeat, full.lr) == (None, 3, FINETUNE["lr"])
+    assert demo_settings(build_parser().parse_args([])).seed == DEMO_SETTINGS.seed == 0
+    monkeypatch.setenv("SEED", "2")  # the training seed: initial model and batches
+    assert demo_settings(build_parser().parse_args([])).seed == 2
+    assert demo_settings(build_parser().parse_args(["--seed", "1"])).seed == 1
 
 
 def test_harness_finds_the_project_or_says_how(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
