@@ -4,9 +4,9 @@ trained one, on several data seeds.
     python benchmarks/bench_demo_seeds.py [--seeds 0 1 2] [--test-good 100] [--test-per-defect 50]
         [--checkpoint runs/<time>/notebook/best.pt] [--out runs/bench_demo_seeds]
 
-Generates the demo category (washer, 60 training images) once per seed with
-the given test-set size (the demo: 40 good and 20 per defect type, i.e. 20 good
-and 40 defective per envoy), and scores each of the two envoys' shards with the
+Generates the demo category (washer, ``settings.DEMO_DATA`` but for the seed)
+once per seed with the given test-set size (the demo's by default: 100 good and
+50 per defect type, i.e. 50 good and 100 defective per envoy), and scores each of the two envoys' shards with the
 demo's initial model (seed 0, He initialisation; fast search, as the per-round
 validation), and both shards' images together ("pooled": each image scored
 against its own envoy's bank, ranked together, as the demo's pooled row). The
@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from patchsvdd.settings import DEMO_DATA
+
 REPO = Path(__file__).resolve().parents[1]
 SHOWN = ("det_sum", "seg_sum", "det_64", "seg_64", "det_32", "seg_32")
 BOOTSTRAP = 2000
@@ -56,8 +58,10 @@ def paired_gain_interval(labels: np.ndarray, before: np.ndarray, after: np.ndarr
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--test-good", type=int, default=100, help="good test images (both envoys together)")
-    parser.add_argument("--test-per-defect", type=int, default=50, help="test images per defect type (both envoys)")
+    parser.add_argument("--test-good", type=int, default=DEMO_DATA["n_test_good"],
+                        help="good test images (both envoys together)")
+    parser.add_argument("--test-per-defect", type=int, default=DEMO_DATA["n_test_per_defect"],
+                        help="test images per defect type (both envoys)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="a trained model to score beside the untrained one")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_demo_seeds")
     args = parser.parse_args()
@@ -79,8 +83,8 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as root:
-            generate_category(root, "washer", seed=seed, n_train=60, n_test_good=args.test_good,
-                              n_test_per_defect=args.test_per_defect)
+            generate_category(root, "washer", **{**DEMO_DATA, "seed": seed, "n_test_good": args.test_good,
+                                                 "n_test_per_defect": args.test_per_defect})
             scores: dict[str, list[np.ndarray]] = {name: [] for name in models}
             labels = []
             for rank in (1, 2):

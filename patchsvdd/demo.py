@@ -22,7 +22,7 @@ from typing import Sequence
 from .cli import DefaultsHelp
 from .harness import HarnessError, Processes, project_root, start_federation
 from .net import free_port
-from .settings import DEMO_SETTINGS, FINETUNE, HELDOUT_METRICS, MODELS, SEARCHES, SettingsError
+from .settings import DEMO_DATA, DEMO_SETTINGS, FINETUNE, HELDOUT_METRICS, MODELS, SEARCHES, SettingsError
 
 NOTEBOOK = Path("workspace") / "PatchSVDD_with_Director.ipynb"
 
@@ -48,18 +48,19 @@ def run_notebook(notebook: Path, output: Path, parameters: dict, timeout: float,
     )
 
 
-def ensure_demo_data(data_root: Path, category: str, seed: int = 0) -> Path:
-    """Generate the built-in demo category under ``data_root`` unless this version already wrote it."""
+def ensure_demo_data(data_root: Path, category: str) -> Path:
+    """Generate the built-in demo category under ``data_root`` (``settings.DEMO_DATA``) unless this synth
+    version already wrote it with those arguments."""
     import shutil
 
-    from .synth import SYNTH_VERSION, generate_category, generated_version
+    from .synth import SYNTH_VERSION, generate_category, generated_with
 
     folder = data_root / category
-    if generated_version(folder) != SYNTH_VERSION:
+    if generated_with(folder) != {"version": SYNTH_VERSION, **DEMO_DATA}:
         if folder.exists():
             shutil.rmtree(folder)
         print(f"generating demo data {folder}")
-        generate_category(data_root, category, seed=seed)
+        generate_category(data_root, category, **DEMO_DATA)
     return data_root
 
 

@@ -177,6 +177,11 @@ class ExperimentSettings:
 # clearly (docs/benchmarks.md, "The demo").
 DEMO_SETTINGS = replace(ExperimentSettings(), repeat=300, max_steps=240, batch_size=32, warmup_steps=40,
                         final_search="fast", idle_timeout=600.0)
+# The demo's data (synth.generate_category's arguments): washer images of seed 0, 60 for training and 300 for
+# testing (100 good, 50 of each of the 4 defect types), i.e. 30 training, 50 good and 100 defective test images
+# per envoy: enough that a trained model's pooled det_sum moves by under 0.02 between data seeds
+# (docs/benchmarks.md, "How much the draw of the data moves the figures").
+DEMO_DATA = {"seed": 0, "n_train": 60, "n_test_good": 100, "n_test_per_defect": 50, "image_size": 320}
 # Fine-tuning a trained encoder (a released one): small and few steps keep what it knows (5 rounds of 80;
 # docs/benchmarks.md, "Fine-tuning the released encoder across two sites").
 FINETUNE = {"lr": 1e-5, "warmup_steps": 0, "repeat": 100, "max_steps": 80}

@@ -239,9 +239,11 @@ def generate_category(
     return root
 
 
-def generated_version(category_dir: str | Path) -> int | None:
-    """The synth version that wrote ``category_dir`` (None for anything else, e.g. real data)."""
+def generated_with(category_dir: str | Path) -> dict[str, int] | None:
+    """What wrote ``category_dir``: the synth version and ``generate_category``'s arguments (seed, sizes),
+    as its marker file records them; None for anything else, e.g. real data."""
     try:
-        return int(json.loads((Path(category_dir) / MARKER).read_text())["version"])
-    except (OSError, ValueError, KeyError, TypeError):
+        recorded = json.loads((Path(category_dir) / MARKER).read_text())
+        return {key: int(value) for key, value in recorded.items()}
+    except (OSError, ValueError, AttributeError, TypeError):
         return None

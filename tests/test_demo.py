@@ -122,3 +122,31 @@ def test_empty_or_bad_environment_numbers(monkeypatch: pytest.MonkeyPatch, capsy
         main(["--runs-dir", str(tmp_path / "runs")])
     assert stopped.value.code == 2 and "rounds=0: at least one round" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_demo_data_are_made_again_when_their_version_or_sizes_change(monkeypatch: pytest.MonkeyPatch,
+                                                                      capsys: pytest.CaptureFixture[str],
+                                                                      tmp_path: Path) -> None:
+    import json
+
+    import patchsvdd.demo as demo
+    from patchsvdd.settings import DEMO_DATA
+    from patchsvdd.synth import MARKER, SYNTH_VERSION, generated_with
+
+    assert DEMO_DATA["n_test_good"] // 2 >= 20 and DEMO_DATA["n_test_per_defect"] * 4 // 2 >= 40  # per envoy
+    small = {"seed": 0, "n_train": 2, "n_test_good": 1, "n_test_per_defect": 1, "image_size": 256}
+    monkeypatch.setattr(demo, "DEMO_DATA", small)
+    folder = tmp_path / "washer"
+    demo.ensure_demo_data(tmp_path, "washer")
+    assert generated_with(folder) == {"version": SYNTH_VERSION, **small} and "generating" in capsys.readouterr().out
+    demo.ensure_demo_data(tmp_path, "washer")
+    assert "generating" not in capsys.readouterr().out  # the same data: kept
+    monkeypatch.setattr(demo, "DEMO_DATA", {**small, "n_test_good": 3})
+    demo.ensure_demo_data(tmp_path, "washer")
+    assert len(list((folder / "test" / "good").glob("*.png"))) == 3
+    marker = json.loads((folder / MARKER).read_text())
+    (folder / MARKER).write_text(json.dumps({**marker, "version": SYNTH_VERSION - 1}))
+    demo.ensure_demo_data(tmp_path, "washer")
+    assert "generating" in capsys.readouterr().out and generated_with(folder)["version"] == SYNTH_VERSION
+    (folder / MARKER).write_text("not json")
+    assert generated_with(folder) is None and generated_with(tmp_path / "nowhere") is None
