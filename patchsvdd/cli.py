@@ -53,7 +53,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .settings import EMB_DIM, INIT_SCHEMES, MODELS, PRECISIONS, RECIPES, SCHEDULES
+    from .settings import DEMO_DATA, EMB_DIM, INIT_SCHEMES, MODELS, PRECISIONS, RECIPES, SCHEDULES
     from .synth import CATEGORIES
 
     parser = argparse.ArgumentParser(prog="patchsvdd", description="Federated Patch SVDD: anomaly detection and "
@@ -64,11 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="write a procedural demo category in the MVTec AD layout")
     synth.add_argument("--out", required=True, type=Path, help="data root to write <category>/ into")
     synth.add_argument("--category", default="fabric", choices=sorted(CATEGORIES))
-    synth.add_argument("--seed", type=int, default=0, help="random seed of the generated images")
-    synth.add_argument("--n-train", type=at_least(1), default=60, help="good training images")
-    synth.add_argument("--n-test-good", type=at_least(1), default=40, help="good test images")
-    synth.add_argument("--n-test-per-defect", type=at_least(1), default=20, help="test images of each defect type")
-    synth.add_argument("--image-size", type=at_least(256), default=320, help="side in pixels (>= 256; the reader resizes to 256)")
+    # defaults: the demo's data (settings.DEMO_DATA), so that `synth --category washer` writes what `make demo` uses
+    synth.add_argument("--seed", type=int, default=DEMO_DATA["seed"], help="random seed of the generated images")
+    synth.add_argument("--n-train", type=at_least(1), default=DEMO_DATA["n_train"], help="good training images")
+    synth.add_argument("--n-test-good", type=at_least(1), default=DEMO_DATA["n_test_good"], help="good test images")
+    synth.add_argument("--n-test-per-defect", type=at_least(1), default=DEMO_DATA["n_test_per_defect"],
+                       help="test images of each defect type")
+    synth.add_argument("--image-size", type=at_least(256), default=DEMO_DATA["image_size"],
+                       help="side in pixels (>= 256; the reader resizes to 256)")
 
     train = sub.add_parser("train", formatter_class=DefaultsHelp,
                          help="train Patch SVDD or the autoencoder baseline on one category locally (centralised)")

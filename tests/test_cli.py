@@ -128,6 +128,14 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Capt
     assert "--n-train: 0: must be at least 1" in capsys.readouterr().err and not (tmp_path / "s").exists()
 
 
+def test_synth_defaults_are_the_demos_data() -> None:
+    from patchsvdd.cli import build_parser
+    from patchsvdd.settings import DEMO_DATA
+
+    args = build_parser().parse_args(["synth", "--out", "x", "--category", "washer"])
+    assert {key: getattr(args, key) for key in DEMO_DATA} == DEMO_DATA  # what make demo would generate
+
+
 def _exit_code(argv: list[str]) -> int:
     """main's return value, or the code of the SystemExit argparse raises for a malformed argument."""
     try:
