@@ -87,6 +87,7 @@ def main() -> None:
                                                  "n_test_per_defect": args.test_per_defect})
             scores: dict[str, list[np.ndarray]] = {name: [] for name in models}
             labels = []
+            made: dict[tuple[str, str], dict] = {}  # (envoy, model) -> this seed's row
             for rank in (1, 2):
                 data = load_category(index_category(root, "washer").shard(rank, 2))
                 truth = np.asarray(data.test_labels)
@@ -96,23 +97,25 @@ def main() -> None:
                     evaluation = evaluate_category(model, data, mode="fast", with_aupro=False)
                     scores[name].append(evaluation.scores.image_scores("sum").numpy())
                     det_sum = evaluation.metrics["det_sum"]
-                    rows.append({"seed": seed, "envoy": str(rank), "model": name, "test_images": len(truth),
-                                 **{key: evaluation.metrics[key] for key in SHOWN},
-                                 "se_det_sum": auroc_standard_error(det_sum, len(truth) - n_anomalous, n_anomalous)})
-                    print(rows[-1], flush=True)
-            pooled_labels = np.concatenate(labels)
+                    made[str(rank), name] = {
+                        "seed": seed, "envoy": str(rank), "model": name, "test_images": len(truth),
+                        **{key: evaluation.metrics[key] for key in SHOWN},
+                        "se_det_sum": auroc_standard_error(det_sum, len(truth) - n_anomalous, n_anomalous)}
+                    print(made[str(rank), name], flush=True)
+            sets = {str(rank): (labels[rank - 1], {name: scores[name][rank - 1] for name in models}) for rank in (1, 2)}
+            sets["pooled"] = (np.concatenate(labels), {name: np.concatenate(scores[name]) for name in models})
+            truth, by_model = sets["pooled"]
             for name in models:
-                rows.append({"seed": seed, "envoy": "pooled", "model": name, "test_images": pooled_labels.size,
-                             "det_sum": roc_auc_score(pooled_labels, np.concatenate(scores[name]))})
-                print(rows[-1], flush=True)
+                made["pooled", name] = {"seed": seed, "envoy": "pooled", "model": name, "test_images": truth.size,
+                                        "det_sum": roc_auc_score(truth, by_model[name])}
+                print(made["pooled", name], flush=True)
             if "trained" in models:
-                for envoy, truth, before, after in zip(("1", "2", "pooled"), [*labels, pooled_labels],
-                                                       [*scores["untrained"], np.concatenate(scores["untrained"])],
-                                                       [*scores["trained"], np.concatenate(scores["trained"])]):
-                    trained = next(r for r in rows if (r["seed"], r["envoy"], r["model"]) == (seed, envoy, "trained"))
-                    untrained = next(r for r in rows if (r["seed"], r["envoy"], r["model"]) == (seed, envoy, "untrained"))
+                for envoy, (truth, by_model) in sets.items():
+                    trained, untrained = made[envoy, "trained"], made[envoy, "untrained"]
                     trained["gain_det_sum"] = trained["det_sum"] - untrained["det_sum"]
-                    trained["gain_low"], trained["gain_high"] = paired_gain_interval(truth, before, after, seed)
+                    trained["gain_low"], trained["gain_high"] = paired_gain_interval(
+                        truth, by_model["untrained"], by_model["trained"], seed)
+            rows += made.values()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "seeds.json").write_text(json.dumps(rows, indent=1))
     columns = ("det_sum", "se_det_sum", *(("gain_det_sum", "gain_low", "gain_high") if "trained" in models else ()),

@@ -72,10 +72,12 @@ def final_evaluation(
 def test_set_sizes(per_defect: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, tuple[int, int]]:
     """(good, defective) test images per node from the final evaluation's per-defect tables
     ({node: {type: {"n": count, ...}}}, 'good' among the types)."""
+    from .data import GOOD
+
     sizes = {}
     for node, table in per_defect.items():
         counts = {name: int(row.get("n") or 0) for name, row in table.items()}
-        sizes[node] = (counts.get("good", 0), sum(n for name, n in counts.items() if name != "good"))
+        sizes[node] = (counts.get(GOOD, 0), sum(n for name, n in counts.items() if name != GOOD))
     return sizes
 
 
