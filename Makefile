@@ -2,24 +2,38 @@
 # make test: set up .venv if needed, then run the test suite (make test-fast: without the slow end-to-end tests).
 # DATA_ROOT=/path/to/mvtec CATEGORY=bottle make demo   runs the same demo on real MVTec AD data.
 
-PYTHON ?= python3
+# OpenFL 1.7.1 (the last release with the director/envoy API) installs on Python 3.10-3.12 only: take
+# python3 when it is one of those, else python3.12, python3.11 or python3.10 (PYTHON=... to choose).
+PYTHON ?= $(shell for p in python3 python3.12 python3.11 python3.10; do \
+	$$p -c 'import sys; sys.exit(not (3, 10) <= sys.version_info[:2] <= (3, 12))' >/dev/null 2>&1 && { echo $$p; break; }; done)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install data demo demo-learn test test-fast bench clean
 
 $(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || test -n "$(PYTHON)" || { echo "make: no Python 3.10, 3.11 or 3.12 found (python3 is" \
+	  "$$(python3 --version 2>&1 || echo absent)); OpenFL 1.7.1 needs one of them: install python3.12 (or 3.11," \
+	  "3.10), or name one with PYTHON=/path/to/python3.12" >&2; exit 2; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	$(PY) -m pip install --quiet --disable-pip-version-check 'pytest>=7.4' 'pytest-timeout>=2.1' 'httpx>=0.24'
 	touch $(STAMP)
 
-install: $(STAMP)
+# the install also makes the built-in demo data that envoy_folder/shard_config*.yaml point at (data/demo/washer)
+install: $(STAMP) data
+
+data: $(STAMP)
+	$(PY) -m patchsvdd.demo --data-only
 
 demo: install
 	$(PY) -m patchsvdd.demo
+
+# the budget at which the model clearly beats the untrained encoder (settings.LEARN_BUDGET)
+demo-learn: install
+	$(PY) -m patchsvdd.demo --learn
 
 test: install
 	$(PY) -m pytest

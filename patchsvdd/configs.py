@@ -85,13 +85,17 @@ def check_envoy_config(path: str | os.PathLike, check_data: bool = True) -> dict
     cuda = (config.get("params") or {}).get("cuda_devices", [])
     if not isinstance(cuda, list) or not all(isinstance(d, int) and d >= 0 for d in cuda):
         raise ConfigError(f"{path}: params.cuda_devices {cuda!r} must be a list of GPU ids, e.g. [0], or [] for CPU")
+    folder = resolve_data_folder(params["data_folder"], path.parent)
     try:
         rank, world = parse_rank_worldsize(str(params.get("rank_worldsize", "1,1")))
         if check_data:
-            folder = resolve_data_folder(params["data_folder"], path.parent)
             load_category(index_category(folder, str(params["category"])).shard(rank, world))
     except MVTecDataError as exc:
-        raise ConfigError(f"{path}: shard_descriptor.params: {exc}") from exc
+        hint = ""
+        if not (folder / str(params["category"])).is_dir():
+            hint = (f". To make the built-in demo data there, run 'make install' in the project (it writes data/demo/washer) "
+                    f"or 'patchsvdd synth --out {folder} --category {params['category']}'")
+        raise ConfigError(f"{path}: shard_descriptor.params: {exc}{hint}") from exc
     return config
 
 

@@ -188,6 +188,13 @@ class CategoryData:
         """Per-pixel mean of the training images, float32 (H,W,3): the standardisation of both splits."""
         return training_mean(self.train_images)
 
+    def with_test_images(self, indices: Sequence[int]) -> "CategoryData":
+        """The same training images with only the test images at ``indices`` (in that order)."""
+        chosen = list(indices)
+        return replace(self, test_images=self.test_images[chosen], test_masks=self.test_masks[chosen],
+                       test_labels=self.test_labels[chosen], defect_types=[self.defect_types[i] for i in chosen],
+                       test_names=[self.test_names[i] for i in chosen])
+
 
 def load_category(index: CategoryIndex, size: int = IMAGE_SIZE, progress: bool = False) -> CategoryData:
     """Decode every file of ``index`` into arrays (see :class:`CategoryData`)."""

@@ -22,9 +22,15 @@ from typing import Sequence
 from .cli import DefaultsHelp
 from .harness import HarnessError, Processes, project_root, start_federation
 from .net import free_port
-from .settings import DEMO_DATA, DEMO_SETTINGS, FINETUNE, HELDOUT_METRICS, MODELS, SEARCHES, SettingsError
+from .settings import (
+    DEMO_DATA, DEMO_SETTINGS, FINETUNE, HELDOUT_METRICS, LEARN_BUDGET, MODELS, PRECISIONS, SEARCHES, SettingsError,
+)
 
 NOTEBOOK = Path("workspace") / "PatchSVDD_with_Director.ipynb"
+GALLERY_IMAGES = 8  # test images the notebook's gallery scores and shows (the sites' own scores are the metrics)
+# The phases of the notebook, each named by a call that only its cell makes (papermill times every cell).
+PHASES = (("rounds", "fed.start_experiment("), ("evaluation", "fed.start_evaluation("), ("export", "fed.start_export("),
+          ("gallery", "viz.save_gallery("))
 
 
 def _env_int(name: str, default: int | None) -> int | None:
@@ -101,7 +107,21 @@ def detection_noise(learning: Sequence[dict], sizes: dict[str, tuple[int, int]])
             "  of as many test images moves det_sum by about this much): " + "; ".join(parts)]
 
 
-def summarise(run_dir: Path, seconds: float) -> str:
+def phase_seconds(executed: Path) -> dict[str, float]:
+    """Seconds of each phase of ``PHASES`` in a notebook papermill executed (from its cells' recorded
+    durations; 'other' is every other cell), so that a reader sees where the time went."""
+    out: dict[str, float] = {}
+    for cell in json.loads(executed.read_text())["cells"]:
+        seconds = cell.get("metadata", {}).get("papermill", {}).get("duration")
+        if cell["cell_type"] != "code" or seconds is None:
+            continue
+        source = "".join(cell["source"])
+        name = next((phase for phase, call in PHASES if call in source), "other")
+        out[name] = out.get(name, 0.0) + float(seconds)
+    return out
+
+
+def summarise(run_dir: Path, seconds: float, started: float | None = None) -> str:
     """A few lines: where results are, untrained against trained, the final metrics, the time."""
     from .report import fmt, test_set_sizes, untrained_vs_trained
 
@@ -110,6 +130,11 @@ def summarise(run_dir: Path, seconds: float) -> str:
     network = final.get("network", "patchsvdd")
     keys = (HELDOUT_METRICS[network], "det_sum", "seg_sum")
     lines = [f"demo ({network}) finished in {seconds:.0f} s; results in {run_dir}"]
+    executed = run_dir / NOTEBOOK.name
+    if executed.is_file():
+        phases = {"start" if started is None else "data and start": started, **phase_seconds(executed)}
+        lines.append("  time per phase: " + ", ".join(f"{name} {value:.0f} s" for name, value in phases.items()
+                                                         if value is not None))
     learning = untrained_vs_trained(json.loads((results / "round_metrics.json").read_text()), keys)
     lines.append("  untrained (round 0) -> trained (final round), per-round validation on each envoy's own data:")
     for row in learning:
@@ -143,7 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=MODELS, default=os.environ.get("MODEL") or d.model,
                    help="patchsvdd, or autoencoder: the convolutional autoencoder baseline (env MODEL)")
     p.add_argument("--envoys", type=int, default=2, help="envoys, each holding one shard of the category")
-    p.add_argument("--rounds", type=int, default=_env_int("ROUNDS", d.rounds), help="training rounds (env ROUNDS)")
+    p.add_argument("--learn", action="store_true", default=os.environ.get("LEARN", "0") not in ("", "0"),
+                   help=f"the budget at which the model clearly beats the untrained encoder ({LEARN_BUDGET['rounds']} "
+                        f"rounds of {LEARN_BUDGET['max_steps']} steps, repeat {LEARN_BUDGET['repeat']}; about 15 "
+                        "minutes with native bf16, 35 without) instead of a first run of minutes (env LEARN=1)")
+    p.add_argument("--rounds", type=int, default=_env_int("ROUNDS", None),
+                   help=f"training rounds (None: {d.rounds}, {LEARN_BUDGET['rounds']} with --learn; env ROUNDS)")
     p.add_argument("--repeat", type=int, default=None,
                    help=f"times each training image is used per round (None: {d.repeat} from scratch, "
                         f"{FINETUNE['repeat']} when fine-tuning)")
@@ -163,9 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"linear warm-up, then cosine decay over all rounds (None: {d.warmup_steps} from scratch, "
                         f"{FINETUNE['warmup_steps']} when fine-tuning)")
     p.add_argument("--final-search", choices=SEARCHES, default=d.final_search, help="search of the final evaluation")
+    p.add_argument("--precision", choices=PRECISIONS, default=os.environ.get("PRECISION") or d.precision,
+                   help="auto: bf16 autocast where the CPU/GPU has it natively, else fp32; fp32 to measure what a "
+                        "CPU without native bf16 gets (env PRECISION)")
     p.add_argument("--tls", action="store_true", default=os.environ.get("TLS", "0") not in ("", "0"),
                    help="mutual TLS between all nodes with fresh certificates (env TLS=1)")
     p.add_argument("--runs-dir", type=Path, default=None, help="where run folders go (None: runs/ of the project)")
+    p.add_argument("--data-only", action="store_true",
+                   help="only make the built-in demo data (data/demo/<category>) if they are absent or stale, then stop")
     p.add_argument("--timeout", type=float, default=3600, help="give up after this many seconds in one notebook cell")
     p.add_argument("--idle-timeout", type=float, default=d.idle_timeout,
                    help="give up after this many seconds without a metric")
@@ -177,10 +212,11 @@ def demo_settings(args: argparse.Namespace):
     ValueError with the setting's name for a value out of range."""
     from dataclasses import replace
 
-    tuned = dict(FINETUNE) if args.init != "fresh" else {}
-    chosen = dict(model=args.model, rounds=args.rounds, batch_size=args.batch_size, seed=args.seed,
+    tuned = dict(FINETUNE) if args.init != "fresh" else dict(LEARN_BUDGET) if args.learn else {}
+    chosen = dict(model=args.model, batch_size=args.batch_size, seed=args.seed, precision=args.precision,
                   final_search=args.final_search, idle_timeout=args.idle_timeout, **tuned)
-    given = (("lr", args.lr), ("warmup_steps", args.warmup_steps), ("repeat", args.repeat), ("max_steps", args.max_steps))
+    given = (("lr", args.lr), ("warmup_steps", args.warmup_steps), ("repeat", args.repeat), ("max_steps", args.max_steps),
+             ("rounds", args.rounds))
     chosen.update({k: v for k, v in given if v is not None})
     if chosen.get("max_steps") == 0:
         chosen["max_steps"] = None  # full epochs
@@ -197,6 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         root = project_root()
     except (SettingsError, HarnessError) as exc:
         parser.error(str(exc))
+    if args.data_only:
+        folder = ensure_demo_data(root / "data" / "demo", args.category) / args.category
+        print(f"demo data in {folder}")
+        return 0
     start = time.monotonic()
     run_dir = ((args.runs_dir or root / "runs") / time.strftime("%Y%m%d-%H%M%S")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -210,13 +250,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       root=root)
         print(f"director on port {federation.port} lists {', '.join(federation.envoys)} online; running the notebook")
         fields = ("model", "rounds", "repeat", "max_steps", "batch_size", "lr", "warmup_steps", "seed", "final_search",
-                  "idle_timeout")
+                  "idle_timeout", "precision")
+        started = time.monotonic() - start
         params = dict(
             {name: getattr(settings, name) for name in fields},
             director_host=federation.host, director_port=federation.port, expected_envoys=args.envoys,
             category=args.category, aggregator_port=free_port(),  # fixed per run: tests and demos may share a machine
             initial_checkpoint=None if start_from is None else str(start_from),
-            output_dir=str(run_dir / "notebook"), local_data_root=str(data_root), **federation.tls,
+            output_dir=str(run_dir / "notebook"), local_data_root=str(data_root), gallery_images=GALLERY_IMAGES,
+            **federation.tls,
         )
         run_notebook(root / NOTEBOOK, run_dir / NOTEBOOK.name, params, args.timeout, run_dir)
     except KeyboardInterrupt:
@@ -227,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         processes.stop()
-    print(summarise(run_dir, time.monotonic() - start))
+    print(summarise(run_dir, time.monotonic() - start, started))
     return 0
 
 

@@ -88,11 +88,13 @@ class Processes:
 
     nodes: list[Node] = field(default_factory=list)
 
-    def start(self, name: str, command: Sequence[str], log: Path, env: dict[str, str] | None = None) -> Node:
+    def start(self, name: str, command: Sequence[str], log: Path, env: dict[str, str] | None = None,
+              cwd: Path | None = None) -> Node:
+        """Run ``command`` (in ``cwd``, default the current folder) with its output in ``log``."""
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as handle:
             process = subprocess.Popen(
-                list(command), stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                list(command), stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd,
                 env={**os.environ, "PATH": with_this_environment(), **(env or {})}, start_new_session=True,
             )
         node = Node(name, process, log)

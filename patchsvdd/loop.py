@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .device import bf16_support
 from .settings import PRECISIONS, LRSchedule, TrainSettings
 
 
@@ -48,20 +49,14 @@ def progress_bar(steps: int, desc: str = "train"):
     return tqdm(total=steps, desc=desc, leave=False)
 
 
-def bf16_supported(device: torch.device) -> bool:
-    """Whether bfloat16 autocast runs natively on ``device``: a CUDA GPU with bf16, or a CPU with AVX-512 BF16 / AMX."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """'fp32' -> None (no autocast); 'bf16' -> bfloat16 autocast of the encoders; 'auto' -> bf16 where
-    :func:`bf16_supported`, else fp32. The position classifiers and the losses always run in float32."""
+    """'fp32' -> None (no autocast); 'bf16' -> bfloat16 autocast of the encoders; 'auto' -> bf16 where the
+    device has it natively (``device.bf16_support``: a GPU with bf16, a CPU with AVX-512 BF16 / AMX), else
+    fp32. The position classifiers and the losses always run in float32."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: choose {', '.join(PRECISIONS)}")
     if precision == "auto":
-        precision = "bf16" if bf16_supported(device) else "fp32"
+        precision = "bf16" if bf16_support(device).native else "fp32"
     return torch.bfloat16 if precision == "bf16" else None
 
 

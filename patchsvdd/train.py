@@ -166,7 +166,7 @@ def train_epoch(
     model's device. ``max_steps`` cuts the epoch short (for quick runs).
     ``schedule`` sets the optimizer's learning rate at each global step
     (``start_step`` + step; None keeps the optimizer's). ``precision``: 'fp32',
-    'bf16' (autocast of the encoders) or 'auto' (bf16 on CUDA only).
+    'bf16' (autocast of the encoders) or 'auto' (bf16 where the device has it natively, see loop.resolve_precision).
     Raises CollapseError when the embeddings of either K spread less than
     ``collapse_spread`` for 20 steps in a row. ``on_step(global_step, losses)``
     sees every step. Returns the mean of each loss and of the spreads

@@ -65,7 +65,7 @@ def gallery_figure(
 ) -> plt.Figure:
     """A grid of (image with mask outline, map) pairs for a notebook, good and defective images mixed."""
     vmin, vmax = colour_range(maps)
-    chosen = _spread_over_types(names, masks, max_images)
+    chosen = spread_over_types(names, masks, max_images)
     rows = max(1, (len(chosen) + 1) // 2)
     fig, axes = plt.subplots(rows, 4, figsize=(12, 3 * rows), squeeze=False)
     shown = None
@@ -82,7 +82,7 @@ def gallery_figure(
     return fig
 
 
-def _spread_over_types(names: Sequence[str], masks: np.ndarray, count: int) -> list[int]:
+def spread_over_types(names: Sequence[str], masks: np.ndarray, count: int) -> list[int]:
     """Indices of up to ``count`` images taking turns over the types ('good', then each defect; names 'type/stem')."""
     by_type: dict[str, list[int]] = {}
     for i, name in enumerate(names):

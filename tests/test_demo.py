@@ -10,7 +10,7 @@ import torch
 
 from patchsvdd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from patchsvdd.demo import build_parser, demo_settings, initial_checkpoint
-from patchsvdd.settings import DEMO_SETTINGS, FINETUNE
+from patchsvdd.settings import DEMO_SETTINGS, FINETUNE, LEARN_BUDGET
 from patchsvdd.model import PatchSVDD
 from patchsvdd.released import SHA256, ReleasedWeightsError
 
@@ -67,6 +67,18 @@ def test_parser_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert demo_settings(build_parser().parse_args(["--seed", "1"])).seed == 1
 
 
+def test_learn_runs_the_budget_that_learns_and_fine_tuning_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    quick = demo_settings(build_parser().parse_args([]))
+    assert (quick.rounds, quick.repeat, quick.max_steps) == (DEMO_SETTINGS.rounds, DEMO_SETTINGS.repeat, 40)
+    learn = demo_settings(build_parser().parse_args(["--learn"]))
+    assert {key: getattr(learn, key) for key in LEARN_BUDGET} == LEARN_BUDGET
+    assert demo_settings(build_parser().parse_args(["--learn", "--rounds", "2"])).rounds == 2  # an option wins
+    monkeypatch.setenv("LEARN", "1")
+    assert demo_settings(build_parser().parse_args([])).max_steps == LEARN_BUDGET["max_steps"]
+    tuned = demo_settings(build_parser().parse_args(["--init", "official"]))
+    assert (tuned.rounds, tuned.max_steps) == (FINETUNE["rounds"], FINETUNE["max_steps"])
+
+
 def test_harness_finds_the_project_or_says_how(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from patchsvdd import harness
 
@@ -96,13 +108,13 @@ def test_a_non_editable_install_runs_the_demo_parts_from_a_checkout(tmp_path: Pa
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(source)], check=True, timeout=300, cwd=tmp_path)
     probe = ("import patchsvdd, patchsvdd.demo as d, patchsvdd.harness as h; "
-             "print(patchsvdd.__file__); print(h.project_root()); print(d.build_parser().parse_args([]).rounds)")
+             "print(patchsvdd.__file__); print(h.project_root()); print(d.demo_settings(d.build_parser().parse_args([])).rounds)")
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target)}
     inside = subprocess.run([sys.executable, "-c", probe], cwd=root / "envoy_folder", env=env, capture_output=True,
                             text=True, timeout=120)
     assert inside.returncode == 0, inside.stderr
     package, found, rounds = inside.stdout.split()
-    assert package.startswith(str(target)) and Path(found) == root and int(rounds) == 5
+    assert package.startswith(str(target)) and Path(found) == root and int(rounds) == 3
     outside = subprocess.run([sys.executable, "-m", "patchsvdd.demo"], cwd=tmp_path, env=env, capture_output=True,
                              text=True, timeout=120)
     assert outside.returncode == 2 and "set PATCHSVDD_ROOT" in outside.stderr and "Traceback" not in outside.stderr
@@ -111,7 +123,7 @@ def test_a_non_editable_install_runs_the_demo_parts_from_a_checkout(tmp_path: Pa
 def test_empty_or_bad_environment_numbers(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                                           tmp_path: Path) -> None:
     monkeypatch.setenv("ROUNDS", "")  # ROUNDS= make demo: the default, not a crash
-    assert build_parser().parse_args([]).rounds == DEMO_SETTINGS.rounds
+    assert demo_settings(build_parser().parse_args([])).rounds == DEMO_SETTINGS.rounds
     monkeypatch.setenv("ROUNDS", "five")
     with pytest.raises(SystemExit, match="ROUNDS='five': expected a whole number"):
         build_parser()

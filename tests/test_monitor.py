@@ -149,3 +149,28 @@ def test_checkpointer_never_saves_a_later_model_under_an_earlier_score(tmp_path:
     assert ROUND_TAG not in model.state_dict()
     expected = untagged(tagged_models[3]).state_dict()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+
+
+def _metric(round_number: int, origin: str, name: str, value: float, task: str = "aggregated_model_validate") -> dict:
+    return {"round": round_number, "metric_origin": origin, "task_name": task, "metric_name": name, "metric_value": value}
+
+
+def test_round_lines_write_one_line_per_round_once_the_aggregates_are_in() -> None:
+    lines: list[str] = []
+    now = [100.0]
+    show = fed.RoundLines(("heldout_pos", "det_sum"), rounds=3, write=lines.append, clock=lambda: now[0])
+    now[0] = 130.0
+    for origin, value in (("envoy_1", 0.6), ("envoy_2", 0.7)):
+        show(_metric(0, origin, "heldout_pos", 4.0 + value))
+        show(_metric(0, origin, "det_sum", value))
+        show(_metric(0, origin, "loss", 9.0, task="train"))  # training metrics are not the line's
+    show(_metric(0, "aggregator", "heldout_pos", 4.65))
+    assert lines == []  # det_sum's aggregate has not come yet
+    show(_metric(0, "aggregator", "det_sum", 0.65))
+    assert lines == ["round 0/3    30 s  heldout_pos 4.650 (envoy_1 4.600, envoy_2 4.700)  "
+                     "det_sum 0.650 (envoy_1 0.600, envoy_2 0.700)"]
+    show(_metric(0, "aggregator", "det_sum", 0.65))  # a repeated value does not write the round again
+    now[0] = 171.0
+    show(_metric(1, "aggregator", "heldout_pos", 3.0))
+    show(_metric(1, "aggregator", "det_sum", 0.8))
+    assert len(lines) == 2 and lines[1].startswith("round 1/3    41 s  heldout_pos 3.000 ()")

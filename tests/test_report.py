@@ -70,3 +70,28 @@ def test_demo_summary_gives_each_envoys_detection_noise(tmp_path) -> None:
     assert before > after > 0.03  # a small test set: a few points of AUROC are noise
     assert f"envoy_1 (20 good, 40 defective) {before:.3f} -> {after:.3f}" in text
     assert "aggregator (" not in text  # no test-set size of its own
+
+
+def test_demo_summary_gives_the_time_of_each_phase(tmp_path) -> None:
+    import json
+
+    from patchsvdd.demo import NOTEBOOK, phase_seconds, summarise
+
+    def cell(source: str, seconds: float | None) -> dict:
+        timing = {} if seconds is None else {"papermill": {"duration": seconds}}
+        return {"cell_type": "code", "source": [source], "metadata": timing}
+
+    executed = {"cells": [cell("settings = 1", 2.0), cell("experiment = fed.start_experiment(a)", 300.5),
+                          cell("evaluation = fed.start_evaluation(b)", 40.0), cell("x = fed.start_export(c)", 30.0),
+                          cell("viz.save_gallery(d)", 12.0), cell("print()", 1.5), cell("never ran", None),
+                          {"cell_type": "markdown", "source": ["fed.start_experiment("], "metadata": {}}]}
+    (tmp_path / NOTEBOOK.name).write_text(json.dumps(executed))
+    assert phase_seconds(tmp_path / NOTEBOOK.name) == {"other": 3.5, "rounds": 300.5, "evaluation": 40.0,
+                                                       "export": 30.0, "gallery": 12.0}
+    notebook = tmp_path / "notebook"
+    notebook.mkdir()
+    (notebook / "round_metrics.json").write_text("[]")
+    (notebook / "metrics.json").write_text(json.dumps({"model": "best", "search": "fast", "per_node": {}}))
+    text = summarise(tmp_path, 420.0, started=33.0)
+    assert ("time per phase: data and start 33 s, other 4 s, rounds 300 s, evaluation 40 s, export 30 s, "
+            "gallery 12 s") in text

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import ast
 import json
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
 
-from patchsvdd.settings import DEMO_SETTINGS, ExperimentSettings, SettingsError, TrainSettings
+from patchsvdd.settings import DEMO_SETTINGS, LEARN_BUDGET, ExperimentSettings, SettingsError, TrainSettings
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "workspace" / "PatchSVDD_with_Director.ipynb"
 
@@ -49,8 +49,12 @@ def test_notebook_is_kept_without_outputs() -> None:
 
 def test_training_defaults_come_from_the_recipe() -> None:
     settings = ExperimentSettings()
-    assert settings.train_settings() == TrainSettings()
-    assert DEMO_SETTINGS.max_steps == 240 and DEMO_SETTINGS.repeat == 300 and DEMO_SETTINGS.rounds == settings.rounds
+    quick = {"batch_size": 32, "warmup_steps": 40}  # a first run of minutes: smaller steps, a shorter warm-up
+    assert settings.train_settings() == replace(TrainSettings(), **quick)
+    assert (settings.rounds, settings.max_steps) == (3, 40)
+    assert DEMO_SETTINGS == replace(settings, final_search="fast", idle_timeout=600.0)
+    learn = replace(settings, **LEARN_BUDGET)
+    assert learn.train_settings().steps_per_epoch(27, learn.max_steps) * learn.rounds == 1200  # steps per envoy
 
 
 @pytest.mark.parametrize("bad, named", [

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from patchsvdd.loop import as_generator, bf16_supported, resolve_precision
+from patchsvdd.device import bf16_support
+from patchsvdd.loop import as_generator, resolve_precision
 from patchsvdd.model import PatchSVDD, initialise
 from patchsvdd.sampling import crop_patches, sample_position_pairs, sample_svdd_pairs
 from patchsvdd.train import (
@@ -152,6 +153,6 @@ def test_precision_names() -> None:
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) is None
     assert resolve_precision("bf16", cpu) is torch.bfloat16
-    assert resolve_precision("auto", cpu) is (torch.bfloat16 if bf16_supported(cpu) else None)
+    assert resolve_precision("auto", cpu) is (torch.bfloat16 if bf16_support(cpu).native else None)
     with pytest.raises(ValueError, match="precision 'fp16'"):
         resolve_precision("fp16", cpu)

@@ -33,7 +33,7 @@ def test_gallery_files_and_figure_cover_every_type(tmp_path: Path) -> None:
     images, masks, maps, names = _maps()
     paths = viz.save_gallery(tmp_path, images, masks, maps, names)
     assert sorted(p.name for p in paths) == sorted(n.replace("/", "_") + ".png" for n in names)
-    assert viz._spread_over_types(names, masks, 3) == [0, 2, 4]  # good, crack, hole
+    assert viz.spread_over_types(names, masks, 3) == [0, 2, 4]  # good, crack, hole
     fig = viz.gallery_figure(images, masks, maps, names, max_images=4)
     assert sum(1 for ax in fig.axes if ax.images) == 8  # 4 pairs of image and map
 

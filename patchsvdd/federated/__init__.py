@@ -14,7 +14,7 @@ from .client import (
     online_envoys, shard_bundle_folders, shard_defect_types, shard_table, start_evaluation, start_experiment,
     start_export, wait_for_envoys,
 )
-from .monitor import DirectorGoneError, MetricLog, SaveWhenImproved, Watchdog, follow_metrics
+from .monitor import DirectorGoneError, MetricLog, RoundLines, SaveWhenImproved, Watchdog, follow_metrics
 from .tasks import (
     DEFECT_FUSION, EXPORT_METRICS, FINAL_METRICS, HELDOUT_METRIC, ROUND_METRICS, TRAIN_METRICS, MVTecDataInterface,
     SiteData, SiteError, export_task, final_metrics, round_metrics, train_task, validate_task,
@@ -24,7 +24,7 @@ __all__ = [
     "DEFECT_FUSION", "EXPERIMENT_RECORD", "EXPORT_METRICS", "FINAL_METRICS", "HELDOUT_METRIC", "ROUND_METRICS",
     "HELDOUT_METRICS", "TRAIN_METRICS", "final_metrics", "round_metrics",
     "DirectorFederation", "DirectorGoneError", "ExperimentSettings", "FederationError", "MVTecDataInterface",
-    "MetricLog", "SaveWhenImproved", "SiteData", "SiteError", "Watchdog", "attach", "connect", "experiment_status",
+    "MetricLog", "RoundLines", "SaveWhenImproved", "SiteData", "SiteError", "Watchdog", "attach", "connect", "experiment_status",
     "export_task", "fetch_last_model", "follow_metrics", "online_envoys", "shard_bundle_folders", "shard_defect_types",
     "shard_table", "start_evaluation", "start_experiment", "start_export", "train_task", "validate_task",
     "wait_for_envoys",

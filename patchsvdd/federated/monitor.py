@@ -95,6 +95,47 @@ class Watchdog:
         return None
 
 
+class RoundLines:
+    """One line per round as the metrics stream in (pass as ``follow_metrics``'s ``on_metric``): the round,
+    seconds since the previous line, and each of ``keys`` aggregated with every site's value, e.g.
+    ``round 2/5   41 s  heldout_pos 2.108 (envoy_1 2.102, envoy_2 2.114)  det_sum ...``.
+
+    A round's line is written when the aggregator's values of all ``keys`` for it have arrived (OpenFL
+    streams a task's aggregate after every site's value). ``rounds``: training rounds, for 'r/rounds' (the
+    last, validation-only round is rounds itself). ``write`` takes each line (default: print, flushed).
+    """
+
+    def __init__(self, keys: tuple[str, ...], rounds: int | None = None, task: str = "aggregated_model_validate",
+                 write: Callable[[str], None] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.keys, self.rounds, self.task, self.clock = keys, rounds, task, clock
+        self.write = write if write is not None else (lambda line: print(line, flush=True))
+        self.values: dict[int, dict[str, dict[str, float]]] = {}  # round -> key -> origin -> value
+        self.written: set[int] = set()
+        self.last = clock()
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        if record["task_name"] != self.task or record["metric_name"] not in self.keys:
+            return
+        number = int(record["round"])
+        by_key = self.values.setdefault(number, {})
+        by_key.setdefault(record["metric_name"], {})[record["metric_origin"]] = float(record["metric_value"])
+        if number not in self.written and all("aggregator" in by_key.get(key, {}) for key in self.keys):
+            self.written.add(number)
+            now = self.clock()
+            self.write(self.line(number, now - self.last))
+            self.last = now
+
+    def line(self, number: int, seconds: float) -> str:
+        """The line of round ``number`` from the values received so far."""
+        of = f"/{self.rounds}" if self.rounds is not None else ""
+        parts = [f"round {number}{of} {seconds:5.0f} s"]
+        for key in self.keys:
+            origins = self.values[number].get(key, {})
+            sites = ", ".join(f"{origin} {value:.3f}" for origin, value in sorted(origins.items()) if origin != "aggregator")
+            parts.append(f"{key} {origins['aggregator']:.3f} ({sites})")
+        return "  ".join(parts)
+
+
 _END = object()
 
 
