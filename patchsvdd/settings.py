@@ -111,7 +111,7 @@ class ExperimentSettings:
     """A federated experiment: the training recipe and the federation's own.
 
     The defaults (the notebook's) are a first run that finishes in about 10 minutes on a 2-core CPU without
-    native bf16: 3 rounds of 40 steps at batch 32 per envoy, 40 warm-up steps, the rest of the recipe as
+    native bf16: 2 rounds of 40 steps at batch 32 per envoy, 40 warm-up steps, the rest of the recipe as
     ``TrainSettings``. It shows the whole path (training, FedAvg, validation, evaluation, bundles); a model
     that clearly beats the untrained encoder needs about 1200 steps per envoy (``LEARN_BUDGET``;
     docs/benchmarks.md, "The demo").
@@ -131,7 +131,7 @@ class ExperimentSettings:
     """
 
     model: str = "patchsvdd"
-    rounds: int = 3
+    rounds: int = 2
     repeat: int = _TRAIN.repeat
     max_steps: int | None = 40
     batch_size: int = 32

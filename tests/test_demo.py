@@ -114,7 +114,7 @@ def test_a_non_editable_install_runs_the_demo_parts_from_a_checkout(tmp_path: Pa
                             text=True, timeout=120)
     assert inside.returncode == 0, inside.stderr
     package, found, rounds = inside.stdout.split()
-    assert package.startswith(str(target)) and Path(found) == root and int(rounds) == 3
+    assert package.startswith(str(target)) and Path(found) == root and int(rounds) == 2
     outside = subprocess.run([sys.executable, "-m", "patchsvdd.demo"], cwd=tmp_path, env=env, capture_output=True,
                              text=True, timeout=120)
     assert outside.returncode == 2 and "set PATCHSVDD_ROOT" in outside.stderr and "Traceback" not in outside.stderr

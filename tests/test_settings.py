@@ -51,7 +51,7 @@ def test_training_defaults_come_from_the_recipe() -> None:
     settings = ExperimentSettings()
     quick = {"batch_size": 32, "warmup_steps": 40}  # a first run of minutes: smaller steps, a shorter warm-up
     assert settings.train_settings() == replace(TrainSettings(), **quick)
-    assert (settings.rounds, settings.max_steps) == (3, 40)
+    assert (settings.rounds, settings.max_steps) == (2, 40)
     assert DEMO_SETTINGS == replace(settings, final_search="fast", idle_timeout=600.0)
     learn = replace(settings, **LEARN_BUDGET)
     assert learn.train_settings().steps_per_epoch(27, learn.max_steps) * learn.rounds == 1200  # steps per envoy
