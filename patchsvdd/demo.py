@@ -157,6 +157,23 @@ def summarise(run_dir: Path, seconds: float, started: float | None = None) -> st
     return "\n".join(lines)
 
 
+def budget_note(settings) -> str | None:
+    """A sentence when the run's steps per envoy are fewer than ``LEARN_BUDGET``'s: such a first run shows the whole
+    path but is too short for the model to beat the untrained encoder (it gets worse before it gets better)."""
+    from dataclasses import replace
+
+    def steps(s) -> int:
+        per_round = s.train_settings().steps_per_epoch(27, s.max_steps)  # an envoy's 27 fitting demo images
+        return s.rounds * per_round
+
+    learn = replace(settings, **LEARN_BUDGET)
+    if settings.model != "patchsvdd" or settings.lr != DEMO_SETTINGS.lr or steps(settings) >= steps(learn):
+        return None
+    return (f"  note: {steps(settings)} steps per envoy is a first run, too short to learn: the model gets worse before "
+            f"it gets better (docs/benchmarks.md, \"The demo\"). make demo-learn trains the {steps(learn)} steps at "
+            "which it beats the untrained encoder clearly (aggregated det_sum about +0.2).")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The demo's options; defaults from ``settings.DEMO_SETTINGS`` (environment variables as in the Makefile)."""
     d = DEMO_SETTINGS
@@ -270,6 +287,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         processes.stop()
     print(summarise(run_dir, time.monotonic() - start, started))
+    note = budget_note(settings)
+    if note:
+        print(note)
     return 0
 
 

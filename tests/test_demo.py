@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from patchsvdd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from patchsvdd.demo import build_parser, demo_settings, initial_checkpoint
+from patchsvdd.demo import budget_note, build_parser, demo_settings, initial_checkpoint
 from patchsvdd.settings import DEMO_SETTINGS, FINETUNE, LEARN_BUDGET
 from patchsvdd.model import PatchSVDD
 from patchsvdd.released import SHA256, ReleasedWeightsError
@@ -162,3 +162,12 @@ def test_demo_data_are_made_again_when_their_version_or_sizes_change(monkeypatch
     assert "generating" in capsys.readouterr().out and generated_with(folder)["version"] == SYNTH_VERSION
     (folder / MARKER).write_text("not json")
     assert generated_with(folder) is None and generated_with(tmp_path / "nowhere") is None
+
+
+def test_a_first_run_says_it_is_too_short_to_learn() -> None:
+    quick = demo_settings(build_parser().parse_args([]))
+    note = budget_note(quick)
+    assert note is not None and "80 steps per envoy" in note and "1200 steps" in note and "make demo-learn" in note
+    assert budget_note(demo_settings(build_parser().parse_args(["--learn"]))) is None
+    assert budget_note(demo_settings(build_parser().parse_args(["--init", "official"]))) is None  # fine-tuning
+    assert budget_note(demo_settings(build_parser().parse_args(["--model", "autoencoder"]))) is None
