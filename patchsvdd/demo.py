@@ -132,9 +132,8 @@ def summarise(run_dir: Path, seconds: float, started: float | None = None) -> st
     lines = [f"demo ({network}) finished in {seconds:.0f} s; results in {run_dir}"]
     executed = run_dir / NOTEBOOK.name
     if executed.is_file():
-        phases = {"start" if started is None else "data and start": started, **phase_seconds(executed)}
-        lines.append("  time per phase: " + ", ".join(f"{name} {value:.0f} s" for name, value in phases.items()
-                                                         if value is not None))
+        phases = {**({} if started is None else {"data and start": started}), **phase_seconds(executed)}
+        lines.append("  time per phase: " + ", ".join(f"{name} {value:.0f} s" for name, value in phases.items()))
     learning = untrained_vs_trained(json.loads((results / "round_metrics.json").read_text()), keys)
     lines.append("  untrained (round 0) -> trained (final round), per-round validation on each envoy's own data:")
     for row in learning:
@@ -157,14 +156,18 @@ def summarise(run_dir: Path, seconds: float, started: float | None = None) -> st
     return "\n".join(lines)
 
 
-def budget_note(settings) -> str | None:
-    """A sentence when the run's steps per envoy are fewer than ``LEARN_BUDGET``'s: such a first run shows the whole
-    path but is too short for the model to beat the untrained encoder (it gets worse before it gets better)."""
+def budget_note(settings, envoys: int = 2) -> str | None:
+    """A sentence when a run on the demo data trains fewer steps per envoy than ``LEARN_BUDGET``: such a first run
+    shows the whole path but is too short for the model to beat the untrained encoder (it gets worse before it
+    gets better)."""
     from dataclasses import replace
 
+    from .data import holdout_split
+
+    fitting = len(holdout_split(DEMO_DATA["n_train"] // envoys, settings.holdout_fraction)[0])  # per envoy
+
     def steps(s) -> int:
-        per_round = s.train_settings().steps_per_epoch(27, s.max_steps)  # an envoy's 27 fitting demo images
-        return s.rounds * per_round
+        return s.rounds * s.train_settings().steps_per_epoch(fitting, s.max_steps)
 
     learn = replace(settings, **LEARN_BUDGET)
     if settings.model != "patchsvdd" or settings.lr != DEMO_SETTINGS.lr or steps(settings) >= steps(learn):
@@ -287,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         processes.stop()
     print(summarise(run_dir, time.monotonic() - start, started))
-    note = budget_note(settings)
+    note = budget_note(settings, args.envoys) if builtin else None
     if note:
         print(note)
     return 0

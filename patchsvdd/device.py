@@ -27,7 +27,7 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
 
 # Flags in /proc/cpuinfo that mean bf16 arithmetic in hardware: x86 AVX-512 BF16 or AMX ('flags' line), Arm's
 # BF16 extension ('Features' line). On other x86 CPUs with AVX-512, oneDNN accepts bf16 but emulates it, which
-# trains 2.6x slower than fp32 (docs/benchmarks.md, "Precision").
+# trains 2.6-3.3x slower than fp32 (docs/benchmarks.md, "Training step").
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 CPUINFO = Path("/proc/cpuinfo")
 # oneDNN instruction-set caps (ONEDNN_MAX_CPU_ISA) below AVX512_CORE_BF16: oneDNN then emulates bf16 whatever the CPU
@@ -63,10 +63,10 @@ def _bf16_probe_faster(repeats: int = 3) -> tuple[bool, float, float]:
 
     from torch import nn
 
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 64, 3, 2), nn.LeakyReLU(0.1), nn.Conv2d(64, 128, 3), nn.LeakyReLU(0.1),
-                        nn.Conv2d(128, 128, 3), nn.Tanh())
-    x = torch.randn(64, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
+        net = nn.Sequential(nn.Conv2d(3, 64, 3, 2), nn.LeakyReLU(0.1), nn.Conv2d(64, 128, 3), nn.LeakyReLU(0.1),
+                            nn.Conv2d(128, 128, 3), nn.Tanh())
+        x = torch.randn(64, 3, 32, 32).contiguous(memory_format=torch.channels_last)
 
     def best(dtype: torch.dtype | None) -> float:
         times = []

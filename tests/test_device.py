@@ -67,9 +67,13 @@ def test_without_flags_a_timing_probe_decides(tmp_path: Path, onednn_says_bf16: 
     assert dev.bf16_support(CPU, tmp_path / "no-cpuinfo").native
 
 
-def test_the_probe_times_both_precisions() -> None:
+def test_the_probe_times_both_precisions_and_leaves_the_random_state() -> None:
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
     faster, fp32, bf16 = dev._bf16_probe_faster(repeats=1)
     assert fp32 > 0 and bf16 > 0 and faster == (bf16 < 0.9 * fp32)
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_no_onednn_bf16_means_fp32(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
