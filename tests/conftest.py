@@ -1,7 +1,9 @@
-"""Shared fixtures: a tiny procedural MVTec tree, and where the real data lives."""
+"""Shared fixtures: a tiny procedural MVTec tree, where the real data lives, the notebook's parameters."""
 
 from __future__ import annotations
 
+import ast
+import json
 import os
 import shutil
 from pathlib import Path
@@ -13,6 +15,16 @@ from patchsvdd.synth import generate_category
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MVTEC = Path(os.environ.get("PATCHSVDD_SHARED_MVTEC", REPO.parent / "shared" / "mvtec"))
+NOTEBOOK = REPO / "workspace" / "PatchSVDD_with_Director.ipynb"
+
+
+@pytest.fixture(scope="session")
+def notebook_parameters() -> dict[str, object]:
+    """The assignments of the notebook's cell tagged 'parameters', as Python values (its defaults)."""
+    cells = json.loads(NOTEBOOK.read_text())["cells"]
+    cell = next(c for c in cells if "parameters" in c.get("metadata", {}).get("tags", []))
+    tree = ast.parse("".join(cell["source"]))
+    return {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)}
 
 
 @pytest.fixture(scope="session")

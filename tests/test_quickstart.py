@@ -27,14 +27,6 @@ pytestmark = pytest.mark.slow
 ENVOYS = {"env_one": "shard_config.yaml", "env_two": "shard_config_two.yaml"}
 
 
-def _notebook_default(name: str) -> object:
-    cell = next(c for c in json.loads((project_root() / NOTEBOOK).read_text())["cells"]
-                if "parameters" in c.get("metadata", {}).get("tags", []))
-    scope: dict = {}
-    exec("".join(cell["source"]), scope)  # the parameter cell holds plain assignments only
-    return scope[name]
-
-
 def _fresh_copy(tmp_path: Path) -> Path:
     """The project's files (tracked and not ignored) and the demo data, in a folder of their own, so that
     what the scripts and the notebook write in their default folders stays out of the checkout."""
@@ -52,21 +44,21 @@ def _fresh_copy(tmp_path: Path) -> Path:
     return copy
 
 
-def test_the_shipped_configs_the_notebook_and_the_demo_data_agree() -> None:
+def test_the_shipped_configs_the_notebook_and_the_demo_data_agree(notebook_parameters: dict) -> None:
     root = project_root()
     director = yaml.safe_load((root / "director_folder" / "director_config.yaml").read_text())["settings"]
-    assert director["listen_port"] == _notebook_default("director_port")
-    assert _notebook_default("expected_envoys") == len(ENVOYS)
+    assert director["listen_port"] == notebook_parameters["director_port"]
+    assert notebook_parameters["expected_envoys"] == len(ENVOYS)
     for rank, config in enumerate(ENVOYS.values(), start=1):
         params = yaml.safe_load((root / "envoy_folder" / config).read_text())["shard_descriptor"]["params"]
-        assert params["category"] == _notebook_default("category") == "washer"
+        assert params["category"] == notebook_parameters["category"] == "washer"
         assert (root / "envoy_folder" / params["data_folder"]).resolve() == root / "data" / "demo"
         assert params["rank_worldsize"] == f"{rank},{len(ENVOYS)}"
 
 
 @pytest.mark.timeout(1800)
-def test_the_three_steps_as_written(tmp_path: Path) -> None:
-    ports = (_notebook_default("director_port"), _notebook_default("aggregator_port"))
+def test_the_three_steps_as_written(tmp_path: Path, notebook_parameters: dict) -> None:
+    ports = (notebook_parameters["director_port"], notebook_parameters["aggregator_port"])
     busy = [port for port in ports if listens("localhost", port, timeout=0.5)]
     if busy:
         pytest.skip(f"port {busy[0]} is in use here, and the three steps use the default ports {ports}")

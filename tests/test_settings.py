@@ -18,15 +18,8 @@ def _cells() -> list[dict]:
     return json.loads(NOTEBOOK.read_text())["cells"]
 
 
-def _parameters() -> dict[str, object]:
-    """The assignments of the notebook's cell tagged 'parameters', as Python values."""
-    cell = next(c for c in _cells() if "parameters" in c.get("metadata", {}).get("tags", []))
-    tree = ast.parse("".join(cell["source"]))
-    return {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)}
-
-
-def test_every_setting_is_a_notebook_parameter_with_the_same_default() -> None:
-    parameters = _parameters()
+def test_every_setting_is_a_notebook_parameter_with_the_same_default(notebook_parameters: dict) -> None:
+    parameters = notebook_parameters
     for field in fields(ExperimentSettings):
         assert field.name in parameters, f"the notebook has no parameter {field.name}"
         assert parameters[field.name] == field.default, field.name
