@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import yaml
 
@@ -149,9 +149,12 @@ class LocalFederation:
     tls: dict[str, object] = field(default_factory=lambda: {"tls": False})
 
 
-def write_director_config(root: Path, path: Path, port: int, host: str = "localhost") -> Path:
-    """A copy of the project's director_config.yaml listening on ``host:port``."""
+def write_director_config(root: Path, path: Path, port: int, host: str = "localhost",
+                          top_level: dict[str, Any] | None = None) -> Path:
+    """A copy of the project's director_config.yaml listening on ``host:port``; ``top_level``: settings added at
+    the top (e.g. ``review_experiments``)."""
     config = yaml.safe_load((root / "director_folder" / "director_config.yaml").read_text())
+    config.update(top_level or {})
     config["settings"].update(listen_host=host, listen_port=port)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -159,10 +162,12 @@ def write_director_config(root: Path, path: Path, port: int, host: str = "localh
 
 
 def write_envoy_config(root: Path, path: Path, data_root: Path, category: str, rank: int, world_size: int,
-                       cuda_devices: Sequence[int] = ()) -> Path:
+                       cuda_devices: Sequence[int] = (), top_level: dict[str, Any] | None = None) -> Path:
     """A copy of the project's shard_config.yaml for shard ``rank`` of ``world_size`` of ``data_root/category``;
-    the envoy's bundles go to ``<path stem>_bundles`` beside it."""
+    the envoy's bundles go to ``<path stem>_bundles`` beside it. ``top_level``: settings added at the top
+    (e.g. ``trust_client_code``)."""
     config = yaml.safe_load((root / "envoy_folder" / "shard_config.yaml").read_text())
+    config.update(top_level or {})
     config["params"]["cuda_devices"] = list(cuda_devices)
     config["shard_descriptor"]["params"].update(
         data_folder=str(Path(data_root).resolve()), category=category, rank_worldsize=f"{rank},{world_size}",
@@ -195,12 +200,14 @@ def envoys_accepted(host: str, port: int, names: Sequence[str], tls: dict[str, o
 def start_federation(
     run_dir: Path, data_root: Path, category: str, n_envoys: int = 2, port: int | None = None,
     processes: Processes | None = None, timeout: float = 120.0, tls: bool = False, root: Path | None = None,
+    envoy_config: dict[str, Any] | None = None, director_config: dict[str, Any] | None = None,
 ) -> LocalFederation:
     """Start a director and ``n_envoys`` envoys (shards 1..n of the category) through the start scripts of
     ``root`` (default ``project_root()``).
 
     With ``tls`` a fresh authority and certificates are made in ``run_dir/certs``
-    and passed to the scripts. Returns once the director lists every envoy
+    and passed to the scripts. ``envoy_config``, ``director_config``: top-level settings added to every envoy's shard config and to the
+    director's config. Returns once the director lists every envoy
     online. On failure the processes started so far are stopped and
     HarnessError says which node failed and why.
     """
@@ -219,7 +226,8 @@ def start_federation(
                           api_private_key=str(certs / "frontend.key"))
     cert_args = [str(certs)] if tls else []  # the start scripts take an optional certificate folder last
     try:
-        config = write_director_config(root, run_dir / "director" / "director_config.yaml", port)
+        config = write_director_config(root, run_dir / "director" / "director_config.yaml", port,
+                                       top_level=director_config)
         director = processes.start(
             "director", [str(root / "director_folder" / "start_director.sh"), str(config), *cert_args],
             run_dir / "logs" / "director.log", env={"PATCHSVDD_WORKDIR": str(run_dir / "director")},
@@ -229,7 +237,8 @@ def start_federation(
         threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // n_envoys))
         envoys = []
         for rank, name in enumerate(names, start=1):
-            shard = write_envoy_config(root, run_dir / "envoys" / f"{name}.yaml", data_root, category, rank, n_envoys)
+            shard = write_envoy_config(root, run_dir / "envoys" / f"{name}.yaml", data_root, category, rank, n_envoys,
+                                       top_level=envoy_config)
             envoys.append(processes.start(
                 name, [str(root / "envoy_folder" / "start_envoy.sh"), name, str(shard), "localhost", str(port),
                        *cert_args],

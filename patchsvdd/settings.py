@@ -178,6 +178,33 @@ class ExperimentSettings:
         return asdict(self)
 
 
+
+def _has_type(value: Any, hint: str) -> bool:
+    """Whether ``value`` is of the annotated type ``hint`` ('int', 'float', 'str', 'int | None', ...); a float
+    field takes an int, and no numeric field takes a bool."""
+    kinds = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),)}
+    allowed = tuple(kind for part in hint.split("|") for kind in kinds[part.strip()])
+    return isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+
+
+def checked_settings(value: object) -> ExperimentSettings:
+    """``value`` if it is an ExperimentSettings whose every field has its declared type and whose checks pass
+    again (what a site checks of settings it receives: unpickling skips ``__post_init__``); SettingsError
+    naming the field otherwise."""
+    if type(value) is not ExperimentSettings:
+        raise SettingsError(f"the settings are a {type(value).__name__}, not ExperimentSettings")
+    state = vars(value)
+    names = {f.name: f.type for f in fields(ExperimentSettings)}
+    if set(state) != set(names):
+        raise SettingsError(f"the settings have the fields {sorted(set(state) ^ set(names))} beyond or without "
+                            "ExperimentSettings' own")
+    for name, hint in names.items():
+        if not _has_type(state[name], str(hint)):
+            raise SettingsError(f"settings.{name} is {state[name]!r}, not of type {hint}")
+    if any(isinstance(v, float) and not math.isfinite(v) for v in state.values()):
+        raise SettingsError("the settings hold a number that is not finite")
+    return replace(value)  # runs __post_init__: every range and choice
+
 # The demo: the notebook's defaults (a first run of minutes) with fast search and a shorter idle timeout.
 DEMO_SETTINGS = replace(ExperimentSettings(), final_search="fast", idle_timeout=600.0)
 # The budget at which the demo's model beats the untrained encoder clearly (aggregated det_sum +0.2 on the demo

@@ -36,6 +36,15 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def fed_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A federation's data: fabric of 7 training images, so two shards differ in size (4 and 3) and FedAvg
+    weights matter."""
+    root = tmp_path_factory.mktemp("feddata")
+    generate_category(root, "fabric", seed=11, n_train=7, n_test_good=2, n_test_per_defect=1, image_size=256)
+    return root
+
+
 @pytest.fixture
 def writable_category(tiny_root: Path, tmp_path: Path) -> Path:
     """A private copy of tiny 'fabric' that a test may break; returns its data root."""

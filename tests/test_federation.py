@@ -33,20 +33,11 @@ from patchsvdd.model import PatchSVDD
 from patchsvdd.net import free_port
 from patchsvdd.pooling import split_sketches
 from patchsvdd.settings import SettingsError
-from patchsvdd.synth import generate_category
 from patchsvdd.train import make_optimizer
 
 pytestmark = pytest.mark.slow
 
 TINY = fed.ExperimentSettings(rounds=2, repeat=1, max_steps=1, batch_size=4, lr=1e-3, warmup_steps=0, idle_timeout=300)
-
-
-@pytest.fixture(scope="module")
-def fed_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """7 training images, so the two shards differ in size (4 and 3) and FedAvg weights matter."""
-    root = tmp_path_factory.mktemp("feddata")
-    generate_category(root, "fabric", seed=11, n_train=7, n_test_good=2, n_test_per_defect=1, image_size=256)
-    return root
 
 
 @pytest.fixture(scope="module")

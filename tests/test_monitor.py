@@ -25,6 +25,12 @@ def test_watchdog_gives_up_on_an_offline_envoy_at_once() -> None:
     assert "envoy b went offline" in reason and "initial_checkpoint" in reason
 
 
+def test_watchdog_gives_up_at_once_when_a_site_failed_or_refused_the_experiment() -> None:
+    reason = _watchdog().check(1.0, {"a", "b"}, "failed")
+    assert "'x' failed at a site: an envoy refused it" in reason and "[site guard]" in reason
+    assert _watchdog().check(1.0, {"a", "b"}, "finished") is None
+
+
 def test_watchdog_waits_pending_timeout_behind_another_experiment() -> None:
     dog = _watchdog()
     assert dog.check(10.0, {"a", "b"}, "pending") is None  # pending from 10 s

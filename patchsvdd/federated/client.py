@@ -29,6 +29,7 @@ from .tasks import MVTecDataInterface, TrainThenValidate, evaluation_tasks, expo
 FRAMEWORK_ADAPTER = "openfl.plugins.frameworks_adapters.pytorch_adapter.FrameworkAdapterPlugin"
 EXPERIMENT_RECORD = "patchsvdd_experiment.json"  # written in an experiment's working folder; read by attach()
 OPT_TREATMENT = "CONTINUE_LOCAL"  # each envoy keeps its own Adam state across rounds
+NO_REQUIREMENTS = "# every site installs this project itself (make install): this experiment asks for no package\n"
 
 
 class FederationError(RuntimeError):
@@ -157,23 +158,47 @@ def working_folder(path: str | os.PathLike) -> Iterator[Path]:
         os.chdir(previous)
 
 
-def _submit(federation: Federation, name: str, model: nn.Module, settings: ExperimentSettings, tasks: TaskInterface,
-            rounds: int, workdir: str | os.PathLike, assigner: TrainThenValidate | None = None) -> FLExperiment:
+@contextlib.contextmanager
+def no_requirements() -> Iterator[None]:
+    """OpenFL's ``FLExperiment.start`` ships the client's ``pip freeze`` as requirements.txt for the sites to
+    install; a site's guard refuses an experiment that asks to install packages unless its config allows it
+    (``guard.py``). Within this block the archive's requirements.txt asks for none (``NO_REQUIREMENTS``)."""
+    from openfl.interface.interactive_api import experiment as module
+
+    original = module.dump_requirements_file
+    module.dump_requirements_file = lambda path="./requirements.txt", **_: Path(path).write_text(NO_REQUIREMENTS)
+    try:
+        yield
+    finally:
+        module.dump_requirements_file = original
+
+
+def experiment_arguments(model: nn.Module, settings: ExperimentSettings, tasks: TaskInterface, rounds: int,
+                         assigner: TrainThenValidate | None = None) -> dict[str, Any]:
+    """The keyword arguments of OpenFL's ``FLExperiment.start`` for this project's experiment: a round-tagged copy
+    of ``model`` with its Adam optimizer, ``tasks``, a fresh data interface and ``assigner`` (default: only the
+    validation round, for evaluation and export: OpenFL's own assigner would be a function sent by value, which
+    sites refuse)."""
     if kind_of(model) != settings.model:  # the tasks' metrics are the settings' model's
         raise SettingsError(f"the model sent is a {kind_of(model)} but settings.model is {settings.model!r}: "
                             "set model to match (or start from a checkpoint of that model)")
     model = tagged(model)  # a copy that says which round made it (see rounds.py); the caller's model is untouched
     model_interface = ModelInterface(model=model, optimizer=make_optimizer(model, settings.lr), framework_plugin=FRAMEWORK_ADAPTER)
     override = {} if settings.aggregator_port is None else {"network.settings.agg_port": int(settings.aggregator_port)}
-    with working_folder(workdir):
+    return dict(model_provider=model_interface, task_keeper=tasks, data_loader=MVTecDataInterface(), rounds_to_train=rounds,
+                task_assigner=assigner if assigner is not None else TrainThenValidate(tasks, 0),
+                opt_treatment=OPT_TREATMENT, device_assignment_policy=settings.device_policy, override_config=override)
+
+
+def _submit(federation: Federation, name: str, model: nn.Module, settings: ExperimentSettings, tasks: TaskInterface,
+            rounds: int, workdir: str | os.PathLike, assigner: TrainThenValidate | None = None) -> FLExperiment:
+    arguments = experiment_arguments(model, settings, tasks, rounds, assigner)
+    with working_folder(workdir), no_requirements():
         experiment = FLExperiment(federation=federation, experiment_name=name)
-        experiment.start(
-            model_provider=model_interface, task_keeper=tasks, data_loader=MVTecDataInterface(), rounds_to_train=rounds,
-            task_assigner=assigner, opt_treatment=OPT_TREATMENT, device_assignment_policy=settings.device_policy,
-            override_config=override,
-        )
+        experiment.start(**arguments)
     if not experiment.experiment_submitted:
-        raise FederationError(f"the director did not accept experiment {name!r} (is another one still running? see the director log)")
+        raise FederationError(f"the director did not accept experiment {name!r}: its review refused it (the director's "
+                              f"log says why in a line '[site guard] the director refused experiment {name!r} ...')")
     record = {"name": name, "participants": list(experiment.plan.authorized_cols), "rounds": rounds}
     (Path(workdir) / EXPERIMENT_RECORD).write_text(json.dumps(record, indent=1))
     return experiment

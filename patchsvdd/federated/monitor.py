@@ -58,12 +58,19 @@ class MetricLog:
         return [dict(r) for r in self.records]
 
 
+def failed_at_a_site(name: str) -> str:
+    """The sentence for an experiment the director reports failed: a site refused it or a task raised there."""
+    return (f"experiment {name!r} failed at a site: an envoy refused it (its site guard says why in one line of the "
+            f"envoy's log: '[site guard] <envoy> refused experiment {name!r}: ...') or one of its tasks raised there "
+            "(the envoy's log has the traceback; the director's log names the envoy)")
+
+
 @dataclass
 class Watchdog:
     """When to give up on experiment ``name`` while no metric arrives; times are ``time.monotonic()`` seconds.
 
-    ``check`` answers None (keep waiting) or the sentence to raise: an envoy of
-    ``participants`` is offline; the experiment has waited ``pending_timeout``
+    ``check`` answers None (keep waiting) or the sentence to raise: the director
+    reports the experiment failed (a site refused it or a task raised); an envoy of ``participants`` is offline; the experiment has waited ``pending_timeout``
     seconds behind another one; no metric for ``idle_timeout`` seconds.
     """
 
@@ -80,6 +87,8 @@ class Watchdog:
 
     def check(self, now: float, online: set[str], status: str | None) -> str | None:
         """The reason to give up at ``now``, given the envoys online and the director's status; or None."""
+        if status == "failed":
+            return failed_at_a_site(self.name)
         if self.participants - online:
             return (f"experiment {self.name!r}: envoy {', '.join(sorted(self.participants - online))} went offline "
                     "during the experiment, which cannot finish without it. Restart the envoy and the director, then "
@@ -203,7 +212,7 @@ def follow_metrics(
         checkpointer.finish()
     status = experiment.get_experiment_status()
     if status is not None and str(status).lower() == "failed":
-        raise FederationError(f"experiment {name!r} failed on the director (see its log)")
+        raise FederationError(failed_at_a_site(name))
     return log
 
 

@@ -50,6 +50,26 @@ class SiteData(CategoryData):
     bundle_folder: str | None = None
 
 
+class ProjectTasks(TaskInterface):
+    """OpenFL's task keeper, except that each registered task is this project's function itself.
+
+    OpenFL's ``register_fl_task`` stores a wrapper it defines inside the method, which cloudpickle sends by
+    value, code and all; the function itself is pickled by name (``patchsvdd.federated.tasks.train_task``),
+    which is what a site's guard accepts (``guard.py``). OpenFL calls the stored task as the wrapper did:
+    with the task's arguments as keywords.
+    """
+
+    def register_fl_task(self, model, data_loader, device, optimizer=None, round_num=None):
+        register = super().register_fl_task(model, data_loader, device, optimizer, round_num)
+
+        def decorator(function):
+            register(function)
+            self.task_registry[function.__name__] = function
+            return function
+
+        return decorator
+
+
 class MVTecDataInterface(DataInterface):
     """Gives the tasks the envoy's shard as a ``SiteData`` (uint8 arrays, decoded once)."""
 
@@ -190,7 +210,7 @@ def training_tasks(settings: ExperimentSettings, metric_names: tuple[str, ...] |
     """``train_task`` (with the optimizer) and ``validate_task`` (``metric_names``, default
     ``round_metrics(settings.model)``, with ``round_search``)."""
     metric_names = round_metrics(settings.model) if metric_names is None else metric_names
-    tasks = TaskInterface()
+    tasks = ProjectTasks()
     tasks.add_kwargs(settings=settings)(train_task)
     tasks.register_fl_task(model="model", data_loader="train_data", device="device", optimizer="optimizer",
                            round_num="round_num")(train_task)
@@ -201,21 +221,22 @@ def training_tasks(settings: ExperimentSettings, metric_names: tuple[str, ...] |
 def evaluation_tasks(settings: ExperimentSettings, defect_types: list[str] | None = None) -> TaskInterface:
     """Only ``validate_task``: ``final_metrics(settings.model)`` and, given the ``defect_types`` of all envoys,
     the per-defect statistics, with ``final_search``."""
-    return _with_validation(TaskInterface(), search=settings.final_search, metric_names=final_metrics(settings.model),
+    return _with_validation(ProjectTasks(), search=settings.final_search, metric_names=final_metrics(settings.model),
                             holdout_fraction=settings.holdout_fraction,
                             defect_fusion=DEFECT_FUSION if defect_types else None, defect_types=defect_types)
 
 
 def export_tasks(name: str, bank_fraction: float, max_fpr: float | None) -> TaskInterface:
     """Only ``export_task``: every envoy writes bundle ``name`` at its site."""
-    tasks = TaskInterface()
+    tasks = ProjectTasks()
     tasks.add_kwargs(name=name, bank_fraction=bank_fraction, max_fpr=max_fpr)(export_task)
     tasks.register_fl_task(model="model", data_loader="val_data", device="device")(export_task)
     return tasks
 
 
 class TrainThenValidate:
-    """Task assigner: ``training_rounds`` rounds of train + validate, then one validation-only round.
+    """Task assigner: ``training_rounds`` rounds of train + validate, then one validation-only round (with
+    ``training_rounds`` 0, as evaluation and export have it: only that round, of the one registered task).
 
     OpenFL 1.7.1 validates the model a round *starts* with and keeps that one
     as "last", so the aggregate of the final training round would be neither
@@ -226,7 +247,9 @@ class TrainThenValidate:
 
     def __init__(self, tasks: TaskInterface, training_rounds: int) -> None:
         registered = tasks.get_registered_tasks()
-        self.train = registered["train"]
+        if training_rounds and "train" not in registered:
+            raise ValueError(f"{training_rounds} training rounds but no training task registered")
+        self.train = registered.get("train")
         self.validate = registered["aggregated_model_validate"]
         self.training_rounds = training_rounds
 
