@@ -95,6 +95,100 @@ def _faiss_candidates(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torc
     return torch.from_numpy(found.astype(np.int64))
 
 
+PRUNE_MIN_BANK = 100_000  # bank rows from which the exact search on the CPU tries cluster pruning first
+PRUNE_MAX_SCANNED = 0.2  # pruning goes on only while it scans at most this share of the bank (else: flat search)
+FLOAT32_DOT_ERROR = 70 * 2.0**-24  # bound of the relative error of |q|^2 + |c|^2 - 2 q.c in float32 for D <= 64
+
+
+def _cluster_lists(index) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The row ids of each inverted list of a faiss IVF index: (sizes (C,), [ids of list c])."""
+    import faiss
+
+    lists = index.invlists
+    ids = [faiss.rev_swig_ptr(lists.get_ids(c), lists.list_size(c)).copy() for c in range(index.nlist)]
+    return np.array([len(i) for i in ids]), ids
+
+
+def _pruned_candidates(queries: torch.Tensor, bank: torch.Tensor, k: int, query_chunk: int = 8192,
+                       probe: int = 3, seed: int = 0, seconds: dict[str, float] | None = None) -> torch.Tensor | None:
+    """Indices (Q,k) of the ``k`` nearest rows of ``bank`` (B,D) for each query (Q,D), exactly, scanning for each
+    query only the k-means clusters of the bank that can hold a row nearer than its bound; None when that
+    would scan more than ``PRUNE_MAX_SCANNED`` of the bank (embeddings spread in all dimensions: the flat
+    search is faster then).
+
+    The bound U of a query is the true distance to the best row of its ``probe`` nearest clusters. A cluster c
+    of centre m_c and radius r_c (the largest distance of its rows to m_c, in float64) is skipped only when
+    |q - m_c| - r_c > U, the query-centre distance taken low by its float32 error bound: by the triangle
+    inequality no row in it is nearer than U. Within the clusters scanned, faiss ranks rows by direct float32
+    differences (no |q|^2 + |b|^2 - 2 q.b expansion), which the float64 re-ranking then makes exact.
+    ``seconds`` (if given) receives the time of the clustering ('clusters') and of the search ('pruned').
+    """
+    import faiss
+
+    seconds = seconds if seconds is not None else {}
+    start = time.perf_counter()
+    x = np.ascontiguousarray(bank.numpy(), dtype=np.float32)
+    rows, dim = x.shape
+    n_clusters = int(min(max(64, 4 * math.sqrt(rows)), rows // 16))
+    kmeans = faiss.Kmeans(dim, n_clusters, niter=4, seed=1234 + seed, max_points_per_centroid=32, verbose=False)
+    kmeans.train(x)
+    quantizer = faiss.IndexFlatL2(dim)
+    quantizer.add(kmeans.centroids)
+    index = faiss.IndexIVFFlat(quantizer, dim, n_clusters)
+    index.add(x)
+    sizes, members = _cluster_lists(index)
+    centres = torch.from_numpy(kmeans.centroids)
+    cluster_of = torch.empty(rows, dtype=torch.long)
+    for c, ids in enumerate(members):
+        cluster_of[torch.from_numpy(ids)] = c
+    member_distance = (bank.double() - centres.double()[cluster_of]).norm(dim=1)
+    radius = torch.zeros(n_clusters, dtype=torch.float64).scatter_reduce(0, cluster_of, member_distance, "amax")
+    radius = (radius * (1 + 1e-6) + 1e-12).float()  # float64 norms of float32 data, rounded up
+    sizes_t = torch.from_numpy(sizes).float()
+    centre_sq = centres.pow(2).sum(1)
+    centre_norm = centre_sq.sqrt()
+    bank64 = bank.double()
+    found = torch.empty(queries.shape[0], k, dtype=torch.long)
+    scanned = 0.0
+    seconds["clusters"] = time.perf_counter() - start
+    start = time.perf_counter()
+    # a first small chunk decides early whether pruning pays
+    starts = [0, *range(min(1024, queries.shape[0]), queries.shape[0], query_chunk)]
+    for q0, q1 in zip(starts, [*starts[1:], queries.shape[0]]):
+        q = queries[q0:q1]
+        q_sq = q.pow(2).sum(1, keepdim=True)
+        sq = torch.addmm(q_sq + centre_sq[None], q, centres.T, alpha=-2.0)
+        slack = (q_sq.sqrt() + centre_norm[None]).pow_(2).mul_(FLOAT32_DOT_ERROR)
+        lower = (sq - slack).clamp_min_(0).sqrt_().mul_(1 - 1e-6).sub_(radius[None])  # no row of cluster c is nearer
+        nearest = sq.topk(min(probe, n_clusters), dim=1, largest=False).indices
+        index.nprobe = nearest.shape[1]
+        _, first = index.search_preassigned(np.ascontiguousarray(q.numpy()), k, nearest.numpy(), None)
+        first_t = torch.from_numpy(first)
+        bound = (q.double()[:, None, :] - bank64[first_t.clamp_min(0)]).norm(dim=2)
+        bound = bound.masked_fill(first_t < 0, math.inf).min(dim=1).values
+        keep = lower <= bound.float()[:, None] * (1 + 1e-6)
+        scanned += float((keep.float() @ sizes_t).sum()) / rows
+        if scanned > PRUNE_MAX_SCANNED * q1:
+            seconds["pruned"] = time.perf_counter() - start
+            return None
+        counts = keep.sum(1)
+        order = counts.argsort()
+        for g0 in range(0, len(order), 512):  # queries of similar counts together: a tight padded list each
+            group = order[g0 : g0 + 512]
+            group_keep = keep[group]
+            width = max(int(counts[group].max()), 1)
+            lists = torch.full((len(group), width), -1, dtype=torch.long)
+            row, col = group_keep.nonzero(as_tuple=True)
+            position = group_keep.long().cumsum(1)[row, col] - 1
+            lists[row, position] = col
+            index.nprobe = width
+            _, ids = index.search_preassigned(np.ascontiguousarray(q[group].numpy()), k, lists.numpy(), None)
+            found[q0 + group] = torch.from_numpy(ids)
+    seconds["pruned"] = time.perf_counter() - start
+    seconds["scanned_share"] = scanned / max(queries.shape[0], 1)
+    return found
+
+
 def centre_on_bank(queries: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Queries (Q,D) and bank (B,D) less the bank's mean, in float32 (the mean taken in float64).
 
@@ -127,25 +221,42 @@ def exact_nearest(
     backend: Literal["auto", "torch", "faiss"] = "auto",
     query_chunk: int = 256,
     bank_chunk: int = 4096,
+    seconds: dict[str, float] | None = None,
 ) -> torch.Tensor:
     """True L2 distance from each query (Q,D) to its nearest row of ``bank`` (B,D): (Q,) on the CPU.
 
-    Brute force over every row on embeddings centred on the bank mean
-    (:func:`centre_on_bank`): faiss's flat index on the CPU, chunked torch
-    matrix products on a GPU ('auto'). The few nearest candidates of each
+    On embeddings centred on the bank mean (:func:`centre_on_bank`): on the
+    CPU, for a bank of ``PRUNE_MIN_BANK`` rows or more, an exact search that
+    skips the bank's k-means clusters that cannot hold a nearer row
+    (:func:`_pruned_candidates`), else faiss's flat index (brute force); on a
+    GPU, chunked torch matrix products ('auto'). The few nearest candidates of each
     query are then re-ranked by distances computed directly in float64, so the
-    result is exact whatever the embeddings' offset and scale.
+    result is exact whatever the embeddings' offset and scale. ``seconds`` (if
+    given) receives the time of each stage: 'centre', 'clusters' and 'pruned'
+    (where tried), 'flat' (brute force, where used), 'rerank'.
     """
+    seconds = seconds if seconds is not None else {}
     device = torch.device(device)
     if backend == "auto":
         backend = "faiss" if device.type == "cpu" else "torch"
+    start = time.perf_counter()
     centred_queries, centred_bank = centre_on_bank(queries, bank)
+    seconds["centre"] = time.perf_counter() - start
     k = min(RERANK, bank.shape[0])
-    if backend == "faiss":
+    candidates = None
+    if backend == "faiss" and bank.shape[0] >= PRUNE_MIN_BANK:
+        candidates = _pruned_candidates(centred_queries, centred_bank, k, seconds=seconds)
+    start = time.perf_counter()
+    if candidates is None and backend == "faiss":
         candidates = _faiss_candidates(centred_queries, centred_bank, k)
-    else:
+        seconds["flat"] = time.perf_counter() - start
+    elif candidates is None:
         candidates = _torch_candidates(centred_queries, centred_bank, device, query_chunk, bank_chunk, k)
-    return _in_chunks(centred_queries, centred_bank, candidates)
+        seconds["flat"] = time.perf_counter() - start
+    start = time.perf_counter()
+    distances = _in_chunks(centred_queries, centred_bank, candidates)
+    seconds["rerank"] = time.perf_counter() - start
+    return distances
 
 
 def fast_nearest(

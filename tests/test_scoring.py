@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from patchsvdd import scoring
 from patchsvdd.scoring import anomaly_maps, distribute_scores, exact_nearest, fast_nearest, flatten_grid, patch_scores
 
 
@@ -122,3 +123,31 @@ def test_anomaly_maps_fuse_both_patch_sizes() -> None:
     assert torch.equal(result.image_scores("32"), result.maps["32"].flatten(1).amax(1))
     with pytest.raises(ValueError, match="search mode"):
         patch_scores(train[0], test[0], mode="nearest")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["saturated", "spread"])
+def test_exact_search_with_cluster_pruning_matches_float64_brute_force(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clusters that cannot hold a nearer row are skipped (saturated, low-dimensional embeddings); where most
+    of the bank would be scanned (spread in all 64 dimensions) the search falls back to brute force. Either
+    way every distance is within 1e-3 of float64 brute force."""
+    monkeypatch.setattr(scoring, "PRUNE_MIN_BANK", 5000)
+    bank, queries, offset = _saturated_and_spread(kind)
+    truth = _float64_truth(queries, bank, offset)
+    seconds: dict[str, float] = {}
+    got = exact_nearest(queries, bank, seconds=seconds)
+    assert float(((got.double() - truth).abs() / truth).max()) < 1e-3
+    assert ("flat" in seconds) == (kind == "spread")  # pruned where it pays, flat where it does not
+    if kind == "saturated":
+        assert seconds["scanned_share"] < scoring.PRUNE_MAX_SCANNED
+
+
+def test_pruning_keeps_queries_whose_neighbour_sits_in_a_far_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A query far from every cluster centre but next to one outlying bank row must still find that row."""
+    monkeypatch.setattr(scoring, "PRUNE_MIN_BANK", 5000)
+    bank, queries, offset = _saturated_and_spread("saturated")
+    outlier = bank[0] + 0.01  # a lone row far off the surface
+    bank = torch.cat([bank, outlier[None]])
+    queries = torch.cat([queries, (outlier + 1e-6)[None]])
+    truth = _float64_truth(queries, bank, offset)
+    got = exact_nearest(queries, bank)
+    assert float(((got.double() - truth).abs() / truth).max()) < 1e-3
