@@ -45,6 +45,7 @@ bench: install
 	$(PY) benchmarks/bench_embed.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_evaluate.py
+	$(PY) benchmarks/bench_exact_search.py
 	$(PY) benchmarks/bench_serve.py
 
 clean:

@@ -251,3 +251,58 @@ def start_federation(
         processes.stop()
         raise
     return LocalFederation("localhost", port, names, processes, client_tls)
+
+
+def can_make_namespaces() -> bool:
+    """Whether this process may build network namespaces (root, with iproute2's ``ip``)."""
+    import shutil
+
+    return os.geteuid() == 0 and shutil.which("ip") is not None
+
+
+@dataclass
+class SiteLink:
+    """A network namespace ``name`` joined to this one by a veth pair on 198.18.0.0/24 (RFC 2544's benchmark
+    range: no route out): this side ``host_address``, the namespace ``site_address``. ``command(argv)`` runs
+    argv inside it; ``cut()``/``restore()`` take the link down and up."""
+
+    name: str
+    index: int = 1
+
+    @property
+    def host_address(self) -> str:
+        return f"198.18.{self.index}.1"
+
+    @property
+    def site_address(self) -> str:
+        return f"198.18.{self.index}.2"
+
+    def _ip(self, *args: str, inside: bool = False) -> None:
+        prefix = ["ip", "netns", "exec", self.name] if inside else []
+        subprocess.run([*prefix, "ip", *args], check=True, capture_output=True, timeout=30)
+
+    def __enter__(self) -> "SiteLink":
+        self.__exit__()
+        host, site = f"{self.name}h", f"{self.name}s"
+        self._ip("netns", "add", self.name)
+        self._ip("link", "add", host, "type", "veth", "peer", "name", site)
+        self._ip("link", "set", site, "netns", self.name)
+        self._ip("addr", "add", f"{self.host_address}/24", "dev", host)
+        self._ip("link", "set", host, "up")
+        self._ip("addr", "add", f"{self.site_address}/24", "dev", site, inside=True)
+        self._ip("link", "set", site, "up", inside=True)
+        self._ip("link", "set", "lo", "up", inside=True)
+        return self
+
+    def command(self, argv: Sequence[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def cut(self) -> None:
+        self._ip("link", "set", f"{self.name}h", "down")
+
+    def restore(self) -> None:
+        self._ip("link", "set", f"{self.name}h", "up")
+
+    def __exit__(self, *exc: object) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=30)
+        subprocess.run(["ip", "link", "del", f"{self.name}h"], capture_output=True, timeout=30)

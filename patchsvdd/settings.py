@@ -125,7 +125,9 @@ class ExperimentSettings:
     envoy's good training images kept out of training; the position loss on them ('heldout_pos', lower is
     better) chooses the best model without any anomaly. ``round_search``/``final_search``: nearest-neighbour
     search of the per-round validation and of the final evaluation. ``final_model``: the model the final
-    evaluation scores. ``idle_timeout``: seconds without any metric before giving up. ``aggregator_port``:
+    evaluation scores. ``idle_timeout``: seconds without any metric before giving up. ``offline_grace``:
+    seconds an envoy may be offline during an experiment (a dropped link) before the notebook gives up
+    (0: at once). ``aggregator_port``:
     the port of the aggregator the director starts for each experiment, which every envoy must reach
     (None: OpenFL's choice, from a hash of the plan, somewhere in 49152-60998).
     """
@@ -149,6 +151,7 @@ class ExperimentSettings:
     final_model: str = "best"
     seed: int = 0
     idle_timeout: float = 900.0
+    offline_grace: float = 180.0
     aggregator_port: int | None = 50051
 
     def __post_init__(self) -> None:
@@ -160,6 +163,8 @@ class ExperimentSettings:
             raise SettingsError(f"holdout_fraction={self.holdout_fraction}: from 0 (none) to below 1")
         if self.emb_dim < 1 or not self.idle_timeout > 0:
             raise SettingsError(f"emb_dim={self.emb_dim}, idle_timeout={self.idle_timeout}: both must be positive")
+        if not 0 <= self.offline_grace < math.inf:
+            raise SettingsError(f"offline_grace={self.offline_grace}: seconds, 0 (give up at once) or more")
         if self.aggregator_port is not None and not 0 < self.aggregator_port < 65536:
             raise SettingsError(f"aggregator_port={self.aggregator_port}: a TCP port (1-65535) or None")
         _choice("model", self.model, MODELS)

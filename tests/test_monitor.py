@@ -25,6 +25,21 @@ def test_watchdog_gives_up_on_an_offline_envoy_at_once() -> None:
     assert "envoy b went offline" in reason and "initial_checkpoint" in reason
 
 
+def test_watchdog_waits_offline_grace_for_an_envoy_and_says_so_once_each_way() -> None:
+    said: list[str] = []
+    dog = _watchdog(offline_grace=30.0, say=said.append)
+    assert dog.check(10.0, {"a"}, "in_progress") is None  # b dropped at 10 s
+    assert dog.check(25.0, {"a"}, "in_progress") is None
+    assert said == ["experiment 'x': envoy b is offline; waiting up to 30 s for it to come back (offline_grace)"]
+    assert dog.check(35.0, {"a", "b"}, "in_progress") is None  # back after 25 s
+    assert said[1] == "experiment 'x': envoy b is back online after 25 s; the experiment goes on"
+    assert dog.check(50.0, {"a"}, "in_progress") is None  # away again: a new grace from 50 s
+    assert dog.check(79.0, {"a"}, "in_progress") is None
+    reason = dog.check(80.0, {"a"}, "in_progress")
+    assert "envoy b went offline during the experiment for more than 30 s" in reason and "initial_checkpoint" in reason
+    assert len(said) == 3
+
+
 def test_watchdog_gives_up_at_once_when_a_site_failed_or_refused_the_experiment() -> None:
     reason = _watchdog().check(1.0, {"a", "b"}, "failed")
     assert "'x' failed at a site: an envoy refused it" in reason and "[site guard]" in reason

@@ -70,7 +70,9 @@ class Watchdog:
     """When to give up on experiment ``name`` while no metric arrives; times are ``time.monotonic()`` seconds.
 
     ``check`` answers None (keep waiting) or the sentence to raise: the director
-    reports the experiment failed (a site refused it or a task raised); an envoy of ``participants`` is offline; the experiment has waited ``pending_timeout``
+    reports the experiment failed (a site refused it or a task raised); an envoy of ``participants`` has been
+    offline for more than ``offline_grace`` seconds (a link that drops for less is waited for: ``say`` is told
+    once when an envoy goes offline and once when it is back); the experiment has waited ``pending_timeout``
     seconds behind another one; no metric for ``idle_timeout`` seconds.
     """
 
@@ -80,6 +82,9 @@ class Watchdog:
     pending_timeout: float
     last_progress: float
     pending_since: float | None = None
+    offline_grace: float = 0.0
+    say: Callable[[str], None] = field(default=lambda line: print(line, flush=True), repr=False)
+    offline_since: dict[str, float] = field(default_factory=dict)
 
     def progress(self, now: float) -> None:
         """A metric (or the stream's end) arrived at ``now``."""
@@ -89,9 +94,19 @@ class Watchdog:
         """The reason to give up at ``now``, given the envoys online and the director's status; or None."""
         if status == "failed":
             return failed_at_a_site(self.name)
-        if self.participants - online:
-            return (f"experiment {self.name!r}: envoy {', '.join(sorted(self.participants - online))} went offline "
-                    "during the experiment, which cannot finish without it. Restart the envoy and the director, then "
+        for envoy in sorted(self.participants - online - set(self.offline_since)):
+            self.offline_since[envoy] = now
+            if self.offline_grace > 0:
+                self.say(f"experiment {self.name!r}: envoy {envoy} is offline; waiting up to {self.offline_grace:.0f} s "
+                         "for it to come back (offline_grace)")
+        for envoy in sorted(set(self.offline_since) & online):
+            self.say(f"experiment {self.name!r}: envoy {envoy} is back online after "
+                     f"{now - self.offline_since.pop(envoy):.0f} s; the experiment goes on")
+        gone = sorted(envoy for envoy, since in self.offline_since.items() if now - since >= self.offline_grace)
+        if gone:
+            waited = f" for more than {self.offline_grace:.0f} s" if self.offline_grace > 0 else ""
+            return (f"experiment {self.name!r}: envoy {', '.join(gone)} went offline during the experiment{waited}, "
+                    "which cannot finish without it. Restart the envoy and the director, then "
                     "start a new experiment from the last checkpoint (the notebook's initial_checkpoint).")
         self.pending_since = (self.pending_since if self.pending_since is not None else now) if status == "pending" else None
         if self.pending_since is not None and now - self.pending_since > self.pending_timeout:
@@ -163,12 +178,16 @@ def _pump(call, inbox: queue.Queue) -> None:
 def follow_metrics(
     experiment: FLExperiment, idle_timeout: float = 900.0, on_metric: Callable[[dict[str, Any]], None] | None = None,
     checkpointer: SaveWhenImproved | None = None, registry_poll: float = 5.0, pending_timeout: float = 300.0,
+    offline_grace: float = 0.0, say: Callable[[str], None] | None = None,
 ) -> MetricLog:
     """Collect the experiment's metrics until it ends; ``on_metric`` sees each, ``checkpointer`` saves improvements.
 
     While waiting, the shard registry and the experiment's status are read
     every ``registry_poll`` seconds and put to a ``Watchdog``: FederationError
-    when it gives up or the experiment ends in failure; DirectorGoneError when
+    when it gives up (an envoy offline for more than ``offline_grace`` seconds, the notebook's
+    ``settings.offline_grace``; it says when one goes offline and when it is back, by ``say``, default
+    print) or the experiment
+    ends in failure; DirectorGoneError when
     the director stops answering.
     """
     import grpc
@@ -179,7 +198,8 @@ def follow_metrics(
     name = experiment.experiment_name
     call = experiment.federation.dir_client.stub.GetMetricStream(director_pb2.GetMetricStreamRequest(experiment_name=name))
     threading.Thread(target=_pump, args=(call, inbox), name="metric-stream", daemon=True).start()
-    watchdog = Watchdog(name, set(experiment.plan.authorized_cols), idle_timeout, pending_timeout, time.monotonic())
+    watchdog = Watchdog(name, set(experiment.plan.authorized_cols), idle_timeout, pending_timeout, time.monotonic(),
+                        offline_grace=offline_grace, **({} if say is None else {"say": say}))
     try:
         while True:
             try:
