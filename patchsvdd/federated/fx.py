@@ -86,16 +86,21 @@ def keep_site_failures() -> None:
     experiment_module.Experiment.start = start_and_keep_failure
 
 
+def _config_named(argv: list[str], *flags: str) -> dict:
+    """The YAML config that one of ``flags`` names in ``argv`` (an empty mapping when none does)."""
+    from ..configs import read_yaml
+
+    for flag in flags:
+        if flag in argv[:-1]:
+            return read_yaml(argv[argv.index(flag) + 1])
+    return {}
+
+
 def envoy_allows(argv: list[str]) -> dict[str, bool]:
     """What the shard config named by ``-ec``/``--envoy-config-path`` in ``argv`` allows, each only where it says
     ``true``: ``trust_client_code`` (top level) and ``install_requirements`` (``params``; OpenFL's default would
     be true)."""
-    from ..configs import read_yaml
-
-    config: dict = {}
-    for flag in ("-ec", "--envoy-config-path"):
-        if flag in argv[:-1]:
-            config = read_yaml(argv[argv.index(flag) + 1])
+    config = _config_named(argv, "-ec", "--envoy-config-path")
     return {"trust_client_code": config.get("trust_client_code") is True,
             "install_requirements": (config.get("params") or {}).get("install_requirements") is True}
 
@@ -103,12 +108,7 @@ def envoy_allows(argv: list[str]) -> dict[str, bool]:
 def director_reviews(argv: list[str]) -> dict[str, bool]:
     """What the director config named by ``-c``/``--director-config-path`` in ``argv`` says: ``review_experiments``
     (top level; only ``false`` turns the review off) and ``settings.install_requirements`` (only ``true``)."""
-    from ..configs import read_yaml
-
-    config: dict = {}
-    for flag in ("-c", "--director-config-path"):
-        if flag in argv[:-1]:
-            config = read_yaml(argv[argv.index(flag) + 1])
+    config = _config_named(argv, "-c", "--director-config-path")
     return {"review": config.get("review_experiments") is not False,
             "install_requirements": (config.get("settings") or {}).get("install_requirements") is True}
 

@@ -47,6 +47,8 @@ import logging
 import pickle
 import re
 import sys
+import time
+import traceback
 import zipfile
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
@@ -647,9 +649,6 @@ def make_guarded_envoy(policy_of: Callable[[Any], SitePolicy]) -> type:
 
         def run(self) -> None:
             """OpenFL's ``Envoy.run`` with ``review`` before the archive is unpacked (OpenFL 1.7.1)."""
-            import time
-            import traceback
-
             while True:
                 try:
                     experiment = self.director_client.wait_experiment()
