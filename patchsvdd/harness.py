@@ -306,3 +306,25 @@ class SiteLink:
     def __exit__(self, *exc: object) -> None:
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=30)
         subprocess.run(["ip", "link", "del", f"{self.name}h"], capture_output=True, timeout=30)
+
+
+def start_split_federation(run_dir: Path, data_root: Path, category: str, link: SiteLink, processes: Processes,
+                           timeout: float = 120.0) -> LocalFederation:
+    """A director and envoy_1 here and envoy_2 behind ``link`` (shards 1 and 2 of the category), started through
+    the start scripts; every node reaches the director at ``link.host_address``. Returns once both are online."""
+    root = project_root()
+    port = free_port()
+    config = write_director_config(root, run_dir / "director" / "director_config.yaml", port, host=link.host_address)
+    director = processes.start("director", [str(root / "director_folder" / "start_director.sh"), str(config)],
+                               run_dir / "logs" / "director.log", env={"PATCHSVDD_WORKDIR": str(run_dir / "director")})
+    wait_for(lambda: listens(link.host_address, port, timeout=1.0), 60, "the director to listen", [director])
+    envoys = []
+    for rank, name in enumerate(["envoy_1", "envoy_2"], start=1):
+        shard = write_envoy_config(root, run_dir / "envoys" / f"{name}.yaml", data_root, category, rank, 2)
+        command = [str(root / "envoy_folder" / "start_envoy.sh"), name, str(shard), link.host_address, str(port)]
+        envoys.append(processes.start(name, link.command(command) if name == "envoy_2" else command,
+                                      run_dir / "logs" / f"{name}.log",
+                                      env={"PATCHSVDD_WORKDIR": str(run_dir / "envoys" / name), "OMP_NUM_THREADS": "1"}))
+    wait_for(envoys_accepted(link.host_address, port, ["envoy_1", "envoy_2"], {"tls": False}), timeout,
+             "both envoys online", [director, *envoys], poll=1.0)
+    return LocalFederation(link.host_address, port, ["envoy_1", "envoy_2"], processes)

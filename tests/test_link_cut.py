@@ -1,5 +1,5 @@
 """A site's link cut mid-round, with real processes: envoy_2 in a network namespace of its own, joined to the
-director's by a veth pair on 198.18.0.0/24 (no route out), the link taken down with ``ip link``.
+director's by a veth pair on a /24 of 198.18.0.0/15 (no route out), the link taken down with ``ip link``.
 
 OpenFL 1.7.1 rides out a cut of 30 s: the director lists the envoy offline, then online again; its
 collaborator reconnects to the aggregator and delivers its round; the experiment finishes. The notebook
@@ -9,6 +9,7 @@ Needs root and iproute2; skipped elsewhere.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -17,16 +18,11 @@ import pytest
 import torch
 
 from patchsvdd import federated as fed
-from patchsvdd.harness import (
-    Processes, SiteLink, can_make_namespaces, envoys_accepted, log_contains, project_root, wait_for,
-    write_director_config, write_envoy_config,
-)
+from patchsvdd.harness import Processes, SiteLink, can_make_namespaces, log_contains, start_split_federation, wait_for
 from patchsvdd.model import PatchSVDD
-from patchsvdd.net import free_port, listens
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not can_make_namespaces(), reason="needs root and ip netns (iproute2)")]
-ROOT = project_root()
 SETTINGS = fed.ExperimentSettings(rounds=2, repeat=200, max_steps=60, batch_size=8, emb_dim=8, round_search="fast",
                                   final_search="fast", idle_timeout=600)
 
@@ -34,23 +30,11 @@ SETTINGS = fed.ExperimentSettings(rounds=2, repeat=200, max_steps=60, batch_size
 @pytest.fixture(scope="module")
 def split_federation(fed_data: Path, tmp_path_factory: pytest.TempPathFactory):
     """Director and envoy_1 here, envoy_2 behind the link; everyone reaches the director at the link's address."""
-    run = tmp_path_factory.mktemp("link")
-    with SiteLink("psvddcut", index=7) as link, Processes() as processes:
-        port = free_port()
-        config = write_director_config(ROOT, run / "director" / "director_config.yaml", port, host=link.host_address)
-        director = processes.start("director", [str(ROOT / "director_folder" / "start_director.sh"), str(config)],
-                                   run / "logs" / "director.log", env={"PATCHSVDD_WORKDIR": str(run / "director")})
-        wait_for(lambda: listens(link.host_address, port, timeout=1.0), 60, "the director to listen", [director])
-        envoys = []
-        for rank, name in enumerate(["envoy_1", "envoy_2"], start=1):
-            shard = write_envoy_config(ROOT, run / "envoys" / f"{name}.yaml", fed_data, "fabric", rank, 2)
-            command = [str(ROOT / "envoy_folder" / "start_envoy.sh"), name, str(shard), link.host_address, str(port)]
-            envoys.append(processes.start(name, link.command(command) if name == "envoy_2" else command,
-                                          run / "logs" / f"{name}.log",
-                                          env={"PATCHSVDD_WORKDIR": str(run / "envoys" / name), "OMP_NUM_THREADS": "1"}))
-        wait_for(envoys_accepted(link.host_address, port, ["envoy_1", "envoy_2"], {"tls": False}), 120,
-                 "both envoys online", [director, *envoys], poll=1.0)
-        yield link, port, director
+    # a name and subnet of this run's own: two runs on one machine must not take down each other's link
+    with SiteLink(f"psc{os.getpid() % 100000}", index=10 + os.getpid() % 240) as link, Processes() as processes:
+        nodes = start_split_federation(tmp_path_factory.mktemp("link"), fed_data, "fabric", link, processes)
+        director = next(node for node in processes.nodes if node.name == "director")
+        yield link, nodes.port, director
 
 
 def cut_during_round_0(link: SiteLink, director_log: Path, seconds: float, done: list[float]) -> threading.Thread:
