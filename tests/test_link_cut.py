@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ import torch
 from patchsvdd import federated as fed
 from patchsvdd.harness import Processes, SiteLink, can_make_namespaces, log_contains, start_split_federation, wait_for
 from patchsvdd.model import PatchSVDD
+from patchsvdd.net import free_port
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not can_make_namespaces(), reason="needs root and ip netns (iproute2)")]
@@ -35,6 +37,11 @@ def split_federation(fed_data: Path, tmp_path_factory: pytest.TempPathFactory):
         nodes = start_split_federation(tmp_path_factory.mktemp("link"), fed_data, "fabric", link, processes)
         director = next(node for node in processes.nodes if node.name == "director")
         yield link, nodes.port, director
+
+
+def own_port(settings: fed.ExperimentSettings) -> fed.ExperimentSettings:
+    """``settings`` with an aggregator port of this run's own (the default 50051 may be another run's)."""
+    return replace(settings, aggregator_port=free_port())
 
 
 def cut_during_round_0(link: SiteLink, director_log: Path, seconds: float, done: list[float]) -> threading.Thread:
@@ -58,7 +65,7 @@ def test_a_30_s_link_cut_mid_round_is_waited_for_and_the_experiment_finishes(spl
     link, port, director = split_federation
     client = fed.connect(link.host_address, port)
     torch.manual_seed(0)
-    experiment = fed.start_experiment(client, PatchSVDD(emb_dim=8), SETTINGS, "cut-30", tmp_path / "nb")
+    experiment = fed.start_experiment(client, PatchSVDD(emb_dim=8), own_port(SETTINGS), "cut-30", tmp_path / "nb")
     said: list[str] = []
     restored: list[float] = []
     cutter = cut_during_round_0(link, director.log, 30, restored)
@@ -77,7 +84,7 @@ def test_a_cut_longer_than_the_grace_gives_up_with_the_offline_sentence(split_fe
     link, port, director = split_federation
     client = fed.connect(link.host_address, port)
     wait_for(lambda: fed.online_envoys(client) == {"envoy_1", "envoy_2"}, 60, "both envoys online again")
-    experiment = fed.start_experiment(client, PatchSVDD(emb_dim=8), SETTINGS, "cut-long", tmp_path / "nb")
+    experiment = fed.start_experiment(client, PatchSVDD(emb_dim=8), own_port(SETTINGS), "cut-long", tmp_path / "nb")
     restored: list[float] = []
     cutter = cut_during_round_0(link, director.log, 45, restored)
     with pytest.raises(fed.FederationError, match="envoy envoy_2 went offline during the experiment for more than 10 s"):
