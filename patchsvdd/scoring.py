@@ -142,13 +142,13 @@ def _pruned_candidates(queries: torch.Tensor, bank: torch.Tensor, k: int, query_
     cluster_of = torch.empty(rows, dtype=torch.long)
     for c, ids in enumerate(members):
         cluster_of[torch.from_numpy(ids)] = c
-    member_distance = (bank.double() - centres.double()[cluster_of]).norm(dim=1)
+    bank64 = bank.double()
+    member_distance = (bank64 - centres.double()[cluster_of]).norm(dim=1)
     radius = torch.zeros(n_clusters, dtype=torch.float64).scatter_reduce(0, cluster_of, member_distance, "amax")
     radius = (radius * (1 + 1e-6) + 1e-12).float()  # float64 norms of float32 data, rounded up
     sizes_t = torch.from_numpy(sizes).float()
     centre_sq = centres.pow(2).sum(1)
     centre_norm = centre_sq.sqrt()
-    bank64 = bank.double()
     found = torch.empty(queries.shape[0], k, dtype=torch.long)
     scanned = 0.0
     seconds["clusters"] = time.perf_counter() - start
