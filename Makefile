@@ -26,14 +26,14 @@ $(STAMP): requirements.txt pyproject.toml
 install: $(STAMP) data
 
 data: $(STAMP)
-	$(PY) -m patchsvdd.demo --data-only
+	$(PY) -m patchsvdd.cli.demo --data-only
 
 demo: install
-	$(PY) -m patchsvdd.demo
+	$(PY) -m patchsvdd.cli.demo
 
 # the budget at which the model clearly beats the untrained encoder (settings.LEARN_BUDGET)
 demo-learn: install
-	$(PY) -m patchsvdd.demo --learn
+	$(PY) -m patchsvdd.cli.demo --learn
 
 test: install
 	$(PY) -m pytest

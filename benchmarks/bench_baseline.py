@@ -14,7 +14,7 @@ bundle exported from the model, on the test images, after one warm-up image).
 Rows: Patch SVDD with the CPU recipe (``RECIPES['cpu']``, batch 64), Patch SVDD
 with the authors' released encoder where ``../shared/official`` has it (no
 training), and the autoencoder (``RECIPES['autoencoder']``, batch 16). The
-federated autoencoder row comes from the demo (``python -m patchsvdd.demo
+federated autoencoder row comes from the demo (``python -m patchsvdd.cli.demo
 --model autoencoder``), whose figures docs/benchmarks.md quotes beside these.
 
 Writes ``baseline.json`` into ``--out`` and prints a Markdown table.
@@ -31,14 +31,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from patchsvdd.autoencoder import is_grayscale
-from patchsvdd.data import CategoryData, index_category, load_category
-from patchsvdd.evaluate import evaluate_category
-from patchsvdd.fit import model_inputs, train_one_epoch
-from patchsvdd.inspector import export_bundle
-from patchsvdd.models import build_model
+from patchsvdd.models.autoencoder.network import is_grayscale
+from patchsvdd.data.mvtec import CategoryData, index_category, load_category
+from patchsvdd.evaluation.evaluate import evaluate_category
+from patchsvdd.training.fit import model_inputs, train_one_epoch
+from patchsvdd.deploy.inspector import export_bundle
+from patchsvdd.models.registry import build_model
 from patchsvdd.settings import RECIPES
-from patchsvdd.train import make_optimizer
+from patchsvdd.models.patchsvdd.training import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 OFFICIAL = REPO.parent / "shared" / "official"
@@ -99,7 +99,7 @@ def run_dataset(name: str, data: CategoryData, budget_s: float, search: str, rel
         rows.append({"data": name, "model": label, **trained, **score(model, data, search)})
         print(f"  {rows[-1]}", flush=True)
     if released is not None:
-        from patchsvdd.released import import_released
+        from patchsvdd.models.patchsvdd.released import import_released
 
         model, _ = import_released(name, released)
         rows.append({"data": name, "model": "Patch SVDD, released encoder", "steps": 0, "train_s": 0.0,
@@ -126,7 +126,7 @@ def main() -> None:
                             released if released.is_file() else None)
     else:
         print(f"{args.data_root / args.category}: not found, real data skipped")
-    from patchsvdd.demo import ensure_demo_data
+    from patchsvdd.cli.demo import ensure_demo_data
 
     demo_root = ensure_demo_data(REPO / "data" / "demo", "washer")
     rows += run_dataset("washer", load_category(index_category(demo_root, "washer")), 60 * args.demo_budget_minutes,

@@ -68,13 +68,13 @@ def main() -> None:
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from patchsvdd.checkpoint import load_checkpoint
-    from patchsvdd.data import index_category, load_category
-    from patchsvdd.evaluate import evaluate_category
-    from patchsvdd.metrics import auroc_standard_error
-    from patchsvdd.models import build_model
+    from patchsvdd.training.checkpoint import load_checkpoint
+    from patchsvdd.data.mvtec import index_category, load_category
+    from patchsvdd.evaluation.evaluate import evaluate_category
+    from patchsvdd.evaluation.metrics import auroc_standard_error
+    from patchsvdd.models.registry import build_model
     from patchsvdd.settings import DEMO_SETTINGS
-    from patchsvdd.synth import generate_category
+    from patchsvdd.data.synth import generate_category
 
     torch.manual_seed(DEMO_SETTINGS.seed)
     models = {"untrained": build_model(DEMO_SETTINGS.model, emb_dim=DEMO_SETTINGS.emb_dim, init=DEMO_SETTINGS.init).eval()}

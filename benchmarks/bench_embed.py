@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from patchsvdd.model import PatchSVDD
+from patchsvdd.models.patchsvdd.network import PatchSVDD
 
 
 def patch_by_patch(model: PatchSVDD, image: torch.Tensor, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:

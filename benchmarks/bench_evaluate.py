@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from patchsvdd import scoring
-from patchsvdd.checkpoint import load_checkpoint
-from patchsvdd.data import index_category, load_category
-from patchsvdd.evaluate import evaluate_category
-from patchsvdd.model import PatchSVDD
+from patchsvdd.models.patchsvdd import scoring
+from patchsvdd.training.checkpoint import load_checkpoint
+from patchsvdd.data.mvtec import index_category, load_category
+from patchsvdd.evaluation.evaluate import evaluate_category
+from patchsvdd.models.patchsvdd.network import PatchSVDD
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from patchsvdd import scoring
+from patchsvdd.models.patchsvdd import scoring
 from patchsvdd.device import cpu_flags
 
 PATCHES_PER_IMAGE = 57 * 57  # K=32, stride 4, 256 px

@@ -3,7 +3,7 @@
     python benchmarks/bench_learning.py [--data-root ../shared/mvtec] [--category bottle]
         [--budget-minutes 30] [--points 3] [--bank-every 4] [--out runs/bench_learning]
 
-The recipes are ``patchsvdd.train.RECIPES``: "paper" (PyTorch's initialisation,
+The recipes are ``patchsvdd.models.patchsvdd.training.RECIPES``: "paper" (PyTorch's initialisation,
 Adam lr 1e-4 constant, fp32: the published settings and the authors' code) and
 "cpu" (the project's defaults: He initialisation, lr 1e-3 after 100 warm-up
 steps with a cosine decay to 1e-4, bf16 autocast where the CPU has it).
@@ -32,11 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from patchsvdd.data import CategoryData, index_category, load_category, standardise
-from patchsvdd.evaluate import evaluate_category
-from patchsvdd.model import PatchSVDD, initialise
+from patchsvdd.data.mvtec import CategoryData, index_category, load_category, standardise
+from patchsvdd.evaluation.evaluate import evaluate_category
+from patchsvdd.models.patchsvdd.network import PatchSVDD, initialise
 from patchsvdd.settings import RECIPES, TrainSettings
-from patchsvdd.train import CollapseError, make_optimizer, train_epoch
+from patchsvdd.models.patchsvdd.training import CollapseError, make_optimizer, train_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 LN8 = math.log(8)

@@ -31,13 +31,13 @@ import numpy as np
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from patchsvdd.bundle import bundle_bytes
-from patchsvdd.checkpoint import load_checkpoint
-from patchsvdd.data import index_category, load_category
-from patchsvdd.harness import Processes, wait_for
-from patchsvdd.net import free_port
-from patchsvdd.inspector import export_bundle
-from patchsvdd.released import import_released
+from patchsvdd.deploy.bundle import bundle_bytes
+from patchsvdd.training.checkpoint import load_checkpoint
+from patchsvdd.data.mvtec import index_category, load_category
+from patchsvdd.system.harness import Processes, wait_for
+from patchsvdd.system.probes import free_port
+from patchsvdd.deploy.inspector import export_bundle
+from patchsvdd.models.patchsvdd.released import import_released
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,7 +127,7 @@ def main() -> None:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         with Processes() as processes:
-            node = processes.start("serve", [sys.executable, "-m", "patchsvdd.cli", "serve", str(folder),
+            node = processes.start("serve", [sys.executable, "-m", "patchsvdd.cli.main", "serve", str(folder),
                                              "--port", str(port)], folder.parent / f"serve_{fraction:g}.log")
             start = time.perf_counter()
             wait_for(lambda: up(url), 600, "the service to answer /health", [node])

@@ -6,7 +6,7 @@
 64x64 patches, the K=32 encoder on 4B 32x32 patches), NCHW, as the project
 trained before. "fused fp32": one pass of the K=32 encoder over the quadrants
 of every K=64 patch and every K=32 patch, channels-last, in chunks
-(``patchsvdd.train.batch_embeddings``). "fused bf16": the same under bfloat16
+(``patchsvdd.models.patchsvdd.training.batch_embeddings``). "fused bf16": the same under bfloat16
 autocast (on a GPU, or a CPU with AVX-512 BF16/AMX). Every variant runs
 forward, backward and an Adam step on the same pre-drawn batches, timed in
 turns, so the machine's noise hits all alike. Prints what precision 'auto'
@@ -15,7 +15,7 @@ chooses here and why, the CPU's flags, seconds per step, the speed-up over
 
 "authors'" (with ``--authors PATH``, a checkout of the authors' repository
 nuclearboy95/Anomaly-Detection-PatchSVDD-PyTorch at the commit of
-``patchsvdd.released.SOURCE_COMMIT``): their ``EncoderHier`` and
+``patchsvdd.models.patchsvdd.released.SOURCE_COMMIT``): their ``EncoderHier`` and
 ``PositionClassifier`` with their own loss functions (``PositionClassifier.infer``,
 ``SVDD_Dataset.infer``: four encoder calls a step, NCHW, fp32), on the same
 patches, so only the networks' step is timed, not their data loader. Its losses
@@ -35,12 +35,12 @@ from pathlib import Path
 
 import torch
 
-from patchsvdd.data import index_category, load_category, standardise
+from patchsvdd.data.mvtec import index_category, load_category, standardise
 from patchsvdd.device import NATIVE_BF16_FLAGS, bf16_support, cpu_flags, resolve_device
-from patchsvdd.loop import as_generator
-from patchsvdd.model import PatchSVDD, initialise
-from patchsvdd.synth import generate_category
-from patchsvdd.train import (
+from patchsvdd.training.loop import as_generator
+from patchsvdd.models.patchsvdd.network import PatchSVDD, initialise
+from patchsvdd.data.synth import generate_category
+from patchsvdd.models.patchsvdd.training import (
     LOSS_NAMES, PATCH_SIZES, TrainingBatch, batch_embeddings, batch_losses, make_optimizer, position_loss, sample_batch,
     svdd_loss,
 )

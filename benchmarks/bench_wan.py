@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from patchsvdd import federated as fed
-from patchsvdd.harness import Processes, SiteLink, start_split_federation
-from patchsvdd.model import PatchSVDD, count_parameters
-from patchsvdd.net import free_port
-from patchsvdd.synth import generate_category
+from patchsvdd.system.harness import Processes, SiteLink, start_split_federation
+from patchsvdd.models.patchsvdd.network import PatchSVDD, count_parameters
+from patchsvdd.system.probes import free_port
+from patchsvdd.data.synth import generate_category
 
 SLOW = "tbf rate 10mbit burst 32kbit latency 400ms"
 SETTINGS = fed.ExperimentSettings(rounds=3, repeat=1, max_steps=2, batch_size=4, round_search="fast",

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 from openfl.interface.interactive_api.shard_descriptor import ShardDataset, ShardDescriptor
 
-from patchsvdd.configs import resolve_data_folder
-from patchsvdd.data import (
+from patchsvdd.system.configs import resolve_data_folder
+from patchsvdd.data.mvtec import (
     BUNDLE_FOLDER_LABEL, DEFECT_TYPES_LABEL, CategoryData, index_category, load_category, parse_rank_worldsize,
 )
 

@@ -28,10 +28,10 @@ tls=(--disable-tls)
 if [ -n "${5:-}" ]; then
   certs="$(realpath -m "$5")"
   patchsvdd_check_certs "$certs" "$name"
-  "$(patchsvdd_python)" -m patchsvdd.tls check "$host" "$port" "$certs/root_ca.crt" "$certs/$name.crt" "$certs/$name.key" || exit 2
+  "$(patchsvdd_python)" -m patchsvdd.system.tls check "$host" "$port" "$certs/root_ca.crt" "$certs/$name.crt" "$certs/$name.key" || exit 2
   tls=(-rc "$certs/root_ca.crt" -pk "$certs/$name.key" -oc "$certs/$name.crt")
 else
-  "$(patchsvdd_python)" -m patchsvdd.tls reach "$host" "$port" || exit 2
+  "$(patchsvdd_python)" -m patchsvdd.system.tls reach "$host" "$port" || exit 2
 fi
 export PATCHSVDD_ENVOY_CONFIG_DIR="$(dirname "$config")"
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"

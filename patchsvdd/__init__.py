@@ -1,6 +1,6 @@
 """Patch SVDD anomaly detection for MVTec-layout data, trained locally or federated with OpenFL.
 
-Torch-free parts (``patchsvdd.data``, ``patchsvdd.synth``) import without torch, so
+Torch-free parts (``patchsvdd.data.mvtec``, ``patchsvdd.data.synth``) import without torch, so
 envoy-side data access stays light; the torch parts load on first use.
 """
 
@@ -12,23 +12,23 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "PatchSVDD": "patchsvdd.model",
-    "save_checkpoint": "patchsvdd.checkpoint",
-    "load_checkpoint": "patchsvdd.checkpoint",
-    "train_epoch": "patchsvdd.train",
-    "make_optimizer": "patchsvdd.train",
+    "PatchSVDD": "patchsvdd.models.patchsvdd.network",
+    "save_checkpoint": "patchsvdd.training.checkpoint",
+    "load_checkpoint": "patchsvdd.training.checkpoint",
+    "train_epoch": "patchsvdd.models.patchsvdd.training",
+    "make_optimizer": "patchsvdd.models.patchsvdd.training",
     "TrainSettings": "patchsvdd.settings",
     "ExperimentSettings": "patchsvdd.settings",
-    "evaluate_category": "patchsvdd.evaluate",
+    "evaluate_category": "patchsvdd.evaluation.evaluate",
     "resolve_device": "patchsvdd.device",
-    "import_released": "patchsvdd.released",
+    "import_released": "patchsvdd.models.patchsvdd.released",
     "RECIPES": "patchsvdd.settings",
-    "index_category": "patchsvdd.data",
-    "load_category": "patchsvdd.data",
-    "MVTecDataError": "patchsvdd.data",
-    "load_bundle": "patchsvdd.inspector",
-    "Inspector": "patchsvdd.inspector",
-    "export_bundle": "patchsvdd.inspector",
+    "index_category": "patchsvdd.data.mvtec",
+    "load_category": "patchsvdd.data.mvtec",
+    "MVTecDataError": "patchsvdd.data.mvtec",
+    "load_bundle": "patchsvdd.deploy.inspector",
+    "Inspector": "patchsvdd.deploy.inspector",
+    "export_bundle": "patchsvdd.deploy.inspector",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

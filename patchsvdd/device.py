@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
+from patchsvdd.errors import InputError
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:

@@ -15,7 +15,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from .errors import InputError
+from patchsvdd.errors import InputError
 
 MODELS = ("patchsvdd", "autoencoder")  # see models.py
 # each model's criterion on held-out good images, which chooses the best model without any anomaly (lower is better)

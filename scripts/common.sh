@@ -18,7 +18,7 @@ patchsvdd_python() { echo "$PATCHSVDD_PY"; }
 
 # Stop with one clear line when a YAML config is missing or malformed (ROLE: director or envoy).
 patchsvdd_check_config() {
-  "$(patchsvdd_python)" -m patchsvdd.configs "$1" "$2" || exit 2
+  "$(patchsvdd_python)" -m patchsvdd.system.configs "$1" "$2" || exit 2
 }
 
 # Working folder: $PATCHSVDD_WORKDIR if set, else the given default; created, absolute.
@@ -66,7 +66,7 @@ patchsvdd_run_envoy() {
   trap 'rm -f "$PATCHSVDD_ENVOY_OUTPUT"' EXIT
   local out="$PATCHSVDD_ENVOY_OUTPUT"
   set +e
-  "$(patchsvdd_python)" -m patchsvdd.supervise --director "$host:$port" \
+  "$(patchsvdd_python)" -m patchsvdd.system.supervise --director "$host:$port" \
     --director-timeout "${PATCHSVDD_DIRECTOR_TIMEOUT:-600}" -- \
     "$(patchsvdd_python)" -m patchsvdd.federated.fx envoy start -n "$name" -dh "$host" -dp "$port" "$@" 2>&1 | tee "$out"
   status=${PIPESTATUS[0]}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from patchsvdd.synth import generate_category
+from patchsvdd.data.synth import generate_category
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MVTEC = Path(os.environ.get("PATCHSVDD_SHARED_MVTEC", REPO.parent / "shared" / "mvtec"))

@@ -31,7 +31,7 @@ from openfl.interface.interactive_api.experiment import DataInterface, FLExperim
 from openfl.interface.interactive_api.federation import Federation
 
 from patchsvdd.federated import client, tasks
-from patchsvdd.model import PatchSVDD
+from patchsvdd.models.patchsvdd.network import PatchSVDD
 from patchsvdd.settings import ExperimentSettings
 
 ATTACK, MARKER, HOST, PORT, NAME = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]

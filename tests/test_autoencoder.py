@@ -10,20 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from patchsvdd import autoencoder as ae
-from patchsvdd.autoencoder_training import heldout_reconstruction, train_autoencoder_epoch
-from patchsvdd.loop import EpochPlan
-from patchsvdd.bundle import BundleError, read_bundle
-from patchsvdd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from patchsvdd.cli import main
-from patchsvdd.data import index_category, load_category
-from patchsvdd.evaluate import evaluate_category
-from patchsvdd.inspector import export_bundle, load_bundle
-from patchsvdd.metrics import aupro_keys, metric_keys
-from patchsvdd.model import PatchSVDD
-from patchsvdd.models import build_model, describe, kind_of
+from patchsvdd.models.autoencoder import network as ae
+from patchsvdd.models.autoencoder.training import heldout_reconstruction, train_autoencoder_epoch
+from patchsvdd.training.loop import EpochPlan
+from patchsvdd.deploy.bundle import BundleError, read_bundle
+from patchsvdd.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from patchsvdd.cli.main import main
+from patchsvdd.data.mvtec import index_category, load_category
+from patchsvdd.evaluation.evaluate import evaluate_category
+from patchsvdd.deploy.inspector import export_bundle, load_bundle
+from patchsvdd.evaluation.metrics import aupro_keys, metric_keys
+from patchsvdd.models.patchsvdd.network import PatchSVDD
+from patchsvdd.models.registry import build_model, describe, kind_of
 from patchsvdd.settings import ExperimentSettings, SettingsError
-from patchsvdd.train import make_optimizer
+from patchsvdd.models.patchsvdd.training import make_optimizer
 
 
 @pytest.fixture(scope="module")

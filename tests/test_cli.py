@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from patchsvdd.cli import main
-from patchsvdd.metrics import AUPRO_KEYS, METRIC_KEYS
+from patchsvdd.cli.main import main
+from patchsvdd.evaluation.metrics import AUPRO_KEYS, METRIC_KEYS
 
 
 def _train_tiny(root: Path, category: str, out: Path) -> None:
@@ -129,7 +129,7 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Capt
 
 
 def test_synth_defaults_are_the_demos_data() -> None:
-    from patchsvdd.cli import build_parser
+    from patchsvdd.cli.main import build_parser
     from patchsvdd.settings import DEMO_DATA
 
     args = build_parser().parse_args(["synth", "--out", "x", "--category", "washer"])
@@ -146,12 +146,12 @@ def _exit_code(argv: list[str]) -> int:
 
 def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Only a user's mistake (InputError) becomes one line; any other error is a bug and propagates."""
-    from patchsvdd import commands
+    from patchsvdd.cli import make_commands
 
     def broken(args):
         raise ValueError("an internal bug")
 
-    monkeypatch.setattr(commands, "cmd_synth", broken)
+    monkeypatch.setattr(make_commands, "cmd_synth", broken)
     with pytest.raises(ValueError, match="an internal bug"):
         main(["synth", "--out", str(tmp_path / "s")])
 
@@ -165,7 +165,7 @@ def test_help_shows_defaults_and_no_markup(capsys: pytest.CaptureFixture[str]) -
 
 
 def test_train_recipes(tiny_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from patchsvdd.checkpoint import load_checkpoint
+    from patchsvdd.training.checkpoint import load_checkpoint
 
     ckpt = tmp_path / "paper.pt"
     assert main(["train", "--data-root", str(tiny_root), "--category", "mesh", "--epochs", "1", "--max-steps", "2",

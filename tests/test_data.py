@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from patchsvdd.data import (
+from patchsvdd.data.mvtec import (
     MVTecDataError,
     index_category,
     load_category,
@@ -16,7 +16,7 @@ from patchsvdd.data import (
     standardise,
     training_mean,
 )
-from patchsvdd.images import read_mask
+from patchsvdd.data.images import read_mask
 
 
 def test_index_lists_everything_and_pairs_masks(tiny_root: Path) -> None:
@@ -101,7 +101,7 @@ def test_truncated_png_fails_on_decode_with_its_path(writable_category: Path) ->
 def test_a_relative_data_folder_is_named_absolutely(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Beside the config under the start script; the current folder under a plain ``fx envoy start``:
     either way the error names the folder really read."""
-    from patchsvdd.configs import ENVOY_CONFIG_DIR_VAR, resolve_data_folder
+    from patchsvdd.system.configs import ENVOY_CONFIG_DIR_VAR, resolve_data_folder
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(ENVOY_CONFIG_DIR_VAR, str(tmp_path / "configs"))

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from patchsvdd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from patchsvdd.demo import budget_note, build_parser, demo_settings, initial_checkpoint
+from patchsvdd.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from patchsvdd.cli.demo import budget_note, build_parser, demo_settings, initial_checkpoint
 from patchsvdd.settings import DEMO_SETTINGS, FINETUNE, LEARN_BUDGET
-from patchsvdd.model import PatchSVDD
-from patchsvdd.released import SHA256, ReleasedWeightsError
+from patchsvdd.models.patchsvdd.network import PatchSVDD
+from patchsvdd.models.patchsvdd.released import SHA256, ReleasedWeightsError
 
 OFFICIAL = Path(os.environ.get("PATCHSVDD_SHARED_OFFICIAL", Path(__file__).resolve().parents[2] / "shared" / "official"))
 
@@ -80,7 +80,7 @@ def test_learn_runs_the_budget_that_learns_and_fine_tuning_its_own(monkeypatch: 
 
 
 def test_harness_finds_the_project_or_says_how(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from patchsvdd import harness
+    from patchsvdd.system import harness
 
     root = Path(__file__).resolve().parents[1]
     monkeypatch.delenv("PATCHSVDD_ROOT", raising=False)
@@ -107,7 +107,7 @@ def test_a_non_editable_install_runs_the_demo_parts_from_a_checkout(tmp_path: Pa
         shutil.copy(root / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(source)], check=True, timeout=300, cwd=tmp_path)
-    probe = ("import patchsvdd, patchsvdd.demo as d, patchsvdd.harness as h; "
+    probe = ("import patchsvdd, patchsvdd.cli.demo as d, patchsvdd.system.harness as h; "
              "print(patchsvdd.__file__); print(h.project_root()); print(d.demo_settings(d.build_parser().parse_args([])).rounds)")
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target)}
     inside = subprocess.run([sys.executable, "-c", probe], cwd=root / "envoy_folder", env=env, capture_output=True,
@@ -115,7 +115,7 @@ def test_a_non_editable_install_runs_the_demo_parts_from_a_checkout(tmp_path: Pa
     assert inside.returncode == 0, inside.stderr
     package, found, rounds = inside.stdout.split()
     assert package.startswith(str(target)) and Path(found) == root and int(rounds) == 2
-    outside = subprocess.run([sys.executable, "-m", "patchsvdd.demo"], cwd=tmp_path, env=env, capture_output=True,
+    outside = subprocess.run([sys.executable, "-m", "patchsvdd.cli.demo"], cwd=tmp_path, env=env, capture_output=True,
                              text=True, timeout=120)
     assert outside.returncode == 2 and "set PATCHSVDD_ROOT" in outside.stderr and "Traceback" not in outside.stderr
 
@@ -128,7 +128,7 @@ def test_empty_or_bad_environment_numbers(monkeypatch: pytest.MonkeyPatch, capsy
     with pytest.raises(SystemExit, match="ROUNDS='five': expected a whole number"):
         build_parser()
     monkeypatch.setenv("ROUNDS", "0")
-    from patchsvdd.demo import main
+    from patchsvdd.cli.demo import main
 
     with pytest.raises(SystemExit) as stopped:  # before any folder, data or process
         main(["--runs-dir", str(tmp_path / "runs")])
@@ -141,9 +141,9 @@ def test_demo_data_are_made_again_when_their_version_or_sizes_change(monkeypatch
                                                                       tmp_path: Path) -> None:
     import json
 
-    import patchsvdd.demo as demo
+    import patchsvdd.cli.demo as demo
     from patchsvdd.settings import DEMO_DATA
-    from patchsvdd.synth import MARKER, SYNTH_VERSION, generated_with
+    from patchsvdd.data.synth import MARKER, SYNTH_VERSION, generated_with
 
     assert DEMO_DATA["n_test_good"] // 2 >= 20 and DEMO_DATA["n_test_per_defect"] * 4 // 2 >= 40  # per envoy
     small = {"seed": 0, "n_train": 2, "n_test_good": 1, "n_test_per_defect": 1, "image_size": 256}

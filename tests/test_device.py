@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from patchsvdd import device as dev
-from patchsvdd.loop import resolve_precision
+from patchsvdd.training.loop import resolve_precision
 
 CPU = torch.device("cpu")
 # abridged /proc/cpuinfo of two x86 CPUs with AVX-512: with native bf16 (Sapphire Rapids) and without (Cascade Lake)

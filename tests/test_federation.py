@@ -19,21 +19,21 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from patchsvdd import federated as fed
-from patchsvdd import report
-from patchsvdd.autoencoder import ConvAutoencoder
-from patchsvdd.bundle import read_bundle
-from patchsvdd.checkpoint import load_checkpoint, save_checkpoint
-from patchsvdd.data import index_category, load_category
-from patchsvdd.demo import NOTEBOOK, run_notebook
-from patchsvdd.evaluate import evaluate_category, image_scores
+from patchsvdd.evaluation import report
+from patchsvdd.models.autoencoder.network import ConvAutoencoder
+from patchsvdd.deploy.bundle import read_bundle
+from patchsvdd.training.checkpoint import load_checkpoint, save_checkpoint
+from patchsvdd.data.mvtec import index_category, load_category
+from patchsvdd.cli.demo import NOTEBOOK, run_notebook
+from patchsvdd.evaluation.evaluate import evaluate_category, image_scores
 from patchsvdd.federated.rounds import ROUND_TAG, round_of
-from patchsvdd.harness import Processes, log_contains, project_root, start_federation, wait_for
-from patchsvdd.metrics import split_defects
-from patchsvdd.model import PatchSVDD
-from patchsvdd.net import free_port
-from patchsvdd.pooling import split_sketches
+from patchsvdd.system.harness import Processes, log_contains, project_root, start_federation, wait_for
+from patchsvdd.evaluation.metrics import split_defects
+from patchsvdd.models.patchsvdd.network import PatchSVDD
+from patchsvdd.system.probes import free_port
+from patchsvdd.evaluation.pooling import split_sketches
 from patchsvdd.settings import SettingsError
-from patchsvdd.train import make_optimizer
+from patchsvdd.models.patchsvdd.training import make_optimizer
 
 pytestmark = pytest.mark.slow
 
@@ -209,8 +209,8 @@ def test_autoencoder_trains_through_the_same_federation(federation, fed_data: Pa
 NOTEBOOK_THAT_DIES = """
 import sys, torch
 from patchsvdd import federated as fed
-from patchsvdd.autoencoder import ConvAutoencoder
-from patchsvdd.model import PatchSVDD
+from patchsvdd.models.autoencoder.network import ConvAutoencoder
+from patchsvdd.models.patchsvdd.network import PatchSVDD
 host, port, workdir, seen = sys.argv[1:]
 client = fed.connect(host, int(port))
 torch.manual_seed(0)

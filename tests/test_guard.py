@@ -23,7 +23,7 @@ from openfl.interface.interactive_api.experiment import FLExperiment, ModelInter
 
 from patchsvdd.federated import client, guard, tasks
 from patchsvdd.federated.guard import ExperimentRefused, SitePolicy
-from patchsvdd.models import build_model
+from patchsvdd.models.registry import build_model
 from patchsvdd.settings import ExperimentSettings, SettingsError, checked_settings
 
 POLICY = SitePolicy(director_host="localhost", tls=False)
@@ -172,13 +172,13 @@ def test_a_pickle_may_not_call_what_it_may_only_name() -> None:
     with pytest.raises(ExperimentRefused, match="calls export_task while it is loaded"):
         guard.restricted_loads(call, "its model")
     # a class's __init__ through the old INST opcode (protocol 0), and state set on a class object
-    inst = b"(ipatchsvdd.model\nPatchSVDD\n(dp0\nb."
+    inst = b"(ipatchsvdd.models.patchsvdd.network\nPatchSVDD\n(dp0\nb."
     with pytest.raises(ExperimentRefused, match="protocol 0/1"):
         guard.restricted_loads(inst, "its model")
-    from patchsvdd.model import PatchSVDD
+    from patchsvdd.models.patchsvdd.network import PatchSVDD
 
     forward = PatchSVDD.forward
-    build_on_class = b"\x80\x04cpatchsvdd.model\nPatchSVDD\nN}\x8c\x07forward\x8c\x01xs\x86b."  # setattr(cls, ...)
+    build_on_class = b"\x80\x04cpatchsvdd.models.patchsvdd.network\nPatchSVDD\nN}\x8c\x07forward\x8c\x01xs\x86b."  # setattr(cls, ...)
     with pytest.raises(ExperimentRefused, match="sets the state of a type"):
         guard.restricted_loads(build_on_class, "its model")
     assert PatchSVDD.forward is forward
@@ -333,7 +333,7 @@ def test_envoy_config_switches_are_read_only_when_true(tmp_path: Path) -> None:
 
 
 def test_shipped_shard_configs_never_trust_client_code() -> None:
-    from patchsvdd.harness import project_root
+    from patchsvdd.system.harness import project_root
 
     for config in (project_root() / "envoy_folder").glob("*.yaml"):
         content = yaml.safe_load(config.read_text())

@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from patchsvdd.bundle import BundleError, kcenter_per_position, memory_banks, read_bundle
-from patchsvdd.calibration import choose_threshold
-from patchsvdd.data import index_category, load_category, standardise
-from patchsvdd.evaluate import evaluate_category
-from patchsvdd.inspector import export_bundle, load_bundle, to_image
-from patchsvdd.model import PatchSVDD
+from patchsvdd.deploy.bundle import BundleError, kcenter_per_position, memory_banks, read_bundle
+from patchsvdd.deploy.calibration import choose_threshold
+from patchsvdd.data.mvtec import index_category, load_category, standardise
+from patchsvdd.evaluation.evaluate import evaluate_category
+from patchsvdd.deploy.inspector import export_bundle, load_bundle, to_image
+from patchsvdd.models.patchsvdd.network import PatchSVDD
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from patchsvdd import federated as fed
-from patchsvdd.harness import Processes, SiteLink, can_make_namespaces, log_contains, start_split_federation, wait_for
-from patchsvdd.model import PatchSVDD
-from patchsvdd.net import free_port
+from patchsvdd.system.harness import Processes, SiteLink, can_make_namespaces, log_contains, start_split_federation, wait_for
+from patchsvdd.models.patchsvdd.network import PatchSVDD
+from patchsvdd.system.probes import free_port
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not can_make_namespaces(), reason="needs root and ip netns (iproute2)")]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from patchsvdd.metrics import (
+from patchsvdd.evaluation.metrics import (
     AUPRO_KEYS, METRIC_KEYS, SingleClassWarning, aupro, auroc, auroc_standard_error, category_metrics,
     flatten_defects, per_defect, split_defects,
 )

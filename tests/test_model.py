@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from patchsvdd.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from patchsvdd.model import NormalizedLinear, PatchSVDD
+from patchsvdd.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from patchsvdd.models.patchsvdd.network import NormalizedLinear, PatchSVDD
 
 
 @pytest.fixture(scope="module")

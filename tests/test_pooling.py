@@ -9,8 +9,8 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from patchsvdd import report
-from patchsvdd.pooling import SKETCH_SIZE, pooled_aurocs, score_sketch, sketch_metrics, split_sketches
+from patchsvdd.evaluation import report
+from patchsvdd.evaluation.pooling import SKETCH_SIZE, pooled_aurocs, score_sketch, sketch_metrics, split_sketches
 
 
 def _site(rng: np.random.Generator, good: int, defective: int, shift: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

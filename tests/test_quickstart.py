@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from patchsvdd.demo import NOTEBOOK, ensure_demo_data, run_notebook
-from patchsvdd.harness import Processes, envoys_accepted, project_root, wait_for
-from patchsvdd.net import listens
+from patchsvdd.cli.demo import NOTEBOOK, ensure_demo_data, run_notebook
+from patchsvdd.system.harness import Processes, envoys_accepted, project_root, wait_for
+from patchsvdd.system.probes import listens
 
 pytestmark = pytest.mark.slow
 ENVOYS = {"env_one": "shard_config.yaml", "env_two": "shard_config_two.yaml"}

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from patchsvdd.cli import main
-from patchsvdd.data import index_category, load_category
-from patchsvdd.metrics import METRIC_KEYS
+from patchsvdd.cli.main import main
+from patchsvdd.data.mvtec import index_category, load_category
+from patchsvdd.evaluation.metrics import METRIC_KEYS
 
 pytestmark = pytest.mark.realdata
 

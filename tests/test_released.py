@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from patchsvdd.checkpoint import load_checkpoint
-from patchsvdd.cli import main
-from patchsvdd.model import PatchSVDD
-from patchsvdd.released import SHA256, ReleasedWeightsError, download, import_released, key_map, to_model
+from patchsvdd.training.checkpoint import load_checkpoint
+from patchsvdd.cli.main import main
+from patchsvdd.models.patchsvdd.network import PatchSVDD
+from patchsvdd.models.patchsvdd.released import SHA256, ReleasedWeightsError, download, import_released, key_map, to_model
 
 OFFICIAL = Path(os.environ.get("PATCHSVDD_SHARED_OFFICIAL", Path(__file__).resolve().parents[2] / "shared" / "official"))
 

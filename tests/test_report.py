@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from patchsvdd.report import markdown_table, untrained_vs_trained
+from patchsvdd.evaluation.report import markdown_table, untrained_vs_trained
 
 
 def _record(round_: int, origin: str, name: str, value: float, task: str = "aggregated_model_validate") -> dict:
@@ -28,7 +28,7 @@ def test_framework_log_goes_to_a_file(tmp_path) -> None:
     import logging
     import warnings
 
-    from patchsvdd.report import FRAMEWORK_LOGGERS, log_framework_to
+    from patchsvdd.evaluation.report import FRAMEWORK_LOGGERS, log_framework_to
 
     path = log_framework_to(tmp_path / "logs" / "framework.log")
     try:
@@ -51,9 +51,9 @@ def test_framework_log_goes_to_a_file(tmp_path) -> None:
 def test_demo_summary_gives_each_envoys_detection_noise(tmp_path) -> None:
     import json
 
-    from patchsvdd.demo import summarise
-    from patchsvdd.metrics import auroc_standard_error
-    from patchsvdd.report import test_set_sizes
+    from patchsvdd.cli.demo import summarise
+    from patchsvdd.evaluation.metrics import auroc_standard_error
+    from patchsvdd.evaluation.report import test_set_sizes
 
     per_defect = {"envoy_1": {"good": {"n": 20.0, "mean": 1.0}, "crack": {"n": 25.0, "auroc": 0.7},
                               "stain": {"n": 15.0, "auroc": 0.9}}}
@@ -75,7 +75,7 @@ def test_demo_summary_gives_each_envoys_detection_noise(tmp_path) -> None:
 def test_demo_summary_gives_the_time_of_each_phase(tmp_path) -> None:
     import json
 
-    from patchsvdd.demo import NOTEBOOK, phase_seconds, summarise
+    from patchsvdd.cli.demo import NOTEBOOK, phase_seconds, summarise
 
     def cell(source: str, seconds: float | None) -> dict:
         timing = {} if seconds is None else {"papermill": {"duration": seconds}}
@@ -83,7 +83,7 @@ def test_demo_summary_gives_the_time_of_each_phase(tmp_path) -> None:
 
     executed = {"cells": [cell("settings = 1", 2.0), cell("experiment = fed.start_experiment(a)", 300.5),
                           cell("evaluation = fed.start_evaluation(b)", 40.0), cell("x = fed.start_export(c)", 30.0),
-                          cell("viz.save_gallery(d)", 12.0), cell("print()", 1.5), cell("never ran", None),
+                          cell("plots.save_gallery(d)", 12.0), cell("print()", 1.5), cell("never ran", None),
                           {"cell_type": "markdown", "source": ["fed.start_experiment("], "metadata": {}}]}
     (tmp_path / NOTEBOOK.name).write_text(json.dumps(executed))
     assert phase_seconds(tmp_path / NOTEBOOK.name) == {"other": 3.5, "rounds": 300.5, "evaluation": 40.0,

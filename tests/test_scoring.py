@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from patchsvdd import scoring
-from patchsvdd.scoring import anomaly_maps, distribute_scores, exact_nearest, fast_nearest, flatten_grid, patch_scores
+from patchsvdd.models.patchsvdd import scoring
+from patchsvdd.models.patchsvdd.scoring import anomaly_maps, distribute_scores, exact_nearest, fast_nearest, flatten_grid, patch_scores
 
 
 def _clustered(n: int, dim: int, centres: int, seed: int) -> torch.Tensor:

@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from patchsvdd.data import index_category, load_category
-from patchsvdd.harness import Processes, wait_for
-from patchsvdd.net import free_port
-from patchsvdd.inspector import export_bundle, load_bundle
-from patchsvdd.model import PatchSVDD
+from patchsvdd.data.mvtec import index_category, load_category
+from patchsvdd.system.harness import Processes, wait_for
+from patchsvdd.system.probes import free_port
+from patchsvdd.deploy.inspector import export_bundle, load_bundle
+from patchsvdd.models.patchsvdd.network import PatchSVDD
 
 pytestmark = pytest.mark.slow
 MAX_BYTES = 400_000
@@ -46,7 +46,7 @@ def service(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with Processes() as processes:
-        node = processes.start("serve", [sys.executable, "-m", "patchsvdd.cli", "serve", str(folder / "bundle"),
+        node = processes.start("serve", [sys.executable, "-m", "patchsvdd.cli.main", "serve", str(folder / "bundle"),
                                          "--port", str(port), "--max-bytes", str(MAX_BYTES), "--workers", "2"],
                                folder / "serve.log")
         wait_for(lambda: _up(url), 120, "the service to answer /health", [node])

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from patchsvdd import federated as fed
-from patchsvdd.harness import Processes, log_contains, start_federation, wait_for
-from patchsvdd.model import PatchSVDD
+from patchsvdd.system.harness import Processes, log_contains, start_federation, wait_for
+from patchsvdd.models.patchsvdd.network import PatchSVDD
 
 pytestmark = pytest.mark.slow
 HOSTILE = Path(__file__).with_name("hostile_client.py")

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from patchsvdd.harness import wait_for
+from patchsvdd.system.harness import wait_for
 
 
 def _listener(port: int = 0) -> socket.socket:
@@ -21,7 +21,7 @@ def _listener(port: int = 0) -> socket.socket:
 def _supervise(port: int, child: list[str], log: Path, timeout: float = 3.0) -> subprocess.Popen:
     with open(log, "w") as handle:
         return subprocess.Popen(
-            [sys.executable, "-m", "patchsvdd.supervise", "--director", f"127.0.0.1:{port}", "--director-timeout",
+            [sys.executable, "-m", "patchsvdd.system.supervise", "--director", f"127.0.0.1:{port}", "--director-timeout",
              str(timeout), "--poll", "0.2", "--", *child],
             stdout=handle, stderr=subprocess.STDOUT,
         )

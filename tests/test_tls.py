@@ -10,12 +10,12 @@ import torch
 from cryptography import x509
 
 from patchsvdd import federated as fed
-from patchsvdd.certs import create_federation_certs, issued_by
-from patchsvdd.harness import Processes, project_root, start_federation, with_this_environment
+from patchsvdd.system.certs import create_federation_certs, issued_by
+from patchsvdd.system.harness import Processes, project_root, start_federation, with_this_environment
 
 REPO = project_root()
-from patchsvdd.model import PatchSVDD
-from patchsvdd.synth import generate_category
+from patchsvdd.models.patchsvdd.network import PatchSVDD
+from patchsvdd.data.synth import generate_category
 
 
 def test_certificates_name_each_node_and_chain_to_the_root(tmp_path: Path) -> None:
@@ -89,7 +89,7 @@ def test_envoy_from_another_authority_is_refused(tls_federation, tmp_path: Path,
 
 
 def test_unreachable_director_is_reported_at_once(tmp_path: Path) -> None:
-    from patchsvdd.net import free_port
+    from patchsvdd.system.probes import free_port
 
     with pytest.raises(fed.FederationError, match="cannot reach the director"):
         fed.connect("localhost", free_port(), tls=False)

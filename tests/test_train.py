@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from patchsvdd.device import bf16_support
-from patchsvdd.loop import as_generator, resolve_precision
-from patchsvdd.model import PatchSVDD, initialise
-from patchsvdd.sampling import crop_patches, sample_position_pairs, sample_svdd_pairs
-from patchsvdd.train import (
+from patchsvdd.training.loop import as_generator, resolve_precision
+from patchsvdd.models.patchsvdd.network import PatchSVDD, initialise
+from patchsvdd.models.patchsvdd.sampling import crop_patches, sample_position_pairs, sample_svdd_pairs
+from patchsvdd.models.patchsvdd.training import (
     CollapseError, batch_embeddings, batch_losses, heldout_losses, make_optimizer, sample_batch, svdd_loss, train_epoch,
 )
 from patchsvdd.settings import LRSchedule

@@ -7,15 +7,15 @@
 The notebook imports this package as ``fed`` and uses the names below.
 """
 
-from ..models import HELDOUT_METRICS
-from ..settings import ExperimentSettings
-from .client import (
+from patchsvdd.models.registry import HELDOUT_METRICS
+from patchsvdd.settings import ExperimentSettings
+from patchsvdd.federated.client import (
     EXPERIMENT_RECORD, DirectorFederation, FederationError, attach, connect, experiment_status, fetch_last_model,
     online_envoys, shard_bundle_folders, shard_defect_types, shard_table, start_evaluation, start_experiment,
     start_export, wait_for_envoys,
 )
-from .monitor import DirectorGoneError, MetricLog, RoundLines, SaveWhenImproved, Watchdog, follow_metrics
-from .tasks import (
+from patchsvdd.federated.monitor import DirectorGoneError, MetricLog, RoundLines, SaveWhenImproved, Watchdog, follow_metrics
+from patchsvdd.federated.tasks import (
     DEFECT_FUSION, EXPORT_METRICS, FINAL_METRICS, HELDOUT_METRIC, ROUND_METRICS, TRAIN_METRICS, MVTecDataInterface,
     SiteData, SiteError, export_task, final_metrics, round_metrics, train_task, validate_task,
 )

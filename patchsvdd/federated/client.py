@@ -18,13 +18,13 @@ from openfl.interface.interactive_api.experiment import FLExperiment, ModelInter
 from openfl.interface.interactive_api.federation import Federation
 from torch import nn
 
-from ..data import BUNDLE_FOLDER_LABEL, DEFECT_TYPES_LABEL, GOOD
-from ..models import kind_of
-from ..settings import ExperimentSettings, SettingsError
-from ..tls import TLSCheckError, check_mutual_tls, speaks_tls
-from ..train import make_optimizer
-from .rounds import tagged, untagged
-from .tasks import MVTecDataInterface, TrainThenValidate, evaluation_tasks, export_tasks, training_tasks
+from patchsvdd.data.mvtec import BUNDLE_FOLDER_LABEL, DEFECT_TYPES_LABEL, GOOD
+from patchsvdd.models.registry import kind_of
+from patchsvdd.settings import ExperimentSettings, SettingsError
+from patchsvdd.system.tls import TLSCheckError, check_mutual_tls, speaks_tls
+from patchsvdd.models.patchsvdd.training import make_optimizer
+from patchsvdd.federated.rounds import tagged, untagged
+from patchsvdd.federated.tasks import MVTecDataInterface, TrainThenValidate, evaluation_tasks, export_tasks, training_tasks
 
 FRAMEWORK_ADAPTER = "openfl.plugins.frameworks_adapters.pytorch_adapter.FrameworkAdapterPlugin"
 EXPERIMENT_RECORD = "patchsvdd_experiment.json"  # written in an experiment's working folder; read by attach()

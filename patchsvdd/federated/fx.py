@@ -88,7 +88,7 @@ def keep_site_failures() -> None:
 
 def _config_named(argv: list[str], *flags: str) -> dict:
     """The YAML config that one of ``flags`` names in ``argv`` (an empty mapping when none does)."""
-    from ..configs import read_yaml
+    from patchsvdd.system.configs import read_yaml
 
     for flag in flags:
         if flag in argv[:-1]:
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run OpenFL's ``fx`` command line with ``argv`` (default: this process's arguments), patched for its role."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["envoy"]:
-        from .guard import install_site_guard
+        from patchsvdd.federated.guard import install_site_guard
 
         install_site_guard(**envoy_allows(args))
     elif args[:1] == ["director"]:
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         keep_site_failures()
         review = director_reviews(args)
         if review["review"]:
-            from .guard import install_director_guard
+            from patchsvdd.federated.guard import install_director_guard
 
             install_director_guard(install_requirements=review["install_requirements"])
         else:

@@ -60,10 +60,10 @@ import torch
 import yaml
 from torch import nn
 
-from ..models import architecture, from_architecture, kind_of
-from ..settings import DEVICE_POLICIES, SEARCHES, SettingsError, checked_settings
-from .rounds import ROUND_TAG
-from .tasks import (
+from patchsvdd.models.registry import architecture, from_architecture, kind_of
+from patchsvdd.settings import DEVICE_POLICIES, SEARCHES, SettingsError, checked_settings
+from patchsvdd.federated.rounds import ROUND_TAG
+from patchsvdd.federated.tasks import (
     DEFECT_FUSION, MVTecDataInterface, ProjectTasks, TrainThenValidate, export_task, final_metrics, round_metrics,
     train_task, validate_task,
 )
@@ -154,8 +154,8 @@ CALLS: dict[tuple[str, str], Callable[..., Any] | None] = {
 }
 # Classes a pickle may make (NEWOBJ) and fill (BUILD), by module: this project's and OpenFL's interface classes.
 CLASSES = {
-    "patchsvdd.model": ("PatchSVDD", "SmallEncoder", "HierarchicalEncoder", "NormalizedLinear", "PositionClassifier"),
-    "patchsvdd.autoencoder": ("ConvAutoencoder",),
+    "patchsvdd.models.patchsvdd.network": ("PatchSVDD", "SmallEncoder", "HierarchicalEncoder", "NormalizedLinear", "PositionClassifier"),
+    "patchsvdd.models.autoencoder.network": ("ConvAutoencoder",),
     "patchsvdd.federated.tasks": ("MVTecDataInterface", "ProjectTasks", "TrainThenValidate"),
     "patchsvdd.settings": ("ExperimentSettings",),
     "openfl.interface.interactive_api.experiment": ("ModelInterface",),

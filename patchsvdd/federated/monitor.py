@@ -20,10 +20,10 @@ from typing import Any, Callable
 
 from openfl.interface.interactive_api.experiment import FLExperiment
 
-from ..net import still_listens_after
-from .client import FederationError, experiment_status, online_envoys
-from .rounds import round_of, untagged
-from .tasks import HELDOUT_METRIC
+from patchsvdd.system.probes import still_listens_after
+from patchsvdd.federated.client import FederationError, experiment_status, online_envoys
+from patchsvdd.federated.rounds import round_of, untagged
+from patchsvdd.federated.tasks import HELDOUT_METRIC
 
 
 class DirectorGoneError(FederationError):
@@ -306,7 +306,7 @@ class SaveWhenImproved:
             self._save()
 
     def _save(self) -> None:
-        from ..checkpoint import save_checkpoint
+        from patchsvdd.training.checkpoint import save_checkpoint
 
         round_number, score = self._pending
         self._pending = None

@@ -17,17 +17,17 @@ from typing import Any
 import numpy as np
 from openfl.interface.interactive_api.experiment import DataInterface, TaskInterface
 
-from ..autoencoder import ConvAutoencoder
-from ..autoencoder_training import heldout_reconstruction
-from ..data import CategoryData, holdout_split
-from ..evaluate import evaluate_category
-from ..fit import model_inputs, train_one_epoch
-from ..metrics import AUPRO_KEYS, METRIC_KEYS, aupro_keys, flatten_defects, metric_keys
-from ..models import FUSIONS, HELDOUT_METRICS, kind_of
-from ..pooling import sketch_metrics
-from ..settings import ExperimentSettings
-from ..train import heldout_losses
-from .rounds import set_round, untagged
+from patchsvdd.models.autoencoder.network import ConvAutoencoder
+from patchsvdd.models.autoencoder.training import heldout_reconstruction
+from patchsvdd.data.mvtec import CategoryData, holdout_split
+from patchsvdd.evaluation.evaluate import evaluate_category
+from patchsvdd.training.fit import model_inputs, train_one_epoch
+from patchsvdd.evaluation.metrics import AUPRO_KEYS, METRIC_KEYS, aupro_keys, flatten_defects, metric_keys
+from patchsvdd.models.registry import FUSIONS, HELDOUT_METRICS, kind_of
+from patchsvdd.evaluation.pooling import sketch_metrics
+from patchsvdd.settings import ExperimentSettings
+from patchsvdd.models.patchsvdd.training import heldout_losses
+from patchsvdd.federated.rounds import set_round, untagged
 
 HELDOUT_METRIC = HELDOUT_METRICS["patchsvdd"]  # the model-choice criterion: needs no anomaly, lower is better
 ROUND_METRICS = (HELDOUT_METRIC, "det_sum", "seg_sum")  # Patch SVDD's; either model's: round_metrics(model)
@@ -183,8 +183,8 @@ def validate_task(model, val_data, device, search, metric_names, holdout_fractio
 def export_task(model, val_data, device, name, bank_fraction, max_fpr) -> dict:
     """Write this site's bundle (``name`` in its bundle folder) from ``model`` and its own images, calibrated
     on its own test images; report only numbers: thresholds, whether defects calibrated them, size."""
-    from ..bundle import bundle_bytes
-    from ..inspector import export_bundle
+    from patchsvdd.deploy.bundle import bundle_bytes
+    from patchsvdd.deploy.inspector import export_bundle
 
     if not getattr(val_data, "bundle_folder", None):
         raise SiteError("this envoy's shard descriptor names no bundle folder (shard_descriptor.params.bundle_folder)")

@@ -1,0 +1,205 @@
+"""The commands that score images: ``evaluate``, ``export`` (a site bundle), ``predict``, ``serve``.
+
+Each takes the parsed arguments of ``cli.build_parser`` and returns an exit code;
+heavy imports happen inside, so that bad arguments fail before any work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from patchsvdd.cli.make_commands import load_shard
+from patchsvdd.errors import InputError
+
+
+def _evaluation_model(args: argparse.Namespace, category: str):
+    """(model, metadata) for ``category`` from --checkpoint, --checkpoint-dir or --weights official."""
+    from patchsvdd.training.checkpoint import load_checkpoint
+    from patchsvdd.models.patchsvdd.released import import_released
+
+    if args.weights == "official":
+        model, meta = import_released(category)
+        return model, {"imported": meta, "category": category}
+    path = args.checkpoint if args.checkpoint is not None else args.checkpoint_dir / f"{category}.pt"
+    return load_checkpoint(path)
+
+
+def _print_defects(defects: dict, fusion: str) -> None:
+    """The per-defect image-score table of one fusion, as the autoencoder pipelines print it."""
+    print(f"image scores ({fusion}) per defect type:")
+    print(f"  {'type':18s} {'n':>4s} {'mean':>9s} {'std':>9s} {'min':>9s} {'max':>9s} {'AUROC':>6s}")
+    for name, row in defects[fusion].items():
+        shown = "" if row.get("auroc") is None else f"{row['auroc']:.3f}"
+        print(f"  {name:18s} {row['n']:4d} {row['mean']:9.4g} {row['std']:9.4g} {row['min']:9.4g} {row['max']:9.4g} "
+              f"{shown:>6s}")
+
+
+def evaluate_one(args: argparse.Namespace, category: str, out_dir: Path) -> dict:
+    """Evaluate one category into ``out_dir`` (metrics.json, roc.png, maps/); returns the report."""
+    from patchsvdd.device import resolve_device
+    from patchsvdd.evaluation.evaluate import evaluate_category, image_scores
+    from patchsvdd.models.registry import FUSIONS, kind_of
+    from patchsvdd.evaluation.plots import plot_roc, save_gallery
+
+    device = resolve_device(args.device)
+    model, meta = _evaluation_model(args, category)  # fails before the data is decoded
+    fusions = FUSIONS[kind_of(model)]
+    if args.fusion not in fusions:
+        raise InputError(f"--fusion {args.fusion}: the {kind_of(model)} model's maps are {', '.join(fusions)}")
+    data = load_shard(args, category)
+    model.to(device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    result = evaluate_category(model, data, mode=args.search, progress=not args.no_progress)
+    seconds = {**result.seconds, "total": time.perf_counter() - start}
+    report = {
+        **result.metrics,
+        "category": category,
+        "model": kind_of(model),
+        "search": args.search,
+        "device": str(device),
+        "n_train": int(len(data.train_images)),
+        "n_test": int(len(data.test_images)),
+        "checkpoint": str(args.checkpoint or args.checkpoint_dir or "official"),
+        "checkpoint_metadata": {k: v for k, v in meta.items() if k != "history"},
+        "per_defect": result.defects,
+        "seconds": seconds,
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
+    plot_roc(data.test_labels, {f: image_scores(result, f) for f in result.scores.maps}, out_dir / "roc.png")
+    if not args.no_gallery:
+        maps = result.scores.maps[args.fusion].numpy()
+        save_gallery(out_dir / "maps", data.test_images, data.test_masks, maps, data.test_names)
+    for key, value in result.metrics.items():
+        print(f"{key:10s} {'n/a' if value is None else f'{value:.4f}'}")
+    _print_defects(result.defects, args.fusion)
+    print(f"evaluated {category} in {seconds['total']:.1f} s; wrote {out_dir / 'metrics.json'}")
+    return report
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.category != "all":
+        evaluate_one(args, args.category, args.out_dir)
+        return 0
+    from patchsvdd.evaluation.categories import CategoryResult, find_categories, write_results
+
+    categories = find_categories(args.data_root)
+    results = []
+    for number, category in enumerate(categories, start=1):
+        print(f"[{number}/{len(categories)}] {category}", flush=True)
+        start = time.perf_counter()
+        try:
+            report = evaluate_one(args, category, args.out_dir / category)
+            results.append(CategoryResult(category, {k: report.get(k) for k in report}, time.perf_counter() - start))
+        except Exception as exc:  # one category's failure is reported in the table; the others go on
+            error = f"{type(exc).__name__}: {exc}"
+            print(f"[{number}/{len(categories)}] {category} failed: {error}", file=sys.stderr, flush=True)
+            results.append(CategoryResult(category, seconds=time.perf_counter() - start, error=error))
+    source = "--weights official" if args.weights else str(args.checkpoint or args.checkpoint_dir)
+    models = sorted({r.metrics.get("model") for r in results if r.metrics.get("model")}) or ["no model"]
+    paths = write_results(results, args.out_dir, f"{' / '.join(models)} on {args.data_root} ({source}, {args.search} search)")
+    print(paths["md"].read_text())
+    failed = [r.category for r in results if r.error is not None]
+    print(f"wrote {paths['md']}, {paths['csv']}, {paths['png']}"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from patchsvdd.training.checkpoint import load_checkpoint
+    from patchsvdd.device import resolve_device
+    from patchsvdd.deploy.inspector import export_bundle
+    from patchsvdd.models.patchsvdd.released import sha256_of
+    from patchsvdd.evaluation.report import markdown_table
+    from patchsvdd.evaluation.plots import plot_roc_point
+
+    if not 0 < args.bank_fraction <= 1 or (args.max_fpr is not None and not 0 <= args.max_fpr < 1):
+        raise InputError(f"--bank-fraction {args.bank_fraction}, --max-fpr {args.max_fpr}: fraction in (0, 1], "
+                         "max-fpr in [0, 1)")
+    model, meta = load_checkpoint(args.checkpoint)  # fails before the data is decoded
+    data = load_shard(args)
+    calibration = None
+    if args.calibration_root is not None:
+        from patchsvdd.data.mvtec import index_category, load_category
+
+        calibration = load_category(index_category(args.calibration_root, args.category))
+    model.to(resolve_device(args.device))
+    start = time.perf_counter()
+    info = {"source_checkpoint": str(args.checkpoint), "source_sha256": sha256_of(args.checkpoint),
+            "source_metadata": {k: v for k, v in meta.items() if k != "history"}}
+    inspector, calib = export_bundle(model, data, args.out, bank_fraction=args.bank_fraction, max_fpr=args.max_fpr,
+                                     calibration=calibration, info=info, subsample=args.subsample)
+    image_t, pixel_t = inspector.image_threshold, inspector.pixel_threshold
+    thresholds = [{"threshold": name, "value": t.value, "method": t.method, "FPR": t.fpr, "TPR": t.tpr, "F1": t.f1}
+                  for name, t in (("image", image_t), ("pixel", pixel_t))]
+    defects = [{"type": name, **row} for name, row in calib.defects.items()]
+    lines = [f"# Calibration of bundle {args.out.name} ({args.category})", "", calib.note, "",
+             markdown_table(thresholds), "", "Image scores per defect type (AUROC of each type against good):", "",
+             markdown_table(defects, ["type", "n", "mean", "std", "min", "max", "auroc"])]
+    (args.out / "calibration.md").write_text("\n".join(lines) + "\n")
+    plot_roc_point(calib.labels, calib.scores, image_t.fpr, image_t.tpr, args.out / "roc.png")
+    print("\n".join(lines))
+    print(f"wrote bundle {args.out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _image_files(inputs: Sequence[Path]) -> list[Path]:
+    """Every image file named or found (recursively) in the folders named, in a stable order."""
+    from patchsvdd.data.mvtec import IMAGE_SUFFIXES
+
+    files: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            files += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise InputError(f"{item}: no such file or folder")
+    if not files:
+        raise InputError(f"no image ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, inputs))}")
+    return files
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import csv
+
+    from patchsvdd.deploy.inspector import load_bundle, to_image
+    from patchsvdd.evaluation.plots import save_prediction
+
+    files = _image_files(args.inputs)
+    inspector = load_bundle(args.bundle, device=args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    pixel = inspector.pixel_threshold
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        files_iter = tqdm(files, desc="predict")
+    else:
+        files_iter = files
+    flagged = 0
+    with open(args.out / "predictions.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "score", "normalized_score", "anomalous"])
+        for number, path in enumerate(files_iter):
+            image = to_image(path)
+            result = inspector.inspect(image)
+            flagged += result.anomalous
+            writer.writerow([str(path), repr(result.score), f"{result.normalized_score:.4f}", int(result.anomalous)])
+            label = "ANOMALOUS" if result.anomalous else "ok"
+            save_prediction(args.out / f"{number:05d}_{path.stem}.png", image, result.map, pixel.low, pixel.high,
+                            pixel.value, f"{path.name}: {label} ({result.normalized_score:.2f})")
+    print(f"{len(files)} images, {flagged} anomalous; wrote {args.out / 'predictions.csv'} and one PNG per image")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from patchsvdd.deploy.service import serve
+
+    serve(str(args.bundle), host=args.host, port=args.port, max_bytes=args.max_bytes, workers=args.workers,
+          device=args.device)
+    return 0

@@ -1,0 +1,115 @@
+"""The commands that make things: ``synth`` (demo data), ``train``, ``import-weights``, ``certs``.
+
+Each takes the parsed arguments of ``cli.build_parser`` and returns an exit code;
+heavy imports happen inside, so that bad arguments fail before any work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import asdict
+
+
+def load_shard(args: argparse.Namespace, category: str | None = None):
+    """The shard of ``category`` (default --category) that --rank-worldsize names, decoded."""
+    from patchsvdd.data.mvtec import index_category, load_category, parse_rank_worldsize
+
+    rank, world = parse_rank_worldsize(args.rank_worldsize)
+    index = index_category(args.data_root, category or args.category).shard(rank, world)
+    return load_category(index, progress=not args.no_progress)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from patchsvdd.data.synth import generate_category
+
+    path = generate_category(
+        args.out, args.category, args.seed, args.n_train, args.n_test_good, args.n_test_per_defect, args.image_size
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def train_settings(args: argparse.Namespace):
+    """The recipe named by ``--recipe`` (default: the model's) with every setting given on the command line put in."""
+    from dataclasses import replace
+
+    from patchsvdd.settings import DEFAULT_RECIPE, RECIPES
+
+    chosen = {name: getattr(args, name) for name in ("lr", "lambda_svdd", "batch_size", "repeat", "warmup_steps",
+                                                     "schedule", "precision", "init") if getattr(args, name) is not None}
+    return replace(RECIPES[args.recipe or DEFAULT_RECIPE[args.model]], **chosen)
+
+
+def epoch_line(losses: dict[str, float]) -> str:
+    """One line about an epoch's mean losses, for either model."""
+    if "mse" in losses:
+        return f"loss {losses['loss']:.4f} (MSE {losses['mse']:.5f}, SSIM {losses['ssim']:.4f})"
+    return (f"loss {losses['loss']:.4f}, position losses K=64 {losses['loss_pos_64']:.3f} K=32 "
+            f"{losses['loss_pos_32']:.3f} (chance 2.079), spread {losses['spread_64']:.2g}/{losses['spread_32']:.2g}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from patchsvdd.models.autoencoder.network import is_grayscale
+    from patchsvdd.training.checkpoint import save_checkpoint
+    from patchsvdd.device import resolve_device
+    from patchsvdd.training.fit import model_inputs, train_one_epoch
+    from patchsvdd.models.registry import build_model
+    from patchsvdd.settings import DEFAULT_RECIPE
+    from patchsvdd.models.patchsvdd.training import make_optimizer
+
+    settings = train_settings(args)
+    recipe = args.recipe or DEFAULT_RECIPE[args.model]
+    device = resolve_device(args.device)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    data = load_shard(args)
+    torch.manual_seed(args.seed)
+    channels = 1 if is_grayscale(data.train_images) else 3
+    model = build_model(args.model, emb_dim=args.emb_dim, init=settings.init, channels=channels).to(device)
+    optimizer = make_optimizer(model, settings.lr)
+    inputs = model_inputs(model, data.train_images, data.mean)
+    steps_per_epoch = settings.steps_per_epoch(len(inputs), args.max_steps)
+    schedule = settings.lr_schedule(args.epochs * steps_per_epoch)
+    generator = torch.Generator().manual_seed(args.seed)
+    print(f"training {args.model} on {len(data.train_images)} images of {args.category} on {device}: {args.epochs} x "
+          f"{steps_per_epoch} steps, recipe {recipe} ({settings})")
+    history = []
+    start = time.perf_counter()
+    for epoch in range(args.epochs):
+        losses = train_one_epoch(model, inputs, optimizer, settings, max_steps=args.max_steps, generator=generator,
+                                 schedule=schedule, start_step=epoch * steps_per_epoch, progress=not args.no_progress)
+        history.append(losses)
+        print(f"epoch {epoch + 1}/{args.epochs}: {epoch_line(losses)} ({int(losses['steps'])} steps)")
+    save_checkpoint(
+        model, args.out, category=args.category, epochs=args.epochs, recipe=recipe, seed=args.seed,
+        settings=asdict(settings), history=history, train_seconds=time.perf_counter() - start,
+    )
+    print(f"saved {args.out}")
+    return 0
+
+
+def cmd_import_weights(args: argparse.Namespace) -> int:
+    from patchsvdd.training.checkpoint import save_checkpoint
+    from patchsvdd.models.patchsvdd.released import import_released
+
+    model, meta = import_released(args.category, args.source)
+    if not meta["pinned"]:
+        print(f"warning: {meta['file']} is not the released file of {args.category} (SHA-256 {meta['sha256']})",
+              file=sys.stderr)
+    save_checkpoint(model, args.out, imported=meta, category=args.category)
+    print(f"imported {meta['file']} (SHA-256 {meta['sha256'][:16]}...) -> {args.out}; "
+          "position classifiers freshly initialised")
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from patchsvdd.system.certs import create_federation_certs
+
+    out = create_federation_certs(args.out, args.director_host or ["localhost"], args.envoy, args.client or ["frontend"], args.days)
+    for path in sorted(out.glob("*.crt")):
+        print(f"wrote {path} and {path.with_suffix('.key')}")
+    print(f"keep {out / 'root_ca.key'} off the nodes; give every node {out / 'root_ca.crt'} and its own .crt/.key")
+    return 0

@@ -1,0 +1,1 @@
+"""Inspection at a site: bundles, thresholds, the inspector and the REST service."""

@@ -1,0 +1,1 @@
+"""The convolutional autoencoder baseline: network and maps, training."""

@@ -1,0 +1,1 @@
+"""Processes and network: TCP probes, the TLS check, certificates, the envoy supervisor, config checks, the local federation harness."""

@@ -1,0 +1,1 @@
+"""What training shares across models: the epoch loop and checkpoints."""

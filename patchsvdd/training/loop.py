@@ -1,0 +1,117 @@
+"""What every training loop here shares (both models): seeds, the batches of an epoch, the learning-rate
+schedule, mixed precision and the progress bar."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from patchsvdd.device import bf16_support
+from patchsvdd.settings import PRECISIONS, LRSchedule, TrainSettings
+
+
+def as_generator(seed_or_generator: int | torch.Generator | None) -> torch.Generator:
+    """A CPU generator: the one given, one seeded with the int given, or a randomly seeded one."""
+    if isinstance(seed_or_generator, torch.Generator):
+        return seed_or_generator
+    generator = torch.Generator()
+    if seed_or_generator is None:
+        generator.seed()
+    else:
+        generator.manual_seed(int(seed_or_generator))
+    return generator
+
+
+def epoch_batches(n_images: int, repeat: int, batch_size: int, max_steps: int | None,
+                  generator: torch.Generator) -> list[torch.Tensor]:
+    """The image indices of each step of one epoch: every image ``repeat`` times, shuffled, in batches of
+    ``batch_size`` (the last may be smaller), cut to ``max_steps`` batches when given."""
+    if batch_size < 1 or repeat < 1:
+        raise ValueError(f"batch_size={batch_size}, repeat={repeat}: both must be at least 1")
+    order = torch.arange(n_images).repeat(repeat)[torch.randperm(n_images * repeat, generator=generator)]
+    batches = list(order.split(batch_size))
+    return batches if max_steps is None else batches[:max_steps]
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, schedule: LRSchedule | None, step: int) -> None:
+    """Put the schedule's learning rate of global ``step`` into every parameter group (None: leave it)."""
+    if schedule is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = schedule.lr_at(step)
+
+
+def progress_bar(steps: int, desc: str = "train"):
+    """A tqdm bar of ``steps`` steps that disappears when done."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=steps, desc=desc, leave=False)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """'fp32' -> None (no autocast); 'bf16' -> bfloat16 autocast of the encoders; 'auto' -> bf16 where the
+    device has it natively (``device.bf16_support``: a GPU with bf16, a CPU with AVX-512 BF16 / AMX), else
+    fp32. The position classifiers and the losses always run in float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: choose {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        precision = "bf16" if bf16_support(device).native else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """How one epoch runs, for either model: each of the N images ``repeat`` times, shuffled by
+    ``generator`` (seed or generator; None: random), in batches of ``batch_size``, cut to ``max_steps``;
+    ``schedule`` sets the learning rate at each global step (``start_step`` + step; None keeps the
+    optimizer's); ``precision`` 'fp32', 'bf16' or 'auto' (see ``resolve_precision``); a tqdm bar with
+    ``progress``; ``on_step(global_step, values)`` sees every step."""
+
+    repeat: int = 1
+    batch_size: int = TrainSettings.batch_size
+    max_steps: int | None = None
+    generator: int | torch.Generator | None = None
+    schedule: LRSchedule | None = None
+    start_step: int = 0
+    precision: str = "fp32"
+    progress: bool = True
+    on_step: Callable[[int, dict[str, float]], None] | None = None
+
+
+Step = Callable[[torch.Tensor, torch.Generator, torch.dtype | None], tuple[torch.Tensor, dict[str, float]]]
+
+
+def run_epoch(
+    plan: EpochPlan, n_images: int, optimizer: torch.optim.Optimizer, device: torch.device, step: Step,
+    shown: Sequence[str] = (),
+) -> dict[str, float]:
+    """The loop both models train in. ``step(index, generator, autocast_dtype)`` gets one batch's image
+    indices (B,) and returns (the loss to minimise, the step's values by name); the loop sets the learning
+    rate, back-propagates, steps the optimizer, then calls ``plan.on_step`` with the global step and the
+    values. The bar shows the values named in ``shown``. Returns each value's mean over the epoch and
+    'steps'."""
+    autocast_dtype = resolve_precision(plan.precision, device)
+    generator = as_generator(plan.generator)
+    batches = epoch_batches(n_images, plan.repeat, plan.batch_size, plan.max_steps, generator)
+    sums: dict[str, float] = {}
+    bar = progress_bar(len(batches)) if plan.progress else None
+    for number, index in enumerate(batches):
+        global_step = plan.start_step + number
+        set_learning_rate(optimizer, plan.schedule, global_step)
+        loss, values = step(index, generator, autocast_dtype)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for name, value in values.items():
+            sums[name] = sums.get(name, 0.0) + value
+        if plan.on_step is not None:
+            plan.on_step(global_step, values)
+        if bar is not None:
+            bar.update()
+            bar.set_postfix({name: f"{values[name]:.4f}" for name in shown})
+    if bar is not None:
+        bar.close()
+    result = {name: value / max(len(batches), 1) for name, value in sums.items()}
+    result["steps"] = float(len(batches))
+    return result
