@@ -31,14 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from patchsvdd.models.autoencoder.network import is_grayscale
+from patchsvdd.data.images import is_grayscale
 from patchsvdd.data.mvtec import CategoryData, index_category, load_category
+from patchsvdd.deploy.export import export_bundle
 from patchsvdd.evaluation.evaluate import evaluate_category
-from patchsvdd.training.fit import model_inputs, train_one_epoch
-from patchsvdd.deploy.inspector import export_bundle
-from patchsvdd.models.registry import build_model
-from patchsvdd.settings import RECIPES
-from patchsvdd.models.patchsvdd.training import make_optimizer
+from patchsvdd.models.registry import build_model, family
+from patchsvdd.settings import DEFAULT_RECIPE, RECIPES
+from patchsvdd.training.loop import make_optimizer, train_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 OFFICIAL = REPO.parent / "shared" / "official"
@@ -46,11 +45,11 @@ OFFICIAL = REPO.parent / "shared" / "official"
 
 def train_for(kind: str, data: CategoryData, budget_s: float) -> tuple[torch.nn.Module, dict]:
     """Train a fresh ``kind`` model for about ``budget_s`` seconds here; returns it and what it did."""
-    recipe = RECIPES["autoencoder" if kind == "autoencoder" else "cpu"]
+    recipe = RECIPES[DEFAULT_RECIPE[kind]]
     channels = 1 if is_grayscale(data.train_images) else 3
     torch.manual_seed(0)
     probe = build_model(kind, init=recipe.init, channels=channels)
-    inputs = model_inputs(probe, data.train_images, data.mean)
+    inputs = family(kind).inputs(probe, data.train_images, data.mean)
     times: list[float] = []
     last = [time.perf_counter()]
 
@@ -59,8 +58,8 @@ def train_for(kind: str, data: CategoryData, budget_s: float) -> tuple[torch.nn.
         times.append(now - last[0])
         last[0] = now
 
-    train_one_epoch(probe, inputs, make_optimizer(probe, recipe.lr), recipe, repeat=10_000, max_steps=6, generator=0,
-                    on_step=tick)
+    train_epoch(probe, inputs, make_optimizer(probe, recipe.lr), recipe, repeat=10_000, max_steps=6, generator=0,
+                on_step=tick)
     step_s = float(np.median(times[1:]))
     steps = max(1, int(budget_s / step_s))
     torch.manual_seed(0)
@@ -68,8 +67,8 @@ def train_for(kind: str, data: CategoryData, budget_s: float) -> tuple[torch.nn.
     optimizer = make_optimizer(model, recipe.lr)
     schedule = recipe.lr_schedule(steps)
     start = time.perf_counter()
-    losses = train_one_epoch(model, inputs, optimizer, recipe, repeat=10_000, max_steps=steps, generator=0,
-                             schedule=schedule)
+    losses = train_epoch(model, inputs, optimizer, recipe, repeat=10_000, max_steps=steps, generator=0,
+                         schedule=schedule)
     seconds = time.perf_counter() - start
     print(f"  {kind}: {steps} steps of {step_s:.2f} s in {seconds:.0f} s; last epoch losses "
           + ", ".join(f"{k} {v:.4f}" for k, v in losses.items() if k != "steps"), flush=True)

@@ -36,7 +36,8 @@ from patchsvdd.data.mvtec import CategoryData, index_category, load_category, st
 from patchsvdd.evaluation.evaluate import evaluate_category
 from patchsvdd.models.patchsvdd.network import PatchSVDD, initialise
 from patchsvdd.settings import RECIPES, TrainSettings
-from patchsvdd.models.patchsvdd.training import CollapseError, make_optimizer, train_epoch
+from patchsvdd.models.patchsvdd.training import CollapseError
+from patchsvdd.training.loop import make_optimizer, train_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 LN8 = math.log(8)
@@ -55,7 +56,7 @@ def step_seconds(recipe: TrainSettings, images: torch.Tensor, steps: int = 6) ->
         times.append(now - last[0])
         last[0] = now
 
-    train_epoch(model, images, optimizer, max_steps=steps + 1, generator=99, precision=recipe.precision,
+    train_epoch(model, images, optimizer, recipe, max_steps=steps + 1, generator=99, precision=recipe.precision,
                 progress=False, on_step=tick)
     return float(np.median(times[1:]))
 
@@ -80,8 +81,7 @@ def run_recipe(name: str, recipe: TrainSettings, images: np.ndarray, bank: Categ
         if mark > done:
             try:
                 repeat = math.ceil((mark - done) * recipe.batch_size / len(images))
-                train_epoch(model, images, optimizer, repeat=repeat, batch_size=recipe.batch_size,
-                            lambda_svdd=recipe.lambda_svdd,
+                train_epoch(model, images, optimizer, recipe, repeat=repeat, batch_size=recipe.batch_size,
                             max_steps=mark - done, generator=1000 + done, schedule=schedule, start_step=done,
                             precision=recipe.precision, progress=False,
                             on_step=lambda s, v: steps.append({"step": s, "lr": schedule.lr_at(s), **v}))

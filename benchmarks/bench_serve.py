@@ -36,7 +36,7 @@ from patchsvdd.training.checkpoint import load_checkpoint
 from patchsvdd.data.mvtec import index_category, load_category
 from patchsvdd.system.harness import Processes, wait_for
 from patchsvdd.system.probes import free_port
-from patchsvdd.deploy.inspector import export_bundle
+from patchsvdd.deploy.export import export_bundle
 from patchsvdd.models.patchsvdd.released import import_released
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +146,7 @@ def main() -> None:
                    seg_sum=seg, p50_256=p50_256, p95_256=p95_256, p50_1024=p50_1024, p95_1024=p95_1024,
                    throughput_4=throughput, load_requests=args.requests, load_s_total=load_seconds, load_errors=errors,
                    load_wrong=wrong, rss_before_mib=memory_before, rss_after_mib=memory_after,
-                   bank_search=inspector.banks[32].search)
+                   bank_search=inspector.search)
         rows.append(row)
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     full = next((r for r in rows if r["fraction"] == 1.0), None)

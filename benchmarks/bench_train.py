@@ -41,9 +41,9 @@ from patchsvdd.training.loop import as_generator
 from patchsvdd.models.patchsvdd.network import PatchSVDD, initialise
 from patchsvdd.data.synth import generate_category
 from patchsvdd.models.patchsvdd.training import (
-    LOSS_NAMES, PATCH_SIZES, TrainingBatch, batch_embeddings, batch_losses, make_optimizer, position_loss, sample_batch,
-    svdd_loss,
+    LOSS_NAMES, PATCH_SIZES, TrainingBatch, batch_embeddings, batch_losses, position_loss, sample_batch, svdd_loss,
 )
+from patchsvdd.training.loop import make_optimizer
 
 
 def previous_losses(model: PatchSVDD, batch: TrainingBatch, lambda_svdd: float) -> dict[str, torch.Tensor]:

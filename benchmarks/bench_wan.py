@@ -23,7 +23,8 @@ import torch
 
 from patchsvdd import federated as fed
 from patchsvdd.system.harness import Processes, SiteLink, start_split_federation
-from patchsvdd.models.patchsvdd.network import PatchSVDD, count_parameters
+from patchsvdd.models.base import count_parameters
+from patchsvdd.models.patchsvdd.network import PatchSVDD
 from patchsvdd.system.probes import free_port
 from patchsvdd.data.synth import generate_category
 

@@ -15,8 +15,8 @@ _LAZY = {
     "PatchSVDD": "patchsvdd.models.patchsvdd.network",
     "save_checkpoint": "patchsvdd.training.checkpoint",
     "load_checkpoint": "patchsvdd.training.checkpoint",
-    "train_epoch": "patchsvdd.models.patchsvdd.training",
-    "make_optimizer": "patchsvdd.models.patchsvdd.training",
+    "train_epoch": "patchsvdd.training.loop",
+    "make_optimizer": "patchsvdd.training.loop",
     "TrainSettings": "patchsvdd.settings",
     "ExperimentSettings": "patchsvdd.settings",
     "evaluate_category": "patchsvdd.evaluation.evaluate",
@@ -28,7 +28,8 @@ _LAZY = {
     "MVTecDataError": "patchsvdd.data.mvtec",
     "load_bundle": "patchsvdd.deploy.inspector",
     "Inspector": "patchsvdd.deploy.inspector",
-    "export_bundle": "patchsvdd.deploy.inspector",
+    "export_bundle": "patchsvdd.deploy.export",
+    "build_model": "patchsvdd.models.registry",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

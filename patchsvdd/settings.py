@@ -16,10 +16,11 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from patchsvdd.errors import InputError
+from patchsvdd.models.registry import REGISTRY
 
-MODELS = ("patchsvdd", "autoencoder")  # see models.py
+MODELS = tuple(REGISTRY)  # the registered models (models/registry.py)
 # each model's criterion on held-out good images, which chooses the best model without any anomaly (lower is better)
-HELDOUT_METRICS = {"patchsvdd": "heldout_pos", "autoencoder": "heldout_rec"}
+HELDOUT_METRICS = {name: entry.heldout_metric for name, entry in REGISTRY.items()}
 EMB_DIM = 64  # D, the paper's embedding size
 INIT_SCHEMES = ("kaiming", "pytorch")  # see model.initialise
 PRECISIONS = ("auto", "fp32", "bf16")  # see loop.resolve_precision
@@ -102,7 +103,7 @@ PAPER_SETTINGS = TrainSettings(lr=1e-4, warmup_steps=0, schedule="constant", pre
 # The autoencoder baseline: Adam lr 1e-3, whole images in batches of 16, one pass per epoch, cosine decay.
 AUTOENCODER_SETTINGS = TrainSettings(lr=1e-3, batch_size=16, repeat=1, warmup_steps=0)
 RECIPES = {"cpu": TrainSettings(), "paper": PAPER_SETTINGS, "autoencoder": AUTOENCODER_SETTINGS}
-DEFAULT_RECIPE = {"patchsvdd": "cpu", "autoencoder": "autoencoder"}  # the recipe of each model unless one is named
+DEFAULT_RECIPE = {name: entry.recipe for name, entry in REGISTRY.items()}  # each model's recipe unless one is named
 _TRAIN = TrainSettings()
 
 
@@ -167,7 +168,7 @@ class ExperimentSettings:
             raise SettingsError(f"offline_grace={self.offline_grace}: seconds, 0 (give up at once) or more")
         if self.aggregator_port is not None and not 0 < self.aggregator_port < 65536:
             raise SettingsError(f"aggregator_port={self.aggregator_port}: a TCP port (1-65535) or None")
-        _choice("model", self.model, MODELS)
+        _choice("model", self.model, tuple(REGISTRY))  # read live: a model registered later is a choice too
         _choice("device_policy", self.device_policy, DEVICE_POLICIES)
         _choice("round_search", self.round_search, SEARCHES)
         _choice("final_search", self.final_search, SEARCHES)

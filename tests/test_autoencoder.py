@@ -11,19 +11,20 @@ import pytest
 import torch
 
 from patchsvdd.models.autoencoder import network as ae
-from patchsvdd.models.autoencoder.training import heldout_reconstruction, train_autoencoder_epoch
-from patchsvdd.training.loop import EpochPlan
+from patchsvdd.models.autoencoder.training import heldout_reconstruction
+from patchsvdd.data.images import is_grayscale
 from patchsvdd.deploy.bundle import BundleError, read_bundle
 from patchsvdd.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from patchsvdd.cli.main import main
 from patchsvdd.data.mvtec import index_category, load_category
 from patchsvdd.evaluation.evaluate import evaluate_category
-from patchsvdd.deploy.inspector import export_bundle, load_bundle
+from patchsvdd.deploy.export import export_bundle
+from patchsvdd.deploy.inspector import load_bundle
 from patchsvdd.evaluation.metrics import aupro_keys, metric_keys
 from patchsvdd.models.patchsvdd.network import PatchSVDD
 from patchsvdd.models.registry import build_model, describe, kind_of
 from patchsvdd.settings import ExperimentSettings, SettingsError
-from patchsvdd.models.patchsvdd.training import make_optimizer
+from patchsvdd.training.loop import make_optimizer, train_epoch
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_shapes_and_range() -> None:
 def test_input_conversion_and_grayscale() -> None:
     rgb = np.random.default_rng(0).integers(0, 256, (2, 256, 256, 3), dtype=np.uint8)
     gray = np.repeat(rgb[..., :1], 3, axis=3)
-    assert not ae.is_grayscale(rgb) and ae.is_grayscale(gray)
+    assert not is_grayscale(rgb) and is_grayscale(gray)
     x = ae.as_input(gray, 1)
     assert x.shape == (2, 1, 256, 256) and x.dtype == torch.float32
     assert float(x[0, 0, 5, 7]) == pytest.approx(gray[0, 5, 7, 0] / 255)
@@ -94,9 +95,8 @@ def test_a_short_training_lowers_the_loss(fabric) -> None:
     before = heldout_reconstruction(model, images)
     optimizer = make_optimizer(model, 1e-2)
     seen: list[float] = []
-    plan = EpochPlan(repeat=10, batch_size=4, max_steps=20, generator=0, progress=False,
-                     on_step=lambda step, values: seen.append(values["loss"]))
-    result = train_autoencoder_epoch(model, images, optimizer, plan)
+    result = train_epoch(model, images, optimizer, repeat=10, batch_size=4, max_steps=20, generator=0, precision="fp32",
+                         on_step=lambda step, values: seen.append(values["loss"]))
     after = heldout_reconstruction(model, images)
     assert result["steps"] == 20 and len(seen) == 20
     # measured: 0.771 -> 0.734 (MSE 0.038 -> 0.006; SSIM, the slow part to learn, 0.267 -> 0.272)

@@ -33,7 +33,7 @@ from patchsvdd.models.patchsvdd.network import PatchSVDD
 from patchsvdd.system.probes import free_port
 from patchsvdd.evaluation.pooling import split_sketches
 from patchsvdd.settings import SettingsError
-from patchsvdd.models.patchsvdd.training import make_optimizer
+from patchsvdd.training.loop import make_optimizer
 
 pytestmark = pytest.mark.slow
 

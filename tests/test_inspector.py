@@ -10,11 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from patchsvdd.deploy.bundle import BundleError, kcenter_per_position, memory_banks, read_bundle
+from patchsvdd.deploy.bundle import BundleError, read_bundle
+from patchsvdd.models.patchsvdd.bank import kcenter_per_position, memory_banks
 from patchsvdd.deploy.calibration import choose_threshold
 from patchsvdd.data.mvtec import index_category, load_category, standardise
 from patchsvdd.evaluation.evaluate import evaluate_category
-from patchsvdd.deploy.inspector import export_bundle, load_bundle, to_image
+from patchsvdd.deploy.export import export_bundle
+from patchsvdd.deploy.inspector import load_bundle, to_image
 from patchsvdd.models.patchsvdd.network import PatchSVDD
 
 

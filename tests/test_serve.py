@@ -17,7 +17,8 @@ from PIL import Image
 from patchsvdd.data.mvtec import index_category, load_category
 from patchsvdd.system.harness import Processes, wait_for
 from patchsvdd.system.probes import free_port
-from patchsvdd.deploy.inspector import export_bundle, load_bundle
+from patchsvdd.deploy.export import export_bundle
+from patchsvdd.deploy.inspector import load_bundle
 from patchsvdd.models.patchsvdd.network import PatchSVDD
 
 pytestmark = pytest.mark.slow

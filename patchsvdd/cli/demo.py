@@ -22,8 +22,9 @@ from typing import Sequence
 from patchsvdd.cli.main import DefaultsHelp
 from patchsvdd.system.harness import HarnessError, Processes, project_root, start_federation
 from patchsvdd.system.probes import free_port
+from patchsvdd.models.registry import model_names
 from patchsvdd.settings import (
-    DEMO_DATA, DEMO_SETTINGS, FINETUNE, HELDOUT_METRICS, LEARN_BUDGET, MODELS, PRECISIONS, SEARCHES, SettingsError,
+    DEMO_DATA, DEMO_SETTINGS, FINETUNE, HELDOUT_METRICS, LEARN_BUDGET, PRECISIONS, SEARCHES, SettingsError,
 )
 
 NOTEBOOK = Path("workspace") / "PatchSVDD_with_Director.ipynb"
@@ -170,7 +171,7 @@ def budget_note(settings, envoys: int = 2) -> str | None:
         return s.rounds * s.train_settings().steps_per_epoch(fitting, s.max_steps)
 
     learn = replace(settings, **LEARN_BUDGET)
-    if settings.model != "patchsvdd" or settings.lr != DEMO_SETTINGS.lr or steps(settings) >= steps(learn):
+    if settings.model != DEMO_SETTINGS.model or settings.lr != DEMO_SETTINGS.lr or steps(settings) >= steps(learn):
         return None
     return (f"  note: {steps(settings)} steps per envoy is a first run, too short to learn: the model gets worse before "
             f"it gets better (docs/benchmarks.md, \"The demo\"). make demo-learn trains the {steps(learn)} steps at "
@@ -185,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", type=Path, default=os.environ.get("DATA_ROOT") or None,
                    help="MVTec-layout data root (None: built-in demo data in data/demo; env DATA_ROOT)")
     p.add_argument("--category", default=os.environ.get("CATEGORY") or "washer", help="category (env CATEGORY)")
-    p.add_argument("--model", choices=MODELS, default=os.environ.get("MODEL") or d.model,
+    p.add_argument("--model", choices=model_names(), default=os.environ.get("MODEL") or d.model,
                    help="patchsvdd, or autoencoder: the convolutional autoencoder baseline (env MODEL)")
     p.add_argument("--envoys", type=int, default=2, help="envoys, each holding one shard of the category")
     p.add_argument("--learn", action="store_true", default=os.environ.get("LEARN", "0") not in ("", "0"),

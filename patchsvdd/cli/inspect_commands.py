@@ -43,14 +43,15 @@ def evaluate_one(args: argparse.Namespace, category: str, out_dir: Path) -> dict
     """Evaluate one category into ``out_dir`` (metrics.json, roc.png, maps/); returns the report."""
     from patchsvdd.device import resolve_device
     from patchsvdd.evaluation.evaluate import evaluate_category, image_scores
-    from patchsvdd.models.registry import FUSIONS, kind_of
+    from patchsvdd.models.registry import family_of
     from patchsvdd.evaluation.plots import plot_roc, save_gallery
 
     device = resolve_device(args.device)
     model, meta = _evaluation_model(args, category)  # fails before the data is decoded
-    fusions = FUSIONS[kind_of(model)]
-    if args.fusion not in fusions:
-        raise InputError(f"--fusion {args.fusion}: the {kind_of(model)} model's maps are {', '.join(fusions)}")
+    model_family = family_of(model)
+    if args.fusion not in model_family.fusions:
+        raise InputError(f"--fusion {args.fusion}: the {model_family.name} model's maps are "
+                         f"{', '.join(model_family.fusions)}")
     data = load_shard(args, category)
     model.to(device)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -60,7 +61,7 @@ def evaluate_one(args: argparse.Namespace, category: str, out_dir: Path) -> dict
     report = {
         **result.metrics,
         "category": category,
-        "model": kind_of(model),
+        "model": model_family.name,
         "search": args.search,
         "device": str(device),
         "n_train": int(len(data.train_images)),
@@ -113,7 +114,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from patchsvdd.training.checkpoint import load_checkpoint
     from patchsvdd.device import resolve_device
-    from patchsvdd.deploy.inspector import export_bundle
+    from patchsvdd.deploy.export import export_bundle
     from patchsvdd.models.patchsvdd.released import sha256_of
     from patchsvdd.evaluation.report import markdown_table
     from patchsvdd.evaluation.plots import plot_roc_point

@@ -53,7 +53,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from patchsvdd.settings import DEMO_DATA, EMB_DIM, INIT_SCHEMES, MODELS, PRECISIONS, RECIPES, SCHEDULES
+    from patchsvdd.models.registry import model_names
+    from patchsvdd.settings import DEMO_DATA, EMB_DIM, INIT_SCHEMES, PRECISIONS, RECIPES, SCHEDULES
     from patchsvdd.data.synth import CATEGORIES
 
     parser = argparse.ArgumentParser(prog="patchsvdd", description="Federated Patch SVDD: anomaly detection and "
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", formatter_class=DefaultsHelp,
                          help="train Patch SVDD or the autoencoder baseline on one category locally (centralised)")
     _add_data_args(train)
-    train.add_argument("--model", choices=MODELS, default="patchsvdd",
+    train.add_argument("--model", choices=model_names(), default="patchsvdd",
                        help="patchsvdd, or autoencoder: the convolutional autoencoder baseline (MSE + SSIM loss)")
     train.add_argument("--epochs", type=at_least(0), required=True, help="passes over the data (0: save the initialised model)")
     train.add_argument("--out", required=True, type=Path, help="checkpoint file to write")

@@ -42,24 +42,15 @@ def train_settings(args: argparse.Namespace):
     return replace(RECIPES[args.recipe or DEFAULT_RECIPE[args.model]], **chosen)
 
 
-def epoch_line(losses: dict[str, float]) -> str:
-    """One line about an epoch's mean losses, for either model."""
-    if "mse" in losses:
-        return f"loss {losses['loss']:.4f} (MSE {losses['mse']:.5f}, SSIM {losses['ssim']:.4f})"
-    return (f"loss {losses['loss']:.4f}, position losses K=64 {losses['loss_pos_64']:.3f} K=32 "
-            f"{losses['loss_pos_32']:.3f} (chance 2.079), spread {losses['spread_64']:.2g}/{losses['spread_32']:.2g}")
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from patchsvdd.models.autoencoder.network import is_grayscale
-    from patchsvdd.training.checkpoint import save_checkpoint
+    from patchsvdd.data.images import is_grayscale
     from patchsvdd.device import resolve_device
-    from patchsvdd.training.fit import model_inputs, train_one_epoch
-    from patchsvdd.models.registry import build_model
+    from patchsvdd.models.registry import family
     from patchsvdd.settings import DEFAULT_RECIPE
-    from patchsvdd.models.patchsvdd.training import make_optimizer
+    from patchsvdd.training.checkpoint import save_checkpoint
+    from patchsvdd.training.loop import make_optimizer, train_epoch
 
     settings = train_settings(args)
     recipe = args.recipe or DEFAULT_RECIPE[args.model]
@@ -68,9 +59,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = load_shard(args)
     torch.manual_seed(args.seed)
     channels = 1 if is_grayscale(data.train_images) else 3
-    model = build_model(args.model, emb_dim=args.emb_dim, init=settings.init, channels=channels).to(device)
+    model_family = family(args.model)
+    model = model_family.build(emb_dim=args.emb_dim, init=settings.init, channels=channels).to(device)
     optimizer = make_optimizer(model, settings.lr)
-    inputs = model_inputs(model, data.train_images, data.mean)
+    inputs = model_family.inputs(model, data.train_images, data.mean)
     steps_per_epoch = settings.steps_per_epoch(len(inputs), args.max_steps)
     schedule = settings.lr_schedule(args.epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(args.seed)
@@ -79,10 +71,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     history = []
     start = time.perf_counter()
     for epoch in range(args.epochs):
-        losses = train_one_epoch(model, inputs, optimizer, settings, max_steps=args.max_steps, generator=generator,
-                                 schedule=schedule, start_step=epoch * steps_per_epoch, progress=not args.no_progress)
+        losses = train_epoch(model, inputs, optimizer, settings, max_steps=args.max_steps, generator=generator,
+                             schedule=schedule, start_step=epoch * steps_per_epoch, progress=not args.no_progress)
         history.append(losses)
-        print(f"epoch {epoch + 1}/{args.epochs}: {epoch_line(losses)} ({int(losses['steps'])} steps)")
+        print(f"epoch {epoch + 1}/{args.epochs}: {model_family.epoch_line(losses)} ({int(losses['steps'])} steps)")
     save_checkpoint(
         model, args.out, category=args.category, epochs=args.epochs, recipe=recipe, seed=args.seed,
         settings=asdict(settings), history=history, train_seconds=time.perf_counter() - start,

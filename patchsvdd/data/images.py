@@ -42,3 +42,8 @@ def read_mask(path: Path | None, size: int = IMAGE_SIZE) -> np.ndarray:
             return (np.asarray(img) >= MASK_THRESHOLD).astype(np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise MVTecDataError(f"{path}: cannot decode mask ({exc})") from exc
+
+
+def is_grayscale(images: np.ndarray) -> bool:
+    """Whether uint8 images (N,H,W,3) hold gray pixels only (the reader repeats a grayscale channel)."""
+    return bool(np.array_equal(images[..., 0], images[..., 1]) and np.array_equal(images[..., 0], images[..., 2]))

@@ -1,5 +1,5 @@
-"""Scoring a category end to end: maps of the test images (Patch SVDD: embed, search; the autoencoder:
-reconstruct), then the metrics.
+"""Scoring a category end to end: maps of the test images (the model's family: Patch SVDD embeds and
+searches, the autoencoder reconstructs), then the metrics.
 
 Shared by the command line, the benchmarks and the federated validation task.
 """
@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+from torch import nn
 
-from patchsvdd.models.autoencoder.network import ConvAutoencoder, good_scales, image_maps
-from patchsvdd.data.mvtec import CategoryData, standardise
+from patchsvdd.data.mvtec import CategoryData
 from patchsvdd.evaluation.metrics import category_metrics, per_defect
-from patchsvdd.models.patchsvdd.network import PatchSVDD
-from patchsvdd.models.patchsvdd.scoring import CategoryScores, SearchMode, anomaly_maps, embed_images
+from patchsvdd.models.base import CategoryScores, SearchMode
+from patchsvdd.models.registry import family_of
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Evaluation:
 
 
 def evaluate_category(
-    model: PatchSVDD | ConvAutoencoder, data: CategoryData, mode: SearchMode = "exact", batch_size: int = 8, progress: bool = False,
+    model: nn.Module, data: CategoryData, mode: SearchMode = "exact", batch_size: int = 8, progress: bool = False,
     mean: np.ndarray | None = None, with_aupro: bool = True, defect_names: Sequence[str] | None = None,
 ) -> Evaluation:
     """Score ``data``'s test images with ``model`` (on its device): Patch SVDD against all of the training
@@ -42,17 +42,8 @@ def evaluate_category(
     ``with_aupro=False`` skips AUPRO (a few seconds a fusion on a full category). ``defect_names``:
     the defect types the per-defect tables list (default: those in ``data``; see ``metrics.per_defect``).
     """
-    if isinstance(model, ConvAutoencoder):
-        scores = reconstruction_scores(model, data.train_images, data.test_images)
-    else:
-        device = next(model.parameters()).device
-        mean = data.mean if mean is None else mean
-        start = time.perf_counter()
-        train_emb = embed_images(model, standardise(data.train_images, mean), batch_size, progress)
-        test_emb = embed_images(model, standardise(data.test_images, mean), batch_size, progress)
-        embed_seconds = time.perf_counter() - start
-        scores = anomaly_maps(train_emb, test_emb, mode=mode, device=device)
-        scores.seconds = {"embed": embed_seconds, **scores.seconds}
+    mean = data.mean if mean is None else mean
+    scores = family_of(model).category_maps(model, data.train_images, data.test_images, mean, mode, batch_size, progress)
     seconds = dict(scores.seconds)
     start = time.perf_counter()
     metrics = category_metrics(scores.maps, data.test_labels, data.test_masks, with_aupro=with_aupro)
@@ -60,18 +51,6 @@ def evaluate_category(
                for fusion in scores.maps}
     seconds["metrics"] = time.perf_counter() - start
     return Evaluation(metrics=metrics, scores=scores, seconds=seconds, defects=defects)
-
-
-def reconstruction_scores(model: ConvAutoencoder, train_images: np.ndarray, test_images: np.ndarray) -> CategoryScores:
-    """The autoencoder's maps (``autoencoder.FUSIONS``) of uint8 test images (M,H,W,3); the good training
-    images (N,H,W,3) set the scale of each error for the 'sum' fusion (see ``autoencoder.fuse``)."""
-    start = time.perf_counter()
-    scales = good_scales(model, train_images)
-    seconds = {"scales": time.perf_counter() - start}
-    start = time.perf_counter()
-    maps = image_maps(model, test_images, scales)
-    seconds["reconstruct"] = time.perf_counter() - start
-    return CategoryScores(maps=maps, seconds=seconds)
 
 
 def image_scores(evaluation: Evaluation, fusion: str) -> np.ndarray:

@@ -7,8 +7,7 @@
 The notebook imports this package as ``fed`` and uses the names below.
 """
 
-from patchsvdd.models.registry import HELDOUT_METRICS
-from patchsvdd.settings import ExperimentSettings
+from patchsvdd.settings import HELDOUT_METRICS, ExperimentSettings
 from patchsvdd.federated.client import (
     EXPERIMENT_RECORD, DirectorFederation, FederationError, attach, connect, experiment_status, fetch_last_model,
     online_envoys, shard_bundle_folders, shard_defect_types, shard_table, start_evaluation, start_experiment,

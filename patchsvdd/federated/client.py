@@ -22,7 +22,7 @@ from patchsvdd.data.mvtec import BUNDLE_FOLDER_LABEL, DEFECT_TYPES_LABEL, GOOD
 from patchsvdd.models.registry import kind_of
 from patchsvdd.settings import ExperimentSettings, SettingsError
 from patchsvdd.system.tls import TLSCheckError, check_mutual_tls, speaks_tls
-from patchsvdd.models.patchsvdd.training import make_optimizer
+from patchsvdd.training.loop import make_optimizer
 from patchsvdd.federated.rounds import tagged, untagged
 from patchsvdd.federated.tasks import MVTecDataInterface, TrainThenValidate, evaluation_tasks, export_tasks, training_tasks
 

@@ -60,7 +60,7 @@ import torch
 import yaml
 from torch import nn
 
-from patchsvdd.models.registry import architecture, from_architecture, kind_of
+from patchsvdd.models.registry import family, family_of, model_names
 from patchsvdd.settings import DEVICE_POLICIES, SEARCHES, SettingsError, checked_settings
 from patchsvdd.federated.rounds import ROUND_TAG
 from patchsvdd.federated.tasks import (
@@ -152,10 +152,19 @@ CALLS: dict[tuple[str, str], Callable[..., Any] | None] = {
     ("numpy.core.multiarray", "scalar"): None, ("numpy._core.multiarray", "scalar"): None,
     ("numpy", "dtype"): None, ("numpy", "ndarray"): None,
 }
-# Classes a pickle may make (NEWOBJ) and fill (BUILD), by module: this project's and OpenFL's interface classes.
+def _network_classes() -> dict[str, tuple[str, ...]]:
+    """The classes every registered model's networks are made of, by module (``ModelFamily.network_classes``)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for name in model_names():
+        for cls in family(name).network_classes:
+            out[cls.__module__] = (*out.get(cls.__module__, ()), cls.__name__)
+    return out
+
+
+# Classes a pickle may make (NEWOBJ) and fill (BUILD), by module: the models' networks, this project's and
+# OpenFL's interface classes.
 CLASSES = {
-    "patchsvdd.models.patchsvdd.network": ("PatchSVDD", "SmallEncoder", "HierarchicalEncoder", "NormalizedLinear", "PositionClassifier"),
-    "patchsvdd.models.autoencoder.network": ("ConvAutoencoder",),
+    **_network_classes(),
     "patchsvdd.federated.tasks": ("MVTecDataInterface", "ProjectTasks", "TrainThenValidate"),
     "patchsvdd.settings": ("ExperimentSettings",),
     "openfl.interface.interactive_api.experiment": ("ModelInterface",),
@@ -290,22 +299,22 @@ def _check_hooks(owner: Any, where: str) -> None:
             _no_hooks(value, where)
 
 
-ARCHITECTURE_LIMITS = {"emb_dim": (1, 4096), "channels": (1, 3), "latent_dim": (1, 4096), "width": (1, 512)}
-
-
 def check_model(model: Any) -> str:
     """The kind of ``model`` if it is one of this project's models as its architecture builds it: the same
     state-dict keys and shapes (and the round tag, shape (1,)), no hooks; else ExperimentRefused."""
     try:
-        kind = kind_of(model)
-        numbers = architecture(model)
+        model_family = family_of(model)
+        numbers = model_family.architecture(model)
     except (TypeError, AttributeError, ValueError) as exc:
         raise ExperimentRefused(f"its model is not one of this project's models ({exc})") from exc
+    kind = model_family.name
     for key, value in numbers.items():
-        low, high = ARCHITECTURE_LIMITS[key]
+        if key not in model_family.architecture_limits:
+            raise ExperimentRefused(f"its model's architecture names {key!r}, which a {kind} has not")
+        low, high = model_family.architecture_limits[key]
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             raise ExperimentRefused(f"its model's {key} is {value!r}; this project's models have {low}..{high}")
-    expected = {key: tuple(value.shape) for key, value in from_architecture(kind, numbers).state_dict().items()}
+    expected = {key: tuple(value.shape) for key, value in model_family.from_architecture(numbers).state_dict().items()}
     expected[ROUND_TAG] = (1,)
     try:
         state = model.state_dict()
@@ -358,7 +367,7 @@ def _names(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and all(isinstance(v, str) and 0 < len(v) <= 200 for v in value)
 
 
-METRIC_NAMES = frozenset(name for model in ("patchsvdd", "autoencoder") for name in (*round_metrics(model), *final_metrics(model)))
+METRIC_NAMES = frozenset(name for model in model_names() for name in (*round_metrics(model), *final_metrics(model)))
 
 
 def check_task_settings(function: str, kwargs: Any) -> None:

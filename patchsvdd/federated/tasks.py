@@ -1,8 +1,8 @@
 """What travels to the envoys: the data interface, the three tasks and the task assigner.
 
 Thin on purpose: the tasks call ``train_epoch``, ``evaluate_category`` and
-``export_bundle`` unchanged, so federated, local and tested code paths are the
-same. Everything here runs at a site, on that site's own data: validation
+``export_bundle`` unchanged, and ask the model's family (``models.registry``)
+for the rest, so federated, local and tested code paths are the same. Everything here runs at a site, on that site's own data: validation
 scores an envoy's test images against its own training patches and reports
 numbers only, so no image leaves a site.
 """
@@ -17,24 +17,20 @@ from typing import Any
 import numpy as np
 from openfl.interface.interactive_api.experiment import DataInterface, TaskInterface
 
-from patchsvdd.models.autoencoder.network import ConvAutoencoder
-from patchsvdd.models.autoencoder.training import heldout_reconstruction
 from patchsvdd.data.mvtec import CategoryData, holdout_split
 from patchsvdd.evaluation.evaluate import evaluate_category
-from patchsvdd.training.fit import model_inputs, train_one_epoch
 from patchsvdd.evaluation.metrics import AUPRO_KEYS, METRIC_KEYS, aupro_keys, flatten_defects, metric_keys
-from patchsvdd.models.registry import FUSIONS, HELDOUT_METRICS, kind_of
 from patchsvdd.evaluation.pooling import sketch_metrics
-from patchsvdd.settings import ExperimentSettings
-from patchsvdd.models.patchsvdd.training import heldout_losses
 from patchsvdd.federated.rounds import set_round, untagged
+from patchsvdd.models.registry import family, family_of, model_names
+from patchsvdd.settings import HELDOUT_METRICS, ExperimentSettings
+from patchsvdd.training.loop import train_epoch
 
 HELDOUT_METRIC = HELDOUT_METRICS["patchsvdd"]  # the model-choice criterion: needs no anomaly, lower is better
 ROUND_METRICS = (HELDOUT_METRIC, "det_sum", "seg_sum")  # Patch SVDD's; either model's: round_metrics(model)
 FINAL_METRICS = METRIC_KEYS + AUPRO_KEYS
 DEFECT_FUSION = "sum"  # the fusion whose image scores the final evaluation reports per defect type (both models)
-TRAIN_METRICS = {"patchsvdd": ("train_loss", "pos_loss_64", "pos_loss_32", "spread_64", "spread_32"),
-                 "autoencoder": ("train_loss", "mse", "ssim")}
+TRAIN_METRICS = {name: family(name).train_metrics for name in model_names()}  # what each model's training reports
 EXPORT_METRICS = ("image_threshold", "image_fpr", "image_tpr", "pixel_threshold", "calibrated", "bundle_mb",
                   "bank_rows_32")
 
@@ -115,45 +111,43 @@ class MVTecDataInterface(DataInterface):
 
 
 def round_metrics(model: str) -> tuple[str, ...]:
-    """What each round's validation reports for ``model`` ('patchsvdd' or 'autoencoder'): its held-out
-    criterion, det_sum and seg_sum."""
-    return (HELDOUT_METRICS[model], "det_sum", "seg_sum")
+    """What each round's validation reports for ``model`` (a registry name): its held-out criterion, det_sum
+    and seg_sum."""
+    return (family(model).heldout_metric, "det_sum", "seg_sum")
 
 
 def final_metrics(model: str) -> tuple[str, ...]:
     """What the final evaluation reports for ``model``: det/seg AUROC and AUPRO of each of its fusions."""
-    return metric_keys(FUSIONS[model]) + aupro_keys(FUSIONS[model])
+    fusions = family(model).fusions
+    return metric_keys(fusions) + aupro_keys(fusions)
 
 
 def train_task(model, train_data, optimizer, device, round_num, settings: ExperimentSettings) -> dict:
-    """One round of local training on an envoy: ``fit.train_one_epoch`` of either model on its training
-    images less the held-out ones, at the global steps of this round in a schedule over all rounds. Tags
-    the model as trained ``round_num`` + 1 rounds (``rounds.py``); reports ``TRAIN_METRICS`` of the model."""
+    """One round of local training on an envoy: ``train_epoch`` of the model on its training images less the
+    held-out ones, at the global steps of this round in a schedule over all rounds. Tags the model as
+    trained ``round_num`` + 1 rounds (``rounds.py``); reports its family's ``train_metrics``."""
     model.to(device)
     set_round(model, int(round_num) + 1)
     recipe = settings.train_settings()
     fit, _ = holdout_split(len(train_data.train_images), settings.holdout_fraction)
     steps = recipe.steps_per_epoch(len(fit), settings.max_steps)
-    losses = train_one_epoch(model, model_inputs(model, train_data.train_images[fit], train_data.mean), optimizer, recipe,
-                             max_steps=settings.max_steps, generator=settings.seed * 100_003 + int(round_num),
-                             schedule=recipe.lr_schedule(settings.rounds * steps), start_step=int(round_num) * steps)
-    if isinstance(model, ConvAutoencoder):
-        return {"train_loss": losses["loss"], "mse": losses["mse"], "ssim": losses["ssim"]}
-    return {"train_loss": losses["loss"], "pos_loss_64": losses["loss_pos_64"], "pos_loss_32": losses["loss_pos_32"],
-            "spread_64": losses["spread_64"], "spread_32": losses["spread_32"]}
+    model_family = family_of(model)
+    inputs = model_family.inputs(model, train_data.train_images[fit], train_data.mean)
+    losses = train_epoch(model, inputs, optimizer, recipe, max_steps=settings.max_steps,
+                         generator=settings.seed * 100_003 + int(round_num),
+                         schedule=recipe.lr_schedule(settings.rounds * steps), start_step=int(round_num) * steps)
+    return model_family.round_report(losses)
 
 
 def heldout_metric(model, data: CategoryData, holdout_fraction: float) -> tuple[str, float]:
     """(name, value) of ``model``'s held-out criterion on the held-out good training images of ``data``:
     'heldout_pos' (Patch SVDD's position loss) or 'heldout_rec' (the autoencoder's loss); NaN without any."""
-    name = HELDOUT_METRICS[kind_of(model)]
+    model_family = family_of(model)
+    name = model_family.heldout_metric
     _, held = holdout_split(len(data.train_images), holdout_fraction)
     if not len(held):
         return name, math.nan
-    inputs = model_inputs(model, data.train_images[held], data.mean)
-    if isinstance(model, ConvAutoencoder):
-        return name, heldout_reconstruction(model, inputs)[name]
-    return name, heldout_losses(model, inputs)[name]
+    return name, model_family.heldout(model, model_family.inputs(model, data.train_images[held], data.mean))
 
 
 def validate_task(model, val_data, device, search, metric_names, holdout_fraction, defect_fusion=None,
@@ -166,10 +160,10 @@ def validate_task(model, val_data, device, search, metric_names, holdout_fractio
     leaves."""
     model.to(device)
     out: dict[str, float] = {}
-    if HELDOUT_METRICS[kind_of(model)] in metric_names:
-        name, value = heldout_metric(model, val_data, holdout_fraction)
-        out[name] = value
-    aurocs = [name for name in metric_names if name not in HELDOUT_METRICS.values()]
+    heldout = family_of(model).heldout_metric
+    if heldout in metric_names:
+        out[heldout] = heldout_metric(model, val_data, holdout_fraction)[1]
+    aurocs = [name for name in metric_names if name != heldout]
     if aurocs or defect_fusion:
         result = evaluate_category(model, val_data, mode=search, defect_names=defect_types,
                                    with_aupro=any(name.startswith("aupro_") for name in aurocs))
@@ -184,7 +178,7 @@ def export_task(model, val_data, device, name, bank_fraction, max_fpr) -> dict:
     """Write this site's bundle (``name`` in its bundle folder) from ``model`` and its own images, calibrated
     on its own test images; report only numbers: thresholds, whether defects calibrated them, size."""
     from patchsvdd.deploy.bundle import bundle_bytes
-    from patchsvdd.deploy.inspector import export_bundle
+    from patchsvdd.deploy.export import export_bundle
 
     if not getattr(val_data, "bundle_folder", None):
         raise SiteError("this envoy's shard descriptor names no bundle folder (shard_descriptor.params.bundle_folder)")

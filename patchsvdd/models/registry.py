@@ -1,69 +1,88 @@
-"""The two models the project trains, by name: 'patchsvdd' (the method) and 'autoencoder' (the baseline).
+"""The models the project trains, by name: one line each in ``REGISTRY``.
 
-Building one, telling which one a network is, the architecture a checkpoint
-records, and what each reports: its map fusions and the held-out metric that
-chooses a model without any anomalous image.
+A line names the model, the module and class of its ``ModelFamily`` (see
+``base.py``: everything the trainer, evaluator, bundles, inspector and the
+federated tasks ask of a model), its held-out criterion and its default recipe
+(a name in ``settings.RECIPES``). Adding a model is one new folder under
+``models/`` and one line here. Standard library only: the settings and the
+envoy side read the names without torch; a family loads on first use.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from functools import cache
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:  # the families need torch; this module does not
+    from torch import nn
 
-from patchsvdd.models.patchsvdd import scoring
-from patchsvdd.models.autoencoder.network import FUSIONS as AUTOENCODER_FUSIONS
-from patchsvdd.models.autoencoder.network import ConvAutoencoder
-from patchsvdd.models.patchsvdd.network import PatchSVDD, count_parameters
-from patchsvdd.models.patchsvdd.network import describe as describe_patchsvdd
-from patchsvdd.settings import EMB_DIM, HELDOUT_METRICS, MODELS, SettingsError
-
-FUSIONS = {"patchsvdd": scoring.FUSIONS, "autoencoder": AUTOENCODER_FUSIONS}
-__all__ = ["FUSIONS", "HELDOUT_METRICS", "architecture", "build_model", "check_kind", "describe", "from_architecture",
-           "kind_of"]
+    from patchsvdd.models.base import ModelFamily
 
 
-def check_kind(kind: str) -> str:
-    """``kind`` if it names a model, else a SettingsError listing them."""
-    if kind not in MODELS:
-        raise SettingsError(f"model {kind!r}: choose {' or '.join(MODELS)}")
-    return kind
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model: its ``name``, ``family`` ('module:Class'), its ``heldout_metric`` (the loss on held-out good
+    images that chooses a model without any anomaly; lower is better) and its default ``recipe``."""
+
+    name: str
+    family: str
+    heldout_metric: str
+    recipe: str
 
 
-def build_model(kind: str = "patchsvdd", *, emb_dim: int = EMB_DIM, init: str = "kaiming", channels: int = 3) -> nn.Module:
-    """A fresh model (torch's global RNG draws its weights). Patch SVDD uses ``emb_dim`` (D) and ``init``;
-    the autoencoder ``channels`` (1 for grayscale data, 3 for RGB) and PyTorch's default initialisation."""
-    if check_kind(kind) == "autoencoder":
-        return ConvAutoencoder(channels=channels)
-    return PatchSVDD(emb_dim=emb_dim, init=init)
+REGISTRY: dict[str, ModelEntry] = {entry.name: entry for entry in (
+    ModelEntry("patchsvdd", "patchsvdd.models.patchsvdd.family:PatchSVDDFamily", "heldout_pos", "cpu"),
+    ModelEntry("autoencoder", "patchsvdd.models.autoencoder.family:AutoencoderFamily", "heldout_rec", "autoencoder"),
+)}
+
+
+def model_names() -> tuple[str, ...]:
+    """The names of the registered models, in registry order."""
+    return tuple(REGISTRY)
+
+
+def entry(name: str) -> ModelEntry:
+    """The registry line of ``name``; a SettingsError listing the models for any other name."""
+    if name not in REGISTRY:
+        from patchsvdd.settings import SettingsError
+
+        raise SettingsError(f"model {name!r}: choose {' or '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+@cache
+def _load(spec: str) -> ModelFamily:
+    module, _, cls = spec.partition(":")
+    return getattr(import_module(module), cls)()
+
+
+def family(name: str) -> ModelFamily:
+    """The ``ModelFamily`` of the model called ``name`` (loaded once)."""
+    return _load(entry(name).family)
+
+
+def family_of(model: nn.Module) -> ModelFamily:
+    """The family whose network ``model`` is; TypeError for a network no registered model builds."""
+    for name in REGISTRY:
+        candidate = family(name)
+        if isinstance(model, candidate.network):
+            return candidate
+    raise TypeError(f"{type(model).__name__} is not the network of any registered model ({', '.join(REGISTRY)})")
 
 
 def kind_of(model: nn.Module) -> str:
-    """'patchsvdd' or 'autoencoder'; TypeError for any other network."""
-    if isinstance(model, PatchSVDD):
-        return "patchsvdd"
-    if isinstance(model, ConvAutoencoder):
-        return "autoencoder"
-    raise TypeError(f"{type(model).__name__} is neither a PatchSVDD nor a ConvAutoencoder")
+    """The registry name of ``model``'s model ('patchsvdd', 'autoencoder', ...)."""
+    return family_of(model).name
 
 
-def architecture(model: nn.Module) -> dict[str, int]:
-    """The numbers that rebuild ``model``'s shape (what a checkpoint records)."""
-    if kind_of(model) == "autoencoder":
-        return {"channels": model.channels, "latent_dim": model.latent_dim, "width": model.width}
-    return {"emb_dim": int(model.emb_dim)}
-
-
-def from_architecture(kind: str, numbers: dict[str, Any]) -> nn.Module:
-    """An untrained model of the shape ``architecture`` recorded (its weights are to be loaded)."""
-    if check_kind(kind) == "autoencoder":
-        return ConvAutoencoder(**{k: int(v) for k, v in numbers.items()})
-    return PatchSVDD(emb_dim=int(numbers["emb_dim"]), init="pytorch")
+def build_model(kind: str = "patchsvdd", **options: Any) -> nn.Module:
+    """A fresh model of ``kind`` (torch's global RNG draws its weights); ``options`` as that family's
+    ``build`` takes them (Patch SVDD: ``emb_dim`` D, ``init``; the autoencoder: ``channels``)."""
+    return family(kind).build(**options)
 
 
 def describe(model: nn.Module) -> str:
     """A short text: what the model is, its parameters and its layers."""
-    if kind_of(model) == "patchsvdd":
-        return describe_patchsvdd(model)
-    return (f"convolutional autoencoder, {model.channels} channel(s), latent vector of {model.latent_dim}, "
-            f"{count_parameters(model):,} parameters; loss MSE + (1 - SSIM)\n{model}")
+    return family_of(model).describe(model)

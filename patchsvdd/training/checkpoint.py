@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from patchsvdd.errors import InputError
-from patchsvdd.models.registry import architecture, from_architecture, kind_of
+from patchsvdd.models.registry import family, family_of
 
 FORMAT_VERSION = 1
 _PLAIN_TYPES = (str, int, float, bool, type(None))
@@ -51,12 +51,13 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, **metadata:
         _check_metadata(value, key)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    kind, numbers = kind_of(model), architecture(model)
+    model_family = family_of(model)
+    numbers = model_family.architecture(model)
     payload = {
         "format_version": FORMAT_VERSION,
-        "model": kind,
+        "model": model_family.name,
         "architecture": numbers,
-        **({"emb_dim": numbers["emb_dim"]} if kind == "patchsvdd" else {}),  # what versions before the autoencoder read
+        **({"emb_dim": numbers["emb_dim"]} if "emb_dim" in numbers else {}),  # what versions before the autoencoder read
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "metadata": dict(metadata),
     }
@@ -77,7 +78,7 @@ def load_checkpoint(
     path: str | os.PathLike, map_location: str | torch.device = "cpu"
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Read a checkpoint written by :func:`save_checkpoint`. Returns ``(model, metadata)``; the model is a
-    ``PatchSVDD`` or a ``ConvAutoencoder`` as the file says."""
+    network of the registered model the file names (``PatchSVDD``, ``ConvAutoencoder``, ...)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
@@ -92,7 +93,7 @@ def load_checkpoint(
     if numbers is None:
         raise CheckpointError(f"{path}: not a checkpoint of this project (no architecture/emb_dim)")
     try:
-        model = from_architecture(kind, numbers)
+        model = family(kind).from_architecture(numbers)
     except (InputError, TypeError, KeyError, ValueError) as exc:
         raise CheckpointError(f"{path}: model {kind!r} with {numbers}: {exc}") from exc
     try:

@@ -1,14 +1,15 @@
-"""What every training loop here shares (both models): seeds, the batches of an epoch, the learning-rate
-schedule, mixed precision and the progress bar."""
+"""The one training loop of every model: seeds, the batches of an epoch, the learning-rate schedule,
+mixed precision, the progress bar, and ``train_epoch``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
+from torch import nn
 
 from patchsvdd.device import bf16_support
+from patchsvdd.models.registry import family_of
 from patchsvdd.settings import PRECISIONS, LRSchedule, TrainSettings
 
 
@@ -60,56 +61,51 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if precision == "bf16" else None
 
 
-@dataclass(frozen=True)
-class EpochPlan:
-    """How one epoch runs, for either model: each of the N images ``repeat`` times, shuffled by
-    ``generator`` (seed or generator; None: random), in batches of ``batch_size``, cut to ``max_steps``;
-    ``schedule`` sets the learning rate at each global step (``start_step`` + step; None keeps the
-    optimizer's); ``precision`` 'fp32', 'bf16' or 'auto' (see ``resolve_precision``); a tqdm bar with
-    ``progress``; ``on_step(global_step, values)`` sees every step."""
-
-    repeat: int = 1
-    batch_size: int = TrainSettings.batch_size
-    max_steps: int | None = None
-    generator: int | torch.Generator | None = None
-    schedule: LRSchedule | None = None
-    start_step: int = 0
-    precision: str = "fp32"
-    progress: bool = True
-    on_step: Callable[[int, dict[str, float]], None] | None = None
+def make_optimizer(model: nn.Module, lr: float = TrainSettings.lr) -> torch.optim.Adam:
+    """Adam over every parameter of the model (Patch SVDD: both encoders and both classifiers)."""
+    return torch.optim.Adam(model.parameters(), lr=lr)
 
 
-Step = Callable[[torch.Tensor, torch.Generator, torch.dtype | None], tuple[torch.Tensor, dict[str, float]]]
-
-
-def run_epoch(
-    plan: EpochPlan, n_images: int, optimizer: torch.optim.Optimizer, device: torch.device, step: Step,
-    shown: Sequence[str] = (),
+def train_epoch(
+    model: nn.Module, inputs: torch.Tensor, optimizer: torch.optim.Optimizer, recipe: TrainSettings = TrainSettings(), *,
+    repeat: int | None = None, batch_size: int | None = None, precision: str | None = None,
+    max_steps: int | None = None, generator: int | torch.Generator | None = None, schedule: LRSchedule | None = None,
+    start_step: int = 0, progress: bool = False, on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
-    """The loop both models train in. ``step(index, generator, autocast_dtype)`` gets one batch's image
-    indices (B,) and returns (the loss to minimise, the step's values by name); the loop sets the learning
-    rate, back-propagates, steps the optimizer, then calls ``plan.on_step`` with the global step and the
-    values. The bar shows the values named in ``shown``. Returns each value's mean over the epoch and
-    'steps'."""
-    autocast_dtype = resolve_precision(plan.precision, device)
-    generator = as_generator(plan.generator)
-    batches = epoch_batches(n_images, plan.repeat, plan.batch_size, plan.max_steps, generator)
+    """One epoch of any registered model on ``inputs`` (its family's ``inputs`` of uint8 images).
+
+    Each of the N inputs ``repeat`` times, shuffled by ``generator`` (seed or generator; None: random), in
+    batches of ``batch_size``, cut to ``max_steps``; ``repeat``, ``batch_size`` and ``precision`` ('fp32',
+    'bf16' or 'auto', see ``resolve_precision``) default to ``recipe``'s, which also gives the model's own
+    settings (Patch SVDD's lambda). ``schedule`` sets the learning rate at each global step (``start_step`` +
+    step; None keeps the optimizer's). Each step: the family's step (``ModelFamily.epoch_steps``), backward,
+    optimizer step, the family's check, then ``on_step(global_step, values)``. A tqdm bar with ``progress``.
+    Returns each value's mean over the epoch and 'steps'.
+    """
+    steps = family_of(model).epoch_steps(model, inputs, recipe)
+    device = next(model.parameters()).device
+    autocast_dtype = resolve_precision(recipe.precision if precision is None else precision, device)
+    generator = as_generator(generator)
+    batches = epoch_batches(steps.n_images, recipe.repeat if repeat is None else repeat,
+                            recipe.batch_size if batch_size is None else batch_size, max_steps, generator)
     sums: dict[str, float] = {}
-    bar = progress_bar(len(batches)) if plan.progress else None
+    bar = progress_bar(len(batches)) if progress else None
     for number, index in enumerate(batches):
-        global_step = plan.start_step + number
-        set_learning_rate(optimizer, plan.schedule, global_step)
-        loss, values = step(index, generator, autocast_dtype)
+        global_step = start_step + number
+        set_learning_rate(optimizer, schedule, global_step)
+        loss, values = steps.step(index, generator, autocast_dtype)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         for name, value in values.items():
             sums[name] = sums.get(name, 0.0) + value
-        if plan.on_step is not None:
-            plan.on_step(global_step, values)
+        if steps.check is not None:
+            steps.check(global_step, values)
+        if on_step is not None:
+            on_step(global_step, values)
         if bar is not None:
             bar.update()
-            bar.set_postfix({name: f"{values[name]:.4f}" for name in shown})
+            bar.set_postfix({name: f"{values[name]:.4f}" for name in steps.shown})
     if bar is not None:
         bar.close()
     result = {name: value / max(len(batches), 1) for name, value in sums.items()}

@@ -62,11 +62,6 @@ class ConvAutoencoder(nn.Module):
         return self.decoder(self.encoder(images))
 
 
-def is_grayscale(images: np.ndarray) -> bool:
-    """Whether uint8 images (N,H,W,3) hold gray pixels only (the reader repeats a grayscale channel)."""
-    return bool(np.array_equal(images[..., 0], images[..., 1]) and np.array_equal(images[..., 0], images[..., 2]))
-
-
 def as_input(images: np.ndarray, channels: int) -> torch.Tensor:
     """uint8 (N,H,W,3) -> float32 (N,C,H,W) in [0,1]; C=1 keeps the first (gray) channel."""
     array = images[..., :1] if channels == 1 else images

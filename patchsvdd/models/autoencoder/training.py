@@ -1,9 +1,9 @@
-"""Training the autoencoder baseline: one epoch of MSE + (1 - SSIM), and the held-out loss that chooses a model.
+"""Training the autoencoder baseline: the step of an epoch of MSE + (1 - SSIM), and the held-out loss that
+chooses a model.
 
-The epoch runs in the loop Patch SVDD's ``train.train_epoch`` runs in
-(``loop.run_epoch``: each image ``repeat`` times, shuffled, a learning-rate
-schedule over global steps, bf16 autocast where the hardware has it), and
-``fit.train_one_epoch`` calls either the same way.
+The epoch runs in ``training.loop.train_epoch``, the loop of every model (each
+image ``repeat`` times, shuffled, a learning-rate schedule over global steps,
+bf16 autocast where the hardware has it).
 """
 
 from __future__ import annotations
@@ -11,19 +11,17 @@ from __future__ import annotations
 import torch
 
 from patchsvdd.models.autoencoder.network import ConvAutoencoder, reconstruction_losses
-from patchsvdd.training.loop import EpochPlan, run_epoch
+from patchsvdd.models.base import EpochSteps
 from patchsvdd.settings import HELDOUT_METRICS
 
 LOSS_NAMES = ("loss", "mse", "ssim")
 HELDOUT_METRIC = HELDOUT_METRICS["autoencoder"]  # the reconstruction loss on held-out good images
 
 
-def train_autoencoder_epoch(
-    model: ConvAutoencoder, images: torch.Tensor, optimizer: torch.optim.Optimizer, plan: EpochPlan = EpochPlan(),
-) -> dict[str, float]:
-    """One epoch as ``plan`` says over images (N,C,256,256) in [0,1] (see ``autoencoder.as_input``), moved
-    to the model's device. bf16 autocast (``plan.precision`` 'bf16' or 'auto') covers the network, not the
-    loss. Returns the mean 'loss', 'mse' and 'ssim' over the epoch, and 'steps'.
+def epoch_steps(model: ConvAutoencoder, images: torch.Tensor) -> EpochSteps:
+    """One epoch's step for ``training.loop.train_epoch``: a batch of images (N,C,256,256) in [0,1] (see
+    ``network.as_input``, moved to the model's device) -> MSE + (1 - SSIM). bf16 autocast covers the network,
+    not the loss. Its values: 'loss', 'mse' and 'ssim'.
     """
     device = next(model.parameters()).device
     model.to(memory_format=torch.channels_last)  # a third faster on a CPU; the weights are the same
@@ -37,7 +35,7 @@ def train_autoencoder_epoch(
         losses = reconstruction_losses(reconstruction, batch)
         return losses["loss"], {name: float(losses[name].detach()) for name in LOSS_NAMES}
 
-    return run_epoch(plan, images.shape[0], optimizer, device, step, shown=("mse", "ssim"))
+    return EpochSteps(step=step, n_images=images.shape[0], shown=("mse", "ssim"))
 
 
 @torch.no_grad()

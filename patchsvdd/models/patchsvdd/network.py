@@ -204,16 +204,3 @@ def initialise(model: nn.Module, scheme: str = "kaiming") -> nn.Module:
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
     return model
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable scalars."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def describe(model: PatchSVDD) -> str:
-    """A short text: D, K and strides with their grids on 256x256 images, the parameters and the layers."""
-    return (
-        f"Patch SVDD, D={model.emb_dim}: K=64 at stride {model.strides[64]} (13x13 grid), "
-        f"K=32 at stride {model.strides[32]} (57x57 grid), {count_parameters(model):,} parameters\n{model}"
-    )

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from patchsvdd.models.base import CategoryScores, SearchMode
 from patchsvdd.models.patchsvdd.network import LARGE_PATCH, SMALL_PATCH, PatchSVDD
 
-SearchMode = Literal["exact", "fast"]
 FUSIONS = ("64", "32", "sum", "mult")
 EXACT_PAIRS_LIMIT = 2e9  # 'fast' searches exactly below this many query x bank pairs (a few seconds of BLAS)
 
@@ -202,7 +201,7 @@ def centre_on_bank(queries: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Ten
     return (queries.double() - mean).float(), (bank.double() - mean).float()
 
 
-def _rerank(queries: torch.Tensor, bank: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+def rerank(queries: torch.Tensor, bank: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """Distance (Q,) to the nearest of each query's candidates (Q,k) (-1 for none), from direct differences."""
     valid = candidates >= 0
     diff = queries.double()[:, None, :] - bank.double()[candidates.clamp_min(0)]
@@ -211,7 +210,7 @@ def _rerank(queries: torch.Tensor, bank: torch.Tensor, candidates: torch.Tensor)
 
 
 def _in_chunks(queries: torch.Tensor, bank: torch.Tensor, candidates: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
-    return torch.cat([_rerank(queries[i : i + chunk], bank, candidates[i : i + chunk])
+    return torch.cat([rerank(queries[i : i + chunk], bank, candidates[i : i + chunk])
                       for i in range(0, queries.shape[0], chunk)]) if queries.shape[0] else torch.zeros(0)
 
 
@@ -319,18 +318,6 @@ def distribute_scores(scores: torch.Tensor, patch_size: int, stride: int) -> tor
     summed = F.conv_transpose2d(grid, kernel, stride=stride)
     counts = F.conv_transpose2d(torch.ones_like(grid[:1]), kernel, stride=stride)
     return (summed / counts)[:, 0]
-
-
-@dataclass
-class CategoryScores:
-    """Anomaly maps (M,H,W) for each fusion in ``FUSIONS`` and the search timings in seconds."""
-
-    maps: dict[str, torch.Tensor]
-    seconds: dict[str, float]
-
-    def image_scores(self, fusion: str) -> torch.Tensor:
-        """Image score = maximum of the map: (M,)."""
-        return self.maps[fusion].flatten(1).amax(dim=1)
 
 
 def anomaly_maps(

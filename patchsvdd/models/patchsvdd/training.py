@@ -1,13 +1,12 @@
-"""Patch SVDD training: the two losses and one epoch of optimisation.
+"""Patch SVDD training: the two losses, the step of an epoch and the held-out criterion.
 
-``train_epoch`` is what local training, the benchmarks and the federated
-task all call, unchanged.
+The epoch itself runs in ``training.loop.train_epoch``, which local training,
+the benchmarks and the federated task all call.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -15,8 +14,9 @@ import torch.nn.functional as F
 
 from patchsvdd.models.patchsvdd.network import LARGE_PATCH, SMALL_PATCH, PatchSVDD, split_quadrants
 from patchsvdd.models.patchsvdd.sampling import crop_patches, perturb, sample_position_pairs, sample_svdd_pairs
-from patchsvdd.training.loop import EpochPlan, as_generator, run_epoch
-from patchsvdd.settings import HELDOUT_METRICS, LRSchedule, TrainSettings
+from patchsvdd.models.base import EpochSteps
+from patchsvdd.settings import HELDOUT_METRICS, TrainSettings
+from patchsvdd.training.loop import as_generator
 
 LOSS_NAMES = ("loss", "loss_pos_64", "loss_pos_32", "loss_svdd_64", "loss_svdd_32")
 PATCH_SIZES = (LARGE_PATCH, SMALL_PATCH)
@@ -24,11 +24,6 @@ HELDOUT_METRIC = HELDOUT_METRICS["patchsvdd"]  # loss_pos_64 + loss_pos_32 on he
 COLLAPSE_SPREAD = 1e-6  # a fresh encoder with PyTorch's default init spreads about 5e-5; a collapsed one about 1e-7 or 0
 COLLAPSE_PATIENCE = 20  # steps in a row below it
 ENCODER_CHUNK = 256  # 32x32 inputs per K=32 encoder call in training (measured best on a 2-core CPU)
-
-
-def make_optimizer(model: PatchSVDD, lr: float = TrainSettings.lr) -> torch.optim.Adam:
-    """Adam over every parameter of the model (both encoders and both classifiers)."""
-    return torch.optim.Adam(model.parameters(), lr=lr)
 
 
 def position_loss(classifier: torch.nn.Module, emb_first: torch.Tensor, emb_second: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -143,34 +138,14 @@ def embedding_spread(embeddings: torch.Tensor) -> float:
     return float(embeddings.detach().float().flatten(1).std(dim=0).mean())
 
 
-def train_epoch(
-    model: PatchSVDD,
-    images: torch.Tensor | np.ndarray,
-    optimizer: torch.optim.Optimizer,
-    *,
-    repeat: int = TrainSettings.repeat,
-    batch_size: int = TrainSettings.batch_size,
-    lambda_svdd: float = TrainSettings.lambda_svdd,
-    max_steps: int | None = None,
-    generator: int | torch.Generator | None = None,
-    schedule: LRSchedule | None = None,
-    start_step: int = 0,
-    precision: str = "fp32",
-    collapse_spread: float = COLLAPSE_SPREAD,
-    progress: bool = True,
-    on_step: Callable[[int, dict[str, float]], None] | None = None,
-) -> dict[str, float]:
-    """One epoch: every training image is used ``repeat`` times, in batches of ``batch_size``.
+def epoch_steps(model: PatchSVDD, images: torch.Tensor | np.ndarray, lambda_svdd: float = TrainSettings.lambda_svdd,
+                collapse_spread: float = COLLAPSE_SPREAD) -> EpochSteps:
+    """One epoch's step for ``training.loop.train_epoch``: a batch of standardised images (N,3,H,W) float32
+    (see ``data.standardise``, moved to the model's device) -> both losses of both K, lambda ``lambda_svdd``.
 
-    images (N,3,H,W) float32 standardised (see ``data.standardise``); moved to the
-    model's device. ``max_steps`` cuts the epoch short (for quick runs).
-    ``schedule`` sets the optimizer's learning rate at each global step
-    (``start_step`` + step; None keeps the optimizer's). ``precision``: 'fp32',
-    'bf16' (autocast of the encoders) or 'auto' (bf16 where the device has it natively, see loop.resolve_precision).
-    Raises CollapseError when the embeddings of either K spread less than
-    ``collapse_spread`` for 20 steps in a row. ``on_step(global_step, losses)``
-    sees every step. Returns the mean of each loss and of the spreads
-    ('spread_64', 'spread_32') over the epoch, and 'steps'.
+    bf16 autocast covers the encoders only. Its values: each loss and the spreads ('spread_64', 'spread_32').
+    The check after each step raises CollapseError when the embeddings of either K spread less than
+    ``collapse_spread`` for 20 steps in a row.
     """
     device = next(model.parameters()).device
     images = torch.as_tensor(images, dtype=torch.float32).to(device)
@@ -187,18 +162,14 @@ def train_epoch(
 
     collapsed = [0]  # steps in a row below collapse_spread
 
-    def guard(global_step: int, values: dict[str, float]) -> None:  # the collapse check, then the caller's on_step
+    def check(global_step: int, values: dict[str, float]) -> None:
         collapsed[0] = collapsed[0] + 1 if min(values[f"spread_{k}"] for k in PATCH_SIZES) < collapse_spread else 0
         if collapsed[0] >= COLLAPSE_PATIENCE:
             raise CollapseError(
                 f"the encoder collapsed at step {global_step}: embedding spread "
                 f"{values['spread_64']:.2e} (K=64) / {values['spread_32']:.2e} (K=32) below {collapse_spread:.0e} for "
                 f"{COLLAPSE_PATIENCE} steps, so every patch looks the same. Lower the learning rate or lambda, "
-                "or add warm-up (see README: Training)."
+                "or add warm-up (see docs/training.md)."
             )
-        if on_step is not None:
-            on_step(global_step, values)
 
-    plan = EpochPlan(repeat=repeat, batch_size=batch_size, max_steps=max_steps, generator=generator,
-                     schedule=schedule, start_step=start_step, precision=precision, progress=progress, on_step=guard)
-    return run_epoch(plan, images.shape[0], optimizer, device, step, shown=("loss_pos_64", "loss_pos_32"))
+    return EpochSteps(step=step, n_images=images.shape[0], shown=("loss_pos_64", "loss_pos_32"), check=check)

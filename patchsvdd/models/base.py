@@ -1,0 +1,168 @@
+"""The one interface every model implements: ``ModelFamily``.
+
+The shared code (``training.loop.train_epoch``, ``evaluation.evaluate``, ``deploy``'s bundles, export and
+inspector, the federated tasks, the site guard and the command line) asks a model's family, found with
+``registry.family_of(model)``, and never which model it holds. A family covers:
+
+- the network: build it, the numbers that rebuild its shape (what a checkpoint records), a description;
+- inputs from uint8 images (N,H,W,3);
+- one training epoch: the step the shared loop runs, and what a federated round reports of it;
+- the held-out criterion on good images;
+- maps and their fusions for a category, and for one site's inspector;
+- what a bundle holds besides the model and thresholds (``SiteState``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Literal, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from patchsvdd.settings import TrainSettings
+
+# step(batch image indices (B,), generator, autocast dtype or None) -> (loss to minimise, the step's values by name)
+Step = Callable[[torch.Tensor, torch.Generator, "torch.dtype | None"], "tuple[torch.Tensor, dict[str, float]]"]
+SearchMode = Literal["exact", "fast"]  # a category's search: exact or approximate nearest neighbours
+BankSearch = Literal["auto", "exact", "fast"]  # how a site scorer searches its banks, where it has any
+ArrayReader = Callable[[str], np.ndarray]  # a bundle's array by file name (BundleError naming the file if unreadable)
+
+
+@dataclass
+class CategoryScores:
+    """Anomaly maps (M,H,W) for each of a model's fusions and the seconds each phase took."""
+
+    maps: dict[str, torch.Tensor]
+    seconds: dict[str, float]
+
+    def image_scores(self, fusion: str) -> torch.Tensor:
+        """Image score = maximum of the map: (M,)."""
+        return self.maps[fusion].flatten(1).amax(dim=1)
+
+
+@dataclass
+class EpochSteps:
+    """What the shared loop needs to train a model for one epoch: ``step`` (see ``Step``) over ``n_images``
+    inputs, the values its progress bar shows, and ``check(global_step, values)`` run after every step
+    (e.g. Patch SVDD's collapse check; it raises to stop)."""
+
+    step: Step
+    n_images: int
+    shown: Sequence[str] = ()
+    check: Callable[[int, dict[str, float]], None] | None = None
+
+
+@dataclass
+class SiteState:
+    """What a site's bundle holds besides the model and thresholds, from the site's good images: Patch SVDD's
+    training ``mean`` (H,W,3) float32 and memory ``banks`` {K: (P,D) float32}; the autoencoder's error
+    ``scales`` (in ``bundle.json``)."""
+
+    mean: np.ndarray | None = None
+    banks: dict[int, np.ndarray] = field(default_factory=dict)
+    scales: dict[str, float] | None = None
+
+
+class SiteScorer(ABC):
+    """Maps new images at a site from its ``SiteState`` (indexes built once); ``search``: how it searches
+    (Patch SVDD: 'exact' or 'fast'; 'none' for a model without banks)."""
+
+    search: str = "none"
+
+    @abstractmethod
+    def maps(self, images: np.ndarray) -> np.ndarray:
+        """uint8 images (N,256,256,3) -> anomaly maps (N,256,256) float32 (the 'sum' fusion)."""
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable scalars."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class ModelFamily(ABC):
+    """One model, as the shared code uses it (one instance per model, made by the registry)."""
+
+    name: ClassVar[str]  # its registry name
+    network: ClassVar[type[nn.Module]]  # the class of its networks
+    network_classes: ClassVar[tuple[type[nn.Module], ...]]  # every project class a network is made of (the site guard's)
+    fusions: ClassVar[tuple[str, ...]]  # the maps its evaluation reports, 'sum' among them
+    train_metrics: ClassVar[tuple[str, ...]]  # what a federated round's training reports ('train_loss' first)
+    architecture_limits: ClassVar[dict[str, tuple[int, int]]]  # the range of each architecture number
+
+    @property
+    def heldout_metric(self) -> str:
+        """The name of its held-out criterion (the registry's)."""
+        from patchsvdd.models.registry import entry
+
+        return entry(self.name).heldout_metric
+
+    # --- the network -------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def build(self, *, emb_dim: int, init: str, channels: int) -> nn.Module:
+        """A fresh network; each family uses the options that apply to it."""
+
+    @abstractmethod
+    def architecture(self, model: nn.Module) -> dict[str, int]:
+        """The numbers that rebuild ``model``'s shape (what a checkpoint records)."""
+
+    @abstractmethod
+    def from_architecture(self, numbers: dict[str, int]) -> nn.Module:
+        """An untrained network of the shape ``architecture`` recorded (its weights are to be loaded)."""
+
+    @abstractmethod
+    def describe(self, model: nn.Module) -> str:
+        """A short text: what the model is, its parameters and its layers."""
+
+    # --- training ----------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def inputs(self, model: nn.Module, images: np.ndarray, mean: np.ndarray) -> torch.Tensor:
+        """uint8 images (N,H,W,3) as ``model`` trains on them; ``mean`` (H,W,3) is the site's training mean."""
+
+    @abstractmethod
+    def epoch_steps(self, model: nn.Module, inputs: torch.Tensor, recipe: TrainSettings) -> EpochSteps:
+        """The step of one epoch over ``inputs`` (from ``inputs``, moved to the model's device) with ``recipe``."""
+
+    @abstractmethod
+    def round_report(self, losses: dict[str, float]) -> dict[str, float]:
+        """The ``train_metrics`` of an epoch's mean values (what ``epoch_steps``' values averaged to)."""
+
+    @abstractmethod
+    def epoch_line(self, losses: dict[str, float]) -> str:
+        """One line about an epoch's mean values, for the command line."""
+
+    @abstractmethod
+    def heldout(self, model: nn.Module, inputs: torch.Tensor) -> float:
+        """The held-out criterion (lower is better) on held-out good images, as ``inputs`` makes them."""
+
+    # --- maps ------------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def category_maps(self, model: nn.Module, train_images: np.ndarray, test_images: np.ndarray, mean: np.ndarray,
+                      mode: SearchMode, batch_size: int, progress: bool) -> CategoryScores:
+        """Maps (M,H,W) of each fusion of uint8 test images (M,H,W,3), against the good training images
+        (N,H,W,3) standardised with ``mean``, and the seconds each phase took."""
+
+    @abstractmethod
+    def site_state(self, model: nn.Module, good_images: np.ndarray, mean: np.ndarray, bank_fraction: float,
+                   subsample: str) -> SiteState:
+        """What a bundle keeps of a site's good images (N,H,W,3) (``bank_fraction`` of the patches, chosen by
+        ``subsample``, where the model keeps patches)."""
+
+    @abstractmethod
+    def state_fields(self, model: nn.Module, state: SiteState) -> dict:
+        """The family's own fields of ``bundle.json``."""
+
+    @abstractmethod
+    def read_state(self, model: nn.Module, fields: dict, read_array: ArrayReader) -> SiteState:
+        """The ``SiteState`` of a bundle from its ``bundle.json`` fields and arrays; ValueError starting with the
+        file's name ('mean.npy: ...') when one does not fit."""
+
+    @abstractmethod
+    def site_scorer(self, model: nn.Module, state: SiteState, search: str) -> SiteScorer:
+        """What a site's inspector maps images with (on the model's device; ``search`` where it applies:
+        'auto', 'exact' or 'fast')."""
