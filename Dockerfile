@@ -3,17 +3,18 @@
 #   docker build -t patchsvdd .
 #   docker run --rm -p 8080:8080 -v "$PWD/bundle:/bundle:ro" patchsvdd
 #
-# The install steps are those of `make install` (requirements.txt, then the
-# package itself without dependencies), with PyTorch's CPU wheels.
+# It installs only what serving needs: the package and its `serve` extra
+# (requirements/core.txt and requirements/serve.txt; no OpenFL, Jupyter or
+# papermill), with PyTorch's CPU wheels.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
 
-COPY requirements.txt pyproject.toml README.md ./
-RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu -r requirements.txt
+COPY requirements ./requirements
+COPY pyproject.toml README.md ./
 COPY patchsvdd ./patchsvdd
-RUN pip install --no-cache-dir --no-deps .
+RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu ".[serve]"
 
 RUN useradd --create-home inspector
 USER inspector

@@ -1,5 +1,6 @@
 # make demo: set up .venv if needed, then run the federated demo end to end on built-in data.
 # make test: set up .venv if needed, then run the test suite (make test-fast: without the slow end-to-end tests).
+# make lint: ruff (lint and format check) and mypy.
 # DATA_ROOT=/path/to/mvtec CATEGORY=bottle make demo   runs the same demo on real MVTec AD data.
 
 # OpenFL 1.7.1 (the last release with the director/envoy API) installs on Python 3.10-3.12 only: take
@@ -10,16 +11,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install data demo demo-learn test test-fast bench clean
+.PHONY: install data demo demo-learn test test-fast lint bench clean
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt $(wildcard requirements/*.txt) pyproject.toml
 	@test -x $(PY) || test -n "$(PYTHON)" || { echo "make: no Python 3.10, 3.11 or 3.12 found (python3 is" \
 	  "$$(python3 --version 2>&1 || echo absent)); OpenFL 1.7.1 needs one of them: install python3.12 (or 3.11," \
 	  "3.10), or name one with PYTHON=/path/to/python3.12" >&2; exit 2; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements/test.txt \
+	  -r requirements/lint.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
-	$(PY) -m pip install --quiet --disable-pip-version-check 'pytest>=7.4' 'pytest-timeout>=2.1' 'httpx>=0.24'
 	touch $(STAMP)
 
 # the install also makes the built-in demo data that envoy_folder/shard_config*.yaml point at (data/demo/washer)
@@ -40,6 +41,12 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -m "not slow"
+
+# lint, format and types (configured in pyproject.toml); .ci/run runs it before the tests
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 bench: install
 	$(PY) benchmarks/bench_embed.py

@@ -98,9 +98,9 @@ def detection_noise(learning: Sequence[dict], sizes: dict[str, tuple[int, int]])
     parts = []
     for row in learning:
         good, defective = sizes.get(row["node"], (0, 0))
-        values = (row.get("det_sum untrained"), row.get("det_sum trained"))
-        if good and defective and None not in values:
-            errors = " -> ".join(f"{auroc_standard_error(v, good, defective):.3f}" for v in values)
+        values = [row.get("det_sum untrained"), row.get("det_sum trained")]
+        if good and defective and all(isinstance(v, (int, float)) for v in values):
+            errors = " -> ".join(f"{auroc_standard_error(float(v), good, defective):.3f}" for v in values)  # type: ignore[arg-type]
             parts.append(f"{row['node']} ({good} good, {defective} defective) {errors}")
     if not parts:
         return []

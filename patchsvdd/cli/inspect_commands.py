@@ -102,7 +102,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"[{number}/{len(categories)}] {category} failed: {error}", file=sys.stderr, flush=True)
             results.append(CategoryResult(category, seconds=time.perf_counter() - start, error=error))
     source = "--weights official" if args.weights else str(args.checkpoint or args.checkpoint_dir)
-    models = sorted({r.metrics.get("model") for r in results if r.metrics.get("model")}) or ["no model"]
+    models = sorted({str(r.metrics["model"]) for r in results if r.metrics.get("model")}) or ["no model"]
     paths = write_results(results, args.out_dir, f"{' / '.join(models)} on {args.data_root} ({source}, {args.search} search)")
     print(paths["md"].read_text())
     failed = [r.category for r in results if r.error is not None]

@@ -145,12 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=at_least(1), default=2, help="requests scored at once")
     serve.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
 
-    weights = sub.add_parser("import-weights", formatter_class=DefaultsHelp,
+    released = sub.add_parser("import-weights", formatter_class=DefaultsHelp,
                          help="import the authors' released encoder of a category as a checkpoint")
-    weights.add_argument("--category", required=True, help="an MVTec AD category, e.g. bottle")
-    weights.add_argument("--source", help="the released enchier.pkl: a file or URL (default: downloaded once from the "
+    released.add_argument("--category", required=True, help="an MVTec AD category, e.g. bottle")
+    released.add_argument("--source", help="the released enchier.pkl: a file or URL (default: downloaded once from the "
                                           "original repository at a pinned commit, SHA-256 checked, cached)")
-    weights.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
+    released.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
 
     certs = sub.add_parser("certs", formatter_class=DefaultsHelp,
                          help="create a root authority and mutual-TLS certificates for every node (offline)")

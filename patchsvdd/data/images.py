@@ -35,11 +35,11 @@ def read_mask(path: Path | None, size: int = IMAGE_SIZE) -> np.ndarray:
     if path is None:
         return np.zeros((size, size), dtype=np.uint8)
     try:
-        with Image.open(path) as img:
-            img = img.convert("L")
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.Resampling.NEAREST)
-            return (np.asarray(img) >= MASK_THRESHOLD).astype(np.uint8)
+        with Image.open(path) as opened:
+            mask = opened.convert("L")
+            if mask.size != (size, size):
+                mask = mask.resize((size, size), Image.Resampling.NEAREST)
+            return (np.asarray(mask) >= MASK_THRESHOLD).astype(np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise MVTecDataError(f"{path}: cannot decode mask ({exc})") from exc
 

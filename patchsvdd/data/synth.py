@@ -115,7 +115,8 @@ def _start_point(rng: np.random.Generator, size: int, region: Array | None, marg
         ys, xs = np.nonzero(region)
         i = rng.integers(len(ys))
         return float(ys[i]), float(xs[i])
-    return tuple(rng.uniform(margin, size - margin, 2))  # type: ignore[return-value]
+    y, x = rng.uniform(margin, size - margin, 2)
+    return float(y), float(x)
 
 
 def _draw_mask(size: int, draw: Callable[[ImageDraw.ImageDraw], None], blur: float = 0.0) -> Array:

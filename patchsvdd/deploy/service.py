@@ -69,7 +69,7 @@ async def _image_bytes(request: Request, max_bytes: int) -> bytes:
     if kind == "multipart/form-data":
         form = await request.form(max_files=1, max_fields=4, max_part_size=max_bytes)
         upload = next((form[name] for name in IMAGE_FIELDS if name in form and hasattr(form[name], "read")), None)
-        if upload is None:
+        if upload is None or isinstance(upload, str):
             raise HTTPException(400, f"multipart request without a file field ({' or '.join(IMAGE_FIELDS)})")
         data = await upload.read()
     elif kind in ("application/json", ""):

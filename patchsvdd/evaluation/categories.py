@@ -67,7 +67,7 @@ def table_rows(results: list[CategoryResult]) -> list[dict[str, object]]:
         rows.append(row)
     mean: dict[str, object] = {"category": MEAN}
     for key in (*TABLE_KEYS, *PAPER_KEYS, "seconds"):
-        values = [row[key] for row in rows if isinstance(row[key], (int, float)) and not math.isnan(row[key])]
+        values = [float(v) for row in rows if isinstance(v := row[key], (int, float)) and not math.isnan(v)]
         mean[key] = sum(values) / len(values) if values else None
     ok = sum(result.error is None for result in results)
     mean["status"] = f"{ok} of {len(results)} categories"

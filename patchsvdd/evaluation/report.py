@@ -65,7 +65,7 @@ def final_evaluation(
             if sketch:
                 sketches[node] = sketch
     if sketches:
-        per_node["pooled"] = pooled_aurocs(sketches, fusion)
+        per_node["pooled"] = pooled_aurocs(sketches, fusion)  # type: ignore[assignment]  # None: undefined AUROC
     return per_node, per_defect
 
 

@@ -58,7 +58,7 @@ def connect(
             for name, path in (("cert_chain", cert_chain), ("api_cert", api_cert), ("api_private_key", api_private_key)):
                 if not path or not Path(path).is_file():
                     raise FederationError(f"TLS is on but {name} {path!r} is not a file")
-            check_mutual_tls(host, int(port), cert_chain, api_cert, api_private_key)
+            check_mutual_tls(host, int(port), str(cert_chain), str(api_cert), str(api_private_key))
         elif speaks_tls(host, int(port)):
             raise FederationError(f"the director at {host}:{port} requires TLS: set tls=True with cert_chain, "
                                   "api_cert and api_private_key")

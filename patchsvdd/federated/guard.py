@@ -214,7 +214,7 @@ class RestrictedUnpickler(pickle._Unpickler):  # the Python implementation: its 
             if isinstance(value, type):
                 self._classes.add(value)
             return value
-        if name in CLASSES.get(module, ()) or _torch_class(module, value):
+        if isinstance(value, type) and (name in CLASSES.get(module, ()) or _torch_class(module, value)):
             self._classes.add(value)
             return value
         if key in REFERENCES or (module == "torch" and isinstance(value, torch.dtype)):

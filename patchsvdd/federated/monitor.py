@@ -198,8 +198,9 @@ def follow_metrics(
     name = experiment.experiment_name
     call = experiment.federation.dir_client.stub.GetMetricStream(director_pb2.GetMetricStreamRequest(experiment_name=name))
     threading.Thread(target=_pump, args=(call, inbox), name="metric-stream", daemon=True).start()
+    said: dict[str, Any] = {} if say is None else {"say": say}
     watchdog = Watchdog(name, set(experiment.plan.authorized_cols), idle_timeout, pending_timeout, time.monotonic(),
-                        offline_grace=offline_grace, **({} if say is None else {"say": say}))
+                        offline_grace=offline_grace, **said)
     try:
         while True:
             try:
@@ -278,7 +279,9 @@ class SaveWhenImproved:
     def __init__(self, experiment: FLExperiment | None, path: str | os.PathLike, /, metric: str = HELDOUT_METRIC,
                  lower_is_better: bool = True, fetch: Callable[[], Any] | None = None, **metadata: Any) -> None:
         self.path, self.metric, self.metadata = Path(path), metric, metadata
-        self.fetch = fetch if fetch is not None else experiment.get_last_model
+        if fetch is None and experiment is None:
+            raise ValueError("SaveWhenImproved needs an experiment or a fetch function")
+        self.fetch = fetch if fetch is not None else experiment.get_last_model  # type: ignore[union-attr]
         self.lower_is_better = lower_is_better
         self.best_score = math.inf if lower_is_better else -math.inf
         self.best_round: int | None = None
@@ -308,6 +311,8 @@ class SaveWhenImproved:
     def _save(self) -> None:
         from patchsvdd.training.checkpoint import save_checkpoint
 
+        if self._pending is None:
+            return
         round_number, score = self._pending
         self._pending = None
         model = self.fetch()

@@ -97,17 +97,24 @@ class MVTecDataInterface(DataInterface):
             test_names=list(getattr(test, "names", None) or [f"{t}/{i}" for i, t in enumerate(types)]),
         )
 
-    def get_train_loader(self, **kwargs: Any) -> SiteData:
+    @property
+    def data(self) -> SiteData:
+        """The shard, once OpenFL has given this interface the envoy's shard descriptor."""
+        if self._data is None:
+            raise SiteError("the data interface has no shard yet (OpenFL sets its shard_descriptor first)")
         return self._data
+
+    def get_train_loader(self, **kwargs: Any) -> SiteData:
+        return self.data
 
     def get_valid_loader(self, **kwargs: Any) -> SiteData:
-        return self._data
+        return self.data
 
     def get_train_data_size(self) -> int:
-        return len(self._data.train_images)
+        return len(self.data.train_images)
 
     def get_valid_data_size(self) -> int:
-        return len(self._data.test_images)
+        return len(self.data.test_images)
 
 
 def round_metrics(model: str) -> tuple[str, ...]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Literal, Sequence
+from typing import Callable, ClassVar, Generic, Literal, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -82,8 +82,12 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-class ModelFamily(ABC):
-    """One model, as the shared code uses it (one instance per model, made by the registry)."""
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+
+class ModelFamily(ABC, Generic[ModelT]):
+    """One model, as the shared code uses it (one instance per model, made by the registry); ``ModelT`` is
+    the class of its networks."""
 
     name: ClassVar[str]  # its registry name
     network: ClassVar[type[nn.Module]]  # the class of its networks
@@ -102,29 +106,29 @@ class ModelFamily(ABC):
     # --- the network -------------------------------------------------------------------------------------------
 
     @abstractmethod
-    def build(self, *, emb_dim: int, init: str, channels: int) -> nn.Module:
+    def build(self, *, emb_dim: int, init: str, channels: int) -> ModelT:
         """A fresh network; each family uses the options that apply to it."""
 
     @abstractmethod
-    def architecture(self, model: nn.Module) -> dict[str, int]:
+    def architecture(self, model: ModelT) -> dict[str, int]:
         """The numbers that rebuild ``model``'s shape (what a checkpoint records)."""
 
     @abstractmethod
-    def from_architecture(self, numbers: dict[str, int]) -> nn.Module:
+    def from_architecture(self, numbers: dict[str, int]) -> ModelT:
         """An untrained network of the shape ``architecture`` recorded (its weights are to be loaded)."""
 
     @abstractmethod
-    def describe(self, model: nn.Module) -> str:
+    def describe(self, model: ModelT) -> str:
         """A short text: what the model is, its parameters and its layers."""
 
     # --- training ----------------------------------------------------------------------------------------------
 
     @abstractmethod
-    def inputs(self, model: nn.Module, images: np.ndarray, mean: np.ndarray) -> torch.Tensor:
+    def inputs(self, model: ModelT, images: np.ndarray, mean: np.ndarray) -> torch.Tensor:
         """uint8 images (N,H,W,3) as ``model`` trains on them; ``mean`` (H,W,3) is the site's training mean."""
 
     @abstractmethod
-    def epoch_steps(self, model: nn.Module, inputs: torch.Tensor, recipe: TrainSettings) -> EpochSteps:
+    def epoch_steps(self, model: ModelT, inputs: torch.Tensor, recipe: TrainSettings) -> EpochSteps:
         """The step of one epoch over ``inputs`` (from ``inputs``, moved to the model's device) with ``recipe``."""
 
     @abstractmethod
@@ -136,33 +140,33 @@ class ModelFamily(ABC):
         """One line about an epoch's mean values, for the command line."""
 
     @abstractmethod
-    def heldout(self, model: nn.Module, inputs: torch.Tensor) -> float:
+    def heldout(self, model: ModelT, inputs: torch.Tensor) -> float:
         """The held-out criterion (lower is better) on held-out good images, as ``inputs`` makes them."""
 
     # --- maps ------------------------------------------------------------------------------------------------
 
     @abstractmethod
-    def category_maps(self, model: nn.Module, train_images: np.ndarray, test_images: np.ndarray, mean: np.ndarray,
+    def category_maps(self, model: ModelT, train_images: np.ndarray, test_images: np.ndarray, mean: np.ndarray,
                       mode: SearchMode, batch_size: int, progress: bool) -> CategoryScores:
         """Maps (M,H,W) of each fusion of uint8 test images (M,H,W,3), against the good training images
         (N,H,W,3) standardised with ``mean``, and the seconds each phase took."""
 
     @abstractmethod
-    def site_state(self, model: nn.Module, good_images: np.ndarray, mean: np.ndarray, bank_fraction: float,
+    def site_state(self, model: ModelT, good_images: np.ndarray, mean: np.ndarray, bank_fraction: float,
                    subsample: str) -> SiteState:
         """What a bundle keeps of a site's good images (N,H,W,3) (``bank_fraction`` of the patches, chosen by
         ``subsample``, where the model keeps patches)."""
 
     @abstractmethod
-    def state_fields(self, model: nn.Module, state: SiteState) -> dict:
+    def state_fields(self, model: ModelT, state: SiteState) -> dict:
         """The family's own fields of ``bundle.json``."""
 
     @abstractmethod
-    def read_state(self, model: nn.Module, fields: dict, read_array: ArrayReader) -> SiteState:
+    def read_state(self, model: ModelT, fields: dict, read_array: ArrayReader) -> SiteState:
         """The ``SiteState`` of a bundle from its ``bundle.json`` fields and arrays; ValueError starting with the
         file's name ('mean.npy: ...') when one does not fit."""
 
     @abstractmethod
-    def site_scorer(self, model: nn.Module, state: SiteState, search: str) -> SiteScorer:
+    def site_scorer(self, model: ModelT, state: SiteState, search: BankSearch) -> SiteScorer:
         """What a site's inspector maps images with (on the model's device; ``search`` where it applies:
         'auto', 'exact' or 'fast')."""

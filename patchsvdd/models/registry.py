@@ -53,17 +53,17 @@ def entry(name: str) -> ModelEntry:
 
 
 @cache
-def _load(spec: str) -> ModelFamily:
+def _load(spec: str) -> ModelFamily[Any]:
     module, _, cls = spec.partition(":")
     return getattr(import_module(module), cls)()
 
 
-def family(name: str) -> ModelFamily:
+def family(name: str) -> ModelFamily[Any]:
     """The ``ModelFamily`` of the model called ``name`` (loaded once)."""
     return _load(entry(name).family)
 
 
-def family_of(model: nn.Module) -> ModelFamily:
+def family_of(model: nn.Module) -> ModelFamily[Any]:
     """The family whose network ``model`` is; TypeError for a network no registered model builds."""
     for name in REGISTRY:
         candidate = family(name)

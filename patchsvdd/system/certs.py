@@ -89,9 +89,10 @@ def issue_certificate(out: Path, file_stem: str, common_name: str, hosts: Iterab
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName(_alt_names([common_name, *hosts])), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(authority.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(authority.public_key()),  # type: ignore[arg-type]
+                       critical=False)  # the authority's key is the EC key create_authority wrote
     )
-    cert = builder.sign(authority_key, hashes.SHA384())
+    cert = builder.sign(authority_key, hashes.SHA384())  # type: ignore[arg-type]  # an EC key, as above
     out.mkdir(parents=True, exist_ok=True)
     key_path, cert_path = out / f"{file_stem}.key", out / f"{file_stem}.crt"
     _write_key(key, key_path)

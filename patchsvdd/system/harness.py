@@ -146,7 +146,7 @@ class LocalFederation:
     port: int
     envoys: list[str]
     processes: Processes
-    tls: dict[str, object] = field(default_factory=lambda: {"tls": False})
+    tls: dict[str, Any] = field(default_factory=lambda: {"tls": False})
 
 
 def write_director_config(root: Path, path: Path, port: int, host: str = "localhost",
@@ -178,7 +178,7 @@ def write_envoy_config(root: Path, path: Path, data_root: Path, category: str, r
     return path
 
 
-def envoys_accepted(host: str, port: int, names: Sequence[str], tls: dict[str, object]) -> Callable[[], bool]:
+def envoys_accepted(host: str, port: int, names: Sequence[str], tls: dict[str, Any]) -> Callable[[], bool]:
     """A readiness probe: True once the director's shard registry lists every envoy of ``names`` online."""
     import grpc
 
@@ -217,7 +217,7 @@ def start_federation(
     run_dir = Path(run_dir).resolve()
     names = [f"envoy_{i}" for i in range(1, n_envoys + 1)]
     certs = run_dir / "certs"
-    client_tls: dict[str, object] = {"tls": False}
+    client_tls: dict[str, Any] = {"tls": False}
     if tls:
         from patchsvdd.system.certs import create_federation_certs
 

@@ -59,8 +59,9 @@ class Supervisor:
         self.child: subprocess.Popen | None = None
         self.restarts = 0
 
-    def _start(self) -> None:
+    def _start(self) -> subprocess.Popen:
         self.child = subprocess.Popen(list(self.command), preexec_fn=_die_with_parent)
+        return self.child
 
     def stop_child(self) -> None:
         """SIGTERM the envoy, SIGKILL it after ``grace`` seconds."""
@@ -86,10 +87,10 @@ class Supervisor:
 
     def run(self) -> int:
         """Supervise until the envoy exits on its own or the director stays away too long; the exit code."""
-        self._start()
+        child = self._start()
         while True:
             time.sleep(self.poll)
-            code = self.child.poll()
+            code = child.poll()
             if self.probe(self.host, self.port):
                 if code is not None:
                     return code
@@ -104,7 +105,7 @@ class Supervisor:
             self.restarts += 1
             self.say(f"the director at {self.host}:{self.port} is back: restarting the envoy so that it registers "
                      f"again (restart {self.restarts})")
-            self._start()
+            child = self._start()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args[0] == "reach":
         return exit_code(lambda: check_reachable(args[1], int(args[2])), TLSCheckError, "TLS: ")
-    return exit_code(lambda: check_mutual_tls(args[1], int(args[2]), *args[3:6]), TLSCheckError, "TLS: ")
+    return exit_code(lambda: check_mutual_tls(args[1], int(args[2]), args[3], args[4], args[5]), TLSCheckError, "TLS: ")
 
 
 if __name__ == "__main__":

@@ -7,11 +7,11 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
 
 from patchsvdd.models.autoencoder.network import FUSIONS, ConvAutoencoder, as_input, good_scales, image_maps
 from patchsvdd.models.autoencoder.training import epoch_steps, heldout_reconstruction
 from patchsvdd.models.base import (
+    BankSearch,
     CategoryScores, EpochSteps, ModelFamily, SearchMode, SiteScorer, SiteState, count_parameters,
 )
 from patchsvdd.settings import TrainSettings
@@ -30,7 +30,7 @@ class ReconstructionScorer(SiteScorer):
         return image_maps(self.model, images, self.scales, self.batch_size)["sum"].numpy().astype(np.float32)
 
 
-class AutoencoderFamily(ModelFamily):
+class AutoencoderFamily(ModelFamily[ConvAutoencoder]):
     name = "autoencoder"
     network = ConvAutoencoder
     network_classes = (ConvAutoencoder,)
@@ -38,24 +38,24 @@ class AutoencoderFamily(ModelFamily):
     train_metrics = ("train_loss", "mse", "ssim")
     architecture_limits = {"channels": (1, 3), "latent_dim": (1, 4096), "width": (1, 512)}
 
-    def build(self, *, emb_dim: int = 0, init: str = "pytorch", channels: int = 3) -> nn.Module:
+    def build(self, *, emb_dim: int = 0, init: str = "pytorch", channels: int = 3) -> ConvAutoencoder:
         return ConvAutoencoder(channels=channels)  # PyTorch's default initialisation; 1 channel for gray data
 
-    def architecture(self, model: nn.Module) -> dict[str, int]:
+    def architecture(self, model: ConvAutoencoder) -> dict[str, int]:
         return {"channels": model.channels, "latent_dim": model.latent_dim, "width": model.width}
 
-    def from_architecture(self, numbers: dict[str, int]) -> nn.Module:
+    def from_architecture(self, numbers: dict[str, int]) -> ConvAutoencoder:
         return ConvAutoencoder(**{k: int(v) for k, v in numbers.items()})
 
-    def describe(self, model: nn.Module) -> str:
+    def describe(self, model: ConvAutoencoder) -> str:
         return (f"convolutional autoencoder, {model.channels} channel(s), latent vector of {model.latent_dim}, "
                 f"{count_parameters(model):,} parameters; loss MSE + (1 - SSIM)\n{model}")
 
-    def inputs(self, model: nn.Module, images: np.ndarray, mean: np.ndarray) -> torch.Tensor:
+    def inputs(self, model: ConvAutoencoder, images: np.ndarray, mean: np.ndarray) -> torch.Tensor:
         """(N,C,H,W) float32 in [0,1] with the model's C channels (``mean`` unused)."""
         return as_input(images, model.channels)
 
-    def epoch_steps(self, model: nn.Module, inputs: torch.Tensor, recipe: TrainSettings) -> EpochSteps:
+    def epoch_steps(self, model: ConvAutoencoder, inputs: torch.Tensor, recipe: TrainSettings) -> EpochSteps:
         return epoch_steps(model, inputs)
 
     def round_report(self, losses: dict[str, float]) -> dict[str, float]:
@@ -64,10 +64,10 @@ class AutoencoderFamily(ModelFamily):
     def epoch_line(self, losses: dict[str, float]) -> str:
         return f"loss {losses['loss']:.4f} (MSE {losses['mse']:.5f}, SSIM {losses['ssim']:.4f})"
 
-    def heldout(self, model: nn.Module, inputs: torch.Tensor) -> float:
+    def heldout(self, model: ConvAutoencoder, inputs: torch.Tensor) -> float:
         return heldout_reconstruction(model, inputs)[self.heldout_metric]
 
-    def category_maps(self, model: nn.Module, train_images: np.ndarray, test_images: np.ndarray, mean: np.ndarray,
+    def category_maps(self, model: ConvAutoencoder, train_images: np.ndarray, test_images: np.ndarray, mean: np.ndarray,
                       mode: SearchMode, batch_size: int, progress: bool) -> CategoryScores:
         """The good training images set the scale of each error for 'sum' (``mode``, ``batch_size``, ``mean``
         unused)."""
@@ -79,19 +79,19 @@ class AutoencoderFamily(ModelFamily):
         seconds["reconstruct"] = time.perf_counter() - start
         return CategoryScores(maps=maps, seconds=seconds)
 
-    def site_state(self, model: nn.Module, good_images: np.ndarray, mean: np.ndarray, bank_fraction: float,
+    def site_state(self, model: ConvAutoencoder, good_images: np.ndarray, mean: np.ndarray, bank_fraction: float,
                    subsample: str) -> SiteState:
         return SiteState(scales=good_scales(model.eval(), good_images))  # no bank: only the scale of each error
 
-    def state_fields(self, model: nn.Module, state: SiteState) -> dict:
+    def state_fields(self, model: ConvAutoencoder, state: SiteState) -> dict:
         return {"scales": state.scales}
 
-    def read_state(self, model: nn.Module, fields: dict, read_array) -> SiteState:
+    def read_state(self, model: ConvAutoencoder, fields: dict, read_array) -> SiteState:
         scales = fields.get("scales")
         if not isinstance(scales, dict) or not all(isinstance(scales.get(n), (int, float)) and scales[n] > 0
                                                    for n in SCALE_NAMES):
             raise ValueError(f"bundle.json: 'scales' {scales!r}: expected positive numbers 'l2' and 'ssim'")
         return SiteState(scales=dict(scales))
 
-    def site_scorer(self, model: nn.Module, state: SiteState, search: str) -> SiteScorer:
-        return ReconstructionScorer(model, state.scales or {})  # type: ignore[arg-type]
+    def site_scorer(self, model: ConvAutoencoder, state: SiteState, search: BankSearch) -> SiteScorer:
+        return ReconstructionScorer(model, state.scales or {})

@@ -78,14 +78,16 @@ class MemoryBank:
         self.bank = torch.from_numpy((bank - self.mean).astype(np.float32))
         fast = search == "fast" or (search == "auto" and len(bank) > FAST_BANK_ROWS)
         dim = bank.shape[1]
+        self.index: faiss.Index
         if fast:
-            self.index = faiss.IndexHNSWFlat(dim, 16)
-            self.index.hnsw.efConstruction = 40
+            graph = faiss.IndexHNSWFlat(dim, 16)
+            graph.hnsw.efConstruction = 40
+            graph.add(np.ascontiguousarray(self.bank.numpy()))
+            graph.hnsw.efSearch = 64
+            self.index = graph
         else:
             self.index = faiss.IndexFlatL2(dim)
-        self.index.add(np.ascontiguousarray(self.bank.numpy()))
-        if fast:
-            self.index.hnsw.efSearch = 64
+            self.index.add(np.ascontiguousarray(self.bank.numpy()))
         self.search = "fast" if fast else "exact"
 
     def distances(self, queries: np.ndarray) -> torch.Tensor:

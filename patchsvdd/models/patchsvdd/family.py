@@ -7,7 +7,6 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
 
 from patchsvdd.data.images import IMAGE_SIZE
 from patchsvdd.data.mvtec import standardise
@@ -28,6 +27,8 @@ class BankScorer(SiteScorer):
     the pixels it covers, K=64 and K=32 summed."""
 
     def __init__(self, model: PatchSVDD, state: SiteState, search: BankSearch = "auto", batch_size: int = 8) -> None:
+        if state.mean is None:
+            raise ValueError("a Patch SVDD site state needs the training mean")
         self.model, self.mean, self.batch_size = model, state.mean, batch_size
         self.banks = {k: MemoryBank(bank, search) for k, bank in state.banks.items()}
         self.search = self.banks[SMALL_PATCH].search
@@ -39,18 +40,18 @@ class BankScorer(SiteScorer):
         for start in range(0, len(images), self.batch_size):
             batch = torch.from_numpy(standardise(images[start : start + self.batch_size], self.mean)).to(device)
             emb64, emb32 = self.model.embed(batch)
-            fused = None
+            fused = torch.zeros(0)
             for k, emb in ((LARGE_PATCH, emb64), (SMALL_PATCH, emb32)):
                 n, d, g, _ = emb.shape
                 queries = emb.permute(0, 2, 3, 1).reshape(-1, d).float().cpu().numpy()
                 scores = self.banks[k].distances(queries).reshape(n, g, g)
                 amap = distribute_scores(scores, k, PatchSVDD.strides[k])
-                fused = amap if fused is None else fused + amap
+                fused = amap if k == LARGE_PATCH else fused + amap
             out.append(fused.numpy().astype(np.float32))
         return np.concatenate(out) if out else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), np.float32)
 
 
-class PatchSVDDFamily(ModelFamily):
+class PatchSVDDFamily(ModelFamily[PatchSVDD]):
     name = "patchsvdd"
     network = PatchSVDD
     network_classes = (PatchSVDD, SmallEncoder, HierarchicalEncoder, NormalizedLinear, PositionClassifier)
@@ -58,24 +59,24 @@ class PatchSVDDFamily(ModelFamily):
     train_metrics = ("train_loss", "pos_loss_64", "pos_loss_32", "spread_64", "spread_32")
     architecture_limits = {"emb_dim": (1, 4096)}
 
-    def build(self, *, emb_dim: int = EMB_DIM, init: str = "kaiming", channels: int = 3) -> nn.Module:
+    def build(self, *, emb_dim: int = EMB_DIM, init: str = "kaiming", channels: int = 3) -> PatchSVDD:
         return PatchSVDD(emb_dim=emb_dim, init=init)  # RGB only: a grayscale image is read as three equal channels
 
-    def architecture(self, model: nn.Module) -> dict[str, int]:
+    def architecture(self, model: PatchSVDD) -> dict[str, int]:
         return {"emb_dim": int(model.emb_dim)}
 
-    def from_architecture(self, numbers: dict[str, int]) -> nn.Module:
+    def from_architecture(self, numbers: dict[str, int]) -> PatchSVDD:
         return PatchSVDD(emb_dim=int(numbers["emb_dim"]), init="pytorch")
 
-    def describe(self, model: nn.Module) -> str:
+    def describe(self, model: PatchSVDD) -> str:
         return (f"Patch SVDD, D={model.emb_dim}: K=64 at stride {model.strides[64]} (13x13 grid), "
                 f"K=32 at stride {model.strides[32]} (57x57 grid), {count_parameters(model):,} parameters\n{model}")
 
-    def inputs(self, model: nn.Module, images: np.ndarray, mean: np.ndarray) -> torch.Tensor:
+    def inputs(self, model: PatchSVDD, images: np.ndarray, mean: np.ndarray) -> torch.Tensor:
         """(N,3,H,W) float32: the images less the training ``mean``, over 255 (``data.standardise``)."""
         return torch.from_numpy(standardise(images, mean))
 
-    def epoch_steps(self, model: nn.Module, inputs: torch.Tensor, recipe: TrainSettings) -> EpochSteps:
+    def epoch_steps(self, model: PatchSVDD, inputs: torch.Tensor, recipe: TrainSettings) -> EpochSteps:
         return epoch_steps(model, inputs, recipe.lambda_svdd)
 
     def round_report(self, losses: dict[str, float]) -> dict[str, float]:
@@ -86,10 +87,10 @@ class PatchSVDDFamily(ModelFamily):
         return (f"loss {losses['loss']:.4f}, position losses K=64 {losses['loss_pos_64']:.3f} K=32 "
                 f"{losses['loss_pos_32']:.3f} (chance 2.079), spread {losses['spread_64']:.2g}/{losses['spread_32']:.2g}")
 
-    def heldout(self, model: nn.Module, inputs: torch.Tensor) -> float:
+    def heldout(self, model: PatchSVDD, inputs: torch.Tensor) -> float:
         return heldout_losses(model, inputs)[self.heldout_metric]
 
-    def category_maps(self, model: nn.Module, train_images: np.ndarray, test_images: np.ndarray, mean: np.ndarray,
+    def category_maps(self, model: PatchSVDD, train_images: np.ndarray, test_images: np.ndarray, mean: np.ndarray,
                       mode: SearchMode, batch_size: int, progress: bool) -> CategoryScores:
         """Every test patch against every training patch of its K (``mode`` 'exact' or 'fast')."""
         device = next(model.parameters()).device
@@ -101,15 +102,15 @@ class PatchSVDDFamily(ModelFamily):
         scores.seconds = {"embed": embed_seconds, **scores.seconds}
         return scores
 
-    def site_state(self, model: nn.Module, good_images: np.ndarray, mean: np.ndarray, bank_fraction: float,
+    def site_state(self, model: PatchSVDD, good_images: np.ndarray, mean: np.ndarray, bank_fraction: float,
                    subsample: str) -> SiteState:
         banks = memory_banks(model.eval(), standardise(good_images, mean), bank_fraction, subsample)
         return SiteState(mean=mean, banks=banks)
 
-    def state_fields(self, model: nn.Module, state: SiteState) -> dict:
+    def state_fields(self, model: PatchSVDD, state: SiteState) -> dict:
         return {"emb_dim": model.emb_dim}
 
-    def read_state(self, model: nn.Module, fields: dict, read_array) -> SiteState:
+    def read_state(self, model: PatchSVDD, fields: dict, read_array) -> SiteState:
         mean = read_array("mean.npy")
         if mean.shape != (IMAGE_SIZE, IMAGE_SIZE, 3):
             raise ValueError(f"mean.npy: shape {mean.shape}, expected {(IMAGE_SIZE, IMAGE_SIZE, 3)}")
@@ -121,5 +122,5 @@ class PatchSVDDFamily(ModelFamily):
             banks[k] = bank.astype(np.float32)
         return SiteState(mean=mean.astype(np.float32), banks=banks)
 
-    def site_scorer(self, model: nn.Module, state: SiteState, search: str) -> SiteScorer:
-        return BankScorer(model, state, search)  # type: ignore[arg-type]
+    def site_scorer(self, model: PatchSVDD, state: SiteState, search: BankSearch) -> SiteScorer:
+        return BankScorer(model, state, search)

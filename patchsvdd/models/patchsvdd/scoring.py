@@ -133,7 +133,7 @@ def _pruned_candidates(queries: torch.Tensor, bank: torch.Tensor, k: int, query_
     kmeans = faiss.Kmeans(dim, n_clusters, niter=4, seed=1234 + seed, max_points_per_centroid=32, verbose=False)
     kmeans.train(x)
     quantizer = faiss.IndexFlatL2(dim)
-    quantizer.add(kmeans.centroids)
+    quantizer.add(kmeans.centroids)  # type: ignore[arg-type]  # set by train()
     index = faiss.IndexIVFFlat(quantizer, dim, n_clusters)
     index.add(x)
     sizes, members = _cluster_lists(index)
@@ -162,8 +162,11 @@ def _pruned_candidates(queries: torch.Tensor, bank: torch.Tensor, k: int, query_
         lower = (sq - slack).clamp_min_(0).sqrt_().mul_(1 - 1e-6).sub_(radius[None])  # no row of cluster c is nearer
         nearest = sq.topk(min(probe, n_clusters), dim=1, largest=False).indices
         index.nprobe = nearest.shape[1]
-        _, first = index.search_preassigned(np.ascontiguousarray(q.numpy()), k, nearest.numpy(), None)
-        first_t = torch.from_numpy(first)
+        # faiss's Python wrapper takes (x, k, assign, centroid_dis) and returns (distances, labels); its stubs
+        # give the C++ signature
+        first: np.ndarray
+        _, first = index.search_preassigned(np.ascontiguousarray(q.numpy()), k, nearest.numpy(), None)  # type: ignore
+        first_t = torch.from_numpy(np.asarray(first))
         bound = (q.double()[:, None, :] - bank64[first_t.clamp_min(0)]).norm(dim=2)
         bound = bound.masked_fill(first_t < 0, math.inf).min(dim=1).values
         keep = lower <= bound.float()[:, None] * (1 + 1e-6)
@@ -182,7 +185,7 @@ def _pruned_candidates(queries: torch.Tensor, bank: torch.Tensor, k: int, query_
             position = group_keep.long().cumsum(1)[row, col] - 1
             lists[row, position] = col
             index.nprobe = width
-            _, ids = index.search_preassigned(np.ascontiguousarray(q[group].numpy()), k, lists.numpy(), None)
+            _, ids = index.search_preassigned(np.ascontiguousarray(q[group].numpy()), k, lists.numpy(), None)  # type: ignore
             found[q0 + group] = torch.from_numpy(ids)
     seconds["pruned"] = time.perf_counter() - start
     seconds["scanned_share"] = scanned / max(queries.shape[0], 1)

@@ -61,6 +61,7 @@ def sample_batch(images: torch.Tensor, image_index: torch.Tensor, generator: tor
         crops = [crop_patches(images, image_index, p.y1 if first else p.y2, p.x1 if first else p.x2, k)
                  for p in (pos, svdd) for first in (True, False)]
         patches[k] = torch.cat([perturb(torch.cat(crops[:2]), generator), *crops[2:]])
+        assert pos.labels is not None  # position pairs always carry their classes
         labels[k] = pos.labels.to(images.device)
     return TrainingBatch(patches, labels)
 
@@ -89,7 +90,7 @@ def batch_losses(
     """
     embeddings = batch_embeddings(model, batch) if embeddings is None else embeddings
     out: dict[str, torch.Tensor] = {}
-    total = 0.0
+    total = torch.zeros(())  # 0 + x is x exactly: the same sum as from a float 0
     for k in PATCH_SIZES:
         pos_a, pos_b, svdd_a, svdd_b = embeddings[k].float().chunk(4)
         out[f"loss_pos_{k}"] = position_loss(model.classifier_for(k), pos_a, pos_b, batch.labels[k])
