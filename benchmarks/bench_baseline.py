@@ -58,8 +58,9 @@ def train_for(kind: str, data: CategoryData, budget_s: float) -> tuple[torch.nn.
         times.append(now - last[0])
         last[0] = now
 
-    train_epoch(probe, inputs, make_optimizer(probe, recipe.lr), recipe, repeat=10_000, max_steps=6, generator=0,
-                on_step=tick)
+    train_epoch(
+        probe, inputs, make_optimizer(probe, recipe.lr), recipe, repeat=10_000, max_steps=6, generator=0, on_step=tick
+    )
     step_s = float(np.median(times[1:]))
     steps = max(1, int(budget_s / step_s))
     torch.manual_seed(0)
@@ -67,11 +68,15 @@ def train_for(kind: str, data: CategoryData, budget_s: float) -> tuple[torch.nn.
     optimizer = make_optimizer(model, recipe.lr)
     schedule = recipe.lr_schedule(steps)
     start = time.perf_counter()
-    losses = train_epoch(model, inputs, optimizer, recipe, repeat=10_000, max_steps=steps, generator=0,
-                         schedule=schedule)
+    losses = train_epoch(
+        model, inputs, optimizer, recipe, repeat=10_000, max_steps=steps, generator=0, schedule=schedule
+    )
     seconds = time.perf_counter() - start
-    print(f"  {kind}: {steps} steps of {step_s:.2f} s in {seconds:.0f} s; last epoch losses "
-          + ", ".join(f"{k} {v:.4f}" for k, v in losses.items() if k != "steps"), flush=True)
+    print(
+        f"  {kind}: {steps} steps of {step_s:.2f} s in {seconds:.0f} s; last epoch losses "
+        + ", ".join(f"{k} {v:.4f}" for k, v in losses.items() if k != "steps"),
+        flush=True,
+    )
     return model, {"steps": steps, "step_s": step_s, "train_s": seconds, "batch": recipe.batch_size}
 
 
@@ -90,8 +95,10 @@ def score(model: torch.nn.Module, data: CategoryData, search: str) -> dict:
 
 
 def run_dataset(name: str, data: CategoryData, budget_s: float, search: str, released: Path | None) -> list[dict]:
-    print(f"{name}: {len(data.train_images)} training, {len(data.test_images)} test images; budget {budget_s:.0f} s",
-          flush=True)
+    print(
+        f"{name}: {len(data.train_images)} training, {len(data.test_images)} test images; budget {budget_s:.0f} s",
+        flush=True,
+    )
     rows = []
     for kind, label in (("patchsvdd", "Patch SVDD, CPU recipe"), ("autoencoder", "autoencoder (MSE + SSIM)")):
         model, trained = train_for(kind, data, budget_s)
@@ -101,8 +108,15 @@ def run_dataset(name: str, data: CategoryData, budget_s: float, search: str, rel
         from patchsvdd.models.patchsvdd.released import import_released
 
         model, _ = import_released(name, released)
-        rows.append({"data": name, "model": "Patch SVDD, released encoder", "steps": 0, "train_s": 0.0,
-                     **score(model, data, search)})
+        rows.append(
+            {
+                "data": name,
+                "model": "Patch SVDD, released encoder",
+                "steps": 0,
+                "train_s": 0.0,
+                **score(model, data, search),
+            }
+        )
         print(f"  {rows[-1]}", flush=True)
     return rows
 
@@ -112,8 +126,12 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "mvtec")
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--budget-minutes", type=float, default=8.0, help="training budget per model on --category")
-    parser.add_argument("--demo-budget-minutes", type=float, default=4.0, help="training budget per model on the demo data")
-    parser.add_argument("--search", choices=("exact", "fast"), default="fast", help="Patch SVDD's nearest-neighbour search")
+    parser.add_argument(
+        "--demo-budget-minutes", type=float, default=4.0, help="training budget per model on the demo data"
+    )
+    parser.add_argument(
+        "--search", choices=("exact", "fast"), default="fast", help="Patch SVDD's nearest-neighbour search"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_baseline")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -121,23 +139,29 @@ def main() -> None:
     if (args.data_root / args.category / "train" / "good").is_dir():
         released = OFFICIAL / f"{args.category}_enchier.pkl"
         data = load_category(index_category(args.data_root, args.category))
-        rows += run_dataset(args.category, data, 60 * args.budget_minutes, args.search,
-                            released if released.is_file() else None)
+        rows += run_dataset(
+            args.category, data, 60 * args.budget_minutes, args.search, released if released.is_file() else None
+        )
     else:
         print(f"{args.data_root / args.category}: not found, real data skipped")
     from patchsvdd.cli.demo import ensure_demo_data
 
     demo_root = ensure_demo_data(REPO / "data" / "demo", "washer")
-    rows += run_dataset("washer", load_category(index_category(demo_root, "washer")), 60 * args.demo_budget_minutes,
-                        args.search, None)
+    rows += run_dataset(
+        "washer", load_category(index_category(demo_root, "washer")), 60 * args.demo_budget_minutes, args.search, None
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "baseline.json").write_text(json.dumps(rows, indent=1))
-    print(f"\n| data | model | steps (batch) | train s | det_sum | seg_sum | aupro_sum | inference s/image |\n"
-          f"|{'---|' * 8}")
+    print(
+        f"\n| data | model | steps (batch) | train s | det_sum | seg_sum | aupro_sum | inference s/image |\n"
+        f"|{'---|' * 8}"
+    )
     for r in rows:
         steps = f"{r['steps']} ({r['batch']})" if r["steps"] else "released"
-        print(f"| {r['data']} | {r['model']} | {steps} | {r['train_s']:.0f} | {r['det_sum']:.4f} | {r['seg_sum']:.4f} | "
-              f"{r['aupro_sum']:.4f} | {r['infer_s_per_image']:.3f} |")
+        print(
+            f"| {r['data']} | {r['model']} | {steps} | {r['train_s']:.0f} | {r['det_sum']:.4f} | {r['seg_sum']:.4f} | "
+            f"{r['aupro_sum']:.4f} | {r['infer_s_per_image']:.3f} |"
+        )
     print(f"(search: {args.search}; wrote {args.out / 'baseline.json'})")
 
 

@@ -40,7 +40,9 @@ SHOWN = ("det_sum", "seg_sum", "det_64", "seg_64", "det_32", "seg_32")
 BOOTSTRAP = 2000
 
 
-def paired_gain_interval(labels: np.ndarray, before: np.ndarray, after: np.ndarray, seed: int = 0) -> tuple[float, float]:
+def paired_gain_interval(
+    labels: np.ndarray, before: np.ndarray, after: np.ndarray, seed: int = 0
+) -> tuple[float, float]:
     """2.5 and 97.5 percentiles of AUROC(after) - AUROC(before) over bootstrap resamples of the test images
     (labels (N,) 0/1, image scores (N,) of both models), resampled within each class."""
     from sklearn.metrics import roc_auc_score
@@ -58,11 +60,18 @@ def paired_gain_interval(labels: np.ndarray, before: np.ndarray, after: np.ndarr
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--test-good", type=int, default=DEMO_DATA["n_test_good"],
-                        help="good test images (both envoys together)")
-    parser.add_argument("--test-per-defect", type=int, default=DEMO_DATA["n_test_per_defect"],
-                        help="test images per defect type (both envoys)")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="a trained model to score beside the untrained one")
+    parser.add_argument(
+        "--test-good", type=int, default=DEMO_DATA["n_test_good"], help="good test images (both envoys together)"
+    )
+    parser.add_argument(
+        "--test-per-defect",
+        type=int,
+        default=DEMO_DATA["n_test_per_defect"],
+        help="test images per defect type (both envoys)",
+    )
+    parser.add_argument(
+        "--checkpoint", type=Path, default=None, help="a trained model to score beside the untrained one"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_demo_seeds")
     args = parser.parse_args()
     import torch
@@ -77,14 +86,19 @@ def main() -> None:
     from patchsvdd.data.synth import generate_category
 
     torch.manual_seed(DEMO_SETTINGS.seed)
-    models = {"untrained": build_model(DEMO_SETTINGS.model, emb_dim=DEMO_SETTINGS.emb_dim, init=DEMO_SETTINGS.init).eval()}
+    models = {
+        "untrained": build_model(DEMO_SETTINGS.model, emb_dim=DEMO_SETTINGS.emb_dim, init=DEMO_SETTINGS.init).eval()
+    }
     if args.checkpoint is not None:
         models["trained"] = load_checkpoint(args.checkpoint)[0].eval()
     rows = []
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as root:
-            generate_category(root, "washer", **{**DEMO_DATA, "seed": seed, "n_test_good": args.test_good,
-                                                 "n_test_per_defect": args.test_per_defect})
+            generate_category(
+                root,
+                "washer",
+                **{**DEMO_DATA, "seed": seed, "n_test_good": args.test_good, "n_test_per_defect": args.test_per_defect},
+            )
             scores: dict[str, list[np.ndarray]] = {name: [] for name in models}
             labels = []
             made: dict[tuple[str, str], dict] = {}  # (envoy, model) -> this seed's row
@@ -98,37 +112,59 @@ def main() -> None:
                     scores[name].append(evaluation.scores.image_scores("sum").numpy())
                     det_sum = evaluation.metrics["det_sum"]
                     made[str(rank), name] = {
-                        "seed": seed, "envoy": str(rank), "model": name, "test_images": len(truth),
+                        "seed": seed,
+                        "envoy": str(rank),
+                        "model": name,
+                        "test_images": len(truth),
                         **{key: evaluation.metrics[key] for key in SHOWN},
-                        "se_det_sum": auroc_standard_error(det_sum, len(truth) - n_anomalous, n_anomalous)}
+                        "se_det_sum": auroc_standard_error(det_sum, len(truth) - n_anomalous, n_anomalous),
+                    }
                     print(made[str(rank), name], flush=True)
             sets = {str(rank): (labels[rank - 1], {name: scores[name][rank - 1] for name in models}) for rank in (1, 2)}
             sets["pooled"] = (np.concatenate(labels), {name: np.concatenate(scores[name]) for name in models})
             truth, by_model = sets["pooled"]
             for name in models:
-                made["pooled", name] = {"seed": seed, "envoy": "pooled", "model": name, "test_images": truth.size,
-                                        "det_sum": roc_auc_score(truth, by_model[name])}
+                made["pooled", name] = {
+                    "seed": seed,
+                    "envoy": "pooled",
+                    "model": name,
+                    "test_images": truth.size,
+                    "det_sum": roc_auc_score(truth, by_model[name]),
+                }
                 print(made["pooled", name], flush=True)
             if "trained" in models:
                 for envoy, (truth, by_model) in sets.items():
                     trained, untrained = made[envoy, "trained"], made[envoy, "untrained"]
                     trained["gain_det_sum"] = trained["det_sum"] - untrained["det_sum"]
                     trained["gain_low"], trained["gain_high"] = paired_gain_interval(
-                        truth, by_model["untrained"], by_model["trained"], seed)
+                        truth, by_model["untrained"], by_model["trained"], seed
+                    )
             rows += made.values()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "seeds.json").write_text(json.dumps(rows, indent=1))
-    columns = ("det_sum", "se_det_sum", *(("gain_det_sum", "gain_low", "gain_high") if "trained" in models else ()),
-               *SHOWN[1:])
+    columns = (
+        "det_sum",
+        "se_det_sum",
+        *(("gain_det_sum", "gain_low", "gain_high") if "trained" in models else ()),
+        *SHOWN[1:],
+    )
     print(f"\n| data seed | envoy | model | test images | {' | '.join(columns)} |\n|{'---|' * (4 + len(columns))}")
     for row in rows:
-        print(f"| {row['seed']} | {row['envoy']} | {row['model']} | {row['test_images']} | "
-              + " | ".join(f"{row[k]:.4f}" if k in row else "" for k in columns) + " |")
+        print(
+            f"| {row['seed']} | {row['envoy']} | {row['model']} | {row['test_images']} | "
+            + " | ".join(f"{row[k]:.4f}" if k in row else "" for k in columns)
+            + " |"
+        )
     for name in models:
         envoys = [row for row in rows if row["envoy"] != "pooled" and row["model"] == name]
-        print(f"| range, envoys | | {name} | | " + " | ".join(
-            f"{min(r[k] for r in envoys):.3f}-{max(r[k] for r in envoys):.3f}" if k in envoys[0] else ""
-            for k in columns) + " |")
+        print(
+            f"| range, envoys | | {name} | | "
+            + " | ".join(
+                f"{min(r[k] for r in envoys):.3f}-{max(r[k] for r in envoys):.3f}" if k in envoys[0] else ""
+                for k in columns
+            )
+            + " |"
+        )
         pooled = [row["det_sum"] for row in rows if row["envoy"] == "pooled" and row["model"] == name]
         print(f"| range, pooled | | {name} | | {min(pooled):.3f}-{max(pooled):.3f} |")
 

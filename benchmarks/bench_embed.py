@@ -1,6 +1,6 @@
 """Dense embedding vs patch-by-patch embedding of the same images (speed ratio and largest difference).
 
-    python benchmarks/bench_embed.py [--images 2] [--threads N]
+python benchmarks/bench_embed.py [--images 2] [--threads N]
 """
 
 from __future__ import annotations

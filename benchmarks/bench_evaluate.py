@@ -53,8 +53,10 @@ def main() -> None:
         total = time.perf_counter() - start
         results[mode] = result.metrics
         parts = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
-        print(f"{mode:10s}: total {total:7.1f} s (decode {decoded:.1f} s, {parts}); "
-              f"{len(data.train_images)} train / {len(data.test_images)} test images, threads {torch.get_num_threads()}")
+        print(
+            f"{mode:10s}: total {total:7.1f} s (decode {decoded:.1f} s, {parts}); "
+            f"{len(data.train_images)} train / {len(data.test_images)} test images, threads {torch.get_num_threads()}"
+        )
         print("       " + " ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
     if {"fast", "exact"} <= set(results):
         gap = max(abs(results["fast"][k] - results["exact"][k]) for k in results["exact"])

@@ -42,7 +42,11 @@ def embeddings(n: int, latent: int, scale: float, offset: bool, spread: bool, se
     uniform coordinates (or, ``spread``, independent normal values in all 64 dimensions) + noise 1e-6."""
     shared = torch.Generator().manual_seed(7)
     sign = torch.where(torch.rand(64, generator=shared) < 0.5, -1.0, 1.0).double()
-    centre = sign * (0.9 + 0.1 * torch.rand(64, generator=shared, dtype=torch.float64)) if offset else torch.zeros(64, dtype=torch.float64)
+    centre = (
+        sign * (0.9 + 0.1 * torch.rand(64, generator=shared, dtype=torch.float64))
+        if offset
+        else torch.zeros(64, dtype=torch.float64)
+    )
     mixing = torch.randn(latent, 64, generator=shared, dtype=torch.float64)
     own = torch.Generator().manual_seed(seed)
     if spread:
@@ -70,8 +74,12 @@ def float64_truth(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     """Nearest distances by float64 brute force, the bank's mean off first (exactly, in float64)."""
     mean = bank.double().mean(0)
     centred = bank.double() - mean
-    return torch.cat([torch.cdist(queries[i : i + 64].double() - mean, centred).min(dim=1).values
-                      for i in range(0, queries.shape[0], 64)])
+    return torch.cat(
+        [
+            torch.cdist(queries[i : i + 64].double() - mean, centred).min(dim=1).values
+            for i in range(0, queries.shape[0], 64)
+        ]
+    )
 
 
 def run_case(name: str, args: argparse.Namespace) -> None:
@@ -83,14 +91,20 @@ def run_case(name: str, args: argparse.Namespace) -> None:
     count = all_queries if args.queries == 0 else min(args.queries, all_queries)
     queries = embeddings(count, args.latent, scale, offset, name == "spread", seed=2)
     truth = float64_truth(queries[:512], bank)
-    print(f"\n{name}: bank {bank.shape[0]:,} x 64, {count:,} of {all_queries:,} queries "
-          f"({bank_images} training, {test_images} test images), perturbation {scale:g}"
-          f"{', offset +-0.9..1' if offset else ''}, latent {args.latent if name != 'spread' else 64}")
+    print(
+        f"\n{name}: bank {bank.shape[0]:,} x 64, {count:,} of {all_queries:,} queries "
+        f"({bank_images} training, {test_images} test images), perturbation {scale:g}"
+        f"{', offset +-0.9..1' if offset else ''}, latent {args.latent if name != 'spread' else 64}"
+    )
     totals = {}
     for method in ("reference", "exact"):
         seconds: dict[str, float] = {}
         start = time.perf_counter()
-        found = reference(queries, bank, seconds) if method == "reference" else scoring.exact_nearest(queries, bank, seconds=seconds)
+        found = (
+            reference(queries, bank, seconds)
+            if method == "reference"
+            else scoring.exact_nearest(queries, bank, seconds=seconds)
+        )
         total = time.perf_counter() - start
         share = seconds.pop("scanned_share", None)
         fixed = seconds.get("clusters", 0.0)  # once per bank, not per query
@@ -99,8 +113,10 @@ def run_case(name: str, args: argparse.Namespace) -> None:
         error = float(((found[:512].double() - truth).abs() / truth.clamp_min(1e-30)).max())
         stages = ", ".join(f"{stage} {value:.1f} s" for stage, value in seconds.items())
         scanned = f", scanned {share:.2%} of the bank per query" if share is not None else ""
-        print(f"  {method:9s} {total:7.1f} s ({stages}{scanned}); whole category {whole / 60:6.1f} min; "
-              f"largest relative error {error:.1e}")
+        print(
+            f"  {method:9s} {total:7.1f} s ({stages}{scanned}); whole category {whole / 60:6.1f} min; "
+            f"largest relative error {error:.1e}"
+        )
     print(f"  exact / reference, whole category: {totals['exact'] / totals['reference']:.3f}")
 
 
@@ -115,7 +131,7 @@ def main() -> None:
     flags = cpu_flags()
     shown = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in (flags or ()))
     print(f"CPU flags: {shown or 'unknown'}; torch threads {torch.get_num_threads()}")
-    for name in (CASES if args.case == "all" else [args.case]):
+    for name in CASES if args.case == "all" else [args.case]:
         run_case(name, args)
 
 

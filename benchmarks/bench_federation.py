@@ -31,24 +31,29 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        generate_category(tmp / "data", "fabric", seed=0, n_train=16, n_test_good=4, n_test_per_defect=2, image_size=256)
+        generate_category(
+            tmp / "data", "fabric", seed=0, n_train=16, n_test_good=4, n_test_per_defect=2, image_size=256
+        )
         for n in args.envoys:
             with Processes() as processes:
                 start = time.perf_counter()
                 nodes = start_federation(tmp / f"run{n}", tmp / "data", "fabric", n_envoys=n, processes=processes)
                 ready = time.perf_counter() - start
                 client = fed.connect(nodes.host, nodes.port)
-                settings = fed.ExperimentSettings(rounds=args.rounds, repeat=1, max_steps=args.max_steps,
-                                                  batch_size=args.batch_size, idle_timeout=600)
+                settings = fed.ExperimentSettings(
+                    rounds=args.rounds, repeat=1, max_steps=args.max_steps, batch_size=args.batch_size, idle_timeout=600
+                )
                 torch.manual_seed(0)
                 start = time.perf_counter()
                 experiment = fed.start_experiment(client, PatchSVDD(), settings, f"load-{n}", tmp / f"nb{n}")
                 log = fed.follow_metrics(experiment, idle_timeout=600)
                 seconds = time.perf_counter() - start
                 envoys = {o for o in log.final("train") if o != "aggregator"}
-                print(f"{n} envoys: ready in {ready:5.1f} s; {args.rounds} rounds + final validation in {seconds:6.1f} s "
-                      f"= {seconds / args.rounds:5.1f} s per round; {len(envoys)} envoys trained "
-                      f"({args.max_steps} steps of batch {args.batch_size} each, {16 // n} training images each)")
+                print(
+                    f"{n} envoys: ready in {ready:5.1f} s; {args.rounds} rounds + final validation in {seconds:6.1f} s "
+                    f"= {seconds / args.rounds:5.1f} s per round; {len(envoys)} envoys trained "
+                    f"({args.max_steps} steps of batch {args.batch_size} each, {16 // n} training images each)"
+                )
 
 
 if __name__ == "__main__":

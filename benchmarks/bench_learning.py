@@ -56,8 +56,17 @@ def step_seconds(recipe: TrainSettings, images: torch.Tensor, steps: int = 6) ->
         times.append(now - last[0])
         last[0] = now
 
-    train_epoch(model, images, optimizer, recipe, max_steps=steps + 1, generator=99, precision=recipe.precision,
-                progress=False, on_step=tick)
+    train_epoch(
+        model,
+        images,
+        optimizer,
+        recipe,
+        max_steps=steps + 1,
+        generator=99,
+        precision=recipe.precision,
+        progress=False,
+        on_step=tick,
+    )
     return float(np.median(times[1:]))
 
 
@@ -65,8 +74,15 @@ def score(model: PatchSVDD, bank: CategoryData, mean: np.ndarray) -> dict[str, f
     return evaluate_category(model, bank, mode="exact", mean=mean).metrics
 
 
-def run_recipe(name: str, recipe: TrainSettings, images: np.ndarray, bank: CategoryData, mean: np.ndarray,
-               total_steps: int, points: int) -> dict:
+def run_recipe(
+    name: str,
+    recipe: TrainSettings,
+    images: np.ndarray,
+    bank: CategoryData,
+    mean: np.ndarray,
+    total_steps: int,
+    points: int,
+) -> dict:
     torch.manual_seed(0)
     model = initialise(PatchSVDD(init="pytorch"), recipe.init)  # PyTorch's layers, then the recipe's draw
     optimizer = make_optimizer(model, recipe.lr)
@@ -81,10 +97,21 @@ def run_recipe(name: str, recipe: TrainSettings, images: np.ndarray, bank: Categ
         if mark > done:
             try:
                 repeat = math.ceil((mark - done) * recipe.batch_size / len(images))
-                train_epoch(model, images, optimizer, recipe, repeat=repeat, batch_size=recipe.batch_size,
-                            max_steps=mark - done, generator=1000 + done, schedule=schedule, start_step=done,
-                            precision=recipe.precision, progress=False,
-                            on_step=lambda s, v: steps.append({"step": s, "lr": schedule.lr_at(s), **v}))
+                train_epoch(
+                    model,
+                    images,
+                    optimizer,
+                    recipe,
+                    repeat=repeat,
+                    batch_size=recipe.batch_size,
+                    max_steps=mark - done,
+                    generator=1000 + done,
+                    schedule=schedule,
+                    start_step=done,
+                    precision=recipe.precision,
+                    progress=False,
+                    on_step=lambda s, v: steps.append({"step": s, "lr": schedule.lr_at(s), **v}),
+                )
             except CollapseError as exc:
                 outcome = f"collapsed: {exc}"
                 print(f"[{name}] {exc}", flush=True)
@@ -92,10 +119,18 @@ def run_recipe(name: str, recipe: TrainSettings, images: np.ndarray, bank: Categ
             done = mark
         metrics = score(model, bank, mean)
         scored.append({"step": done, "train_seconds": time.perf_counter() - started, **metrics})
-        print(f"[{name}] step {done}/{total_steps}: det_sum {metrics['det_sum']:.4f} seg_sum {metrics['seg_sum']:.4f}"
-              + (f" pos_64 {steps[-1]['loss_pos_64']:.3f} pos_32 {steps[-1]['loss_pos_32']:.3f}" if steps else ""),
-              flush=True)
-    return {"recipe": {"name": name, **asdict(recipe)}, "total_steps": total_steps, "outcome": outcome, "steps": steps, "scored": scored}
+        print(
+            f"[{name}] step {done}/{total_steps}: det_sum {metrics['det_sum']:.4f} seg_sum {metrics['seg_sum']:.4f}"
+            + (f" pos_64 {steps[-1]['loss_pos_64']:.3f} pos_32 {steps[-1]['loss_pos_32']:.3f}" if steps else ""),
+            flush=True,
+        )
+    return {
+        "recipe": {"name": name, **asdict(recipe)},
+        "total_steps": total_steps,
+        "outcome": outcome,
+        "steps": steps,
+        "scored": scored,
+    }
 
 
 def smooth(values: list[float], window: int = 25) -> np.ndarray:
@@ -121,10 +156,10 @@ def plot(results: list[dict], seconds_per_step: dict[str, float], path: Path) ->
             x = np.array([s["step"] for s in steps]) * minutes
             for key, style in (("loss_pos_64", "-"), ("loss_pos_32", "--")):
                 y = smooth([s[key] for s in steps])
-                axes[0].plot(x[len(x) - len(y):], y, style, label=f"{name} {key[5:]}")
+                axes[0].plot(x[len(x) - len(y) :], y, style, label=f"{name} {key[5:]}")
             for key, style in (("loss_svdd_64", "-"), ("loss_svdd_32", "--")):
                 y = smooth([s[key] for s in steps])
-                axes[1].plot(x[len(x) - len(y):], y, style, label=f"{name} {key[5:]}")
+                axes[1].plot(x[len(x) - len(y) :], y, style, label=f"{name} {key[5:]}")
             for key, style in (("spread_64", "-"), ("spread_32", "--")):
                 axes[2].plot(x, [s[key] for s in steps], style, label=f"{name} {key}")
         scored = result["scored"]
@@ -132,8 +167,12 @@ def plot(results: list[dict], seconds_per_step: dict[str, float], path: Path) ->
         axes[3].plot(xs, [p["det_sum"] for p in scored], "o-", label=f"{name} det_sum")
         axes[3].plot(xs, [p["seg_sum"] for p in scored], "s--", label=f"{name} seg_sum")
     axes[0].axhline(LN8, color="grey", linestyle=":", label="ln 8 (chance)")
-    titles = ("position losses (25-step mean)", "SVDD losses (25-step mean)", "embedding spread (std per dim)",
-              "AUROC, exact search")
+    titles = (
+        "position losses (25-step mean)",
+        "SVDD losses (25-step mean)",
+        "embedding spread (std per dim)",
+        "AUROC, exact search",
+    )
     for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("training minutes on this CPU")
@@ -158,31 +197,49 @@ def main() -> None:
     data = load_category(index_category(args.data_root, args.category))
     mean = data.mean
     images = standardise(data.train_images, mean)
-    bank = CategoryData(data.category, data.train_images[:: args.bank_every], data.test_images, data.test_masks,
-                        data.test_labels, data.defect_types, data.test_names)
+    bank = CategoryData(
+        data.category,
+        data.train_images[:: args.bank_every],
+        data.test_images,
+        data.test_masks,
+        data.test_labels,
+        data.defect_types,
+        data.test_names,
+    )
     seconds_per_step = {name: step_seconds(RECIPES[name], images) for name in args.recipes}
     budget = args.budget_minutes * 60
     plan = {name: max(1, int(budget / s)) for name, s in seconds_per_step.items()}
-    print(f"{args.category}: {len(images)} training images, bank {len(bank.train_images)}, test {len(bank.test_images)}; "
-          f"{torch.get_num_threads()} threads; budget {args.budget_minutes:g} min per recipe")
+    print(
+        f"{args.category}: {len(images)} training images, bank {len(bank.train_images)}, test {len(bank.test_images)}; "
+        f"{torch.get_num_threads()} threads; budget {args.budget_minutes:g} min per recipe"
+    )
     for name, s in seconds_per_step.items():
         print(f"  {name}: {s:.3f} s/step -> {plan[name]} steps", flush=True)
     results = [run_recipe(name, RECIPES[name], images, bank, mean, plan[name], args.points) for name in args.recipes]
     args.out.mkdir(parents=True, exist_ok=True)
-    payload = {"category": args.category, "budget_minutes": args.budget_minutes, "bank_every": args.bank_every,
-               "seconds_per_step": seconds_per_step, "results": results}
+    payload = {
+        "category": args.category,
+        "budget_minutes": args.budget_minutes,
+        "bank_every": args.bank_every,
+        "seconds_per_step": seconds_per_step,
+        "results": results,
+    }
     (args.out / "curve.json").write_text(json.dumps(payload, indent=1))
     plot(results, seconds_per_step, args.out / "learning.png")
-    print(f"\n| recipe | s/step | steps | pos_64 | pos_32 | spread_64 | spread_32 | det_sum step 0 | det_sum end | "
-          f"seg_sum step 0 | seg_sum end | outcome |\n|{'---|' * 12}")
+    print(
+        f"\n| recipe | s/step | steps | pos_64 | pos_32 | spread_64 | spread_32 | det_sum step 0 | det_sum end | "
+        f"seg_sum step 0 | seg_sum end | outcome |\n|{'---|' * 12}"
+    )
     for result in results:
         name, steps, scored = result["recipe"]["name"], result["steps"], result["scored"]
         tail = steps[-50:] if steps else [{}]
         mean_of = lambda key: float(np.mean([s[key] for s in tail])) if steps else float("nan")  # noqa: E731
-        print(f"| {name} | {seconds_per_step[name]:.3f} | {len(steps)} | {mean_of('loss_pos_64'):.3f} | "
-              f"{mean_of('loss_pos_32'):.3f} | {mean_of('spread_64'):.2e} | {mean_of('spread_32'):.2e} | "
-              f"{scored[0]['det_sum']:.4f} | {scored[-1]['det_sum']:.4f} | {scored[0]['seg_sum']:.4f} | "
-              f"{scored[-1]['seg_sum']:.4f} | {result['outcome'].split(':')[0]} |")
+        print(
+            f"| {name} | {seconds_per_step[name]:.3f} | {len(steps)} | {mean_of('loss_pos_64'):.3f} | "
+            f"{mean_of('loss_pos_32'):.3f} | {mean_of('spread_64'):.2e} | {mean_of('spread_32'):.2e} | "
+            f"{scored[0]['det_sum']:.4f} | {scored[-1]['det_sum']:.4f} | {scored[0]['seg_sum']:.4f} | "
+            f"{scored[-1]['seg_sum']:.4f} | {result['outcome'].split(':')[0]} |"
+        )
     print(f"(losses and spreads: mean of the last 50 steps; ln 8 = {LN8:.3f}) -> {args.out}")
 
 

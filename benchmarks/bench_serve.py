@@ -83,6 +83,7 @@ def latencies(url: str, body: bytes, count: int = 20) -> tuple[float, float]:
 
 def concurrent(url: str, bodies: list[bytes], requests: int, clients: int) -> tuple[float, list[dict], int]:
     """(seconds, answers in request order, errors) for ``requests`` requests from ``clients`` threads."""
+
     def ask(i: int) -> dict:
         with httpx.Client() as client:
             try:
@@ -127,8 +128,11 @@ def main() -> None:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         with Processes() as processes:
-            node = processes.start("serve", [sys.executable, "-m", "patchsvdd.cli.main", "serve", str(folder),
-                                             "--port", str(port)], folder.parent / f"serve_{fraction:g}.log")
+            node = processes.start(
+                "serve",
+                [sys.executable, "-m", "patchsvdd.cli.main", "serve", str(folder), "--port", str(port)],
+                folder.parent / f"serve_{fraction:g}.log",
+            )
             start = time.perf_counter()
             wait_for(lambda: up(url), 600, "the service to answer /health", [node])
             load_s = time.perf_counter() - start
@@ -140,25 +144,53 @@ def main() -> None:
             memory_before = rss_mib(node.process.pid)
             load_seconds, answers, errors = concurrent(url, bodies, args.requests, args.clients)
             memory_after = rss_mib(node.process.pid)
-        wrong = sum(1 for i, answer in enumerate(answers)
-                    if not answer or abs(answer["score"] - expected[i % len(bodies)]) > 1e-4 * max(1.0, expected[i % len(bodies)]))
-        row = dict(fraction=fraction, subsample=args.subsample if fraction < 1 else "-", size_mb=bundle_bytes(folder) / 1e6, export_s=export_s, load_s=load_s, det_sum=det,
-                   seg_sum=seg, p50_256=p50_256, p95_256=p95_256, p50_1024=p50_1024, p95_1024=p95_1024,
-                   throughput_4=throughput, load_requests=args.requests, load_s_total=load_seconds, load_errors=errors,
-                   load_wrong=wrong, rss_before_mib=memory_before, rss_after_mib=memory_after,
-                   bank_search=inspector.search)
+        wrong = sum(
+            1
+            for i, answer in enumerate(answers)
+            if not answer
+            or abs(answer["score"] - expected[i % len(bodies)]) > 1e-4 * max(1.0, expected[i % len(bodies)])
+        )
+        row = dict(
+            fraction=fraction,
+            subsample=args.subsample if fraction < 1 else "-",
+            size_mb=bundle_bytes(folder) / 1e6,
+            export_s=export_s,
+            load_s=load_s,
+            det_sum=det,
+            seg_sum=seg,
+            p50_256=p50_256,
+            p95_256=p95_256,
+            p50_1024=p50_1024,
+            p95_1024=p95_1024,
+            throughput_4=throughput,
+            load_requests=args.requests,
+            load_s_total=load_seconds,
+            load_errors=errors,
+            load_wrong=wrong,
+            rss_before_mib=memory_before,
+            rss_after_mib=memory_after,
+            bank_search=inspector.search,
+        )
         rows.append(row)
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     full = next((r for r in rows if r["fraction"] == 1.0), None)
-    print("\n| bank | size | K=32 search | det_sum | seg_sum | p50 / p95 256² | p50 / p95 1024² | req/s, 4 clients | "
-          f"{args.requests} req, {args.clients} clients: errors, wrong, RSS before -> after |")
+    print(
+        "\n| bank | size | K=32 search | det_sum | seg_sum | p50 / p95 256² | p50 / p95 1024² | req/s, 4 clients | "
+        f"{args.requests} req, {args.clients} clients: errors, wrong, RSS before -> after |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        gap = "" if full is None or r is full else f" ({r['det_sum'] - full['det_sum']:+.4f} / {r['seg_sum'] - full['seg_sum']:+.4f})"
-        print(f"| {r['fraction']:g} {r['subsample']} | {r['size_mb']:.1f} MB | {r['bank_search']} | {r['det_sum']:.4f} | {r['seg_sum']:.4f}{gap} | "
-              f"{r['p50_256']:.3f} / {r['p95_256']:.3f} s | {r['p50_1024']:.3f} / {r['p95_1024']:.3f} s | "
-              f"{r['throughput_4']:.2f} | {r['load_errors']}, {r['load_wrong']}, "
-              f"{r['rss_before_mib']:.0f} -> {r['rss_after_mib']:.0f} MiB |")
+        gap = (
+            ""
+            if full is None or r is full
+            else f" ({r['det_sum'] - full['det_sum']:+.4f} / {r['seg_sum'] - full['seg_sum']:+.4f})"
+        )
+        print(
+            f"| {r['fraction']:g} {r['subsample']} | {r['size_mb']:.1f} MB | {r['bank_search']} | {r['det_sum']:.4f} | {r['seg_sum']:.4f}{gap} | "
+            f"{r['p50_256']:.3f} / {r['p95_256']:.3f} s | {r['p50_1024']:.3f} / {r['p95_1024']:.3f} s | "
+            f"{r['throughput_4']:.2f} | {r['load_errors']}, {r['load_wrong']}, "
+            f"{r['rss_before_mib']:.0f} -> {r['rss_after_mib']:.0f} MiB |"
+        )
 
 
 if __name__ == "__main__":

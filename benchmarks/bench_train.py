@@ -41,7 +41,14 @@ from patchsvdd.training.loop import as_generator
 from patchsvdd.models.patchsvdd.network import PatchSVDD, initialise
 from patchsvdd.data.synth import generate_category
 from patchsvdd.models.patchsvdd.training import (
-    LOSS_NAMES, PATCH_SIZES, TrainingBatch, batch_embeddings, batch_losses, position_loss, sample_batch, svdd_loss,
+    LOSS_NAMES,
+    PATCH_SIZES,
+    TrainingBatch,
+    batch_embeddings,
+    batch_losses,
+    position_loss,
+    sample_batch,
+    svdd_loss,
 )
 from patchsvdd.training.loop import make_optimizer
 
@@ -59,7 +66,9 @@ def previous_losses(model: PatchSVDD, batch: TrainingBatch, lambda_svdd: float) 
     return out
 
 
-def fused_losses(model: PatchSVDD, batch: TrainingBatch, lambda_svdd: float, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def fused_losses(
+    model: PatchSVDD, batch: TrainingBatch, lambda_svdd: float, dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
     device_type = next(model.parameters()).device.type
     with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
         embeddings = batch_embeddings(model, batch)
@@ -74,15 +83,20 @@ def authors_step(path: Path, device: torch.device):
     from codes.networks import EncoderHier, PositionClassifier
 
     torch.manual_seed(0)
-    model = torch.nn.ModuleList([EncoderHier(64, 64), PositionClassifier(64, 64), PositionClassifier(32, 64)]).to(device)
+    model = torch.nn.ModuleList([EncoderHier(64, 64), PositionClassifier(64, 64), PositionClassifier(32, 64)]).to(
+        device
+    )
 
     def losses(m: torch.nn.ModuleList, batch: TrainingBatch) -> dict[str, torch.Tensor]:
         enc, cls_64, cls_32 = m
         total = 0.0
         for k, encoder, classifier in ((64, enc, cls_64), (32, enc.enc, cls_32)):
             pos_a, pos_b, svdd_a, svdd_b = batch.patches[k].contiguous().chunk(4)
-            total = (total + PositionClassifier.infer(classifier, encoder, (pos_a, pos_b, batch.labels[k]))
-                     + 1e-3 * SVDD_Dataset.infer(encoder, (svdd_a, svdd_b)))
+            total = (
+                total
+                + PositionClassifier.infer(classifier, encoder, (pos_a, pos_b, batch.labels[k]))
+                + 1e-3 * SVDD_Dataset.infer(encoder, (svdd_a, svdd_b))
+            )
         return {"loss": total}
 
     return losses, model
@@ -124,31 +138,44 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="pairs per loss (paper: 64)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--init", default="kaiming", choices=("kaiming", "pytorch"))
-    parser.add_argument("--bf16", action="store_true",
-                        help="time bf16 autocast even where it is not native (e.g. under ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI, "
-                             "which makes oneDNN emulate bf16 as a CPU without AVX-512 BF16 does)")
-    parser.add_argument("--authors", type=Path, default=None,
-                        help="a checkout of the authors' repository, to time their training step beside")
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="time bf16 autocast even where it is not native (e.g. under ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI, "
+        "which makes oneDNN emulate bf16 as a CPU without AVX-512 BF16 does)",
+    )
+    parser.add_argument(
+        "--authors",
+        type=Path,
+        default=None,
+        help="a checkout of the authors' repository, to time their training step beside",
+    )
     args = parser.parse_args()
     device = resolve_device(args.device)
     support = bf16_support(device)
     flags = cpu_flags()
     shown = sorted((flags or set()) & (NATIVE_BF16_FLAGS | {"avx512f", "avx2", "avx512_vnni"}))
     print(f"precision auto on {device}: {support.reason}")
-    print(f"CPU flags: {', '.join(shown) if flags is not None else 'not readable'}; "
-          f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}")
+    print(
+        f"CPU flags: {', '.join(shown) if flags is not None else 'not readable'}; "
+        f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}"
+    )
     with tempfile.TemporaryDirectory() as root:
         generate_category(root, "fabric", seed=0, n_train=20, n_test_good=1, n_test_per_defect=1)
         data = load_category(index_category(root, "fabric"))
     images = torch.as_tensor(standardise(data.train_images, data.mean)).to(device)
     gen = as_generator(0)
-    batches = [sample_batch(images, torch.randint(0, len(images), (args.batch_size,), generator=gen), gen)
-               for _ in range(args.steps + 1)]
+    batches = [
+        sample_batch(images, torch.randint(0, len(images), (args.batch_size,), generator=gen), gen)
+        for _ in range(args.steps + 1)
+    ]
     torch.manual_seed(0)
     start_model = initialise(PatchSVDD(), args.init).to(device)
 
-    variants = {"previous": lambda m, b: previous_losses(m, b, 1e-3),
-                "fused fp32": lambda m, b: fused_losses(m, b, 1e-3, None)}
+    variants = {
+        "previous": lambda m, b: previous_losses(m, b, 1e-3),
+        "fused fp32": lambda m, b: fused_losses(m, b, 1e-3, None),
+    }
     if support.native or args.bf16:
         variants["fused bf16"] = lambda m, b: fused_losses(m, b, 1e-3, torch.bfloat16)
     models = {name: copy.deepcopy(start_model) for name in variants}
@@ -173,23 +200,33 @@ def main() -> None:
             else:
                 times[name].append(time.perf_counter() - start)
 
-    print(f"device {device}, {torch.get_num_threads()} threads, batch {args.batch_size} pairs per loss "
-          f"({20 * args.batch_size} 32x32 encoder inputs per step), init {args.init}, {args.steps} timed steps each")
+    print(
+        f"device {device}, {torch.get_num_threads()} threads, batch {args.batch_size} pairs per loss "
+        f"({20 * args.batch_size} 32x32 encoder inputs per step), init {args.init}, {args.steps} timed steps each"
+    )
     base = statistics.median(times["previous"])
     flops, peak = step_flops(start_model, args.batch_size), matmul_rate(device)
     print(f"  {flops / 1e9:.0f} GFLOP per step; a 2048^3 float32 matrix product runs at {peak / 1e9:.0f} GFLOP/s here")
     for name in variants:
         seconds = statistics.median(times[name])
-        print(f"  {name:11s} {flops / seconds / 1e9:6.0f} GFLOP/s = {flops / seconds / peak:4.2f} of the matrix product")
+        print(
+            f"  {name:11s} {flops / seconds / 1e9:6.0f} GFLOP/s = {flops / seconds / peak:4.2f} of the matrix product"
+        )
         if name == "authors'":
-            print(f"  {name:11s} {seconds:6.3f} s/step  {base / seconds:4.2f}x  (other weights: losses not compared); "
-                  f"fused fp32 / authors' = {statistics.median(times['fused fp32']) / seconds:.2f}")
+            print(
+                f"  {name:11s} {seconds:6.3f} s/step  {base / seconds:4.2f}x  (other weights: losses not compared); "
+                f"fused fp32 / authors' = {statistics.median(times['fused fp32']) / seconds:.2f}"
+            )
             continue
         diff = max(abs(first_losses[name][k] - first_losses["previous"][k]) for k in LOSS_NAMES)
-        rel = max(abs(first_losses[name][k] - first_losses["previous"][k]) / max(abs(first_losses["previous"][k]), 1e-12)
-                  for k in LOSS_NAMES)
-        print(f"  {name:11s} {seconds:6.3f} s/step  {base / seconds:4.2f}x  "
-              f"largest loss difference to previous {diff:.2e} (relative {rel:.1e})")
+        rel = max(
+            abs(first_losses[name][k] - first_losses["previous"][k]) / max(abs(first_losses["previous"][k]), 1e-12)
+            for k in LOSS_NAMES
+        )
+        print(
+            f"  {name:11s} {seconds:6.3f} s/step  {base / seconds:4.2f}x  "
+            f"largest loss difference to previous {diff:.2e} (relative {rel:.1e})"
+        )
     print("  losses at step 0:", {k: round(v, 5) for k, v in first_losses["previous"].items()})
 
 

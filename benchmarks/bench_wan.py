@@ -29,8 +29,9 @@ from patchsvdd.system.probes import free_port
 from patchsvdd.data.synth import generate_category
 
 SLOW = "tbf rate 10mbit burst 32kbit latency 400ms"
-SETTINGS = fed.ExperimentSettings(rounds=3, repeat=1, max_steps=2, batch_size=4, round_search="fast",
-                                  final_search="fast", idle_timeout=900)
+SETTINGS = fed.ExperimentSettings(
+    rounds=3, repeat=1, max_steps=2, batch_size=4, round_search="fast", final_search="fast", idle_timeout=900
+)
 
 
 def link_bytes(device: str) -> tuple[int, int]:
@@ -54,21 +55,32 @@ def main() -> None:
             torch.manual_seed(0)
             model = PatchSVDD()
             lines: list[float] = []
-            show = fed.RoundLines(fed.round_metrics("patchsvdd"), rounds=SETTINGS.rounds,
-                                  write=lambda line: lines.append(time.monotonic()))
+            show = fed.RoundLines(
+                fed.round_metrics("patchsvdd"),
+                rounds=SETTINGS.rounds,
+                write=lambda line: lines.append(time.monotonic()),
+            )
             before, start = link_bytes(host_side), time.monotonic()
-            experiment = fed.start_experiment(client, model, replace(SETTINGS, aggregator_port=free_port()),
-                                              f"wan-{number}", work / f"notebook{number}")
+            experiment = fed.start_experiment(
+                client,
+                model,
+                replace(SETTINGS, aggregator_port=free_port()),
+                f"wan-{number}",
+                work / f"notebook{number}",
+            )
             fed.follow_metrics(experiment, idle_timeout=900, registry_poll=1.0, offline_grace=300, on_metric=show)
             total = time.monotonic() - start
             after = link_bytes(host_side)
             up, down = after[0] - before[0], after[1] - before[1]
             gaps = ", ".join(f"{b - a:.1f}" for a, b in zip(lines, lines[1:]))
             rounds = SETTINGS.rounds + 1
-            print(f"{label}: experiment {total:.0f} s; round to round {gaps} s; envoy_2's link: {down / 1e6:.1f} MB to "
-                  f"the site, {up / 1e6:.1f} MB from it over {rounds} rounds ({(up + down) / 1e6 / rounds:.1f} MB per "
-                  f"round); model {count_parameters(model):,} parameters ({count_parameters(model) * 4 / 1e6:.1f} MB "
-                  "in fp32)", flush=True)
+            print(
+                f"{label}: experiment {total:.0f} s; round to round {gaps} s; envoy_2's link: {down / 1e6:.1f} MB to "
+                f"the site, {up / 1e6:.1f} MB from it over {rounds} rounds ({(up + down) / 1e6 / rounds:.1f} MB per "
+                f"round); model {count_parameters(model):,} parameters ({count_parameters(model) * 4 / 1e6:.1f} MB "
+                "in fp32)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

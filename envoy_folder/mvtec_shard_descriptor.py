@@ -12,7 +12,12 @@ from openfl.interface.interactive_api.shard_descriptor import ShardDataset, Shar
 
 from patchsvdd.system.configs import resolve_data_folder
 from patchsvdd.data.mvtec import (
-    BUNDLE_FOLDER_LABEL, DEFECT_TYPES_LABEL, CategoryData, index_category, load_category, parse_rank_worldsize,
+    BUNDLE_FOLDER_LABEL,
+    DEFECT_TYPES_LABEL,
+    CategoryData,
+    index_category,
+    load_category,
+    parse_rank_worldsize,
 )
 
 
@@ -41,8 +46,14 @@ class MVTecShardDescriptor(ShardDescriptor):
     where this site's inspection bundles are written (``patchsvdd.federated.start_export``).
     """
 
-    def __init__(self, data_folder: str, category: str, rank_worldsize: str = "1,1", image_size: int = 256,
-                 bundle_folder: str = "bundles") -> None:
+    def __init__(
+        self,
+        data_folder: str,
+        category: str,
+        rank_worldsize: str = "1,1",
+        image_size: int = 256,
+        bundle_folder: str = "bundles",
+    ) -> None:
         rank, world_size = parse_rank_worldsize(str(rank_worldsize))
         index = index_category(resolve_data_folder(data_folder), category).shard(rank, world_size)
         self.data: CategoryData = load_category(index, size=int(image_size))
@@ -54,8 +65,9 @@ class MVTecShardDescriptor(ShardDescriptor):
         if dataset_type == "train":  # all good: empty masks, label 0
             n = len(d.train_images)
             masks = np.zeros((n, *d.train_images.shape[1:3]), dtype=np.uint8)
-            return MVTecShardDataset(d.train_images, masks, np.zeros(n, dtype=np.int64), [f"train/{i}" for i in range(n)],
-                                     ["good"] * n)
+            return MVTecShardDataset(
+                d.train_images, masks, np.zeros(n, dtype=np.int64), [f"train/{i}" for i in range(n)], ["good"] * n
+            )
         if dataset_type in ("test", "val"):
             return MVTecShardDataset(d.test_images, d.test_masks, d.test_labels, d.test_names, d.defect_types)
         raise ValueError(f"dataset_type {dataset_type!r}: expected 'train' or 'test'")
@@ -77,4 +89,3 @@ class MVTecShardDescriptor(ShardDescriptor):
             f"; {DEFECT_TYPES_LABEL} {', '.join(sorted(set(d.defect_types) - {'good'})) or 'none'}"
             f"; {BUNDLE_FOLDER_LABEL} {self.bundle_folder}"
         )
-

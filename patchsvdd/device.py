@@ -64,8 +64,14 @@ def _bf16_probe_faster(repeats: int = 3) -> tuple[bool, float, float]:
     from torch import nn
 
     with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
-        net = nn.Sequential(nn.Conv2d(3, 64, 3, 2), nn.LeakyReLU(0.1), nn.Conv2d(64, 128, 3), nn.LeakyReLU(0.1),
-                            nn.Conv2d(128, 128, 3), nn.Tanh())
+        net = nn.Sequential(
+            nn.Conv2d(3, 64, 3, 2),
+            nn.LeakyReLU(0.1),
+            nn.Conv2d(64, 128, 3),
+            nn.LeakyReLU(0.1),
+            nn.Conv2d(128, 128, 3),
+            nn.Tanh(),
+        )
         x = torch.randn(64, 3, 32, 32).contiguous(memory_format=torch.channels_last)
 
     def best(dtype: torch.dtype | None) -> float:
@@ -87,18 +93,24 @@ def _cpu_bf16_support(cpuinfo: Path, isa_cap: str) -> Bf16Support:
     if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return Bf16Support(False, "fp32: this torch build has no oneDNN bf16 on the CPU")
     if isa_cap.upper() in ISA_CAPS_WITHOUT_BF16:
-        return Bf16Support(False, f"fp32: ONEDNN_MAX_CPU_ISA={isa_cap} keeps oneDNN below AVX512_CORE_BF16 (bf16 "
-                                  "would be emulated)")
+        return Bf16Support(
+            False, f"fp32: ONEDNN_MAX_CPU_ISA={isa_cap} keeps oneDNN below AVX512_CORE_BF16 (bf16 would be emulated)"
+        )
     flags = cpu_flags(cpuinfo)
     if flags is not None:
         native = sorted(flags & NATIVE_BF16_FLAGS)
         if native:
             return Bf16Support(True, f"bf16: the CPU has native bf16 ({', '.join(native)} in {cpuinfo})")
-        return Bf16Support(False, f"fp32: no avx512_bf16, amx_bf16 or bf16 flag in {cpuinfo}, so bf16 would be "
-                                  "emulated (slower than fp32)")
+        return Bf16Support(
+            False,
+            f"fp32: no avx512_bf16, amx_bf16 or bf16 flag in {cpuinfo}, so bf16 would be emulated (slower than fp32)",
+        )
     faster, fp32, bf16 = _bf16_probe_faster()
-    return Bf16Support(faster, f"{'bf16' if faster else 'fp32'}: no CPU flags to read; a timing probe took "
-                               f"{fp32 * 1e3:.0f} ms in fp32 and {bf16 * 1e3:.0f} ms in bf16")
+    return Bf16Support(
+        faster,
+        f"{'bf16' if faster else 'fp32'}: no CPU flags to read; a timing probe took "
+        f"{fp32 * 1e3:.0f} ms in fp32 and {bf16 * 1e3:.0f} ms in bf16",
+    )
 
 
 def bf16_support(device: torch.device, cpuinfo: Path | None = None) -> Bf16Support:
@@ -110,8 +122,11 @@ def bf16_support(device: torch.device, cpuinfo: Path | None = None) -> Bf16Suppo
     """
     if device.type == "cuda":
         native = torch.cuda.is_bf16_supported()
-        return Bf16Support(native, f"{'bf16' if native else 'fp32'}: torch.cuda.is_bf16_supported() is {native} "
-                                   f"on {torch.cuda.get_device_name(device)}")
+        return Bf16Support(
+            native,
+            f"{'bf16' if native else 'fp32'}: torch.cuda.is_bf16_supported() is {native} "
+            f"on {torch.cuda.get_device_name(device)}",
+        )
     if device.type != "cpu":
         return Bf16Support(False, f"fp32: no bf16 check for device type {device.type!r}")
     return _cpu_bf16_support(CPUINFO if cpuinfo is None else Path(cpuinfo), os.environ.get("ONEDNN_MAX_CPU_ISA", ""))

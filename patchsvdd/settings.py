@@ -80,10 +80,14 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         if not self.lr > 0 or self.lambda_svdd < 0:
-            raise SettingsError(f"lr={self.lr}, lambda_svdd={self.lambda_svdd}: lr must be positive, lambda not negative")
+            raise SettingsError(
+                f"lr={self.lr}, lambda_svdd={self.lambda_svdd}: lr must be positive, lambda not negative"
+            )
         if self.batch_size < 1 or self.repeat < 1 or self.warmup_steps < 0:
-            raise SettingsError(f"batch_size={self.batch_size}, repeat={self.repeat}, warmup_steps={self.warmup_steps}: "
-                             "batch and repeat at least 1, warm-up not negative")
+            raise SettingsError(
+                f"batch_size={self.batch_size}, repeat={self.repeat}, warmup_steps={self.warmup_steps}: "
+                "batch and repeat at least 1, warm-up not negative"
+            )
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("precision", self.precision, PRECISIONS)
         _choice("init", self.init, INIT_SCHEMES)
@@ -184,7 +188,6 @@ class ExperimentSettings:
         return asdict(self)
 
 
-
 def _has_type(value: Any, hint: str) -> bool:
     """Whether ``value`` is of the annotated type ``hint`` ('int', 'float', 'str', 'int | None', ...); a float
     field takes an int, and no numeric field takes a bool."""
@@ -202,14 +205,16 @@ def checked_settings(value: object) -> ExperimentSettings:
     state = vars(value)
     names = {f.name: f.type for f in fields(ExperimentSettings)}
     if set(state) != set(names):
-        raise SettingsError(f"the settings have the fields {sorted(set(state) ^ set(names))} beyond or without "
-                            "ExperimentSettings' own")
+        raise SettingsError(
+            f"the settings have the fields {sorted(set(state) ^ set(names))} beyond or without ExperimentSettings' own"
+        )
     for name, hint in names.items():
         if not _has_type(state[name], str(hint)):
             raise SettingsError(f"settings.{name} is {state[name]!r}, not of type {hint}")
     if any(isinstance(v, float) and not math.isfinite(v) for v in state.values()):
         raise SettingsError("the settings hold a number that is not finite")
     return replace(value)  # runs __post_init__: every range and choice
+
 
 # The demo: the notebook's defaults (a first run of minutes) with fast search and a shorter idle timeout.
 DEMO_SETTINGS = replace(ExperimentSettings(), final_search="fast", idle_timeout=600.0)

@@ -60,8 +60,16 @@ def bottle_root() -> Path:
     return SHARED_MVTEC
 
 
-BAD_DATA_CASES = ["missing root", "missing category", "no train/good", "empty train/good", "unreadable image",
-                  "defect without mask", "mask size mismatch", "orphan mask"]
+BAD_DATA_CASES = [
+    "missing root",
+    "missing category",
+    "no train/good",
+    "empty train/good",
+    "unreadable image",
+    "defect without mask",
+    "mask size mismatch",
+    "orphan mask",
+]
 
 
 def _break_category(root: Path, how: str) -> str:

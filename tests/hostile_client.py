@@ -79,24 +79,37 @@ def main() -> None:
     task_keeper = tasks.training_tasks(settings)
     if ATTACK == "tasks":
         task_keeper = tasks.ProjectTasks()
-        task_keeper.register_fl_task(model="model", data_loader="train_data", device="device", optimizer="optimizer",
-                                     round_num="round_num")(stealing_task)
+        task_keeper.register_fl_task(
+            model="model", data_loader="train_data", device="device", optimizer="optimizer", round_num="round_num"
+        )(stealing_task)
         task_keeper.register_fl_task(model="model", data_loader="val_data", device="device")(tasks.validate_task)
-    arguments = client.experiment_arguments(PatchSVDD(emb_dim=8), settings, task_keeper, settings.rounds + 1,
-                                            tasks.TrainThenValidate(task_keeper, settings.rounds))
+    arguments = client.experiment_arguments(
+        PatchSVDD(emb_dim=8),
+        settings,
+        task_keeper,
+        settings.rounds + 1,
+        tasks.TrainThenValidate(task_keeper, settings.rounds),
+    )
     if ATTACK == "model":  # copied by nobody here: a copy would call os.system in this process
-        arguments["model_provider"] = ModelInterface(model=BoobyTrappedModel(emb_dim=8), optimizer=None,
-                                                     framework_plugin=client.FRAMEWORK_ADAPTER)
+        arguments["model_provider"] = ModelInterface(
+            model=BoobyTrappedModel(emb_dim=8), optimizer=None, framework_plugin=client.FRAMEWORK_ADAPTER
+        )
     if ATTACK == "loader":
         arguments["data_loader"] = StealingLoader()
     if ATTACK == "plan":
-        arguments["override_config"] = {**arguments["override_config"], "collaborator.template": "logging.basicConfig",
-                                        "collaborator.settings.filename": MARKER, "collaborator.settings.force": True}
+        arguments["override_config"] = {
+            **arguments["override_config"],
+            "collaborator.template": "logging.basicConfig",
+            "collaborator.settings.filename": MARKER,
+            "collaborator.settings.force": True,
+        }
     if ATTACK == "pipeline":
-        arguments["override_config"] = {**arguments["override_config"],
-                                        "compression_pipeline.template": "subprocess.Popen",
-                                        "compression_pipeline.settings.args": f"touch {MARKER}",
-                                        "compression_pipeline.settings.shell": True}
+        arguments["override_config"] = {
+            **arguments["override_config"],
+            "compression_pipeline.template": "subprocess.Popen",
+            "compression_pipeline.settings.args": f"touch {MARKER}",
+            "compression_pipeline.settings.shell": True,
+        }
     federation = Federation(client_id="intruder", director_node_fqdn=HOST, director_port=PORT, tls=False)
     workdir = os.path.join(os.path.dirname(MARKER), f"client_{NAME}")
     os.makedirs(workdir, exist_ok=True)

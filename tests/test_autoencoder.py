@@ -44,7 +44,9 @@ def test_shapes_and_range() -> None:
     with pytest.raises(ValueError, match="channels=2"):
         ae.ConvAutoencoder(channels=2)
     assert kind_of(build_model("autoencoder")) == "autoencoder" and kind_of(build_model()) == "patchsvdd"
-    assert describe(build_model("autoencoder")).startswith("convolutional autoencoder, 3 channel(s), latent vector of 128")
+    assert describe(build_model("autoencoder")).startswith(
+        "convolutional autoencoder, 3 channel(s), latent vector of 128"
+    )
 
 
 def test_input_conversion_and_grayscale() -> None:
@@ -84,8 +86,11 @@ def test_ssim_of_identical_images_is_one_and_the_loss_sees_a_difference() -> Non
         inside, outside = maps[name][:, 110:130, 70:90].mean(), maps[name][:, :, 180:].mean()
         assert maps[name].shape == (3, 256, 256) and inside > 10 * outside
     fused = ae.fuse(maps, ae.map_scales(maps))
-    assert torch.allclose(fused["sum"], maps["l2"] / maps["l2"].double().mean().float()
-                          + maps["ssim"] / maps["ssim"].double().mean().float(), rtol=1e-4)
+    assert torch.allclose(
+        fused["sum"],
+        maps["l2"] / maps["l2"].double().mean().float() + maps["ssim"] / maps["ssim"].double().mean().float(),
+        rtol=1e-4,
+    )
 
 
 def test_a_short_training_lowers_the_loss(fabric) -> None:
@@ -95,8 +100,17 @@ def test_a_short_training_lowers_the_loss(fabric) -> None:
     before = heldout_reconstruction(model, images)
     optimizer = make_optimizer(model, 1e-2)
     seen: list[float] = []
-    result = train_epoch(model, images, optimizer, repeat=10, batch_size=4, max_steps=20, generator=0, precision="fp32",
-                         on_step=lambda step, values: seen.append(values["loss"]))
+    result = train_epoch(
+        model,
+        images,
+        optimizer,
+        repeat=10,
+        batch_size=4,
+        max_steps=20,
+        generator=0,
+        precision="fp32",
+        on_step=lambda step, values: seen.append(values["loss"]),
+    )
     after = heldout_reconstruction(model, images)
     assert result["steps"] == 20 and len(seen) == 20
     # measured: 0.771 -> 0.734 (MSE 0.038 -> 0.006; SSIM, the slow part to learn, 0.267 -> 0.272)
@@ -111,7 +125,11 @@ def test_evaluate_reports_every_map_and_the_defect_table(fabric) -> None:
     assert all(0.0 <= v <= 1.0 for v in result.metrics.values())
     assert set(result.scores.maps) == set(ae.FUSIONS)
     assert all(m.shape == (len(fabric.test_images), 256, 256) for m in result.scores.maps.values())
-    assert {"good", "crack"} <= set(result.defects["sum"]) and set(result.seconds) >= {"scales", "reconstruct", "metrics"}
+    assert {"good", "crack"} <= set(result.defects["sum"]) and set(result.seconds) >= {
+        "scales",
+        "reconstruct",
+        "metrics",
+    }
 
 
 def test_checkpoints_name_their_model(tmp_path: Path) -> None:
@@ -156,27 +174,118 @@ def test_settings_name_a_model() -> None:
         ExperimentSettings(model="svm")
 
 
-def test_command_line_trains_evaluates_exports_and_predicts(tiny_root: Path, tmp_path: Path,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_command_line_trains_evaluates_exports_and_predicts(
+    tiny_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = ["--data-root", str(tiny_root), "--no-progress"]
-    assert main(["train", "--model", "autoencoder", *data, "--category", "mesh", "--epochs", "2", "--batch-size", "2",
-                 "--out", str(tmp_path / "mesh.pt")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "autoencoder",
+                *data,
+                "--category",
+                "mesh",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "2",
+                "--out",
+                str(tmp_path / "mesh.pt"),
+            ]
+        )
+        == 0
+    )
     mesh, meta = load_checkpoint(tmp_path / "mesh.pt")
     assert isinstance(mesh, ae.ConvAutoencoder) and mesh.channels == 1  # grayscale data: one channel
-    assert meta["recipe"] == "autoencoder" and len(meta["history"]) == 2 and "epoch 2/2: loss" in capsys.readouterr().out
-    assert main(["train", "--model", "autoencoder", *data, "--category", "fabric", "--epochs", "1", "--max-steps", "2",
-                 "--out", str(tmp_path / "fabric.pt")]) == 0
-    assert main(["evaluate", *data, "--category", "fabric", "--checkpoint", str(tmp_path / "fabric.pt"),
-                 "--out-dir", str(tmp_path / "ev"), "--fusion", "ssim"]) == 0
+    assert (
+        meta["recipe"] == "autoencoder" and len(meta["history"]) == 2 and "epoch 2/2: loss" in capsys.readouterr().out
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "autoencoder",
+                *data,
+                "--category",
+                "fabric",
+                "--epochs",
+                "1",
+                "--max-steps",
+                "2",
+                "--out",
+                str(tmp_path / "fabric.pt"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "evaluate",
+                *data,
+                "--category",
+                "fabric",
+                "--checkpoint",
+                str(tmp_path / "fabric.pt"),
+                "--out-dir",
+                str(tmp_path / "ev"),
+                "--fusion",
+                "ssim",
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert report["model"] == "autoencoder" and all(0 <= report[k] <= 1 for k in metric_keys(ae.FUSIONS))
     assert "image scores (ssim) per defect type" in capsys.readouterr().out and (tmp_path / "ev" / "roc.png").is_file()
-    assert main(["evaluate", *data, "--category", "fabric", "--checkpoint", str(tmp_path / "fabric.pt"),
-                 "--out-dir", str(tmp_path / "ev2"), "--fusion", "64"]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                *data,
+                "--category",
+                "fabric",
+                "--checkpoint",
+                str(tmp_path / "fabric.pt"),
+                "--out-dir",
+                str(tmp_path / "ev2"),
+                "--fusion",
+                "64",
+            ]
+        )
+        == 2
+    )
     assert "--fusion 64: the autoencoder model's maps are l2, ssim, sum" in capsys.readouterr().err
-    assert main(["export", *data, "--category", "fabric", "--checkpoint", str(tmp_path / "fabric.pt"),
-                 "--out", str(tmp_path / "bundle")]) == 0
-    assert main(["predict", str(tmp_path / "bundle"), str(tiny_root / "fabric" / "test" / "crack"),
-                 "--out", str(tmp_path / "pred"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                *data,
+                "--category",
+                "fabric",
+                "--checkpoint",
+                str(tmp_path / "fabric.pt"),
+                "--out",
+                str(tmp_path / "bundle"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "predict",
+                str(tmp_path / "bundle"),
+                str(tiny_root / "fabric" / "test" / "crack"),
+                "--out",
+                str(tmp_path / "pred"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     rows = (tmp_path / "pred" / "predictions.csv").read_text().splitlines()
     assert len(rows) == 3 and all(math.isfinite(float(row.split(",")[1])) for row in rows[1:])

@@ -38,13 +38,20 @@ def _session_members(sid: int) -> list[str]:
     return found
 
 
-def run_script(command: list[str], workdir: Path, timeout: float = 60, path: str = ENV["PATH"]
-               ) -> tuple[subprocess.CompletedProcess, float]:
+def run_script(
+    command: list[str], workdir: Path, timeout: float = 60, path: str = ENV["PATH"]
+) -> tuple[subprocess.CompletedProcess, float]:
     """Run a start script in a new session with PATH ``path``; returns the result and the seconds it took.
     Asserts nothing is left."""
     start = time.monotonic()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                               env={**ENV, "PATH": path, "PATCHSVDD_WORKDIR": str(workdir)})
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**ENV, "PATH": path, "PATCHSVDD_WORKDIR": str(workdir)},
+    )
     try:
         out, err = process.communicate(timeout=timeout)
     finally:
@@ -86,11 +93,15 @@ def test_envoy_with_bad_data_stops_with_the_path_before_contacting_the_director(
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("shard_descriptor: [1, 2\n", "malformed YAML at line"),
-     ("params: {cuda_devices: []}\n", "setting 'shard_descriptor.template' is missing"),
-     (None, "rank_worldsize '3,2'")],
+    [
+        ("shard_descriptor: [1, 2\n", "malformed YAML at line"),
+        ("params: {cuda_devices: []}\n", "setting 'shard_descriptor.template' is missing"),
+        (None, "rank_worldsize '3,2'"),
+    ],
 )
-def test_bad_envoy_config_is_one_line_naming_the_file(tiny_root: Path, tmp_path: Path, text: str | None, expected: str) -> None:
+def test_bad_envoy_config_is_one_line_naming_the_file(
+    tiny_root: Path, tmp_path: Path, text: str | None, expected: str
+) -> None:
     config = tmp_path / "shard.yaml"
     if text is None:
         _shard_config(config, tiny_root, rank_worldsize="3,2")
@@ -102,18 +113,23 @@ def test_bad_envoy_config_is_one_line_naming_the_file(tiny_root: Path, tmp_path:
 
 def test_wrong_director_port_stops_the_envoy_at_once(tiny_root: Path, tmp_path: Path) -> None:
     port = free_port()
-    result, seconds = run_script([str(ENVOY), "lost", str(_shard_config(tmp_path / "c.yaml", tiny_root)), "localhost",
-                                  str(port)], tmp_path / "w")
+    result, seconds = run_script(
+        [str(ENVOY), "lost", str(_shard_config(tmp_path / "c.yaml", tiny_root)), "localhost", str(port)], tmp_path / "w"
+    )
     assert result.returncode == 2
     assert f"cannot reach the director at localhost:{port}" in result.stderr
 
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("settings:\n  listen_port: [50050\n", "malformed YAML at line"),
-     ("settings: {listen_host: localhost}\n", "setting 'settings.listen_port' is missing"),
-     ("settings: {listen_host: localhost, listen_port: 80, sample_shape: ['256', '256', '3'], target_shape: ['256', '256']}\n",
-      "listen_port 80 must be a whole number in 1024..65535")],
+    [
+        ("settings:\n  listen_port: [50050\n", "malformed YAML at line"),
+        ("settings: {listen_host: localhost}\n", "setting 'settings.listen_port' is missing"),
+        (
+            "settings: {listen_host: localhost, listen_port: 80, sample_shape: ['256', '256', '3'], target_shape: ['256', '256']}\n",
+            "listen_port 80 must be a whole number in 1024..65535",
+        ),
+    ],
 )
 def test_bad_director_config_is_one_line_naming_the_file(tmp_path: Path, text: str, expected: str) -> None:
     config = tmp_path / "director.yaml"
@@ -141,10 +157,17 @@ def test_director_refuses_a_shard_of_other_shapes_with_a_sentence(tiny_root: Pat
     settings["settings"]["sample_shape"] = ["128", "128", "3"]
     config.write_text(yaml.safe_dump(settings))
     with Processes() as processes:
-        director = processes.start("director", [str(DIRECTOR), str(config)], tmp_path / "director.log",
-                                   env={"PATCHSVDD_WORKDIR": str(tmp_path / "d")})
+        director = processes.start(
+            "director",
+            [str(DIRECTOR), str(config)],
+            tmp_path / "director.log",
+            env={"PATCHSVDD_WORKDIR": str(tmp_path / "d")},
+        )
         wait_for(lambda: listens("localhost", port, 1.0), 60, "the director", [director])
-        result, seconds = run_script([str(ENVOY), "odd", str(_shard_config(tmp_path / "c.yaml", tiny_root)), "localhost",
-                                      str(port)], tmp_path / "w", timeout=120)
+        result, seconds = run_script(
+            [str(ENVOY), "odd", str(_shard_config(tmp_path / "c.yaml", tiny_root)), "localhost", str(port)],
+            tmp_path / "w",
+            timeout=120,
+        )
     assert result.returncode != 0
     assert "the director refused this shard: the shapes read from the data differ" in result.stderr

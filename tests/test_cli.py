@@ -15,21 +15,104 @@ from patchsvdd.evaluation.metrics import AUPRO_KEYS, METRIC_KEYS
 
 def _train_tiny(root: Path, category: str, out: Path) -> None:
     """One training step of a D=16 model: a checkpoint to test the commands after train with."""
-    assert main(["train", "--data-root", str(root), "--category", category, "--epochs", "1", "--repeat", "1",
-                 "--batch-size", "4", "--max-steps", "1", "--emb-dim", "16", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data-root",
+                str(root),
+                "--category",
+                category,
+                "--epochs",
+                "1",
+                "--repeat",
+                "1",
+                "--batch-size",
+                "4",
+                "--max-steps",
+                "1",
+                "--emb-dim",
+                "16",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
 
 
 @pytest.mark.slow
 def test_synth_train_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "data"
-    assert main(["synth", "--out", str(root), "--category", "washer", "--seed", "4", "--n-train", "6",
-                 "--n-test-good", "2", "--n-test-per-defect", "1", "--image-size", "272"]) == 0
+    assert (
+        main(
+            [
+                "synth",
+                "--out",
+                str(root),
+                "--category",
+                "washer",
+                "--seed",
+                "4",
+                "--n-train",
+                "6",
+                "--n-test-good",
+                "2",
+                "--n-test-per-defect",
+                "1",
+                "--image-size",
+                "272",
+            ]
+        )
+        == 0
+    )
     ckpt = tmp_path / "model.pt"
-    assert main(["train", "--data-root", str(root), "--category", "washer", "--epochs", "2", "--repeat", "1",
-                 "--batch-size", "4", "--max-steps", "1", "--emb-dim", "16", "--out", str(ckpt), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data-root",
+                str(root),
+                "--category",
+                "washer",
+                "--epochs",
+                "2",
+                "--repeat",
+                "1",
+                "--batch-size",
+                "4",
+                "--max-steps",
+                "1",
+                "--emb-dim",
+                "16",
+                "--out",
+                str(ckpt),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "eval"
-    assert main(["evaluate", "--data-root", str(root), "--category", "washer", "--checkpoint", str(ckpt),
-                 "--out-dir", str(out), "--search", "fast", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--data-root",
+                str(root),
+                "--category",
+                "washer",
+                "--checkpoint",
+                str(ckpt),
+                "--out-dir",
+                str(out),
+                "--search",
+                "fast",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "metrics.json").read_text())
     assert all(0.0 <= report[k] <= 1.0 for k in METRIC_KEYS + AUPRO_KEYS)
     defects = report["per_defect"]["sum"]
@@ -53,8 +136,26 @@ def test_evaluate_all_categories_reports_each_and_goes_on_after_a_failure(
     _train_tiny(tiny_root, "fabric", ckpt_dir / "fabric.pt")
     out = tmp_path / "all"
     # mesh has no mesh.pt: it fails with the reason, fabric is still evaluated and tabled
-    assert main(["evaluate", "--data-root", str(tiny_root), "--category", "all", "--checkpoint-dir", str(ckpt_dir),
-                 "--out-dir", str(out), "--search", "exact", "--no-progress", "--no-gallery"]) == 1
+    assert (
+        main(
+            [
+                "evaluate",
+                "--data-root",
+                str(tiny_root),
+                "--category",
+                "all",
+                "--checkpoint-dir",
+                str(ckpt_dir),
+                "--out-dir",
+                str(out),
+                "--search",
+                "exact",
+                "--no-progress",
+                "--no-gallery",
+            ]
+        )
+        == 1
+    )
     captured = capsys.readouterr()
     assert "[1/2] fabric" in captured.out and "[2/2] mesh" in captured.out
     assert "mesh failed: CheckpointError" in captured.err and "mesh.pt: checkpoint file not found" in captured.err
@@ -69,8 +170,24 @@ def test_evaluate_all_categories_reports_each_and_goes_on_after_a_failure(
     assert "| fabric |" in markdown and "**mean**" in markdown and "1 of 2 categories" in markdown
     assert (out / "results.png").stat().st_size > 1000
     # one checkpoint for every category: both succeed
-    assert main(["evaluate", "--data-root", str(tiny_root), "--category", "all", "--checkpoint",
-                 str(ckpt_dir / "fabric.pt"), "--out-dir", str(tmp_path / "one"), "--no-progress", "--no-gallery"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--data-root",
+                str(tiny_root),
+                "--category",
+                "all",
+                "--checkpoint",
+                str(ckpt_dir / "fabric.pt"),
+                "--out-dir",
+                str(tmp_path / "one"),
+                "--no-progress",
+                "--no-gallery",
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader(open(tmp_path / "one" / "results.csv")))
     assert [row["status"] for row in rows] == ["ok", "ok", "2 of 2 categories"]
 
@@ -79,12 +196,31 @@ def test_synth_is_deterministic_for_a_seed(tmp_path: Path) -> None:
     from PIL import Image
 
     for name in ("a", "b"):
-        main(["synth", "--out", str(tmp_path / name), "--category", "mesh", "--seed", "2", "--n-train", "1",
-              "--n-test-good", "1", "--n-test-per-defect", "1", "--image-size", "260"])
+        main(
+            [
+                "synth",
+                "--out",
+                str(tmp_path / name),
+                "--category",
+                "mesh",
+                "--seed",
+                "2",
+                "--n-train",
+                "1",
+                "--n-test-good",
+                "1",
+                "--n-test-per-defect",
+                "1",
+                "--image-size",
+                "260",
+            ]
+        )
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png"))
     assert len(files) == 1 + 1 + 4 * 2
     for rel in files:
-        assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / rel)), np.asarray(Image.open(tmp_path / "b" / rel)))
+        assert np.array_equal(
+            np.asarray(Image.open(tmp_path / "a" / rel)), np.asarray(Image.open(tmp_path / "b" / rel))
+        )
     with Image.open(tmp_path / "a" / "mesh" / "train" / "good" / "000.png") as img:
         assert img.mode == "L" and img.size == (260, 260)
 
@@ -94,8 +230,23 @@ def test_demo_washer_fills_the_frame_and_its_defects_lie_on_it(tmp_path: Path) -
     to learn), and every defect mask is non-empty and on the metal, not on the table."""
     from PIL import Image
 
-    main(["synth", "--out", str(tmp_path), "--category", "washer", "--seed", "1", "--n-train", "2",
-          "--n-test-good", "1", "--n-test-per-defect", "3"])
+    main(
+        [
+            "synth",
+            "--out",
+            str(tmp_path),
+            "--category",
+            "washer",
+            "--seed",
+            "1",
+            "--n-train",
+            "2",
+            "--n-test-good",
+            "1",
+            "--n-test-per-defect",
+            "3",
+        ]
+    )
     root = tmp_path / "washer"
 
     def metal(path: Path) -> np.ndarray:
@@ -111,16 +262,53 @@ def test_demo_washer_fills_the_frame_and_its_defects_lie_on_it(tmp_path: Path) -
 
 
 def test_bad_input_gives_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["evaluate", "--data-root", str(tmp_path), "--category", "x", "--checkpoint", str(tmp_path / "no.pt"),
-                 "--out-dir", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--data-root",
+                str(tmp_path),
+                "--category",
+                "x",
+                "--checkpoint",
+                str(tmp_path / "no.pt"),
+                "--out-dir",
+                str(tmp_path / "o"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "no.pt: checkpoint file not found" in capsys.readouterr().err
-    assert main(["train", "--data-root", str(tmp_path / "none"), "--category", "x", "--epochs", "1",
-                 "--out", str(tmp_path / "m.pt")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--data-root",
+                str(tmp_path / "none"),
+                "--category",
+                "x",
+                "--epochs",
+                "1",
+                "--out",
+                str(tmp_path / "m.pt"),
+            ]
+        )
+        == 2
+    )
     assert "data root does not exist" in capsys.readouterr().err
-    for bad, text in ((["--epochs", "1", "--batch-size", "0"], "--batch-size: 0: must be at least 1"),
-                      (["--epochs", "-1"], "--epochs: -1: must be at least 0"), (["--epochs", "x"], "'x' is not a whole"),
-                      (["--epochs", "1", "--lr", "0"], "lr=0")):
-        assert _exit_code(["train", "--data-root", str(tmp_path), "--category", "x", "--out", str(tmp_path / "m.pt"), *bad]) == 2
+    for bad, text in (
+        (["--epochs", "1", "--batch-size", "0"], "--batch-size: 0: must be at least 1"),
+        (["--epochs", "-1"], "--epochs: -1: must be at least 0"),
+        (["--epochs", "x"], "'x' is not a whole"),
+        (["--epochs", "1", "--lr", "0"], "lr=0"),
+    ):
+        assert (
+            _exit_code(
+                ["train", "--data-root", str(tmp_path), "--category", "x", "--out", str(tmp_path / "m.pt"), *bad]
+            )
+            == 2
+        )
         assert text in capsys.readouterr().err  # said before any data is read (there are none here)
     assert _exit_code(["serve", str(tmp_path), "--port", "70000"]) == 2
     assert "--port: 70000: must be at most 65535" in capsys.readouterr().err
@@ -168,13 +356,45 @@ def test_train_recipes(tiny_root: Path, tmp_path: Path, capsys: pytest.CaptureFi
     from patchsvdd.training.checkpoint import load_checkpoint
 
     ckpt = tmp_path / "paper.pt"
-    assert main(["train", "--data-root", str(tiny_root), "--category", "mesh", "--epochs", "1", "--max-steps", "2",
-                 "--batch-size", "2", "--recipe", "paper", "--warmup-steps", "5", "--emb-dim", "8", "--out", str(ckpt),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data-root",
+                str(tiny_root),
+                "--category",
+                "mesh",
+                "--epochs",
+                "1",
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--recipe",
+                "paper",
+                "--warmup-steps",
+                "5",
+                "--emb-dim",
+                "8",
+                "--out",
+                str(ckpt),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     _, meta = load_checkpoint(ckpt)
     assert meta["recipe"] == "paper"
-    assert meta["settings"] == {"lr": 1e-4, "lambda_svdd": 1e-3, "batch_size": 2, "repeat": 100, "warmup_steps": 5,
-                                "schedule": "constant", "precision": "fp32", "init": "pytorch"}
+    assert meta["settings"] == {
+        "lr": 1e-4,
+        "lambda_svdd": 1e-3,
+        "batch_size": 2,
+        "repeat": 100,
+        "warmup_steps": 5,
+        "schedule": "constant",
+        "precision": "fp32",
+        "init": "pytorch",
+    }
     assert meta["history"][0]["spread_32"] < 1e-3  # PyTorch's init: nearly constant embeddings
     assert "(chance 2.079)" in capsys.readouterr().out
 
@@ -184,8 +404,25 @@ def test_export_then_predict_a_folder(tiny_root: Path, tmp_path: Path, capsys: p
     ckpt = tmp_path / "model.pt"
     _train_tiny(tiny_root, "fabric", ckpt)
     bundle = tmp_path / "bundle"
-    assert main(["export", "--data-root", str(tiny_root), "--category", "fabric", "--checkpoint", str(ckpt),
-                 "--out", str(bundle), "--bank-fraction", "0.5", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--data-root",
+                str(tiny_root),
+                "--category",
+                "fabric",
+                "--checkpoint",
+                str(ckpt),
+                "--out",
+                str(bundle),
+                "--bank-fraction",
+                "0.5",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     info = json.loads((bundle / "bundle.json").read_text())
     assert info["bank_fraction"] == 0.5 and len(info["source_sha256"]) == 64 and info["category"] == "fabric"
     calibration = (bundle / "calibration.md").read_text()
@@ -207,8 +444,24 @@ def test_export_then_predict_a_folder(tiny_root: Path, tmp_path: Path, capsys: p
     assert "bundle.json: not found" in capsys.readouterr().err
     assert main(["predict", str(bundle), str(tmp_path / "missing.png"), "--out", str(out)]) == 2
     assert "missing.png: no such file or folder" in capsys.readouterr().err
-    assert main(["export", "--data-root", str(tiny_root), "--category", "fabric", "--checkpoint", str(ckpt),
-                 "--out", str(bundle), "--bank-fraction", "0"]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "--data-root",
+                str(tiny_root),
+                "--category",
+                "fabric",
+                "--checkpoint",
+                str(ckpt),
+                "--out",
+                str(bundle),
+                "--bank-fraction",
+                "0",
+            ]
+        )
+        == 2
+    )
     assert "--bank-fraction 0.0" in capsys.readouterr().err
 
 

@@ -53,8 +53,11 @@ def _old_package(into: Path) -> Path:
     """The package as it was at BEFORE_FOLDERS, from this checkout's history (skip where there is none)."""
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("no git history here to take the old package from")
-    run = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", BEFORE_FOLDERS, "patchsvdd"],
-                         capture_output=True, timeout=60)
+    run = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", BEFORE_FOLDERS, "patchsvdd"],
+        capture_output=True,
+        timeout=60,
+    )
     if run.returncode != 0:
         pytest.skip(f"commit {BEFORE_FOLDERS} is not in this checkout's history (a shallow clone?)")
     with tarfile.open(fileobj=io.BytesIO(run.stdout)) as archive:
@@ -67,8 +70,9 @@ def test_checkpoints_and_bundles_written_before_the_folders_still_load(tiny_root
     old = _old_package(tmp_path / "old")
     out = tmp_path / "written"
     out.mkdir()
-    run = subprocess.run([sys.executable, "-c", WRITE, str(tiny_root), str(out), str(old)], capture_output=True,
-                         text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", WRITE, str(tiny_root), str(out), str(old)], capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().startswith(str(old)), run.stdout  # the old code wrote them, not today's
     images = load_category(index_category(tiny_root, "fabric")).test_images[:2]

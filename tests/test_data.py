@@ -79,8 +79,16 @@ def test_shards_do_not_overlap_and_cover_everything(tiny_root: Path) -> None:
 
 @pytest.mark.parametrize(
     "how",
-    ["missing root", "missing category", "no train/good", "empty train/good", "unreadable image",
-     "defect without mask", "mask size mismatch", "orphan mask"],
+    [
+        "missing root",
+        "missing category",
+        "no train/good",
+        "empty train/good",
+        "unreadable image",
+        "defect without mask",
+        "mask size mismatch",
+        "orphan mask",
+    ],
 )
 def test_bad_input_is_one_clear_error(writable_category: Path, break_category, how: str) -> None:
     expected = break_category(writable_category, how)

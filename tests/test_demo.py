@@ -14,7 +14,9 @@ from patchsvdd.settings import DEMO_SETTINGS, FINETUNE, LEARN_BUDGET
 from patchsvdd.models.patchsvdd.network import PatchSVDD
 from patchsvdd.models.patchsvdd.released import SHA256, ReleasedWeightsError
 
-OFFICIAL = Path(os.environ.get("PATCHSVDD_SHARED_OFFICIAL", Path(__file__).resolve().parents[2] / "shared" / "official"))
+OFFICIAL = Path(
+    os.environ.get("PATCHSVDD_SHARED_OFFICIAL", Path(__file__).resolve().parents[2] / "shared" / "official")
+)
 
 
 def test_fresh_and_project_checkpoints(tmp_path: Path) -> None:
@@ -58,7 +60,11 @@ def test_parser_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MAX_STEPS")
     fresh, tuned = (demo_settings(build_parser().parse_args(["--init", init])) for init in ("fresh", "official"))
     assert (fresh.max_steps, fresh.repeat) == (DEMO_SETTINGS.max_steps, DEMO_SETTINGS.repeat)
-    assert (tuned.max_steps, tuned.repeat) == (FINETUNE["max_steps"], FINETUNE["repeat"]) != (fresh.max_steps, fresh.repeat)
+    assert (
+        (tuned.max_steps, tuned.repeat)
+        == (FINETUNE["max_steps"], FINETUNE["repeat"])
+        != (fresh.max_steps, fresh.repeat)
+    )
     full = demo_settings(build_parser().parse_args(["--init", "official", "--max-steps", "0", "--repeat", "3"]))
     assert (full.max_steps, full.repeat, full.lr) == (None, 3, FINETUNE["lr"])
     assert demo_settings(build_parser().parse_args([])).seed == DEMO_SETTINGS.seed == 0
@@ -105,23 +111,43 @@ def test_a_non_editable_install_runs_the_demo_parts_from_a_checkout(tmp_path: Pa
     shutil.copytree(root / "patchsvdd", source / "patchsvdd", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(root / name, source / name)
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(source)], check=True, timeout=300, cwd=tmp_path)
-    probe = ("import patchsvdd, patchsvdd.cli.demo as d, patchsvdd.system.harness as h; "
-             "print(patchsvdd.__file__); print(h.project_root()); print(d.demo_settings(d.build_parser().parse_args([])).rounds)")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        check=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    probe = (
+        "import patchsvdd, patchsvdd.cli.demo as d, patchsvdd.system.harness as h; "
+        "print(patchsvdd.__file__); print(h.project_root()); print(d.demo_settings(d.build_parser().parse_args([])).rounds)"
+    )
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target)}
-    inside = subprocess.run([sys.executable, "-c", probe], cwd=root / "envoy_folder", env=env, capture_output=True,
-                            text=True, timeout=120)
+    inside = subprocess.run(
+        [sys.executable, "-c", probe], cwd=root / "envoy_folder", env=env, capture_output=True, text=True, timeout=120
+    )
     assert inside.returncode == 0, inside.stderr
     package, found, rounds = inside.stdout.split()
     assert package.startswith(str(target)) and Path(found) == root and int(rounds) == 2
-    outside = subprocess.run([sys.executable, "-m", "patchsvdd.cli.demo"], cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=120)
+    outside = subprocess.run(
+        [sys.executable, "-m", "patchsvdd.cli.demo"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert outside.returncode == 2 and "set PATCHSVDD_ROOT" in outside.stderr and "Traceback" not in outside.stderr
 
 
-def test_empty_or_bad_environment_numbers(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-                                          tmp_path: Path) -> None:
+def test_empty_or_bad_environment_numbers(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     monkeypatch.setenv("ROUNDS", "")  # ROUNDS= make demo: the default, not a crash
     assert demo_settings(build_parser().parse_args([])).rounds == DEMO_SETTINGS.rounds
     monkeypatch.setenv("ROUNDS", "five")
@@ -136,9 +162,9 @@ def test_empty_or_bad_environment_numbers(monkeypatch: pytest.MonkeyPatch, capsy
     assert not (tmp_path / "runs").exists()
 
 
-def test_demo_data_are_made_again_when_their_version_or_sizes_change(monkeypatch: pytest.MonkeyPatch,
-                                                                      capsys: pytest.CaptureFixture[str],
-                                                                      tmp_path: Path) -> None:
+def test_demo_data_are_made_again_when_their_version_or_sizes_change(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     import json
 
     import patchsvdd.cli.demo as demo

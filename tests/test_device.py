@@ -39,8 +39,9 @@ def test_cpu_flags_read_x86_and_arm_lines(tmp_path: Path) -> None:
     assert dev.cpu_flags(_cpuinfo(tmp_path, "processor : 0\n")) is None
 
 
-def test_auto_is_bf16_only_where_the_cpu_has_it(tmp_path: Path, onednn_says_bf16: None,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_is_bf16_only_where_the_cpu_has_it(
+    tmp_path: Path, onednn_says_bf16: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def no_probe() -> tuple[bool, float, float]:
         raise AssertionError("flags were readable: no probe should run")
 
@@ -57,8 +58,9 @@ def test_auto_is_bf16_only_where_the_cpu_has_it(tmp_path: Path, onednn_says_bf16
     assert resolve_precision("auto", CPU) is torch.bfloat16
 
 
-def test_without_flags_a_timing_probe_decides(tmp_path: Path, onednn_says_bf16: None,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_flags_a_timing_probe_decides(
+    tmp_path: Path, onednn_says_bf16: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(dev, "_bf16_probe_faster", lambda: (False, 0.010, 0.026))
     slow = dev.bf16_support(CPU, tmp_path / "no-cpuinfo")
     assert not slow.native and "10 ms in fp32 and 26 ms in bf16" in slow.reason
@@ -94,8 +96,9 @@ def test_cuda_asks_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert dev.bf16_support(torch.device("cuda")).native
 
 
-def test_a_onednn_isa_cap_below_bf16_means_fp32(tmp_path: Path, onednn_says_bf16: None,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_onednn_isa_cap_below_bf16_means_fp32(
+    tmp_path: Path, onednn_says_bf16: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_vnni")
     capped = dev.bf16_support(CPU, _cpuinfo(tmp_path, WITH_BF16))
     assert not capped.native and "ONEDNN_MAX_CPU_ISA=avx512_core_vnni" in capped.reason

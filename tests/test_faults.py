@@ -24,7 +24,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_envoy_dying_mid_round_is_reported_within_seconds(tmp_path: Path) -> None:
-    generate_category(tmp_path / "data", "fabric", seed=2, n_train=4, n_test_good=2, n_test_per_defect=1, image_size=256)
+    generate_category(
+        tmp_path / "data", "fabric", seed=2, n_train=4, n_test_good=2, n_test_per_defect=1, image_size=256
+    )
     with Processes() as processes:
         nodes = start_federation(tmp_path / "run", tmp_path / "data", "fabric", n_envoys=2, processes=processes)
         client = fed.connect(nodes.host, nodes.port)
@@ -37,8 +39,11 @@ def test_envoy_dying_mid_round_is_reported_within_seconds(tmp_path: Path) -> Non
         killed_at: list[float] = []
 
         def kill_when_training() -> None:
-            wait_for(lambda: log_contains(director_log, "Sending tasks to collaborator envoy_2 for round 0"), 120,
-                     "envoy_2 to get its first task")
+            wait_for(
+                lambda: log_contains(director_log, "Sending tasks to collaborator envoy_2 for round 0"),
+                120,
+                "envoy_2 to get its first task",
+            )
             os.killpg(victim.process.pid, signal.SIGKILL)  # the start script, fx and all their threads
             killed_at.append(time.monotonic())
 
@@ -51,8 +56,13 @@ def test_envoy_dying_mid_round_is_reported_within_seconds(tmp_path: Path) -> Non
 
         # The director still waits for envoy_2 (OpenFL 1.7.1 cannot stop an experiment): a second
         # experiment queues behind it, and the notebook says so instead of waiting for ever.
-        second = fed.start_experiment(client, PatchSVDD(emb_dim=8), fed.ExperimentSettings(rounds=1, repeat=1, max_steps=1,
-                                      batch_size=4), "queued", tmp_path / "nb2")
+        second = fed.start_experiment(
+            client,
+            PatchSVDD(emb_dim=8),
+            fed.ExperimentSettings(rounds=1, repeat=1, max_steps=1, batch_size=4),
+            "queued",
+            tmp_path / "nb2",
+        )
         assert fed.experiment_status(client, "queued") == "pending"
         with pytest.raises(fed.FederationError, match="waited 10 s behind another experiment .* restart the director"):
             fed.follow_metrics(second, idle_timeout=600, registry_poll=1.0, pending_timeout=10)
@@ -60,14 +70,20 @@ def test_envoy_dying_mid_round_is_reported_within_seconds(tmp_path: Path) -> Non
 
 def _director(tmp_path: Path, processes: Processes, run_dir: Path, name: str, port: int):
     config = run_dir / "director" / "director_config.yaml"
-    node = processes.start(name, [str(REPO / "director_folder" / "start_director.sh"), str(config)],
-                           run_dir / "logs" / f"{name}.log", env={"PATCHSVDD_WORKDIR": str(run_dir / "director")})
+    node = processes.start(
+        name,
+        [str(REPO / "director_folder" / "start_director.sh"), str(config)],
+        run_dir / "logs" / f"{name}.log",
+        env={"PATCHSVDD_WORKDIR": str(run_dir / "director")},
+    )
     wait_for(lambda: listens("localhost", port, 1.0), 60, f"{name} to listen", [node])
     return node
 
 
 def test_director_restart_envoys_register_again_and_a_new_experiment_starts_from_a_checkpoint(tmp_path: Path) -> None:
-    generate_category(tmp_path / "data", "fabric", seed=4, n_train=4, n_test_good=2, n_test_per_defect=1, image_size=256)
+    generate_category(
+        tmp_path / "data", "fabric", seed=4, n_train=4, n_test_good=2, n_test_per_defect=1, image_size=256
+    )
     run_dir = tmp_path / "run"
     with Processes() as processes:
         nodes = start_federation(run_dir, tmp_path / "data", "fabric", n_envoys=2, processes=processes)
@@ -78,8 +94,12 @@ def test_director_restart_envoys_register_again_and_a_new_experiment_starts_from
         save_checkpoint(model, tmp_path / "before.pt", round=0)
         experiment = fed.start_experiment(client, model, settings, "interrupted", tmp_path / "nb")
         director = next(n for n in processes.nodes if n.name == "director")
-        wait_for(lambda: log_contains(director.log, "Sending tasks to collaborator envoy_2 for round 0"), 120,
-                 "envoy_2 to get its first task", [director])
+        wait_for(
+            lambda: log_contains(director.log, "Sending tasks to collaborator envoy_2 for round 0"),
+            120,
+            "envoy_2 to get its first task",
+            [director],
+        )
         os.killpg(director.process.pid, signal.SIGKILL)
         with pytest.raises(fed.DirectorGoneError, match=r"director at localhost:\d+ does not listen any more"):
             fed.follow_metrics(experiment, idle_timeout=600, registry_poll=1.0)

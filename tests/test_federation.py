@@ -64,7 +64,9 @@ def test_registry_lists_both_shards(federation) -> None:
     assert fed.shard_defect_types(client) == ["good", "crack", "hole", "scratch", "stain"]  # the union of both shards
 
 
-def test_aggregated_weights_are_the_size_weighted_mean_of_the_envoys(federation, fed_data: Path, tmp_path: Path) -> None:
+def test_aggregated_weights_are_the_size_weighted_mean_of_the_envoys(
+    federation, fed_data: Path, tmp_path: Path
+) -> None:
     _, client, _ = federation
     settings = fed.ExperimentSettings(**{**TINY.__dict__, "rounds": 1})
     torch.manual_seed(1)
@@ -125,7 +127,10 @@ def test_two_round_experiment_then_final_evaluation(federation, fed_data: Path, 
     # These toy rounds are shorter than the metric stream's delay, so round r's model may be gone when it is
     # fetched: the round tag tells, and such a round is never saved under its score (SaveWhenImproved.missed).
     kept = {r: v for r, v in criterion.items() if r not in saver.missed}
-    assert meta["round"] == saver.best_round == saver.saved_round and meta["score"] == min(kept.values()) == criterion[meta["round"]]
+    assert (
+        meta["round"] == saver.best_round == saver.saved_round
+        and meta["score"] == min(kept.values()) == criterion[meta["round"]]
+    )
     assert ROUND_TAG not in saved.state_dict()
     if meta["round"] == 2:  # the final aggregate
         assert all(torch.equal(v, last.state_dict()[k]) for k, v in saved.state_dict().items())
@@ -152,7 +157,8 @@ def test_two_round_experiment_then_final_evaluation(federation, fed_data: Path, 
         if node != "aggregator":  # each envoy's own test images: counts add up to its test shard
             shard = index_category(fed_data, "fabric").shard(int(node.split("_")[1]), 2).test
             assert {name: row["n"] for name, row in defects.items()} == {
-                name: sum(s.defect_type == name for s in shard) for name in defects}
+                name: sum(s.defect_type == name for s in shard) for name in defects
+            }
             assert any(row["n"] == 0 and math.isnan(row["mean"]) for row in defects.values())
 
 
@@ -224,8 +230,11 @@ with open(seen, "a") as out:
 def test_notebook_killed_mid_experiment_attaches_again_and_gets_the_rest(federation, tmp_path: Path) -> None:
     nodes, client, _ = federation
     seen = tmp_path / "seen.txt"
-    notebook = subprocess.Popen([sys.executable, "-c", NOTEBOOK_THAT_DIES, nodes.host, str(nodes.port),
-                                 str(tmp_path / "nb"), str(seen)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    notebook = subprocess.Popen(
+        [sys.executable, "-c", NOTEBOOK_THAT_DIES, nodes.host, str(nodes.port), str(tmp_path / "nb"), str(seen)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for(lambda: log_contains(seen, "0 train"), 180, "the first notebook to see a metric of round 0")
     finally:
@@ -254,11 +263,27 @@ def test_notebook_runs_with_tiny_parameters(federation, fed_data: Path, tmp_path
     save_checkpoint(start, tmp_path / "start.pt", round=4, experiment="earlier")  # resume from a checkpoint
     aggregator_port = free_port()
     run_notebook(
-        project_root() / NOTEBOOK, tmp_path / "executed.ipynb",
-        dict(director_host=nodes.host, director_port=nodes.port, expected_envoys=2, category="fabric", rounds=1, repeat=1, max_steps=1,
-             batch_size=4, emb_dim=16, final_search="fast", output_dir=str(out), local_data_root=str(fed_data),
-             idle_timeout=300, initial_checkpoint=str(tmp_path / "start.pt"), aggregator_port=aggregator_port),
-        timeout=600, cwd=tmp_path,
+        project_root() / NOTEBOOK,
+        tmp_path / "executed.ipynb",
+        dict(
+            director_host=nodes.host,
+            director_port=nodes.port,
+            expected_envoys=2,
+            category="fabric",
+            rounds=1,
+            repeat=1,
+            max_steps=1,
+            batch_size=4,
+            emb_dim=16,
+            final_search="fast",
+            output_dir=str(out),
+            local_data_root=str(fed_data),
+            idle_timeout=300,
+            initial_checkpoint=str(tmp_path / "start.pt"),
+            aggregator_port=aggregator_port,
+        ),
+        timeout=600,
+        cwd=tmp_path,
     )
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["per_node"]) == {"envoy_1", "envoy_2", "aggregator", "pooled"}

@@ -42,7 +42,11 @@ def test_the_patch_cuts_only_the_fixed_waits(restored) -> None:
 
 
 def test_the_module_runs_openfls_command_line() -> None:
-    run = subprocess.run([sys.executable, "-m", "patchsvdd.federated.fx", "director", "start", "--help"],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "patchsvdd.federated.fx", "director", "start", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert "--director-config-path" in run.stdout

@@ -46,17 +46,26 @@ def pack(folder: Path, arguments: dict[str, Any], requirements: bool = False) ->
     arguments = dict(arguments)
     with client.working_folder(folder):
         experiment = FLExperiment(federation=StandInFederation(), experiment_name="x")
-        experiment._prepare_plan(arguments["model_provider"], arguments["data_loader"], arguments["rounds_to_train"],
-                                 delta_updates=False, opt_treatment=arguments["opt_treatment"],
-                                 device_assignment_policy=arguments["device_assignment_policy"],
-                                 override_config=arguments["override_config"])
+        experiment._prepare_plan(
+            arguments["model_provider"],
+            arguments["data_loader"],
+            arguments["rounds_to_train"],
+            delta_updates=False,
+            opt_treatment=arguments["opt_treatment"],
+            device_assignment_policy=arguments["device_assignment_policy"],
+            override_config=arguments["override_config"],
+        )
         if requirements:
             (folder / "requirements.txt").write_text("numpy==2.0\nsomething-else==1.0\n")
         else:
             (folder / "requirements.txt").write_text(client.NO_REQUIREMENTS)
         with client.no_requirements() if not requirements else _keep():
-            experiment.prepare_workspace_distribution(arguments["model_provider"], arguments["task_keeper"],
-                                                      arguments["data_loader"], arguments["task_assigner"])
+            experiment.prepare_workspace_distribution(
+                arguments["model_provider"],
+                arguments["task_keeper"],
+                arguments["data_loader"],
+                arguments["task_assigner"],
+            )
         return Path(experiment.arch_path)
 
 
@@ -74,8 +83,9 @@ class _keep:
 def training(kind: str = "patchsvdd") -> dict[str, Any]:
     settings = replace(SETTINGS, model=kind)
     task_set = tasks.training_tasks(settings)
-    return client.experiment_arguments(build_model(kind, emb_dim=8), settings, task_set, 3,
-                                       tasks.TrainThenValidate(task_set, 2))
+    return client.experiment_arguments(
+        build_model(kind, emb_dim=8), settings, task_set, 3, tasks.TrainThenValidate(task_set, 2)
+    )
 
 
 def rewrite(archive: Path, name: str, data: bytes) -> Path:
@@ -102,8 +112,13 @@ def test_the_projects_training_experiment_passes(tmp_path: Path, kind: str) -> N
 
 def test_the_projects_evaluation_and_export_experiments_pass(tmp_path: Path) -> None:
     model = build_model("patchsvdd", emb_dim=8)
-    for i, task_set in enumerate([tasks.evaluation_tasks(SETTINGS, ["good", "crack"]), tasks.evaluation_tasks(SETTINGS),
-                                  tasks.export_tasks("bundle-1", 0.5, 0.01)]):
+    for i, task_set in enumerate(
+        [
+            tasks.evaluation_tasks(SETTINGS, ["good", "crack"]),
+            tasks.evaluation_tasks(SETTINGS),
+            tasks.export_tasks("bundle-1", 0.5, 0.01),
+        ]
+    ):
         archive = pack(tmp_path / f"ws{i}", client.experiment_arguments(model, SETTINGS, task_set, 1))
         assert guard.review_archive(str(archive), POLICY) == []
 
@@ -114,8 +129,9 @@ def test_openfls_own_task_registration_is_code_sent_by_value(tmp_path: Path) -> 
 
     plain = TaskInterface()
     plain.add_kwargs(settings=SETTINGS)(tasks.train_task)
-    plain.register_fl_task(model="model", data_loader="train_data", device="device", optimizer="optimizer",
-                           round_num="round_num")(tasks.train_task)
+    plain.register_fl_task(
+        model="model", data_loader="train_data", device="device", optimizer="optimizer", round_num="round_num"
+    )(tasks.train_task)
     with pytest.raises(ExperimentRefused, match=r"its tasks is code sent by the client \(by value\)"):
         guard.restricted_loads(cloudpickle.dumps(plain.task_registry), "its tasks")
 
@@ -157,8 +173,18 @@ class CallsOnLoad:
         return getattr(__import__(module, fromlist=[name]), name), self.args
 
 
-@pytest.mark.parametrize("target", ["os.system", "builtins.eval", "builtins.exec", "builtins.getattr",
-                                    "subprocess.Popen", "socket.create_connection", "builtins.__import__"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "os.system",
+        "builtins.eval",
+        "builtins.exec",
+        "builtins.getattr",
+        "subprocess.Popen",
+        "socket.create_connection",
+        "builtins.__import__",
+    ],
+)
 def test_a_pickle_that_calls_a_function_when_loaded_is_refused(tmp_path: Path, target: str) -> None:
     marker = tmp_path / "marker"
     with pytest.raises(ExperimentRefused, match="needs"):
@@ -228,9 +254,12 @@ def test_weights_from_the_aggregator_must_be_the_models_arrays() -> None:
 
 def test_settings_are_checked_at_the_site() -> None:
     assert checked_settings(SETTINGS) == SETTINGS
-    for field, value, message in [("rounds", 0, "at least one round"), ("lr", "0.1", "settings.lr is '0.1'"),
-                                  ("batch_size", True, "settings.batch_size is True"),
-                                  ("holdout_fraction", float("nan"), "not finite|holdout_fraction")]:
+    for field, value, message in [
+        ("rounds", 0, "at least one round"),
+        ("lr", "0.1", "settings.lr is '0.1'"),
+        ("batch_size", True, "settings.batch_size is True"),
+        ("holdout_fraction", float("nan"), "not finite|holdout_fraction"),
+    ]:
         bad = ExperimentSettings()
         object.__setattr__(bad, field, value)  # what an unpickled object can hold: no __post_init__ ran
         with pytest.raises(SettingsError, match=message):
@@ -239,11 +268,14 @@ def test_settings_are_checked_at_the_site() -> None:
             guard.check_task_settings("train_task", {"settings": bad})
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"name": "../../etc/cron.d/x", "bank_fraction": 1.0, "max_fpr": None}, "name="),
-    ({"name": "ok", "bank_fraction": 2.0, "max_fpr": None}, "bank_fraction="),
-    ({"name": "ok", "bank_fraction": 1.0, "max_fpr": None, "command": "rm"}, "command="),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"name": "../../etc/cron.d/x", "bank_fraction": 1.0, "max_fpr": None}, "name="),
+        ({"name": "ok", "bank_fraction": 2.0, "max_fpr": None}, "bank_fraction="),
+        ({"name": "ok", "bank_fraction": 1.0, "max_fpr": None, "command": "rm"}, "command="),
+    ],
+)
 def test_export_settings_are_checked_at_the_site(kwargs: dict, message: str) -> None:
     with pytest.raises(ExperimentRefused, match=message):
         guard.check_task_settings("export_task", kwargs)
@@ -254,7 +286,11 @@ def test_plans_build_only_this_projects_components(tmp_path: Path) -> None:
     honest = plan_of(archive)
     guard.check_plan(honest, POLICY)
     cases = [
-        (("compression_pipeline", "template"), "subprocess.Popen", r"builds 'subprocess.Popen' for compression_pipeline"),
+        (
+            ("compression_pipeline", "template"),
+            "subprocess.Popen",
+            r"builds 'subprocess.Popen' for compression_pipeline",
+        ),
         (("task_runner", "template"), "evil.Runner", "builds 'evil.Runner'"),
         (("api_layer", "required_plugin_components", "serializer_plugin"), "pickle.Unpickler", "pickle.Unpickler"),
         (("network", "settings", "agg_addr"), "elsewhere.example", "sends this site's updates to 'elsewhere.example'"),
@@ -276,9 +312,12 @@ def test_plans_build_only_this_projects_components(tmp_path: Path) -> None:
 
 def test_code_files_and_odd_paths_in_the_archive_are_refused(tmp_path: Path) -> None:
     archive = pack(tmp_path / "ws", training())
-    for name, message in [("patchsvdd/__init__.py", "a Python file 'patchsvdd/__init__.py'"),
-                          ("sitecustomize.pyc", "Python file"), ("run.sh", "a file 'run.sh'"),
-                          ("../outside.json", "outside the experiment's folder")]:
+    for name, message in [
+        ("patchsvdd/__init__.py", "a Python file 'patchsvdd/__init__.py'"),
+        ("sitecustomize.pyc", "Python file"),
+        ("run.sh", "a file 'run.sh'"),
+        ("../outside.json", "outside the experiment's folder"),
+    ]:
         with pytest.raises(ExperimentRefused, match=message):
             guard.review_archive(str(rewrite(archive, name, b"import os\n")), POLICY)
     with pytest.raises(ExperimentRefused, match="not a zip file"):
@@ -288,9 +327,12 @@ def test_code_files_and_odd_paths_in_the_archive_are_refused(tmp_path: Path) -> 
 
 def test_each_pickle_is_reviewed_with_its_role(tmp_path: Path) -> None:
     archive = pack(tmp_path / "ws", training())
-    for name, role in [("loader_obj.pkl", "its data interface"), ("model_obj.pkl", "its model"),
-                       ("task_assigner_obj.pkl", "its task assigner"),
-                       ("aggregation_function_obj.pkl", "its aggregation functions")]:
+    for name, role in [
+        ("loader_obj.pkl", "its data interface"),
+        ("model_obj.pkl", "its model"),
+        ("task_assigner_obj.pkl", "its task assigner"),
+        ("aggregation_function_obj.pkl", "its aggregation functions"),
+    ]:
         changed = rewrite(archive, name, _by_value(ByValueLoader()))
         with pytest.raises(ExperimentRefused, match=f"{role} is code sent by the client"):
             guard.review_archive(str(changed), POLICY)
@@ -314,8 +356,9 @@ def test_the_optimizer_must_hold_the_models_own_weights(tmp_path: Path) -> None:
     interface = ModelInterface(model=model, optimizer=stranger, framework_plugin=guard.FRAMEWORK_ADAPTER)
     with pytest.raises(ExperimentRefused, match="not its model's weights"):
         guard.check_model_interface(guard.restricted_loads(cloudpickle.dumps(interface)))
-    interface = ModelInterface(model=model, optimizer=torch.optim.Adam(model.parameters()),
-                               framework_plugin=guard.FRAMEWORK_ADAPTER)
+    interface = ModelInterface(
+        model=model, optimizer=torch.optim.Adam(model.parameters()), framework_plugin=guard.FRAMEWORK_ADAPTER
+    )
     assert guard.check_model_interface(guard.restricted_loads(cloudpickle.dumps(interface))) == "patchsvdd"
 
 
@@ -324,11 +367,15 @@ def test_envoy_config_switches_are_read_only_when_true(tmp_path: Path) -> None:
 
     config = tmp_path / "shard.yaml"
     config.write_text("trust_client_code: yes-please\nparams:\n  install_requirements: 1\n")
-    assert envoy_allows(["envoy", "start", "-ec", str(config)]) == {"trust_client_code": False,
-                                                                     "install_requirements": False}
+    assert envoy_allows(["envoy", "start", "-ec", str(config)]) == {
+        "trust_client_code": False,
+        "install_requirements": False,
+    }
     config.write_text("trust_client_code: true\nparams:\n  install_requirements: true\n")
     assert envoy_allows(["envoy", "start", "--envoy-config-path", str(config)]) == {
-        "trust_client_code": True, "install_requirements": True}
+        "trust_client_code": True,
+        "install_requirements": True,
+    }
     assert not any(envoy_allows(["envoy", "start"]).values())
 
 
@@ -348,13 +395,16 @@ def test_restricted_loads_is_what_openfl_restores_with_once_installed(tmp_path: 
 
     path = tmp_path / "loader_obj.pkl"
     path.write_bytes(_by_value(ByValueLoader()))
-    code = ("import sys; from patchsvdd.federated.guard import install_site_guard, ExperimentRefused\n"
-            "from openfl.plugins.interface_serializer.cloudpickle_serializer import CloudpickleSerializer as S\n"
-            "install_site_guard()\n"
-            "try: S.restore_object(sys.argv[1])\n"
-            "except ExperimentRefused as e: print('refused:', e)\n")
-    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
-                         cwd=tmp_path)
+    code = (
+        "import sys; from patchsvdd.federated.guard import install_site_guard, ExperimentRefused\n"
+        "from openfl.plugins.interface_serializer.cloudpickle_serializer import CloudpickleSerializer as S\n"
+        "install_site_guard()\n"
+        "try: S.restore_object(sys.argv[1])\n"
+        "except ExperimentRefused as e: print('refused:', e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert "refused: its data interface is code sent by the client (by value)" in out.stdout, out.stderr
 
 

@@ -54,9 +54,14 @@ def test_bundle_round_trip_scores_as_the_evaluator_does(fabric, tmp_path: Path) 
 
 def test_subsampled_bank_and_no_defective_images(fabric, tmp_path: Path) -> None:
     model, data = fabric
-    good_only = replace(data, test_images=data.test_images[data.test_labels == 0],
-                        test_masks=data.test_masks[data.test_labels == 0], test_labels=data.test_labels[data.test_labels == 0],
-                        defect_types=["good"] * int((data.test_labels == 0).sum()), test_names=[])
+    good_only = replace(
+        data,
+        test_images=data.test_images[data.test_labels == 0],
+        test_masks=data.test_masks[data.test_labels == 0],
+        test_labels=data.test_labels[data.test_labels == 0],
+        defect_types=["good"] * int((data.test_labels == 0).sum()),
+        test_names=[],
+    )
     inspector, calibration = export_bundle(model, data, tmp_path / "g", bank_fraction=0.25, calibration=good_only)
     info = read_bundle(tmp_path / "g").info
     assert info["image_threshold"]["method"] == "good_quantile" and "no defective image" in info["calibration_note"]

@@ -19,14 +19,31 @@ import pytest
 import torch
 
 from patchsvdd import federated as fed
-from patchsvdd.system.harness import Processes, SiteLink, can_make_namespaces, log_contains, start_split_federation, wait_for
+from patchsvdd.system.harness import (
+    Processes,
+    SiteLink,
+    can_make_namespaces,
+    log_contains,
+    start_split_federation,
+    wait_for,
+)
 from patchsvdd.models.patchsvdd.network import PatchSVDD
 from patchsvdd.system.probes import free_port
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not can_make_namespaces(), reason="needs root and ip netns (iproute2)")]
-SETTINGS = fed.ExperimentSettings(rounds=2, repeat=200, max_steps=60, batch_size=8, emb_dim=8, round_search="fast",
-                                  final_search="fast", idle_timeout=600)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not can_make_namespaces(), reason="needs root and ip netns (iproute2)"),
+]
+SETTINGS = fed.ExperimentSettings(
+    rounds=2,
+    repeat=200,
+    max_steps=60,
+    batch_size=8,
+    emb_dim=8,
+    round_search="fast",
+    final_search="fast",
+    idle_timeout=600,
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +63,11 @@ def own_port(settings: fed.ExperimentSettings) -> fed.ExperimentSettings:
 
 def cut_during_round_0(link: SiteLink, director_log: Path, seconds: float, done: list[float]) -> threading.Thread:
     def cut() -> None:
-        wait_for(lambda: log_contains(director_log, "Sending tasks to collaborator envoy_2 for round 0"), 300,
-                 "envoy_2's first task")
+        wait_for(
+            lambda: log_contains(director_log, "Sending tasks to collaborator envoy_2 for round 0"),
+            300,
+            "envoy_2's first task",
+        )
         time.sleep(2)
         link.cut()
         try:
@@ -69,8 +89,9 @@ def test_a_30_s_link_cut_mid_round_is_waited_for_and_the_experiment_finishes(spl
     said: list[str] = []
     restored: list[float] = []
     cutter = cut_during_round_0(link, director.log, 30, restored)
-    log = fed.follow_metrics(experiment, idle_timeout=600, registry_poll=1.0, offline_grace=SETTINGS.offline_grace,
-                             say=said.append)
+    log = fed.follow_metrics(
+        experiment, idle_timeout=600, registry_poll=1.0, offline_grace=SETTINGS.offline_grace, say=said.append
+    )
     cutter.join(timeout=60)
     assert restored, "the link was never cut: the experiment ended first"
     assert any("envoy envoy_2 is offline; waiting up to 180 s" in line for line in said), said
@@ -87,7 +108,9 @@ def test_a_cut_longer_than_the_grace_gives_up_with_the_offline_sentence(split_fe
     experiment = fed.start_experiment(client, PatchSVDD(emb_dim=8), own_port(SETTINGS), "cut-long", tmp_path / "nb")
     restored: list[float] = []
     cutter = cut_during_round_0(link, director.log, 45, restored)
-    with pytest.raises(fed.FederationError, match="envoy envoy_2 went offline during the experiment for more than 10 s"):
+    with pytest.raises(
+        fed.FederationError, match="envoy envoy_2 went offline during the experiment for more than 10 s"
+    ):
         fed.follow_metrics(experiment, idle_timeout=600, registry_poll=1.0, offline_grace=10, say=lambda line: None)
     assert not restored  # it gave up while the link was still down, after the grace and not the idle timeout
     cutter.join(timeout=90)

@@ -24,8 +24,9 @@ def _fake_python(folder: Path, name: str, version: str) -> None:
 
 def _make(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {"PATH": str(tmp_path / "bin"), "HOME": str(tmp_path)}
-    return subprocess.run([MAKE, "-C", str(ROOT), f"VENV={tmp_path / 'venv'}", *args], env=env, text=True,
-                          capture_output=True, timeout=60)
+    return subprocess.run(
+        [MAKE, "-C", str(ROOT), f"VENV={tmp_path / 'venv'}", *args], env=env, text=True, capture_output=True, timeout=60
+    )
 
 
 def test_another_python3_is_passed_over_for_a_supported_one(tmp_path: Path) -> None:

@@ -7,8 +7,16 @@ import pytest
 import torch
 
 from patchsvdd.evaluation.metrics import (
-    AUPRO_KEYS, METRIC_KEYS, SingleClassWarning, aupro, auroc, auroc_standard_error, category_metrics,
-    flatten_defects, per_defect, split_defects,
+    AUPRO_KEYS,
+    METRIC_KEYS,
+    SingleClassWarning,
+    aupro,
+    auroc,
+    auroc_standard_error,
+    category_metrics,
+    flatten_defects,
+    per_defect,
+    split_defects,
 )
 
 

@@ -43,8 +43,9 @@ def test_a_registered_model_trains_evaluates_exports_and_inspects(toy, fabric, t
     assert kind_of(model) == "toy" and describe(model).startswith("toy colour predictor")
     inputs = toy.inputs(model, fabric.train_images, fabric.mean)
     before = toy.heldout(model, inputs)
-    losses = train_epoch(model, inputs, make_optimizer(model, 1e-2), repeat=20, batch_size=4, max_steps=40,
-                         generator=0, precision="fp32")
+    losses = train_epoch(
+        model, inputs, make_optimizer(model, 1e-2), repeat=20, batch_size=4, max_steps=40, generator=0, precision="fp32"
+    )
     assert losses["steps"] == 40 and toy.heldout(model, inputs) < before
 
     save_checkpoint(model, tmp_path / "toy.pt", category="fabric")
@@ -60,7 +61,9 @@ def test_a_registered_model_trains_evaluates_exports_and_inspects(toy, fabric, t
     again = load_bundle(tmp_path / "bundle", device="cpu")
     answer = again.inspect(fabric.test_images[0])
     np.testing.assert_allclose(answer.map, inspector.maps(fabric.test_images[:1])[0], rtol=1e-5)
-    assert answer.anomalous == (answer.score >= again.image_threshold.value) and len(calibration.scores) == len(fabric.test_images)
+    assert answer.anomalous == (answer.score >= again.image_threshold.value) and len(calibration.scores) == len(
+        fabric.test_images
+    )
 
 
 def test_a_registered_model_runs_the_federated_tasks_and_passes_the_guard(toy, fabric, tmp_path: Path) -> None:

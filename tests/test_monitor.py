@@ -16,7 +16,9 @@ from patchsvdd.models.patchsvdd.network import PatchSVDD
 
 
 def _watchdog(**kw) -> fed.Watchdog:
-    return fed.Watchdog(name="x", participants={"a", "b"}, idle_timeout=100.0, pending_timeout=30.0, last_progress=0.0, **kw)
+    return fed.Watchdog(
+        name="x", participants={"a", "b"}, idle_timeout=100.0, pending_timeout=30.0, last_progress=0.0, **kw
+    )
 
 
 def test_watchdog_gives_up_on_an_offline_envoy_at_once() -> None:
@@ -70,13 +72,18 @@ def _record(round_: int, origin: str, task: str, name: str, value: float) -> dic
 
 
 def test_metric_log_series_and_final() -> None:
-    log = fed.MetricLog([
-        _record(0, "aggregator", "aggregated_model_validate", "det_sum", 0.5),
-        _record(0, "envoy_1", "train", "train_loss", 3.0),
-        _record(1, "aggregator", "aggregated_model_validate", "det_sum", 0.7),
-        _record(1, "envoy_1", "aggregated_model_validate", "det_sum", 0.6),
-    ])
-    assert log.series("aggregated_model_validate", "det_sum") == {"aggregator": [(0, 0.5), (1, 0.7)], "envoy_1": [(1, 0.6)]}
+    log = fed.MetricLog(
+        [
+            _record(0, "aggregator", "aggregated_model_validate", "det_sum", 0.5),
+            _record(0, "envoy_1", "train", "train_loss", 3.0),
+            _record(1, "aggregator", "aggregated_model_validate", "det_sum", 0.7),
+            _record(1, "envoy_1", "aggregated_model_validate", "det_sum", 0.6),
+        ]
+    )
+    assert log.series("aggregated_model_validate", "det_sum") == {
+        "aggregator": [(0, 0.5), (1, 0.7)],
+        "envoy_1": [(1, 0.6)],
+    }
     assert log.final() == {"aggregator": {"det_sum": 0.7}, "envoy_1": {"det_sum": 0.6}}
     assert log.final("train") == {"envoy_1": {"train_loss": 3.0}}
 
@@ -105,14 +112,24 @@ def test_checkpointer_saves_the_model_of_the_improving_round_once_a_later_round_
     saver.finish()
     assert (saver.best_round, saver.best_score, saver.saved_round) == (2, 2.0, 2)
     model, meta = load_checkpoint(tmp_path / "best.pt")
-    assert meta["round"] == 2 and meta["score"] == 2.0 and meta["metric"] == fed.HELDOUT_METRIC and meta["experiment"] == "t"
+    assert (
+        meta["round"] == 2
+        and meta["score"] == 2.0
+        and meta["metric"] == fed.HELDOUT_METRIC
+        and meta["experiment"] == "t"
+    )
     expected = models[2].state_dict()  # fetched while round 3 was under way
     assert all(torch.equal(model.state_dict()[k], expected[k]) for k in expected)
 
 
 def test_checkpointer_with_higher_is_better_and_nothing_to_save(tmp_path: Path) -> None:
-    saver = fed.SaveWhenImproved(None, tmp_path / "b.pt", metric="det_sum", lower_is_better=False,
-                                 fetch=lambda: pytest.fail("nothing improved: nothing to fetch"))
+    saver = fed.SaveWhenImproved(
+        None,
+        tmp_path / "b.pt",
+        metric="det_sum",
+        lower_is_better=False,
+        fetch=lambda: pytest.fail("nothing improved: nothing to fetch"),
+    )
     saver.observe(_record(0, "aggregator", "aggregated_model_validate", "det_sum", math.nan))
     saver.finish()
     assert saver.saved_round is None and not (tmp_path / "b.pt").exists()
@@ -173,7 +190,13 @@ def test_checkpointer_never_saves_a_later_model_under_an_earlier_score(tmp_path:
 
 
 def _metric(round_number: int, origin: str, name: str, value: float, task: str = "aggregated_model_validate") -> dict:
-    return {"round": round_number, "metric_origin": origin, "task_name": task, "metric_name": name, "metric_value": value}
+    return {
+        "round": round_number,
+        "metric_origin": origin,
+        "task_name": task,
+        "metric_name": name,
+        "metric_value": value,
+    }
 
 
 def test_round_lines_write_one_line_per_round_once_the_aggregates_are_in() -> None:
@@ -188,8 +211,10 @@ def test_round_lines_write_one_line_per_round_once_the_aggregates_are_in() -> No
     show(_metric(0, "aggregator", "heldout_pos", 4.65))
     assert lines == []  # det_sum's aggregate has not come yet
     show(_metric(0, "aggregator", "det_sum", 0.65))
-    assert lines == ["round 0/3    30 s  heldout_pos 4.650 (envoy_1 4.600, envoy_2 4.700)  "
-                     "det_sum 0.650 (envoy_1 0.600, envoy_2 0.700)"]
+    assert lines == [
+        "round 0/3    30 s  heldout_pos 4.650 (envoy_1 4.600, envoy_2 4.700)  "
+        "det_sum 0.650 (envoy_1 0.600, envoy_2 0.700)"
+    ]
     show(_metric(0, "aggregator", "det_sum", 0.65))  # a repeated value does not write the round again
     now[0] = 171.0
     show(_metric(1, "aggregator", "heldout_pos", 3.0))

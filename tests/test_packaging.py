@@ -33,20 +33,25 @@ def test_each_dependency_is_written_once_and_pyproject_reads_the_files() -> None
             key = name.group(0).lower().replace("_", "-")
             assert key not in names, f"{key} is written in both {names[key]} and {path.name}"
             names[key] = path.name
-    assert _requirements(ROOT / "requirements.txt") == [f"-r requirements/{n}" for n in ("core.txt", "federation.txt",
-                                                                                          "serve.txt")]
+    assert _requirements(ROOT / "requirements.txt") == [
+        f"-r requirements/{n}" for n in ("core.txt", "federation.txt", "serve.txt")
+    ]
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "dependencies" not in project["project"] and "optional-dependencies" not in project["project"]
     dynamic = project["tool"]["setuptools"]["dynamic"]
-    read = {dynamic["dependencies"]["file"][0], *(f for extra in dynamic["optional-dependencies"].values()
-                                                  for f in extra["file"])}
+    read = {
+        dynamic["dependencies"]["file"][0],
+        *(f for extra in dynamic["optional-dependencies"].values() for f in extra["file"]),
+    }
     assert read == {f"requirements/{path.name}" for path in files}  # every file is read, none is left out
 
 
 def test_the_service_imports_no_federation_or_notebook_package() -> None:
     """What the serving image leaves out (the `serve` extra) is never imported by `patchsvdd serve`."""
-    code = ("import sys; import patchsvdd.cli.main, patchsvdd.cli.inspect_commands, patchsvdd.deploy.service; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'openfl', 'papermill', 'jupyter', 'nbclient'}))")
+    code = (
+        "import sys; import patchsvdd.cli.main, patchsvdd.cli.inspect_commands, patchsvdd.deploy.service; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'openfl', 'papermill', 'jupyter', 'nbclient'}))"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"

@@ -13,7 +13,9 @@ from patchsvdd.evaluation import report
 from patchsvdd.evaluation.pooling import SKETCH_SIZE, pooled_aurocs, score_sketch, sketch_metrics, split_sketches
 
 
-def _site(rng: np.random.Generator, good: int, defective: int, shift: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _site(
+    rng: np.random.Generator, good: int, defective: int, shift: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """maps (M,32,32), labels (M,), masks (M,32,32): a square defect brighter than the noise."""
     maps = rng.normal(size=(good + defective, 32, 32)).astype(np.float32) + shift
     labels = np.r_[np.zeros(good), np.ones(defective)].astype(np.int64)
@@ -59,7 +61,12 @@ def test_final_evaluation_adds_a_pooled_row_and_keeps_tables_per_envoy() -> None
     per_node, per_defect = report.final_evaluation(streamed)
     assert set(per_node) == {"envoy_1", "envoy_2", "aggregator", "pooled"} and set(per_defect) == {"envoy_1", "envoy_2"}
     assert per_node["envoy_1"] == {"det_sum": 0.9} and set(per_node["pooled"]) == {"det_sum", "seg_sum"}
-    assert [row["node"] for row in report.metrics_rows(per_node, ["det_sum"])] == ["envoy_1", "envoy_2", "aggregator", "pooled"]
+    assert [row["node"] for row in report.metrics_rows(per_node, ["det_sum"])] == [
+        "envoy_1",
+        "envoy_2",
+        "aggregator",
+        "pooled",
+    ]
     plain, sketch = split_sketches(streamed["envoy_1"])
     assert set(plain) == {"det_sum", "defect/good/n"} and all(k.startswith("pool/") for k in sketch)
 

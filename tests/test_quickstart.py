@@ -65,12 +65,23 @@ def test_the_three_steps_as_written(tmp_path: Path, notebook_parameters: dict) -
     project = _fresh_copy(tmp_path)
     logs = tmp_path / "logs"
     with Processes() as processes:
-        director = processes.start("director", ["director_folder/start_director.sh"], logs / "director.log", cwd=project)
+        director = processes.start(
+            "director", ["director_folder/start_director.sh"], logs / "director.log", cwd=project
+        )
         wait_for(lambda: listens("localhost", ports[0], timeout=1.0), 120, "the director to listen", [director])
-        envoys = [processes.start(name, ["./start_envoy.sh", name, config], logs / f"{name}.log",
-                                  cwd=project / "envoy_folder") for name, config in ENVOYS.items()]
-        wait_for(envoys_accepted("localhost", ports[0], list(ENVOYS), {"tls": False}), 180,
-                 "the director to list env_one and env_two online", [director, *envoys], poll=1.0)
+        envoys = [
+            processes.start(
+                name, ["./start_envoy.sh", name, config], logs / f"{name}.log", cwd=project / "envoy_folder"
+            )
+            for name, config in ENVOYS.items()
+        ]
+        wait_for(
+            envoys_accepted("localhost", ports[0], list(ENVOYS), {"tls": False}),
+            180,
+            "the director to list env_one and env_two online",
+            [director, *envoys],
+            poll=1.0,
+        )
         run_notebook(project / NOTEBOOK, tmp_path / "executed.ipynb", {}, timeout=1500, cwd=project / "workspace")
     results = project / "runs" / "notebook"
     metrics = json.loads((results / "metrics.json").read_text())

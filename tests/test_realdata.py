@@ -29,11 +29,48 @@ def test_reader_on_bottle(bottle_root: Path) -> None:
 @pytest.mark.slow
 def test_evaluate_on_a_bottle_shard(bottle_root: Path, tmp_path: Path) -> None:
     ckpt = tmp_path / "untrained.pt"
-    assert main(["train", "--data-root", str(bottle_root), "--category", "bottle", "--epochs", "0",
-                 "--out", str(ckpt), "--rank-worldsize", "1,8", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data-root",
+                str(bottle_root),
+                "--category",
+                "bottle",
+                "--epochs",
+                "0",
+                "--out",
+                str(ckpt),
+                "--rank-worldsize",
+                "1,8",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "eval"
-    assert main(["evaluate", "--data-root", str(bottle_root), "--category", "bottle", "--checkpoint", str(ckpt),
-                 "--out-dir", str(out), "--rank-worldsize", "1,8", "--search", "exact", "--no-gallery", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--data-root",
+                str(bottle_root),
+                "--category",
+                "bottle",
+                "--checkpoint",
+                str(ckpt),
+                "--out-dir",
+                str(out),
+                "--rank-worldsize",
+                "1,8",
+                "--search",
+                "exact",
+                "--no-gallery",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "metrics.json").read_text())
     assert report["n_train"] == 27 and report["n_test"] == 11
     assert all(0.0 <= report[k] <= 1.0 for k in METRIC_KEYS)

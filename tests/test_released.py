@@ -11,9 +11,18 @@ import torch
 from patchsvdd.training.checkpoint import load_checkpoint
 from patchsvdd.cli.main import main
 from patchsvdd.models.patchsvdd.network import PatchSVDD
-from patchsvdd.models.patchsvdd.released import SHA256, ReleasedWeightsError, download, import_released, key_map, to_model
+from patchsvdd.models.patchsvdd.released import (
+    SHA256,
+    ReleasedWeightsError,
+    download,
+    import_released,
+    key_map,
+    to_model,
+)
 
-OFFICIAL = Path(os.environ.get("PATCHSVDD_SHARED_OFFICIAL", Path(__file__).resolve().parents[2] / "shared" / "official"))
+OFFICIAL = Path(
+    os.environ.get("PATCHSVDD_SHARED_OFFICIAL", Path(__file__).resolve().parents[2] / "shared" / "official")
+)
 
 
 def _released_like(model: PatchSVDD) -> dict[str, torch.Tensor]:
@@ -36,7 +45,9 @@ def test_wrong_keys_and_shapes_are_named() -> None:
     state = _released_like(PatchSVDD())
     bad = dict(state)
     bad["enc.conv3.weight"] = torch.zeros(128, 64, 5, 5)
-    with pytest.raises(ReleasedWeightsError, match=r"enc.conv3.weight has shape \(128, 64, 5, 5\), expected \(128, 64, 3, 3\)"):
+    with pytest.raises(
+        ReleasedWeightsError, match=r"enc.conv3.weight has shape \(128, 64, 5, 5\), expected \(128, 64, 3, 3\)"
+    ):
         to_model(bad, "x.pkl")
     missing = {k: v for k, v in state.items() if k != "conv2.bias"}
     with pytest.raises(ReleasedWeightsError, match=r"x.pkl: keys missing \['conv2.bias'\], unexpected none"):
@@ -62,7 +73,9 @@ def test_a_truncated_file_is_named(tmp_path: Path) -> None:
 
 def test_no_network_gives_one_sentence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATCHSVDD_CACHE", str(tmp_path))
-    with pytest.raises(ReleasedWeightsError, match="cannot download http://127.0.0.1:9/x.pkl .*--source PATH or put it at"):
+    with pytest.raises(
+        ReleasedWeightsError, match="cannot download http://127.0.0.1:9/x.pkl .*--source PATH or put it at"
+    ):
         download("bottle", "http://127.0.0.1:9/x.pkl", timeout=5)
     assert not list(tmp_path.rglob("*.part"))
 

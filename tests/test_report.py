@@ -11,10 +11,15 @@ def _record(round_: int, origin: str, name: str, value: float, task: str = "aggr
 
 def test_untrained_vs_trained_takes_the_first_and_last_round_per_node() -> None:
     records = [
-        _record(1, "envoy_1", "det_sum", 0.8), _record(0, "envoy_1", "det_sum", 0.6), _record(2, "envoy_1", "det_sum", 0.9),
-        _record(0, "aggregator", "det_sum", 0.65), _record(2, "aggregator", "det_sum", 0.85),
-        _record(0, "aggregator", "heldout_pos", 4.2), _record(2, "aggregator", "heldout_pos", 3.1),
-        _record(1, "envoy_1", "train_loss", 4.0, task="train"), _record(2, "envoy_1", "det_64", 0.1),
+        _record(1, "envoy_1", "det_sum", 0.8),
+        _record(0, "envoy_1", "det_sum", 0.6),
+        _record(2, "envoy_1", "det_sum", 0.9),
+        _record(0, "aggregator", "det_sum", 0.65),
+        _record(2, "aggregator", "det_sum", 0.85),
+        _record(0, "aggregator", "heldout_pos", 4.2),
+        _record(2, "aggregator", "heldout_pos", 3.1),
+        _record(1, "envoy_1", "train_loss", 4.0, task="train"),
+        _record(2, "envoy_1", "det_64", 0.1),
     ]
     rows = untrained_vs_trained(records)
     assert [r["node"] for r in rows] == ["envoy_1", "aggregator"]
@@ -55,16 +60,28 @@ def test_demo_summary_gives_each_envoys_detection_noise(tmp_path) -> None:
     from patchsvdd.evaluation.metrics import auroc_standard_error
     from patchsvdd.evaluation.report import test_set_sizes
 
-    per_defect = {"envoy_1": {"good": {"n": 20.0, "mean": 1.0}, "crack": {"n": 25.0, "auroc": 0.7},
-                              "stain": {"n": 15.0, "auroc": 0.9}}}
+    per_defect = {
+        "envoy_1": {
+            "good": {"n": 20.0, "mean": 1.0},
+            "crack": {"n": 25.0, "auroc": 0.7},
+            "stain": {"n": 15.0, "auroc": 0.9},
+        }
+    }
     assert test_set_sizes(per_defect) == {"envoy_1": (20, 40)}
     notebook = tmp_path / "notebook"
     notebook.mkdir()
-    records = [_record(0, "envoy_1", "det_sum", 0.6), _record(5, "envoy_1", "det_sum", 0.9),
-               _record(0, "aggregator", "det_sum", 0.6), _record(5, "aggregator", "det_sum", 0.9)]
+    records = [
+        _record(0, "envoy_1", "det_sum", 0.6),
+        _record(5, "envoy_1", "det_sum", 0.9),
+        _record(0, "aggregator", "det_sum", 0.6),
+        _record(5, "aggregator", "det_sum", 0.9),
+    ]
     (notebook / "round_metrics.json").write_text(json.dumps(records))
-    (notebook / "metrics.json").write_text(json.dumps({"model": "best", "search": "exact", "per_defect": per_defect,
-                                                       "per_node": {"envoy_1": {"det_sum": 0.9}}}))
+    (notebook / "metrics.json").write_text(
+        json.dumps(
+            {"model": "best", "search": "exact", "per_defect": per_defect, "per_node": {"envoy_1": {"det_sum": 0.9}}}
+        )
+    )
     text = summarise(tmp_path, 1.0)
     before, after = auroc_standard_error(0.6, 20, 40), auroc_standard_error(0.9, 20, 40)
     assert before > after > 0.03  # a small test set: a few points of AUROC are noise
@@ -81,17 +98,31 @@ def test_demo_summary_gives_the_time_of_each_phase(tmp_path) -> None:
         timing = {} if seconds is None else {"papermill": {"duration": seconds}}
         return {"cell_type": "code", "source": [source], "metadata": timing}
 
-    executed = {"cells": [cell("settings = 1", 2.0), cell("experiment = fed.start_experiment(a)", 300.5),
-                          cell("evaluation = fed.start_evaluation(b)", 40.0), cell("x = fed.start_export(c)", 30.0),
-                          cell("plots.save_gallery(d)", 12.0), cell("print()", 1.5), cell("never ran", None),
-                          {"cell_type": "markdown", "source": ["fed.start_experiment("], "metadata": {}}]}
+    executed = {
+        "cells": [
+            cell("settings = 1", 2.0),
+            cell("experiment = fed.start_experiment(a)", 300.5),
+            cell("evaluation = fed.start_evaluation(b)", 40.0),
+            cell("x = fed.start_export(c)", 30.0),
+            cell("plots.save_gallery(d)", 12.0),
+            cell("print()", 1.5),
+            cell("never ran", None),
+            {"cell_type": "markdown", "source": ["fed.start_experiment("], "metadata": {}},
+        ]
+    }
     (tmp_path / NOTEBOOK.name).write_text(json.dumps(executed))
-    assert phase_seconds(tmp_path / NOTEBOOK.name) == {"other": 3.5, "rounds": 300.5, "evaluation": 40.0,
-                                                       "export": 30.0, "gallery": 12.0}
+    assert phase_seconds(tmp_path / NOTEBOOK.name) == {
+        "other": 3.5,
+        "rounds": 300.5,
+        "evaluation": 40.0,
+        "export": 30.0,
+        "gallery": 12.0,
+    }
     notebook = tmp_path / "notebook"
     notebook.mkdir()
     (notebook / "round_metrics.json").write_text("[]")
     (notebook / "metrics.json").write_text(json.dumps({"model": "best", "search": "fast", "per_node": {}}))
     text = summarise(tmp_path, 420.0, started=33.0)
-    assert ("time per phase: data and start 33 s, other 4 s, rounds 300 s, evaluation 40 s, export 30 s, "
-            "gallery 12 s") in text
+    assert (
+        "time per phase: data and start 33 s, other 4 s, rounds 300 s, evaluation 40 s, export 30 s, gallery 12 s"
+    ) in text

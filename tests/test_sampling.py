@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from patchsvdd.models.patchsvdd.sampling import POSITION_DIRECTIONS, crop_patches, perturb, sample_position_pairs, sample_svdd_pairs
+from patchsvdd.models.patchsvdd.sampling import (
+    POSITION_DIRECTIONS,
+    crop_patches,
+    perturb,
+    sample_position_pairs,
+    sample_svdd_pairs,
+)
 
 
 @pytest.mark.parametrize("patch_size", [64, 32])

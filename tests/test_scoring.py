@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from patchsvdd.models.patchsvdd import scoring
-from patchsvdd.models.patchsvdd.scoring import anomaly_maps, distribute_scores, exact_nearest, fast_nearest, flatten_grid, patch_scores
+from patchsvdd.models.patchsvdd.scoring import (
+    anomaly_maps,
+    distribute_scores,
+    exact_nearest,
+    fast_nearest,
+    flatten_grid,
+    patch_scores,
+)
 
 
 def _clustered(n: int, dim: int, centres: int, seed: int) -> torch.Tensor:
@@ -107,7 +114,9 @@ def test_distribute_scores_equals_naive_average(patch_size: int, stride: int, gr
     count = torch.zeros(side, side)
     for i in range(grid):
         for j in range(grid):
-            total[:, i * stride : i * stride + patch_size, j * stride : j * stride + patch_size] += scores[:, i, j, None, None]
+            total[:, i * stride : i * stride + patch_size, j * stride : j * stride + patch_size] += scores[
+                :, i, j, None, None
+            ]
             count[i * stride : i * stride + patch_size, j * stride : j * stride + patch_size] += 1
     assert torch.allclose(distribute_scores(scores, patch_size, stride), total / count, atol=1e-5)
 
@@ -126,7 +135,9 @@ def test_anomaly_maps_fuse_both_patch_sizes() -> None:
 
 
 @pytest.mark.parametrize("kind", ["saturated", "spread"])
-def test_exact_search_with_cluster_pruning_matches_float64_brute_force(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_exact_search_with_cluster_pruning_matches_float64_brute_force(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Clusters that cannot hold a nearer row are skipped (saturated, low-dimensional embeddings); where most
     of the bank would be scanned (spread in all 64 dimensions) the search falls back to brute force. Either
     way every distance is within 1e-3 of float64 brute force."""

@@ -47,9 +47,23 @@ def service(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with Processes() as processes:
-        node = processes.start("serve", [sys.executable, "-m", "patchsvdd.cli.main", "serve", str(folder / "bundle"),
-                                         "--port", str(port), "--max-bytes", str(MAX_BYTES), "--workers", "2"],
-                               folder / "serve.log")
+        node = processes.start(
+            "serve",
+            [
+                sys.executable,
+                "-m",
+                "patchsvdd.cli.main",
+                "serve",
+                str(folder / "bundle"),
+                "--port",
+                str(port),
+                "--max-bytes",
+                str(MAX_BYTES),
+                "--workers",
+                "2",
+            ],
+            folder / "serve.log",
+        )
         wait_for(lambda: _up(url), 120, "the service to answer /health", [node])
         yield url, folder / "bundle", data, node
 
@@ -73,16 +87,23 @@ def test_infer_json_and_multipart_give_the_inspectors_answer(service) -> None:
     assert httpx.get(f"{url}/docs", timeout=10).status_code == 200  # OpenAPI docs
 
 
-@pytest.mark.parametrize("request_kwargs, status, text", [
-    (dict(content=b"{not json", headers={"content-type": "application/json"}), 400, "body is not JSON"),
-    (dict(json={"picture": "x"}), 400, 'without an "image" string'),
-    (dict(json={"image": "***"}), 400, "not valid base64"),
-    (dict(json={"image": base64.b64encode(b"hello, not an image").decode()}), 400, "not an image"),
-    (dict(json={"image": ""}), 400, "image is empty"),
-    (dict(files={"other": ("x.txt", b"abc", "text/plain")}), 400, "without a file field"),
-    (dict(content=b"x" * (MAX_BYTES + 1), headers={"content-type": "application/json"}), 413, "larger than the limit"),
-    (dict(content=b"abc", headers={"content-type": "text/plain"}), 415, "content type 'text/plain'"),
-])
+@pytest.mark.parametrize(
+    "request_kwargs, status, text",
+    [
+        (dict(content=b"{not json", headers={"content-type": "application/json"}), 400, "body is not JSON"),
+        (dict(json={"picture": "x"}), 400, 'without an "image" string'),
+        (dict(json={"image": "***"}), 400, "not valid base64"),
+        (dict(json={"image": base64.b64encode(b"hello, not an image").decode()}), 400, "not an image"),
+        (dict(json={"image": ""}), 400, "image is empty"),
+        (dict(files={"other": ("x.txt", b"abc", "text/plain")}), 400, "without a file field"),
+        (
+            dict(content=b"x" * (MAX_BYTES + 1), headers={"content-type": "application/json"}),
+            413,
+            "larger than the limit",
+        ),
+        (dict(content=b"abc", headers={"content-type": "text/plain"}), 415, "content type 'text/plain'"),
+    ],
+)
 def test_bad_input_gets_a_4xx_with_a_sentence_and_the_service_goes_on(service, request_kwargs, status, text) -> None:
     url, _, data, node = service
     answer = httpx.post(f"{url}/infer", timeout=30, **request_kwargs)
@@ -96,7 +117,9 @@ def test_concurrent_requests_all_answered_alike(service) -> None:
     expected = [load_bundle(bundle, device="cpu").inspect(image).score for image in data.test_images[:4]]
 
     def ask(i: int) -> float:
-        return httpx.post(f"{url}/infer", files={"image": ("x.png", pngs[i % 4], "image/png")}, timeout=120).json()["score"]
+        return httpx.post(f"{url}/infer", files={"image": ("x.png", pngs[i % 4], "image/png")}, timeout=120).json()[
+            "score"
+        ]
 
     with ThreadPoolExecutor(8) as pool:
         scores = list(pool.map(ask, range(16)))

@@ -28,8 +28,11 @@ def test_every_setting_is_a_notebook_parameter_with_the_same_default(notebook_pa
 def test_the_notebook_passes_every_parameter_to_the_settings() -> None:
     """The cell that builds ExperimentSettings passes each field as name=name (none left at its default)."""
     source = next("".join(c["source"]) for c in _cells() if "ExperimentSettings(" in "".join(c["source"]))
-    call = next(node for node in ast.walk(ast.parse(source))
-                if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "ExperimentSettings")
+    call = next(
+        node
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "ExperimentSettings"
+    )
     passed = {kw.arg: kw.value.id for kw in call.keywords if isinstance(kw.value, ast.Name)}
     assert passed == {f.name: f.name for f in fields(ExperimentSettings)}
 
@@ -50,12 +53,20 @@ def test_training_defaults_come_from_the_recipe() -> None:
     assert learn.train_settings().steps_per_epoch(27, learn.max_steps) * learn.rounds == 1200  # steps per envoy
 
 
-@pytest.mark.parametrize("bad, named", [
-    ({"rounds": 0}, "rounds=0"), ({"max_steps": 0}, "max_steps=0"), ({"batch_size": 0}, "batch_size=0"),
-    ({"round_search": "slow"}, "round_search='slow'"), ({"final_model": "first"}, "final_model='first'"),
-    ({"aggregator_port": 70000}, "aggregator_port=70000"), ({"holdout_fraction": 1.0}, "holdout_fraction=1.0"),
-    ({"init": "xavier"}, "init='xavier'"), ({"idle_timeout": 0}, "idle_timeout=0"),
-])
+@pytest.mark.parametrize(
+    "bad, named",
+    [
+        ({"rounds": 0}, "rounds=0"),
+        ({"max_steps": 0}, "max_steps=0"),
+        ({"batch_size": 0}, "batch_size=0"),
+        ({"round_search": "slow"}, "round_search='slow'"),
+        ({"final_model": "first"}, "final_model='first'"),
+        ({"aggregator_port": 70000}, "aggregator_port=70000"),
+        ({"holdout_fraction": 1.0}, "holdout_fraction=1.0"),
+        ({"init": "xavier"}, "init='xavier'"),
+        ({"idle_timeout": 0}, "idle_timeout=0"),
+    ],
+)
 def test_settings_out_of_range_name_themselves(bad: dict, named: str) -> None:
     with pytest.raises(SettingsError, match=named.replace("[", r"\[").replace("(", r"\(")):
         ExperimentSettings(**bad)

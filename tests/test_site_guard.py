@@ -26,8 +26,9 @@ from patchsvdd.models.patchsvdd.network import PatchSVDD
 
 pytestmark = pytest.mark.slow
 HOSTILE = Path(__file__).with_name("hostile_client.py")
-TINY = fed.ExperimentSettings(rounds=1, repeat=1, max_steps=1, batch_size=4, emb_dim=8, round_search="fast",
-                              final_search="fast", idle_timeout=300)
+TINY = fed.ExperimentSettings(
+    rounds=1, repeat=1, max_steps=1, batch_size=4, emb_dim=8, round_search="fast", final_search="fast", idle_timeout=300
+)
 ATTACKS = {
     "loader": "its data interface is code sent by the client (by value), not one of this project's classes",
     "tasks": "its tasks is code sent by the client (by value)",
@@ -40,13 +41,23 @@ ATTACKS = {
 @pytest.fixture(scope="module")
 def guarded(fed_data: Path, tmp_path_factory: pytest.TempPathFactory):
     with Processes() as processes:
-        yield start_federation(tmp_path_factory.mktemp("guarded"), fed_data, "fabric", n_envoys=2, processes=processes,
-                               director_config={"review_experiments": False})
+        yield start_federation(
+            tmp_path_factory.mktemp("guarded"),
+            fed_data,
+            "fabric",
+            n_envoys=2,
+            processes=processes,
+            director_config={"review_experiments": False},
+        )
 
 
 def attack(nodes, kind: str, marker: Path, name: str) -> dict:
-    out = subprocess.run([sys.executable, str(HOSTILE), kind, str(marker), nodes.host, str(nodes.port), name],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(HOSTILE), kind, str(marker), nodes.host, str(nodes.port), name],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -96,24 +107,37 @@ def test_the_projects_director_refuses_them_at_submission(fed_data: Path, tmp_pa
     with Processes() as processes:
         nodes = start_federation(tmp_path / "run", fed_data, "fabric", n_envoys=1, processes=processes)
         director_log = next(node.log for node in processes.nodes if node.name == "director")
-        expected = {"pipeline": "its plan builds 'subprocess.Popen' for compression_pipeline.template",
-                    "loader": ATTACKS["loader"]}
+        expected = {
+            "pipeline": "its plan builds 'subprocess.Popen' for compression_pipeline.template",
+            "loader": ATTACKS["loader"],
+        }
         for kind, reason in expected.items():
             marker = tmp_path / f"marker_{kind}.npy"
             assert attack(nodes, kind, marker, f"submitted-{kind}")["status"] == "not accepted"
-            assert log_contains(director_log, f"the director refused experiment 'submitted-{kind}' from intruder: "
-                                              f"{reason}")
+            assert log_contains(
+                director_log, f"the director refused experiment 'submitted-{kind}' from intruder: {reason}"
+            )
             assert not marker.exists() and not marker.with_suffix("").exists()
         assert not any(log_contains(log, "submitted-") for log in envoy_logs(nodes))
         client = fed.connect(nodes.host, nodes.port)
-        fed.follow_metrics(fed.start_experiment(client, PatchSVDD(emb_dim=8), TINY, "honest", tmp_path / "nb"),
-                           idle_timeout=300, registry_poll=1.0)
+        fed.follow_metrics(
+            fed.start_experiment(client, PatchSVDD(emb_dim=8), TINY, "honest", tmp_path / "nb"),
+            idle_timeout=300,
+            registry_poll=1.0,
+        )
 
 
 def test_a_site_that_trusts_client_code_runs_it_and_says_so(fed_data: Path, tmp_path: Path) -> None:
     with Processes() as processes:
-        nodes = start_federation(tmp_path / "run", fed_data, "fabric", n_envoys=1, processes=processes,
-                                 envoy_config={"trust_client_code": True}, director_config={"review_experiments": False})
+        nodes = start_federation(
+            tmp_path / "run",
+            fed_data,
+            "fabric",
+            n_envoys=1,
+            processes=processes,
+            envoy_config={"trust_client_code": True},
+            director_config={"review_experiments": False},
+        )
         (log,) = envoy_logs(nodes)
         assert log_contains(log, "[site guard] trust_client_code is on")
         marker = tmp_path / "marker"

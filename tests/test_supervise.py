@@ -21,9 +21,21 @@ def _listener(port: int = 0) -> socket.socket:
 def _supervise(port: int, child: list[str], log: Path, timeout: float = 3.0) -> subprocess.Popen:
     with open(log, "w") as handle:
         return subprocess.Popen(
-            [sys.executable, "-m", "patchsvdd.system.supervise", "--director", f"127.0.0.1:{port}", "--director-timeout",
-             str(timeout), "--poll", "0.2", "--", *child],
-            stdout=handle, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "patchsvdd.system.supervise",
+                "--director",
+                f"127.0.0.1:{port}",
+                "--director-timeout",
+                str(timeout),
+                "--poll",
+                "0.2",
+                "--",
+                *child,
+            ],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
         )
 
 

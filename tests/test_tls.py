@@ -78,8 +78,17 @@ def test_envoy_from_another_authority_is_refused(tls_federation, tmp_path: Path,
         f"  params: {{data_folder: {data}, category: fabric, rank_worldsize: '1,2'}}\n"
     )
     result = subprocess.run(
-        [str(REPO / "envoy_folder" / "start_envoy.sh"), "envoy_x", str(config), nodes.host, str(nodes.port), str(foreign)],
-        capture_output=True, text=True, timeout=60,
+        [
+            str(REPO / "envoy_folder" / "start_envoy.sh"),
+            "envoy_x",
+            str(config),
+            nodes.host,
+            str(nodes.port),
+            str(foreign),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={"PATCHSVDD_WORKDIR": str(tmp_path / "w"), "PATH": with_this_environment("/usr/bin:/bin")},
     )
     assert result.returncode == 2

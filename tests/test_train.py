@@ -11,7 +11,12 @@ from patchsvdd.training.loop import as_generator, resolve_precision
 from patchsvdd.models.patchsvdd.network import PatchSVDD, initialise
 from patchsvdd.models.patchsvdd.sampling import crop_patches, sample_position_pairs, sample_svdd_pairs
 from patchsvdd.models.patchsvdd.training import (
-    CollapseError, batch_embeddings, batch_losses, heldout_losses, sample_batch, svdd_loss,
+    CollapseError,
+    batch_embeddings,
+    batch_losses,
+    heldout_losses,
+    sample_batch,
+    svdd_loss,
 )
 from patchsvdd.training.loop import make_optimizer, train_epoch
 from patchsvdd.settings import LRSchedule
@@ -34,7 +39,17 @@ def test_short_epoch_trains_every_part_and_is_seeded() -> None:
         torch.manual_seed(0)
         model = PatchSVDD(emb_dim=16)
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        losses = train_epoch(model, _images(), make_optimizer(model), repeat=2, batch_size=4, max_steps=2, generator=7, precision="fp32", progress=False)
+        losses = train_epoch(
+            model,
+            _images(),
+            make_optimizer(model),
+            repeat=2,
+            batch_size=4,
+            max_steps=2,
+            generator=7,
+            precision="fp32",
+            progress=False,
+        )
         results.append((losses, model.state_dict()))
         assert losses["steps"] == 2
         assert all(np.isfinite(v) for v in losses.values())
@@ -49,7 +64,9 @@ def test_short_epoch_trains_every_part_and_is_seeded() -> None:
 
 def test_epoch_length_follows_repeat_and_batch() -> None:
     model = PatchSVDD(emb_dim=8)
-    losses = train_epoch(model, _images(3), make_optimizer(model), repeat=3, batch_size=4, generator=0, precision="fp32", progress=False)
+    losses = train_epoch(
+        model, _images(3), make_optimizer(model), repeat=3, batch_size=4, generator=0, precision="fp32", progress=False
+    )
     assert losses["steps"] == 3  # ceil(3 images * 3 / 4)
 
 
@@ -109,9 +126,20 @@ def test_train_epoch_follows_the_schedule_and_reports_spread() -> None:
     model = PatchSVDD(emb_dim=8)
     optimizer = make_optimizer(model)
     seen = []
-    losses = train_epoch(model, _images(2), optimizer, repeat=4, batch_size=2, max_steps=3, generator=0, precision="fp32", progress=False,
-                         schedule=LRSchedule(base_lr=1e-3, warmup_steps=4), start_step=1,
-                         on_step=lambda step, values: seen.append((step, optimizer.param_groups[0]["lr"], values)))
+    losses = train_epoch(
+        model,
+        _images(2),
+        optimizer,
+        repeat=4,
+        batch_size=2,
+        max_steps=3,
+        generator=0,
+        precision="fp32",
+        progress=False,
+        schedule=LRSchedule(base_lr=1e-3, warmup_steps=4),
+        start_step=1,
+        on_step=lambda step, values: seen.append((step, optimizer.param_groups[0]["lr"], values)),
+    )
     assert [(s, round(lr, 8)) for s, lr, _ in seen] == [(1, 5e-4), (2, 7.5e-4), (3, 1e-3)]
     assert losses["spread_64"] > 1e-3 and losses["spread_32"] > 1e-3
 
@@ -135,7 +163,16 @@ def test_collapse_stops_training_with_a_message() -> None:
         model.encoder.small.layers[-2].bias.fill_(50.0)
         model.encoder.project.bias.fill_(50.0)
     with pytest.raises(CollapseError, match="collapsed at step 1[0-9].*Lower the learning rate"):
-        train_epoch(model, _images(2), make_optimizer(model), repeat=40, batch_size=2, generator=0, precision="fp32", progress=False)
+        train_epoch(
+            model,
+            _images(2),
+            make_optimizer(model),
+            repeat=40,
+            batch_size=2,
+            generator=0,
+            precision="fp32",
+            progress=False,
+        )
 
 
 def test_heldout_losses_are_fixed_for_a_model_and_follow_it() -> None:
@@ -145,7 +182,17 @@ def test_heldout_losses_are_fixed_for_a_model_and_follow_it() -> None:
     first = heldout_losses(model, images, pairs=6, batch_size=4)
     assert heldout_losses(model, images, pairs=6, batch_size=4) == first
     assert first["heldout_pos"] == pytest.approx(first["loss_pos_64"] + first["loss_pos_32"])
-    train_epoch(model, images, make_optimizer(model, 1e-3), repeat=4, batch_size=2, max_steps=2, generator=0, precision="fp32", progress=False)
+    train_epoch(
+        model,
+        images,
+        make_optimizer(model, 1e-3),
+        repeat=4,
+        batch_size=2,
+        max_steps=2,
+        generator=0,
+        precision="fp32",
+        progress=False,
+    )
     assert heldout_losses(model, images, pairs=6, batch_size=4) != first
     assert model.training  # its mode is left as it was
 

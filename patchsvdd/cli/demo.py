@@ -24,14 +24,25 @@ from patchsvdd.system.harness import HarnessError, Processes, project_root, star
 from patchsvdd.system.probes import free_port
 from patchsvdd.models.registry import model_names
 from patchsvdd.settings import (
-    DEMO_DATA, DEMO_SETTINGS, FINETUNE, HELDOUT_METRICS, LEARN_BUDGET, PRECISIONS, SEARCHES, SettingsError,
+    DEMO_DATA,
+    DEMO_SETTINGS,
+    FINETUNE,
+    HELDOUT_METRICS,
+    LEARN_BUDGET,
+    PRECISIONS,
+    SEARCHES,
+    SettingsError,
 )
 
 NOTEBOOK = Path("workspace") / "PatchSVDD_with_Director.ipynb"
 GALLERY_IMAGES = 8  # test images the notebook's gallery scores and shows (the sites' own scores are the metrics)
 # The phases of the notebook, each named by a call that only its cell makes (papermill times every cell).
-PHASES = (("rounds", "fed.start_experiment("), ("evaluation", "fed.start_evaluation("), ("export", "fed.start_export("),
-          ("gallery", "plots.save_gallery("))
+PHASES = (
+    ("rounds", "fed.start_experiment("),
+    ("evaluation", "fed.start_evaluation("),
+    ("export", "fed.start_export("),
+    ("gallery", "plots.save_gallery("),
+)
 
 
 def _env_int(name: str, default: int | None) -> int | None:
@@ -50,8 +61,15 @@ def run_notebook(notebook: Path, output: Path, parameters: dict, timeout: float,
     import papermill
 
     papermill.execute_notebook(
-        str(notebook), str(output), parameters=parameters, cwd=str(cwd), kernel_name="python3",
-        execution_timeout=int(timeout), progress_bar=False, log_output=False, stdout_file=sys.stdout,
+        str(notebook),
+        str(output),
+        parameters=parameters,
+        cwd=str(cwd),
+        kernel_name="python3",
+        execution_timeout=int(timeout),
+        progress_bar=False,
+        log_output=False,
+        stdout_file=sys.stdout,
     )
 
 
@@ -104,8 +122,10 @@ def detection_noise(learning: Sequence[dict], sizes: dict[str, tuple[int, int]])
             parts.append(f"{row['node']} ({good} good, {defective} defective) {errors}")
     if not parts:
         return []
-    return ["  det_sum standard error, untrained -> trained, from the test-set size alone (Hanley-McNeil: another draw",
-            "  of as many test images moves det_sum by about this much): " + "; ".join(parts)]
+    return [
+        "  det_sum standard error, untrained -> trained, from the test-set size alone (Hanley-McNeil: another draw",
+        "  of as many test images moves det_sum by about this much): " + "; ".join(parts),
+    ]
 
 
 def phase_seconds(executed: Path) -> dict[str, float]:
@@ -146,10 +166,14 @@ def summarise(run_dir: Path, seconds: float, started: float | None = None) -> st
         lines.append(f"  {node:10s} " + " ".join(f"{k}={fmt(v)}" for k, v in metrics.items()))
     bundles = results / "bundles.json"
     if bundles.is_file():
-        lines.append("  inspection bundles written at the sites (patchsvdd predict BUNDLE IMAGES --out DIR, or serve BUNDLE):")
+        lines.append(
+            "  inspection bundles written at the sites (patchsvdd predict BUNDLE IMAGES --out DIR, or serve BUNDLE):"
+        )
         for row in json.loads(bundles.read_text()):
-            lines.append(f"  {row['envoy']:10s} {row['bundle at the site']} (image threshold "
-                         f"{fmt(row['image_threshold'])}, {row['bundle_mb']:.1f} MB)")
+            lines.append(
+                f"  {row['envoy']:10s} {row['bundle at the site']} (image threshold "
+                f"{fmt(row['image_threshold'])}, {row['bundle_mb']:.1f} MB)"
+            )
     local = results / "local_metrics.json"
     if local.is_file():
         metrics = json.loads(local.read_text())
@@ -173,58 +197,114 @@ def budget_note(settings, envoys: int = 2) -> str | None:
     learn = replace(settings, **LEARN_BUDGET)
     if settings.model != DEMO_SETTINGS.model or settings.lr != DEMO_SETTINGS.lr or steps(settings) >= steps(learn):
         return None
-    return (f"  note: {steps(settings)} steps per envoy is a first run, too short to learn: the model gets worse before "
-            f"it gets better (docs/benchmarks.md, \"The demo\"). make demo-learn trains the {steps(learn)} steps at "
-            "which it beats the untrained encoder clearly (aggregated det_sum about +0.2).")
+    return (
+        f"  note: {steps(settings)} steps per envoy is a first run, too short to learn: the model gets worse before "
+        f'it gets better (docs/benchmarks.md, "The demo"). make demo-learn trains the {steps(learn)} steps at '
+        "which it beats the untrained encoder clearly (aggregated det_sum about +0.2)."
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The demo's options; defaults from ``settings.DEMO_SETTINGS`` (environment variables as in the Makefile)."""
     d = DEMO_SETTINGS
-    p = argparse.ArgumentParser(prog="python -m patchsvdd.cli.demo", description="Run the federated Patch SVDD demo end to end.",
-                                formatter_class=DefaultsHelp)
-    p.add_argument("--data-root", type=Path, default=os.environ.get("DATA_ROOT") or None,
-                   help="MVTec-layout data root (None: built-in demo data in data/demo; env DATA_ROOT)")
+    p = argparse.ArgumentParser(
+        prog="python -m patchsvdd.cli.demo",
+        description="Run the federated Patch SVDD demo end to end.",
+        formatter_class=DefaultsHelp,
+    )
+    p.add_argument(
+        "--data-root",
+        type=Path,
+        default=os.environ.get("DATA_ROOT") or None,
+        help="MVTec-layout data root (None: built-in demo data in data/demo; env DATA_ROOT)",
+    )
     p.add_argument("--category", default=os.environ.get("CATEGORY") or "washer", help="category (env CATEGORY)")
-    p.add_argument("--model", choices=model_names(), default=os.environ.get("MODEL") or d.model,
-                   help="patchsvdd, or autoencoder: the convolutional autoencoder baseline (env MODEL)")
+    p.add_argument(
+        "--model",
+        choices=model_names(),
+        default=os.environ.get("MODEL") or d.model,
+        help="patchsvdd, or autoencoder: the convolutional autoencoder baseline (env MODEL)",
+    )
     p.add_argument("--envoys", type=int, default=2, help="envoys, each holding one shard of the category")
-    p.add_argument("--learn", action="store_true", default=os.environ.get("LEARN", "0") not in ("", "0"),
-                   help=f"the budget at which the model clearly beats the untrained encoder ({LEARN_BUDGET['rounds']} "
-                        f"rounds of {LEARN_BUDGET['max_steps']} steps, repeat {LEARN_BUDGET['repeat']}; about 15 "
-                        "minutes with native bf16, 35 without) instead of a first run of minutes (env LEARN=1)")
-    p.add_argument("--rounds", type=int, default=_env_int("ROUNDS", None),
-                   help=f"training rounds (None: {d.rounds}, {LEARN_BUDGET['rounds']} with --learn; env ROUNDS)")
-    p.add_argument("--repeat", type=int, default=None,
-                   help=f"times each training image is used per round (None: {d.repeat} from scratch, "
-                        f"{FINETUNE['repeat']} when fine-tuning)")
-    p.add_argument("--max-steps", type=int, default=_env_int("MAX_STEPS", None),
-                   help=f"at most this many steps per envoy per round (None: {d.max_steps} from scratch, "
-                        f"{FINETUNE['max_steps']} when fine-tuning; 0: full epochs; env MAX_STEPS); a round is one "
-                        "epoch, ceil(fitting images x repeat / batch) steps, so longer rounds need a larger --repeat too")
+    p.add_argument(
+        "--learn",
+        action="store_true",
+        default=os.environ.get("LEARN", "0") not in ("", "0"),
+        help=f"the budget at which the model clearly beats the untrained encoder ({LEARN_BUDGET['rounds']} "
+        f"rounds of {LEARN_BUDGET['max_steps']} steps, repeat {LEARN_BUDGET['repeat']}; about 15 "
+        "minutes with native bf16, 35 without) instead of a first run of minutes (env LEARN=1)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=_env_int("ROUNDS", None),
+        help=f"training rounds (None: {d.rounds}, {LEARN_BUDGET['rounds']} with --learn; env ROUNDS)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help=f"times each training image is used per round (None: {d.repeat} from scratch, "
+        f"{FINETUNE['repeat']} when fine-tuning)",
+    )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=_env_int("MAX_STEPS", None),
+        help=f"at most this many steps per envoy per round (None: {d.max_steps} from scratch, "
+        f"{FINETUNE['max_steps']} when fine-tuning; 0: full epochs; env MAX_STEPS); a round is one "
+        "epoch, ceil(fitting images x repeat / batch) steps, so longer rounds need a larger --repeat too",
+    )
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per loss")
-    p.add_argument("--seed", type=int, default=_env_int("SEED", d.seed),
-                   help="seed of the initial model and of the envoys' training batches (the demo data keep seed 0; env SEED)")
-    p.add_argument("--init", default=os.environ.get("INIT") or "fresh",
-                   help="fresh (a new model), official (the authors' released encoder of --category: downloaded once, "
-                        "SHA-256 checked, cached), or a checkpoint .pt or released .pkl file (env INIT)")
-    p.add_argument("--lr", type=float, default=None,
-                   help=f"peak learning rate (None: {d.lr:g} from scratch, {FINETUNE['lr']:g} when fine-tuning)")
-    p.add_argument("--warmup-steps", type=int, default=None,
-                   help=f"linear warm-up, then cosine decay over all rounds (None: {d.warmup_steps} from scratch, "
-                        f"{FINETUNE['warmup_steps']} when fine-tuning)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=_env_int("SEED", d.seed),
+        help="seed of the initial model and of the envoys' training batches (the demo data keep seed 0; env SEED)",
+    )
+    p.add_argument(
+        "--init",
+        default=os.environ.get("INIT") or "fresh",
+        help="fresh (a new model), official (the authors' released encoder of --category: downloaded once, "
+        "SHA-256 checked, cached), or a checkpoint .pt or released .pkl file (env INIT)",
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help=f"peak learning rate (None: {d.lr:g} from scratch, {FINETUNE['lr']:g} when fine-tuning)",
+    )
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        help=f"linear warm-up, then cosine decay over all rounds (None: {d.warmup_steps} from scratch, "
+        f"{FINETUNE['warmup_steps']} when fine-tuning)",
+    )
     p.add_argument("--final-search", choices=SEARCHES, default=d.final_search, help="search of the final evaluation")
-    p.add_argument("--precision", choices=PRECISIONS, default=os.environ.get("PRECISION") or d.precision,
-                   help="auto: bf16 autocast where the CPU/GPU has it natively, else fp32; fp32 to measure what a "
-                        "CPU without native bf16 gets (env PRECISION)")
-    p.add_argument("--tls", action="store_true", default=os.environ.get("TLS", "0") not in ("", "0"),
-                   help="mutual TLS between all nodes with fresh certificates (env TLS=1)")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=os.environ.get("PRECISION") or d.precision,
+        help="auto: bf16 autocast where the CPU/GPU has it natively, else fp32; fp32 to measure what a "
+        "CPU without native bf16 gets (env PRECISION)",
+    )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        default=os.environ.get("TLS", "0") not in ("", "0"),
+        help="mutual TLS between all nodes with fresh certificates (env TLS=1)",
+    )
     p.add_argument("--runs-dir", type=Path, default=None, help="where run folders go (None: runs/ of the project)")
-    p.add_argument("--data-only", action="store_true",
-                   help="only make the built-in demo data (data/demo/<category>) if they are absent or stale, then stop")
+    p.add_argument(
+        "--data-only",
+        action="store_true",
+        help="only make the built-in demo data (data/demo/<category>) if they are absent or stale, then stop",
+    )
     p.add_argument("--timeout", type=float, default=3600, help="give up after this many seconds in one notebook cell")
-    p.add_argument("--idle-timeout", type=float, default=d.idle_timeout,
-                   help="give up after this many seconds without a metric")
+    p.add_argument(
+        "--idle-timeout", type=float, default=d.idle_timeout, help="give up after this many seconds without a metric"
+    )
     return p
 
 
@@ -234,10 +314,22 @@ def demo_settings(args: argparse.Namespace):
     from dataclasses import replace
 
     tuned = dict(FINETUNE) if args.init != "fresh" else dict(LEARN_BUDGET) if args.learn else {}
-    chosen = dict(model=args.model, batch_size=args.batch_size, seed=args.seed, precision=args.precision,
-                  final_search=args.final_search, idle_timeout=args.idle_timeout, **tuned)
-    given = (("lr", args.lr), ("warmup_steps", args.warmup_steps), ("repeat", args.repeat), ("max_steps", args.max_steps),
-             ("rounds", args.rounds))
+    chosen = dict(
+        model=args.model,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        precision=args.precision,
+        final_search=args.final_search,
+        idle_timeout=args.idle_timeout,
+        **tuned,
+    )
+    given = (
+        ("lr", args.lr),
+        ("warmup_steps", args.warmup_steps),
+        ("repeat", args.repeat),
+        ("max_steps", args.max_steps),
+        ("rounds", args.rounds),
+    )
     chosen.update({k: v for k, v in given if v is not None})
     if chosen.get("max_steps") == 0:
         chosen["max_steps"] = None  # full epochs
@@ -267,18 +359,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     processes = Processes()
     try:
         start_from = initial_checkpoint(args.init, args.category, run_dir)
-        federation = start_federation(run_dir, data_root, args.category, args.envoys, processes=processes, tls=args.tls,
-                                      root=root)
+        federation = start_federation(
+            run_dir, data_root, args.category, args.envoys, processes=processes, tls=args.tls, root=root
+        )
         print(f"director on port {federation.port} lists {', '.join(federation.envoys)} online; running the notebook")
-        fields = ("model", "rounds", "repeat", "max_steps", "batch_size", "lr", "warmup_steps", "seed", "final_search",
-                  "idle_timeout", "precision")
+        fields = (
+            "model",
+            "rounds",
+            "repeat",
+            "max_steps",
+            "batch_size",
+            "lr",
+            "warmup_steps",
+            "seed",
+            "final_search",
+            "idle_timeout",
+            "precision",
+        )
         started = time.monotonic() - start
         params = dict(
             {name: getattr(settings, name) for name in fields},
-            director_host=federation.host, director_port=federation.port, expected_envoys=args.envoys,
-            category=args.category, aggregator_port=free_port(),  # fixed per run: tests and demos may share a machine
+            director_host=federation.host,
+            director_port=federation.port,
+            expected_envoys=args.envoys,
+            category=args.category,
+            aggregator_port=free_port(),  # fixed per run: tests and demos may share a machine
             initial_checkpoint=None if start_from is None else str(start_from),
-            output_dir=str(run_dir / "notebook"), local_data_root=str(data_root), gallery_images=GALLERY_IMAGES,
+            output_dir=str(run_dir / "notebook"),
+            local_data_root=str(data_root),
+            gallery_images=GALLERY_IMAGES,
             **federation.tls,
         )
         run_notebook(root / NOTEBOOK, run_dir / NOTEBOOK.name, params, args.timeout, run_dir)

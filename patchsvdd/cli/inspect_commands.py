@@ -35,8 +35,10 @@ def _print_defects(defects: dict, fusion: str) -> None:
     print(f"  {'type':18s} {'n':>4s} {'mean':>9s} {'std':>9s} {'min':>9s} {'max':>9s} {'AUROC':>6s}")
     for name, row in defects[fusion].items():
         shown = "" if row.get("auroc") is None else f"{row['auroc']:.3f}"
-        print(f"  {name:18s} {row['n']:4d} {row['mean']:9.4g} {row['std']:9.4g} {row['min']:9.4g} {row['max']:9.4g} "
-              f"{shown:>6s}")
+        print(
+            f"  {name:18s} {row['n']:4d} {row['mean']:9.4g} {row['std']:9.4g} {row['min']:9.4g} {row['max']:9.4g} "
+            f"{shown:>6s}"
+        )
 
 
 def evaluate_one(args: argparse.Namespace, category: str, out_dir: Path) -> dict:
@@ -50,8 +52,9 @@ def evaluate_one(args: argparse.Namespace, category: str, out_dir: Path) -> dict
     model, meta = _evaluation_model(args, category)  # fails before the data is decoded
     model_family = family_of(model)
     if args.fusion not in model_family.fusions:
-        raise InputError(f"--fusion {args.fusion}: the {model_family.name} model's maps are "
-                         f"{', '.join(model_family.fusions)}")
+        raise InputError(
+            f"--fusion {args.fusion}: the {model_family.name} model's maps are {', '.join(model_family.fusions)}"
+        )
     data = load_shard(args, category)
     model.to(device)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -103,11 +106,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             results.append(CategoryResult(category, seconds=time.perf_counter() - start, error=error))
     source = "--weights official" if args.weights else str(args.checkpoint or args.checkpoint_dir)
     models = sorted({str(r.metrics["model"]) for r in results if r.metrics.get("model")}) or ["no model"]
-    paths = write_results(results, args.out_dir, f"{' / '.join(models)} on {args.data_root} ({source}, {args.search} search)")
+    paths = write_results(
+        results, args.out_dir, f"{' / '.join(models)} on {args.data_root} ({source}, {args.search} search)"
+    )
     print(paths["md"].read_text())
     failed = [r.category for r in results if r.error is not None]
-    print(f"wrote {paths['md']}, {paths['csv']}, {paths['png']}"
-          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    print(f"wrote {paths['md']}, {paths['csv']}, {paths['png']}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
 
@@ -120,8 +124,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from patchsvdd.evaluation.plots import plot_roc_point
 
     if not 0 < args.bank_fraction <= 1 or (args.max_fpr is not None and not 0 <= args.max_fpr < 1):
-        raise InputError(f"--bank-fraction {args.bank_fraction}, --max-fpr {args.max_fpr}: fraction in (0, 1], "
-                         "max-fpr in [0, 1)")
+        raise InputError(
+            f"--bank-fraction {args.bank_fraction}, --max-fpr {args.max_fpr}: fraction in (0, 1], max-fpr in [0, 1)"
+        )
     model, meta = load_checkpoint(args.checkpoint)  # fails before the data is decoded
     data = load_shard(args)
     calibration = None
@@ -131,17 +136,38 @@ def cmd_export(args: argparse.Namespace) -> int:
         calibration = load_category(index_category(args.calibration_root, args.category))
     model.to(resolve_device(args.device))
     start = time.perf_counter()
-    info = {"source_checkpoint": str(args.checkpoint), "source_sha256": sha256_of(args.checkpoint),
-            "source_metadata": {k: v for k, v in meta.items() if k != "history"}}
-    inspector, calib = export_bundle(model, data, args.out, bank_fraction=args.bank_fraction, max_fpr=args.max_fpr,
-                                     calibration=calibration, info=info, subsample=args.subsample)
+    info = {
+        "source_checkpoint": str(args.checkpoint),
+        "source_sha256": sha256_of(args.checkpoint),
+        "source_metadata": {k: v for k, v in meta.items() if k != "history"},
+    }
+    inspector, calib = export_bundle(
+        model,
+        data,
+        args.out,
+        bank_fraction=args.bank_fraction,
+        max_fpr=args.max_fpr,
+        calibration=calibration,
+        info=info,
+        subsample=args.subsample,
+    )
     image_t, pixel_t = inspector.image_threshold, inspector.pixel_threshold
-    thresholds = [{"threshold": name, "value": t.value, "method": t.method, "FPR": t.fpr, "TPR": t.tpr, "F1": t.f1}
-                  for name, t in (("image", image_t), ("pixel", pixel_t))]
+    thresholds = [
+        {"threshold": name, "value": t.value, "method": t.method, "FPR": t.fpr, "TPR": t.tpr, "F1": t.f1}
+        for name, t in (("image", image_t), ("pixel", pixel_t))
+    ]
     defects = [{"type": name, **row} for name, row in calib.defects.items()]
-    lines = [f"# Calibration of bundle {args.out.name} ({args.category})", "", calib.note, "",
-             markdown_table(thresholds), "", "Image scores per defect type (AUROC of each type against good):", "",
-             markdown_table(defects, ["type", "n", "mean", "std", "min", "max", "auroc"])]
+    lines = [
+        f"# Calibration of bundle {args.out.name} ({args.category})",
+        "",
+        calib.note,
+        "",
+        markdown_table(thresholds),
+        "",
+        "Image scores per defect type (AUROC of each type against good):",
+        "",
+        markdown_table(defects, ["type", "n", "mean", "std", "min", "max", "auroc"]),
+    ]
     (args.out / "calibration.md").write_text("\n".join(lines) + "\n")
     plot_roc_point(calib.labels, calib.scores, image_t.fpr, image_t.tpr, args.out / "roc.png")
     print("\n".join(lines))
@@ -192,8 +218,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
             flagged += result.anomalous
             writer.writerow([str(path), repr(result.score), f"{result.normalized_score:.4f}", int(result.anomalous)])
             label = "ANOMALOUS" if result.anomalous else "ok"
-            save_prediction(args.out / f"{number:05d}_{path.stem}.png", image, result.map, pixel.low, pixel.high,
-                            pixel.value, f"{path.name}: {label} ({result.normalized_score:.2f})")
+            save_prediction(
+                args.out / f"{number:05d}_{path.stem}.png",
+                image,
+                result.map,
+                pixel.low,
+                pixel.high,
+                pixel.value,
+                f"{path.name}: {label} ({result.normalized_score:.2f})",
+            )
     print(f"{len(files)} images, {flagged} anomalous; wrote {args.out / 'predictions.csv'} and one PNG per image")
     return 0
 
@@ -201,6 +234,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from patchsvdd.deploy.service import serve
 
-    serve(str(args.bundle), host=args.host, port=args.port, max_bytes=args.max_bytes, workers=args.workers,
-          device=args.device)
+    serve(
+        str(args.bundle),
+        host=args.host,
+        port=args.port,
+        max_bytes=args.max_bytes,
+        workers=args.workers,
+        device=args.device,
+    )
     return 0

@@ -31,6 +31,7 @@ class DefaultsHelp(argparse.HelpFormatter):
 
 def at_least(low: int, high: int | None = None) -> Callable[[str], int]:
     """An argparse type: a whole number not below ``low`` (nor above ``high`` when given)."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -41,13 +42,16 @@ def at_least(low: int, high: int | None = None) -> Callable[[str], int]:
         if high is not None and value > high:
             raise argparse.ArgumentTypeError(f"{value}: must be at most {high}")
         return value
+
     return parse
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", required=True, type=Path, help="folder holding <category>/ in the MVTec AD layout")
     p.add_argument("--category", required=True, help="category folder name, e.g. bottle (evaluate: or 'all')")
-    p.add_argument("--rank-worldsize", default="1,1", help="use only shard RANK of WORLD_SIZE, e.g. 1,2 (default: all data)")
+    p.add_argument(
+        "--rank-worldsize", default="1,1", help="use only shard RANK of WORLD_SIZE, e.g. 1,2 (default: all data)"
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -57,34 +61,56 @@ def build_parser() -> argparse.ArgumentParser:
     from patchsvdd.settings import DEMO_DATA, EMB_DIM, INIT_SCHEMES, PRECISIONS, RECIPES, SCHEDULES
     from patchsvdd.data.synth import CATEGORIES
 
-    parser = argparse.ArgumentParser(prog="patchsvdd", description="Federated Patch SVDD: anomaly detection and "
-                                     "localisation on MVTec-layout images.")
+    parser = argparse.ArgumentParser(
+        prog="patchsvdd", description="Federated Patch SVDD: anomaly detection and localisation on MVTec-layout images."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    synth = sub.add_parser("synth", formatter_class=DefaultsHelp,
-                         help="write a procedural demo category in the MVTec AD layout")
+    synth = sub.add_parser(
+        "synth", formatter_class=DefaultsHelp, help="write a procedural demo category in the MVTec AD layout"
+    )
     synth.add_argument("--out", required=True, type=Path, help="data root to write <category>/ into")
     synth.add_argument("--category", default="fabric", choices=sorted(CATEGORIES))
     # defaults: the demo's data (settings.DEMO_DATA), so that `synth --category washer` writes what `make demo` uses
     synth.add_argument("--seed", type=int, default=DEMO_DATA["seed"], help="random seed of the generated images")
     synth.add_argument("--n-train", type=at_least(1), default=DEMO_DATA["n_train"], help="good training images")
     synth.add_argument("--n-test-good", type=at_least(1), default=DEMO_DATA["n_test_good"], help="good test images")
-    synth.add_argument("--n-test-per-defect", type=at_least(1), default=DEMO_DATA["n_test_per_defect"],
-                       help="test images of each defect type")
-    synth.add_argument("--image-size", type=at_least(256), default=DEMO_DATA["image_size"],
-                       help="side in pixels (>= 256; the reader resizes to 256)")
+    synth.add_argument(
+        "--n-test-per-defect",
+        type=at_least(1),
+        default=DEMO_DATA["n_test_per_defect"],
+        help="test images of each defect type",
+    )
+    synth.add_argument(
+        "--image-size",
+        type=at_least(256),
+        default=DEMO_DATA["image_size"],
+        help="side in pixels (>= 256; the reader resizes to 256)",
+    )
 
-    train = sub.add_parser("train", formatter_class=DefaultsHelp,
-                         help="train Patch SVDD or the autoencoder baseline on one category locally (centralised)")
+    train = sub.add_parser(
+        "train",
+        formatter_class=DefaultsHelp,
+        help="train Patch SVDD or the autoencoder baseline on one category locally (centralised)",
+    )
     _add_data_args(train)
-    train.add_argument("--model", choices=model_names(), default="patchsvdd",
-                       help="patchsvdd, or autoencoder: the convolutional autoencoder baseline (MSE + SSIM loss)")
-    train.add_argument("--epochs", type=at_least(0), required=True, help="passes over the data (0: save the initialised model)")
+    train.add_argument(
+        "--model",
+        choices=model_names(),
+        default="patchsvdd",
+        help="patchsvdd, or autoencoder: the convolutional autoencoder baseline (MSE + SSIM loss)",
+    )
+    train.add_argument(
+        "--epochs", type=at_least(0), required=True, help="passes over the data (0: save the initialised model)"
+    )
     train.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
-    train.add_argument("--recipe", choices=sorted(RECIPES),
-                       help="defaults of the settings below: cpu (He init, lr 1e-3, warm-up, cosine, bf16 where fast; "
-                            "measured to learn on a CPU), paper (PyTorch init, constant lr 1e-4, fp32), autoencoder "
-                            "(lr 1e-3, batch 16, one pass per epoch) (None: cpu for patchsvdd, autoencoder for the autoencoder)")
+    train.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        help="defaults of the settings below: cpu (He init, lr 1e-3, warm-up, cosine, bf16 where fast; "
+        "measured to learn on a CPU), paper (PyTorch init, constant lr 1e-4, fp32), autoencoder "
+        "(lr 1e-3, batch 16, one pass per epoch) (None: cpu for patchsvdd, autoencoder for the autoencoder)",
+    )
     train.add_argument("--repeat", type=at_least(1), help="times each image is used per epoch (None: the recipe's)")
     train.add_argument("--max-steps", type=at_least(1), default=None, help="cut each epoch to at most this many steps")
     train.add_argument("--batch-size", type=at_least(1), help="pairs per loss (None: the recipe's)")
@@ -92,71 +118,127 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lambda-svdd", type=float, help="weight of the SVDD loss, lambda (None: the recipe's)")
     train.add_argument("--warmup-steps", type=at_least(0), help="linear learning-rate warm-up (None: the recipe's)")
     train.add_argument("--schedule", choices=SCHEDULES, help="after the warm-up: cosine decay to lr/10, or constant")
-    train.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 autocast where the GPU/CPU has it, else fp32")
+    train.add_argument(
+        "--precision", choices=PRECISIONS, help="auto: bf16 autocast where the GPU/CPU has it, else fp32"
+    )
     train.add_argument("--init", choices=INIT_SCHEMES, help="weight initialisation of a fresh model")
     train.add_argument("--emb-dim", type=at_least(1), default=EMB_DIM, help="D, the embedding size")
     train.add_argument("--seed", type=int, default=0, help="random seed of the initialisation and the sampling")
 
-    ev = sub.add_parser("evaluate", formatter_class=DefaultsHelp,
-                         help="score a category (or all) with a checkpoint; write metrics.json, maps and ROC")
+    ev = sub.add_parser(
+        "evaluate",
+        formatter_class=DefaultsHelp,
+        help="score a category (or all) with a checkpoint; write metrics.json, maps and ROC",
+    )
     _add_data_args(ev)
     weights = ev.add_mutually_exclusive_group(required=True)
     weights.add_argument("--checkpoint", type=Path, help="one checkpoint (for every category with --category all)")
     weights.add_argument("--checkpoint-dir", type=Path, help="a folder holding <category>.pt for each category")
-    weights.add_argument("--weights", choices=("official",),
-                         help="official: the authors' released encoder of each category (downloaded once, checked)")
-    ev.add_argument("--out-dir", required=True, type=Path,
-                    help="where metrics.json etc. go; with --category all one folder per category, and "
-                         "results.md, results.csv, results.png")
+    weights.add_argument(
+        "--weights",
+        choices=("official",),
+        help="official: the authors' released encoder of each category (downloaded once, checked)",
+    )
+    ev.add_argument(
+        "--out-dir",
+        required=True,
+        type=Path,
+        help="where metrics.json etc. go; with --category all one folder per category, and "
+        "results.md, results.csv, results.png",
+    )
     ev.add_argument("--search", choices=("exact", "fast"), default="exact", help="nearest-neighbour search")
-    ev.add_argument("--fusion", default="sum", choices=("64", "32", "sum", "mult", "l2", "ssim"),
-                    help="map shown in the gallery: Patch SVDD's 64, 32, sum, mult; the autoencoder's l2, ssim, sum")
+    ev.add_argument(
+        "--fusion",
+        default="sum",
+        choices=("64", "32", "sum", "mult", "l2", "ssim"),
+        help="map shown in the gallery: Patch SVDD's 64, 32, sum, mult; the autoencoder's l2, ssim, sum",
+    )
     ev.add_argument("--no-gallery", action="store_true", help="skip the per-image PNGs")
 
-    export = sub.add_parser("export", formatter_class=DefaultsHelp,
-                         help="make a site bundle: the model, this site's memory banks (Patch SVDD) or error scales "
-                              "(autoencoder), thresholds calibrated on its labelled images")
+    export = sub.add_parser(
+        "export",
+        formatter_class=DefaultsHelp,
+        help="make a site bundle: the model, this site's memory banks (Patch SVDD) or error scales "
+        "(autoencoder), thresholds calibrated on its labelled images",
+    )
     _add_data_args(export)
     export.add_argument("--checkpoint", required=True, type=Path, help="the model (e.g. a federation's last.pt)")
     export.add_argument("--out", required=True, type=Path, help="bundle folder to write")
-    export.add_argument("--bank-fraction", type=float, default=1.0,
-                        help="keep this random share of the training patches in the memory banks (default 1: all)")
-    export.add_argument("--subsample", choices=("kcenter", "random"), default="kcenter",
-                        help="how --bank-fraction picks patches: kcenter (covering, per grid position; default) or random")
-    export.add_argument("--max-fpr", type=float, default=None,
-                        help="image threshold at this false-positive rate on good images (default: at maximum F1)")
-    export.add_argument("--calibration-root", type=Path, default=None,
-                        help="a data root whose <category>/test calibrates the thresholds (default: --data-root's)")
+    export.add_argument(
+        "--bank-fraction",
+        type=float,
+        default=1.0,
+        help="keep this random share of the training patches in the memory banks (default 1: all)",
+    )
+    export.add_argument(
+        "--subsample",
+        choices=("kcenter", "random"),
+        default="kcenter",
+        help="how --bank-fraction picks patches: kcenter (covering, per grid position; default) or random",
+    )
+    export.add_argument(
+        "--max-fpr",
+        type=float,
+        default=None,
+        help="image threshold at this false-positive rate on good images (default: at maximum F1)",
+    )
+    export.add_argument(
+        "--calibration-root",
+        type=Path,
+        default=None,
+        help="a data root whose <category>/test calibrates the thresholds (default: --data-root's)",
+    )
 
-    predict = sub.add_parser("predict", formatter_class=DefaultsHelp,
-                         help="inspect images with a bundle: a CSV of decisions and one PNG per image")
+    predict = sub.add_parser(
+        "predict",
+        formatter_class=DefaultsHelp,
+        help="inspect images with a bundle: a CSV of decisions and one PNG per image",
+    )
     predict.add_argument("bundle", type=Path, help="bundle folder written by 'patchsvdd export'")
     predict.add_argument("inputs", nargs="+", type=Path, help="image files or folders (searched recursively)")
     predict.add_argument("--out", required=True, type=Path, help="folder for predictions.csv and the PNGs")
     predict.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     predict.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    serve = sub.add_parser("serve", formatter_class=DefaultsHelp,
-                         help="serve a bundle over HTTP: POST /infer, GET /health, GET /info (FastAPI)")
+    serve = sub.add_parser(
+        "serve",
+        formatter_class=DefaultsHelp,
+        help="serve a bundle over HTTP: POST /infer, GET /health, GET /info (FastAPI)",
+    )
     serve.add_argument("bundle", type=Path, help="bundle folder written by 'patchsvdd export'")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     serve.add_argument("--port", type=at_least(1, 65535), default=8080, help="port to listen on")
-    serve.add_argument("--max-bytes", type=at_least(1), default=20 * 1024 * 1024, help="largest request accepted, in bytes")
+    serve.add_argument(
+        "--max-bytes", type=at_least(1), default=20 * 1024 * 1024, help="largest request accepted, in bytes"
+    )
     serve.add_argument("--workers", type=at_least(1), default=2, help="requests scored at once")
     serve.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
 
-    released = sub.add_parser("import-weights", formatter_class=DefaultsHelp,
-                         help="import the authors' released encoder of a category as a checkpoint")
+    released = sub.add_parser(
+        "import-weights",
+        formatter_class=DefaultsHelp,
+        help="import the authors' released encoder of a category as a checkpoint",
+    )
     released.add_argument("--category", required=True, help="an MVTec AD category, e.g. bottle")
-    released.add_argument("--source", help="the released enchier.pkl: a file or URL (default: downloaded once from the "
-                                          "original repository at a pinned commit, SHA-256 checked, cached)")
+    released.add_argument(
+        "--source",
+        help="the released enchier.pkl: a file or URL (default: downloaded once from the "
+        "original repository at a pinned commit, SHA-256 checked, cached)",
+    )
     released.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
 
-    certs = sub.add_parser("certs", formatter_class=DefaultsHelp,
-                         help="create a root authority and mutual-TLS certificates for every node (offline)")
+    certs = sub.add_parser(
+        "certs",
+        formatter_class=DefaultsHelp,
+        help="create a root authority and mutual-TLS certificates for every node (offline)",
+    )
     certs.add_argument("--out", required=True, type=Path, help="folder for root_ca.* and one .crt/.key per node")
-    certs.add_argument("--director-host", action="append", help="name(s) the others use to reach the director (default localhost)")
-    certs.add_argument("--envoy", action="append", required=True, help="envoy name (its certificate's common name); repeat")
+    certs.add_argument(
+        "--director-host", action="append", help="name(s) the others use to reach the director (default localhost)"
+    )
+    certs.add_argument(
+        "--envoy", action="append", required=True, help="envoy name (its certificate's common name); repeat"
+    )
     certs.add_argument("--client", action="append", help="notebook client id (default frontend); repeat")
     certs.add_argument("--days", type=at_least(1), default=365, help="validity of the certificates")
     return parser
@@ -165,9 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _commands() -> dict[str, Callable[[argparse.Namespace], int]]:
     from patchsvdd.cli import inspect_commands, make_commands
 
-    return {"synth": make_commands.cmd_synth, "train": make_commands.cmd_train,
-            "import-weights": make_commands.cmd_import_weights, "certs": make_commands.cmd_certs, "evaluate": inspect_commands.cmd_evaluate, "export": inspect_commands.cmd_export,
-            "predict": inspect_commands.cmd_predict, "serve": inspect_commands.cmd_serve}
+    return {
+        "synth": make_commands.cmd_synth,
+        "train": make_commands.cmd_train,
+        "import-weights": make_commands.cmd_import_weights,
+        "certs": make_commands.cmd_certs,
+        "evaluate": inspect_commands.cmd_evaluate,
+        "export": inspect_commands.cmd_export,
+        "predict": inspect_commands.cmd_predict,
+        "serve": inspect_commands.cmd_serve,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -37,8 +37,11 @@ def train_settings(args: argparse.Namespace):
 
     from patchsvdd.settings import DEFAULT_RECIPE, RECIPES
 
-    chosen = {name: getattr(args, name) for name in ("lr", "lambda_svdd", "batch_size", "repeat", "warmup_steps",
-                                                     "schedule", "precision", "init") if getattr(args, name) is not None}
+    chosen = {
+        name: getattr(args, name)
+        for name in ("lr", "lambda_svdd", "batch_size", "repeat", "warmup_steps", "schedule", "precision", "init")
+        if getattr(args, name) is not None
+    }
     return replace(RECIPES[args.recipe or DEFAULT_RECIPE[args.model]], **chosen)
 
 
@@ -66,18 +69,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     steps_per_epoch = settings.steps_per_epoch(len(inputs), args.max_steps)
     schedule = settings.lr_schedule(args.epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(args.seed)
-    print(f"training {args.model} on {len(data.train_images)} images of {args.category} on {device}: {args.epochs} x "
-          f"{steps_per_epoch} steps, recipe {recipe} ({settings})")
+    print(
+        f"training {args.model} on {len(data.train_images)} images of {args.category} on {device}: {args.epochs} x "
+        f"{steps_per_epoch} steps, recipe {recipe} ({settings})"
+    )
     history = []
     start = time.perf_counter()
     for epoch in range(args.epochs):
-        losses = train_epoch(model, inputs, optimizer, settings, max_steps=args.max_steps, generator=generator,
-                             schedule=schedule, start_step=epoch * steps_per_epoch, progress=not args.no_progress)
+        losses = train_epoch(
+            model,
+            inputs,
+            optimizer,
+            settings,
+            max_steps=args.max_steps,
+            generator=generator,
+            schedule=schedule,
+            start_step=epoch * steps_per_epoch,
+            progress=not args.no_progress,
+        )
         history.append(losses)
         print(f"epoch {epoch + 1}/{args.epochs}: {model_family.epoch_line(losses)} ({int(losses['steps'])} steps)")
     save_checkpoint(
-        model, args.out, category=args.category, epochs=args.epochs, recipe=recipe, seed=args.seed,
-        settings=asdict(settings), history=history, train_seconds=time.perf_counter() - start,
+        model,
+        args.out,
+        category=args.category,
+        epochs=args.epochs,
+        recipe=recipe,
+        seed=args.seed,
+        settings=asdict(settings),
+        history=history,
+        train_seconds=time.perf_counter() - start,
     )
     print(f"saved {args.out}")
     return 0
@@ -89,18 +110,24 @@ def cmd_import_weights(args: argparse.Namespace) -> int:
 
     model, meta = import_released(args.category, args.source)
     if not meta["pinned"]:
-        print(f"warning: {meta['file']} is not the released file of {args.category} (SHA-256 {meta['sha256']})",
-              file=sys.stderr)
+        print(
+            f"warning: {meta['file']} is not the released file of {args.category} (SHA-256 {meta['sha256']})",
+            file=sys.stderr,
+        )
     save_checkpoint(model, args.out, imported=meta, category=args.category)
-    print(f"imported {meta['file']} (SHA-256 {meta['sha256'][:16]}...) -> {args.out}; "
-          "position classifiers freshly initialised")
+    print(
+        f"imported {meta['file']} (SHA-256 {meta['sha256'][:16]}...) -> {args.out}; "
+        "position classifiers freshly initialised"
+    )
     return 0
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
     from patchsvdd.system.certs import create_federation_certs
 
-    out = create_federation_certs(args.out, args.director_host or ["localhost"], args.envoy, args.client or ["frontend"], args.days)
+    out = create_federation_certs(
+        args.out, args.director_host or ["localhost"], args.envoy, args.client or ["frontend"], args.days
+    )
     for path in sorted(out.glob("*.crt")):
         print(f"wrote {path} and {path.with_suffix('.key')}")
     print(f"keep {out / 'root_ca.key'} off the nodes; give every node {out / 'root_ca.crt'} and its own .crt/.key")

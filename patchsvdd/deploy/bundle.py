@@ -139,4 +139,3 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
 def bundle_bytes(path: str | os.PathLike) -> int:
     """Size of a bundle folder on disk in bytes."""
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
-

@@ -56,7 +56,10 @@ def _rates(labels: np.ndarray, scores: np.ndarray, value: float) -> tuple[float,
 
 
 def choose_threshold(
-    labels: np.ndarray, scores: np.ndarray, max_fpr: float | None = None, good_scores: np.ndarray | None = None,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    max_fpr: float | None = None,
+    good_scores: np.ndarray | None = None,
     quantile: float = GOOD_QUANTILE,
 ) -> Threshold:
     """The threshold for ``scores`` (M,) with ``labels`` (M,) 0 good / 1 defective (pixels or images).
@@ -78,7 +81,13 @@ def choose_threshold(
         reference = scores if good_scores is None or len(good_scores) == 0 else np.asarray(good_scores, np.float64)
         value = float(np.quantile(reference, quantile))
         fpr, _, _ = _rates(labels, scores, value)
-        return Threshold(value, "good_quantile", min(low, float(reference.min())), max(high, value * 1.5 if value > 0 else 1.0), fpr=fpr)
+        return Threshold(
+            value,
+            "good_quantile",
+            min(low, float(reference.min())),
+            max(high, value * 1.5 if value > 0 else 1.0),
+            fpr=fpr,
+        )
     if max_fpr is not None:
         if not 0 <= max_fpr < 1:
             raise InputError(f"max_fpr {max_fpr}: must be in [0, 1)")

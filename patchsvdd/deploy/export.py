@@ -29,9 +29,16 @@ class Calibration:
 
 
 def export_bundle(
-    model: nn.Module, data: CategoryData, out: str | os.PathLike, bank_fraction: float = 1.0,
-    max_fpr: float | None = None, calibration: CategoryData | None = None, info: dict | None = None,
-    search: BankSearch = "auto", holdout_fraction: float = 0.1, subsample: str = "kcenter",
+    model: nn.Module,
+    data: CategoryData,
+    out: str | os.PathLike,
+    bank_fraction: float = 1.0,
+    max_fpr: float | None = None,
+    calibration: CategoryData | None = None,
+    info: dict | None = None,
+    search: BankSearch = "auto",
+    holdout_fraction: float = 0.1,
+    subsample: str = "kcenter",
 ) -> tuple[Inspector, Calibration]:
     """Build and write a site bundle from ``model`` and the site's ``data`` (its training images make
     Patch SVDD's memory banks and mean, or the autoencoder's error scales); calibrate the thresholds on ``calibration`` (default: ``data``'s test split).
@@ -53,20 +60,31 @@ def export_bundle(
     if labelled:
         image_threshold = choose_threshold(calibration.test_labels, scores, max_fpr=max_fpr)
         pixel_threshold = choose_threshold(calibration.test_masks, maps, max_fpr=max_fpr)
-        note = (f"calibrated on {len(scores)} labelled images ({int(calibration.test_labels.sum())} defective): "
-                f"{image_threshold.method}")
+        note = (
+            f"calibrated on {len(scores)} labelled images ({int(calibration.test_labels.sum())} defective): "
+            f"{image_threshold.method}"
+        )
     else:  # every image here is good: held-out training images and the good calibration images set the bar
         held_maps = inspector.maps(data.train_images[held])
         pool_maps = np.concatenate([held_maps, maps])
         pool = pool_maps.reshape(len(pool_maps), -1).max(axis=1)
         image_threshold = choose_threshold(np.zeros(len(pool)), pool)
         pixel_threshold = choose_threshold(np.zeros(pool_maps.size), pool_maps.ravel())
-        note = (f"no defective image to calibrate on: thresholds are the {GOOD_QUANTILE} quantile of the scores of "
-                f"{len(pool)} good images ({len(held)} held out of the bank); check them on a few known defects")
+        note = (
+            f"no defective image to calibrate on: thresholds are the {GOOD_QUANTILE} quantile of the scores of "
+            f"{len(pool)} good images ({len(held)} held out of the bank); check them on a few known defects"
+        )
     bundle.image_threshold, bundle.pixel_threshold = image_threshold, pixel_threshold
-    bundle.info.update(category=data.category, bank_fraction=bank_fraction, bank_subsample=subsample, calibration_note=note,
-                       n_train_in_bank=int(len(fit)), n_calibration=int(len(scores)))
+    bundle.info.update(
+        category=data.category,
+        bank_fraction=bank_fraction,
+        bank_subsample=subsample,
+        calibration_note=note,
+        n_train_in_bank=int(len(fit)),
+        n_calibration=int(len(scores)),
+    )
     write_bundle(bundle, out)
     types = calibration.defect_types or [GOOD if label == 0 else "defective" for label in calibration.test_labels]
-    return inspector, Calibration(scores=scores, labels=calibration.test_labels, defects=per_defect(scores, types), note=note)
-
+    return inspector, Calibration(
+        scores=scores, labels=calibration.test_labels, defects=per_defect(scores, types), note=note
+    )

@@ -80,8 +80,12 @@ class Inspector:
         """Score one image (a path, a PIL image or a uint8 array of any size, RGB or grayscale)."""
         amap = self.maps(to_image(image)[None])[0]
         score = float(amap.max())
-        return Result(score=score, normalized_score=float(self.image_threshold.normalise(score)),
-                      anomalous=bool(score >= self.image_threshold.value), map=amap)
+        return Result(
+            score=score,
+            normalized_score=float(self.image_threshold.normalise(score)),
+            anomalous=bool(score >= self.image_threshold.value),
+            map=amap,
+        )
 
 
 def load_bundle(path: str | os.PathLike, device: str = "auto", search: BankSearch = "auto") -> Inspector:

@@ -102,8 +102,11 @@ def create_app(inspector: Inspector, max_bytes: int = DEFAULT_MAX_BYTES, workers
     if max_bytes < 1 or workers < 1:
         raise ValueError(f"max_bytes={max_bytes}, workers={workers}: both at least 1")
     info = inspector.bundle.info
-    app = FastAPI(title="patchsvdd inspector", version=str(info.get("version", "")),
-                  description=f"Patch SVDD anomaly detection for '{info.get('category', '?')}' images.")
+    app = FastAPI(
+        title="patchsvdd inspector",
+        version=str(info.get("version", "")),
+        description=f"Patch SVDD anomaly detection for '{info.get('category', '?')}' images.",
+    )
     limiter = anyio.CapacityLimiter(workers)
     pixel = inspector.pixel_threshold
 
@@ -124,8 +127,11 @@ def create_app(inspector: Inspector, max_bytes: int = DEFAULT_MAX_BYTES, workers
             raise HTTPException(400, str(exc)) from None
         result = await anyio.to_thread.run_sync(inspector.inspect, image, limiter=limiter)
         answer: dict[str, Any] = {
-            "anomalous": result.anomalous, "Anomaly": result.anomalous, "score": result.score,
-            "normalized_score": result.normalized_score, "threshold": inspector.image_threshold.value,
+            "anomalous": result.anomalous,
+            "Anomaly": result.anomalous,
+            "score": result.score,
+            "normalized_score": result.normalized_score,
+            "threshold": inspector.image_threshold.value,
         }
         if map:
             answer["map"] = map_png(result.map, pixel.low, pixel.high)
@@ -134,8 +140,14 @@ def create_app(inspector: Inspector, max_bytes: int = DEFAULT_MAX_BYTES, workers
     return app
 
 
-def serve(bundle: str, host: str = "127.0.0.1", port: int = 8080, max_bytes: int = DEFAULT_MAX_BYTES,
-          workers: int = DEFAULT_WORKERS, device: str = "auto") -> None:
+def serve(
+    bundle: str,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    workers: int = DEFAULT_WORKERS,
+    device: str = "auto",
+) -> None:
     """Load ``bundle`` once and serve it with uvicorn until stopped."""
     import uvicorn
 

@@ -22,10 +22,21 @@ from patchsvdd.evaluation.metrics import METRIC_KEYS  # noqa: E402
 
 # (detection, segmentation) AUROC published for each MVTec AD category; mean 0.921 / 0.957.
 PAPER_AUROC: dict[str, tuple[float, float]] = {
-    "bottle": (0.986, 0.981), "cable": (0.903, 0.968), "capsule": (0.767, 0.958), "carpet": (0.929, 0.926),
-    "grid": (0.946, 0.962), "hazelnut": (0.920, 0.975), "leather": (0.909, 0.974), "metal_nut": (0.940, 0.980),
-    "pill": (0.861, 0.951), "screw": (0.813, 0.957), "tile": (0.978, 0.914), "toothbrush": (1.000, 0.981),
-    "transistor": (0.915, 0.970), "wood": (0.965, 0.908), "zipper": (0.979, 0.951),
+    "bottle": (0.986, 0.981),
+    "cable": (0.903, 0.968),
+    "capsule": (0.767, 0.958),
+    "carpet": (0.929, 0.926),
+    "grid": (0.946, 0.962),
+    "hazelnut": (0.920, 0.975),
+    "leather": (0.909, 0.974),
+    "metal_nut": (0.940, 0.980),
+    "pill": (0.861, 0.951),
+    "screw": (0.813, 0.957),
+    "tile": (0.978, 0.914),
+    "toothbrush": (1.000, 0.981),
+    "transistor": (0.915, 0.970),
+    "wood": (0.965, 0.908),
+    "zipper": (0.979, 0.951),
 }
 TABLE_KEYS = (*METRIC_KEYS, "aupro_sum")
 PAPER_KEYS = ("paper_det", "paper_seg")
@@ -91,8 +102,11 @@ def write_markdown(rows: list[dict[str, object]], path: Path, title: str) -> Pat
         if row["category"] == MEAN:
             cells = [f"**{cell}**" for cell in cells]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "paper: Yi & Yoon, Patch SVDD (ACCV 2020), per-category detection / segmentation AUROC; "
-              "aupro_sum: area under the per-region-overlap curve up to FPR 0.3, normalised (MVTec AD)."]
+    lines += [
+        "",
+        "paper: Yi & Yoon, Patch SVDD (ACCV 2020), per-category detection / segmentation AUROC; "
+        "aupro_sum: area under the per-region-overlap curve up to FPR 0.3, normalised (MVTec AD).",
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -112,8 +126,10 @@ def plot_results(rows: list[dict[str, object]], path: Path) -> Path:
     """Grouped bars per category: det_sum and seg_sum measured beside the paper's detection / segmentation."""
     names = [str(row["category"]) for row in rows]
     fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 0.7 * len(names) + 2), 6.5), sharex=True)
-    for ax, ours, paper, title in ((axes[0], "det_sum", "paper_det", "detection AUROC"),
-                                   (axes[1], "seg_sum", "paper_seg", "segmentation AUROC")):
+    for ax, ours, paper, title in (
+        (axes[0], "det_sum", "paper_det", "detection AUROC"),
+        (axes[1], "seg_sum", "paper_seg", "segmentation AUROC"),
+    ):
         xs = range(len(names))
         measured = [row[ours] if isinstance(row[ours], float) else math.nan for row in rows]
         published = [row[paper] if isinstance(row[paper], float) else math.nan for row in rows]

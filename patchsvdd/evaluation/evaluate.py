@@ -31,8 +31,14 @@ class Evaluation:
 
 
 def evaluate_category(
-    model: nn.Module, data: CategoryData, mode: SearchMode = "exact", batch_size: int = 8, progress: bool = False,
-    mean: np.ndarray | None = None, with_aupro: bool = True, defect_names: Sequence[str] | None = None,
+    model: nn.Module,
+    data: CategoryData,
+    mode: SearchMode = "exact",
+    batch_size: int = 8,
+    progress: bool = False,
+    mean: np.ndarray | None = None,
+    with_aupro: bool = True,
+    defect_names: Sequence[str] | None = None,
 ) -> Evaluation:
     """Score ``data``'s test images with ``model`` (on its device): Patch SVDD against all of the training
     patches; the autoencoder by its reconstruction error (``mode``, ``batch_size``, ``mean`` unused).
@@ -43,12 +49,16 @@ def evaluate_category(
     the defect types the per-defect tables list (default: those in ``data``; see ``metrics.per_defect``).
     """
     mean = data.mean if mean is None else mean
-    scores = family_of(model).category_maps(model, data.train_images, data.test_images, mean, mode, batch_size, progress)
+    scores = family_of(model).category_maps(
+        model, data.train_images, data.test_images, mean, mode, batch_size, progress
+    )
     seconds = dict(scores.seconds)
     start = time.perf_counter()
     metrics = category_metrics(scores.maps, data.test_labels, data.test_masks, with_aupro=with_aupro)
-    defects = {fusion: per_defect(scores.image_scores(fusion).numpy(), data.defect_types, defect_names)
-               for fusion in scores.maps}
+    defects = {
+        fusion: per_defect(scores.image_scores(fusion).numpy(), data.defect_types, defect_names)
+        for fusion in scores.maps
+    }
     seconds["metrics"] = time.perf_counter() - start
     return Evaluation(metrics=metrics, scores=scores, seconds=seconds, defects=defects)
 

@@ -16,7 +16,6 @@ from patchsvdd.data.mvtec import GOOD
 from patchsvdd.models.patchsvdd.scoring import FUSIONS
 
 
-
 def metric_keys(fusions: Sequence[str]) -> tuple[str, ...]:
     """det_<f>, seg_<f> for each fusion f, in that order."""
     return tuple(f"{task}_{fusion}" for fusion in fusions for task in ("det", "seg"))
@@ -40,7 +39,11 @@ def auroc(labels: np.ndarray, scores: np.ndarray, what: str = "AUROC") -> float 
     """Area under the ROC curve, or None (with a warning) when ``labels`` hold one class only."""
     labels = np.asarray(labels).ravel()
     if np.unique(labels).size < 2:
-        warnings.warn(f"{what}: test set has only label {labels[:1].tolist()}; AUROC is undefined", SingleClassWarning, stacklevel=2)
+        warnings.warn(
+            f"{what}: test set has only label {labels[:1].tolist()}; AUROC is undefined",
+            SingleClassWarning,
+            stacklevel=2,
+        )
         return None
     return float(roc_auc_score(labels, np.asarray(scores, dtype=np.float64).ravel()))
 
@@ -49,8 +52,10 @@ def auroc_standard_error(value: float, n_normal: int, n_anomalous: int) -> float
     """Standard error an AUROC of ``value`` has from its test set alone, ``n_normal`` good and ``n_anomalous``
     defective samples (Hanley and McNeil, 1982): the least a figure can move between draws of that many samples."""
     if n_normal < 1 or n_anomalous < 1 or not 0.0 <= value <= 1.0:
-        raise ValueError(f"AUROC standard error needs 0 <= AUROC <= 1 and both classes, got {value}, "
-                         f"{n_normal} good, {n_anomalous} defective")
+        raise ValueError(
+            f"AUROC standard error needs 0 <= AUROC <= 1 and both classes, got {value}, "
+            f"{n_normal} good, {n_anomalous} defective"
+        )
     q1, q2 = value / (2 - value), 2 * value**2 / (1 + value)
     variance = value * (1 - value) + (n_anomalous - 1) * (q1 - value**2) + (n_normal - 1) * (q2 - value**2)
     return math.sqrt(max(variance, 0.0) / (n_normal * n_anomalous))
@@ -84,8 +89,11 @@ def aupro(masks: np.ndarray, maps: np.ndarray | torch.Tensor, max_fpr: float = P
     regions = regions.ravel()
     areas = np.bincount(regions, minlength=count + 1).astype(np.float64)
     if count == 0 or areas[0] == 0:
-        warnings.warn("AUPRO: the masks hold no defect region or no good pixel; AUPRO is undefined",
-                      SingleClassWarning, stacklevel=2)
+        warnings.warn(
+            "AUPRO: the masks hold no defect region or no good pixel; AUPRO is undefined",
+            SingleClassWarning,
+            stacklevel=2,
+        )
         return None
     order = np.argsort(-scores, kind="stable")
     ranked = regions[order]
@@ -142,12 +150,23 @@ def per_defect(
         chosen = scores[types == name]
         if chosen.size == 0 and names is None:
             continue
-        row: dict[str, float | int | None] = {"n": int(chosen.size), "mean": None, "std": None, "min": None, "max": None}
+        row: dict[str, float | int | None] = {
+            "n": int(chosen.size),
+            "mean": None,
+            "std": None,
+            "min": None,
+            "max": None,
+        }
         if chosen.size:
-            row.update(mean=float(chosen.mean()), std=float(chosen.std()), min=float(chosen.min()), max=float(chosen.max()))
+            row.update(
+                mean=float(chosen.mean()), std=float(chosen.std()), min=float(chosen.min()), max=float(chosen.max())
+            )
         if name != GOOD:
-            row["auroc"] = (float(roc_auc_score(np.r_[np.zeros(good.size), np.ones(chosen.size)], np.r_[good, chosen]))
-                            if good.size and chosen.size else None)
+            row["auroc"] = (
+                float(roc_auc_score(np.r_[np.zeros(good.size), np.ones(chosen.size)], np.r_[good, chosen]))
+                if good.size and chosen.size
+                else None
+            )
         out[name] = row
     return out
 
@@ -158,8 +177,11 @@ DEFECT_PREFIX = "defect/"
 def flatten_defects(table: Mapping[str, Mapping[str, float | int | None]]) -> dict[str, float]:
     """``per_defect``'s table as flat scalar metrics 'defect/<type>/<stat>' (None as NaN): what a
     federated task can report. Inverse: ``split_defects``."""
-    return {f"{DEFECT_PREFIX}{name}/{stat}": math.nan if value is None else float(value)
-            for name, row in table.items() for stat, value in row.items()}
+    return {
+        f"{DEFECT_PREFIX}{name}/{stat}": math.nan if value is None else float(value)
+        for name, row in table.items()
+        for stat, value in row.items()
+    }
 
 
 def split_defects(metrics: Mapping[str, float]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
@@ -168,7 +190,7 @@ def split_defects(metrics: Mapping[str, float]) -> tuple[dict[str, float], dict[
     table: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
         if key.startswith(DEFECT_PREFIX):
-            name, stat = key[len(DEFECT_PREFIX):].rsplit("/", 1)
+            name, stat = key[len(DEFECT_PREFIX) :].rsplit("/", 1)
             table.setdefault(name, {})[stat] = value
         else:
             plain[key] = value

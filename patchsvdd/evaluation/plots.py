@@ -20,7 +20,9 @@ def colour_range(maps: np.ndarray, upper_percentile: float = 99.9) -> tuple[floa
     return float(maps.min()), float(np.percentile(maps, upper_percentile))
 
 
-def _draw_pair(ax_img, ax_map, image: np.ndarray, mask: np.ndarray, amap: np.ndarray, vmin: float, vmax: float, title: str):
+def _draw_pair(
+    ax_img, ax_map, image: np.ndarray, mask: np.ndarray, amap: np.ndarray, vmin: float, vmax: float, title: str
+):
     ax_img.imshow(image)
     if mask.any():
         ax_img.contour(mask, levels=[0.5], colors="lime", linewidths=1.0)
@@ -134,8 +136,9 @@ def plot_rounds(series: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]])
     return fig
 
 
-def save_prediction(path: str | Path, image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float,
-                    pixel_threshold: float, title: str) -> Path:
+def save_prediction(
+    path: str | Path, image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float, pixel_threshold: float, title: str
+) -> Path:
     """One PNG: the image with the region above ``pixel_threshold`` outlined, beside its map on the
     bundle's colour scale (``vmin``..``vmax``). image uint8 (H,W,3), amap (H,W)."""
     fig, (ax_img, ax_map) = plt.subplots(1, 2, figsize=(6, 3.2))
@@ -145,8 +148,9 @@ def save_prediction(path: str | Path, image: np.ndarray, amap: np.ndarray, vmin:
     return Path(path)
 
 
-def plot_roc_point(labels: np.ndarray, scores: np.ndarray, fpr: float | None, tpr: float | None,
-                   path: str | Path) -> Path:
+def plot_roc_point(
+    labels: np.ndarray, scores: np.ndarray, fpr: float | None, tpr: float | None, path: str | Path
+) -> Path:
     """Detection ROC of one score with the chosen operating point marked; saved to ``path``."""
     fig = plot_roc(labels, {"sum": scores})
     if fpr is not None and tpr is not None:

@@ -86,7 +86,9 @@ def pooled_aurocs(sketches: Mapping[str, Mapping[str, float]], fusion: str = "su
                 weights.append(weight)
                 labels.append(np.full(points.size, label))
         labels_all = np.concatenate(labels)
-        out[f"{level}_{fusion}"] = (float(roc_auc_score(labels_all, np.concatenate(scores),
-                                                        sample_weight=np.concatenate(weights)))
-                                    if np.unique(labels_all).size == 2 else None)
+        out[f"{level}_{fusion}"] = (
+            float(roc_auc_score(labels_all, np.concatenate(scores), sample_weight=np.concatenate(weights)))
+            if np.unique(labels_all).size == 2
+            else None
+        )
     return out

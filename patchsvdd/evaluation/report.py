@@ -109,7 +109,9 @@ LEARNING_METRICS = ("heldout_pos", "det_sum", "seg_sum")
 
 
 def untrained_vs_trained(
-    records: Sequence[Mapping[str, Any]], metrics: Sequence[str] = LEARNING_METRICS, task: str = "aggregated_model_validate"
+    records: Sequence[Mapping[str, Any]],
+    metrics: Sequence[str] = LEARNING_METRICS,
+    task: str = "aggregated_model_validate",
 ) -> list[dict[str, Any]]:
     """Rows per origin (envoys, then aggregator): each metric at round 0, which validates the initial model,
     beside the last round, which validates the final aggregate. ``records`` as streamed (round_metrics.json)."""

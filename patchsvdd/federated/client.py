@@ -24,7 +24,13 @@ from patchsvdd.settings import ExperimentSettings, SettingsError
 from patchsvdd.system.tls import TLSCheckError, check_mutual_tls, speaks_tls
 from patchsvdd.training.loop import make_optimizer
 from patchsvdd.federated.rounds import tagged, untagged
-from patchsvdd.federated.tasks import MVTecDataInterface, TrainThenValidate, evaluation_tasks, export_tasks, training_tasks
+from patchsvdd.federated.tasks import (
+    MVTecDataInterface,
+    TrainThenValidate,
+    evaluation_tasks,
+    export_tasks,
+    training_tasks,
+)
 
 FRAMEWORK_ADAPTER = "openfl.plugins.frameworks_adapters.pytorch_adapter.FrameworkAdapterPlugin"
 EXPERIMENT_RECORD = "patchsvdd_experiment.json"  # written in an experiment's working folder; read by attach()
@@ -45,8 +51,13 @@ class DirectorFederation(Federation):
 
 
 def connect(
-    host: str, port: int, tls: bool = False, cert_chain: str | None = None, api_cert: str | None = None,
-    api_private_key: str | None = None, client_id: str = "frontend",
+    host: str,
+    port: int,
+    tls: bool = False,
+    cert_chain: str | None = None,
+    api_cert: str | None = None,
+    api_private_key: str | None = None,
+    client_id: str = "frontend",
 ) -> DirectorFederation:
     """A ``Federation`` handle on the director at ``host:port``; TLS files are needed only with ``tls=True``.
 
@@ -55,18 +66,29 @@ def connect(
     """
     try:
         if tls:
-            for name, path in (("cert_chain", cert_chain), ("api_cert", api_cert), ("api_private_key", api_private_key)):
+            for name, path in (
+                ("cert_chain", cert_chain),
+                ("api_cert", api_cert),
+                ("api_private_key", api_private_key),
+            ):
                 if not path or not Path(path).is_file():
                     raise FederationError(f"TLS is on but {name} {path!r} is not a file")
             check_mutual_tls(host, int(port), str(cert_chain), str(api_cert), str(api_private_key))
         elif speaks_tls(host, int(port)):
-            raise FederationError(f"the director at {host}:{port} requires TLS: set tls=True with cert_chain, "
-                                  "api_cert and api_private_key")
+            raise FederationError(
+                f"the director at {host}:{port} requires TLS: set tls=True with cert_chain, "
+                "api_cert and api_private_key"
+            )
     except TLSCheckError as exc:
         raise FederationError(str(exc)) from exc
     return DirectorFederation(
-        client_id=client_id, director_node_fqdn=host, director_port=int(port), tls=tls,
-        cert_chain=cert_chain, api_cert=api_cert, api_private_key=api_private_key,
+        client_id=client_id,
+        director_node_fqdn=host,
+        director_port=int(port),
+        tls=tls,
+        cert_chain=cert_chain,
+        api_cert=api_cert,
+        api_private_key=api_private_key,
     )
 
 
@@ -80,7 +102,11 @@ def _shard_registry(federation: Federation, settle: float = 15.0) -> dict[str, A
         try:
             return federation.get_shard_registry()
         except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.UNKNOWN or "KeyError" not in str(exc.details()) or time.monotonic() > deadline:
+            if (
+                exc.code() != grpc.StatusCode.UNKNOWN
+                or "KeyError" not in str(exc.details())
+                or time.monotonic() > deadline
+            ):
                 raise
             time.sleep(0.5)
 
@@ -90,13 +116,15 @@ def shard_table(federation: Federation) -> list[dict[str, Any]]:
     rows = []
     for name, info in _shard_registry(federation).items():
         shard = info["shard_info"]
-        rows.append({
-            "envoy": name,
-            "online": bool(info["is_online"]),
-            "description": shard.shard_description,
-            "sample_shape": list(shard.sample_shape),
-            "target_shape": list(shard.target_shape),
-        })
+        rows.append(
+            {
+                "envoy": name,
+                "online": bool(info["is_online"]),
+                "description": shard.shard_description,
+                "sample_shape": list(shard.sample_shape),
+                "target_shape": list(shard.target_shape),
+            }
+        )
     return rows
 
 
@@ -105,7 +133,9 @@ def online_envoys(federation: Federation) -> set[str]:
     return {row["envoy"] for row in shard_table(federation) if row["online"]}
 
 
-def wait_for_envoys(federation: Federation, count: int, timeout: float = 120.0, poll: float = 1.0) -> list[dict[str, Any]]:
+def wait_for_envoys(
+    federation: Federation, count: int, timeout: float = 120.0, poll: float = 1.0
+) -> list[dict[str, Any]]:
     """Poll the shard registry until ``count`` envoys are online; FederationError after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -114,7 +144,9 @@ def wait_for_envoys(federation: Federation, count: int, timeout: float = 120.0, 
             return rows
         if time.monotonic() > deadline:
             names = ", ".join(r["envoy"] for r in rows if r["online"]) or "none"
-            raise FederationError(f"only {names} online after {timeout:.0f} s; expected {count} envoys (see the envoy logs)")
+            raise FederationError(
+                f"only {names} online after {timeout:.0f} s; expected {count} envoys (see the envoy logs)"
+            )
         time.sleep(poll)
 
 
@@ -122,7 +154,7 @@ def _described(description: str, label: str) -> str | None:
     """The text after ``label`` in a shard description's '; '-separated parts, or None."""
     for part in str(description).split("; "):
         if part.startswith(label):
-            return part[len(label):].strip()
+            return part[len(label) :].strip()
     return None
 
 
@@ -173,32 +205,58 @@ def no_requirements() -> Iterator[None]:
         module.dump_requirements_file = original
 
 
-def experiment_arguments(model: nn.Module, settings: ExperimentSettings, tasks: TaskInterface, rounds: int,
-                         assigner: TrainThenValidate | None = None) -> dict[str, Any]:
+def experiment_arguments(
+    model: nn.Module,
+    settings: ExperimentSettings,
+    tasks: TaskInterface,
+    rounds: int,
+    assigner: TrainThenValidate | None = None,
+) -> dict[str, Any]:
     """The keyword arguments of OpenFL's ``FLExperiment.start`` for this project's experiment: a round-tagged copy
     of ``model`` with its Adam optimizer, ``tasks``, a fresh data interface and ``assigner`` (default: only the
     validation round, for evaluation and export: OpenFL's own assigner would be a function sent by value, which
     sites refuse)."""
     if kind_of(model) != settings.model:  # the tasks' metrics are the settings' model's
-        raise SettingsError(f"the model sent is a {kind_of(model)} but settings.model is {settings.model!r}: "
-                            "set model to match (or start from a checkpoint of that model)")
+        raise SettingsError(
+            f"the model sent is a {kind_of(model)} but settings.model is {settings.model!r}: "
+            "set model to match (or start from a checkpoint of that model)"
+        )
     model = tagged(model)  # a copy that says which round made it (see rounds.py); the caller's model is untouched
-    model_interface = ModelInterface(model=model, optimizer=make_optimizer(model, settings.lr), framework_plugin=FRAMEWORK_ADAPTER)
+    model_interface = ModelInterface(
+        model=model, optimizer=make_optimizer(model, settings.lr), framework_plugin=FRAMEWORK_ADAPTER
+    )
     override = {} if settings.aggregator_port is None else {"network.settings.agg_port": int(settings.aggregator_port)}
-    return dict(model_provider=model_interface, task_keeper=tasks, data_loader=MVTecDataInterface(), rounds_to_train=rounds,
-                task_assigner=assigner if assigner is not None else TrainThenValidate(tasks, 0),
-                opt_treatment=OPT_TREATMENT, device_assignment_policy=settings.device_policy, override_config=override)
+    return dict(
+        model_provider=model_interface,
+        task_keeper=tasks,
+        data_loader=MVTecDataInterface(),
+        rounds_to_train=rounds,
+        task_assigner=assigner if assigner is not None else TrainThenValidate(tasks, 0),
+        opt_treatment=OPT_TREATMENT,
+        device_assignment_policy=settings.device_policy,
+        override_config=override,
+    )
 
 
-def _submit(federation: Federation, name: str, model: nn.Module, settings: ExperimentSettings, tasks: TaskInterface,
-            rounds: int, workdir: str | os.PathLike, assigner: TrainThenValidate | None = None) -> FLExperiment:
+def _submit(
+    federation: Federation,
+    name: str,
+    model: nn.Module,
+    settings: ExperimentSettings,
+    tasks: TaskInterface,
+    rounds: int,
+    workdir: str | os.PathLike,
+    assigner: TrainThenValidate | None = None,
+) -> FLExperiment:
     arguments = experiment_arguments(model, settings, tasks, rounds, assigner)
     with working_folder(workdir), no_requirements():
         experiment = FLExperiment(federation=federation, experiment_name=name)
         experiment.start(**arguments)
     if not experiment.experiment_submitted:
-        raise FederationError(f"the director did not accept experiment {name!r}: its review refused it (the director's "
-                              f"log says why in a line '[site guard] the director refused experiment {name!r} ...')")
+        raise FederationError(
+            f"the director did not accept experiment {name!r}: its review refused it (the director's "
+            f"log says why in a line '[site guard] the director refused experiment {name!r} ...')"
+        )
     record = {"name": name, "participants": list(experiment.plan.authorized_cols), "rounds": rounds}
     (Path(workdir) / EXPERIMENT_RECORD).write_text(json.dumps(record, indent=1))
     return experiment
@@ -224,8 +282,13 @@ def start_evaluation(
 
 
 def start_export(
-    federation: Federation, model: nn.Module, settings: ExperimentSettings, name: str, workdir: str | os.PathLike,
-    bank_fraction: float = 1.0, max_fpr: float | None = None,
+    federation: Federation,
+    model: nn.Module,
+    settings: ExperimentSettings,
+    name: str,
+    workdir: str | os.PathLike,
+    bank_fraction: float = 1.0,
+    max_fpr: float | None = None,
 ) -> FLExperiment:
     """Send a one-round experiment in which every envoy writes its own inspection bundle of ``model`` (folder
     ``name`` in its bundle folder) from its own images and reports only its thresholds and the bundle's size
@@ -251,14 +314,18 @@ def attach(federation: Federation, name: str, model: nn.Module, workdir: str | o
     """
     record_file = Path(workdir) / EXPERIMENT_RECORD
     if not record_file.is_file():
-        raise FederationError(f"{record_file} not found: attach from the working folder experiment {name!r} was started in")
+        raise FederationError(
+            f"{record_file} not found: attach from the working folder experiment {name!r} was started in"
+        )
     record = json.loads(record_file.read_text())
     if record["name"] != name:
         raise FederationError(f"{record_file} records experiment {record['name']!r}, not {name!r}")
     status = experiment_status(federation, name)
     if status is None:
-        raise FederationError(f"the director has no experiment {name!r} of this client: it was restarted since "
-                              "(experiments do not survive a director restart) or another client id started it")
+        raise FederationError(
+            f"the director has no experiment {name!r} of this client: it was restarted since "
+            "(experiments do not survive a director restart) or another client id started it"
+        )
     from openfl.federated.plan.plan import Plan
 
     model = tagged(model)

@@ -101,16 +101,20 @@ def envoy_allows(argv: list[str]) -> dict[str, bool]:
     ``true``: ``trust_client_code`` (top level) and ``install_requirements`` (``params``; OpenFL's default would
     be true)."""
     config = _config_named(argv, "-ec", "--envoy-config-path")
-    return {"trust_client_code": config.get("trust_client_code") is True,
-            "install_requirements": (config.get("params") or {}).get("install_requirements") is True}
+    return {
+        "trust_client_code": config.get("trust_client_code") is True,
+        "install_requirements": (config.get("params") or {}).get("install_requirements") is True,
+    }
 
 
 def director_reviews(argv: list[str]) -> dict[str, bool]:
     """What the director config named by ``-c``/``--director-config-path`` in ``argv`` says: ``review_experiments``
     (top level; only ``false`` turns the review off) and ``settings.install_requirements`` (only ``true``)."""
     config = _config_named(argv, "-c", "--director-config-path")
-    return {"review": config.get("review_experiments") is not False,
-            "install_requirements": (config.get("settings") or {}).get("install_requirements") is True}
+    return {
+        "review": config.get("review_experiments") is not False,
+        "install_requirements": (config.get("settings") or {}).get("install_requirements") is True,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -129,8 +133,12 @@ def main(argv: list[str] | None = None) -> None:
 
             install_director_guard(install_requirements=review["install_requirements"])
         else:
-            print("[site guard] review_experiments is false: this director builds and loads whatever a client "
-                  "sends (the envoys still review each experiment themselves)", file=sys.stderr, flush=True)
+            print(
+                "[site guard] review_experiments is false: this director builds and loads whatever a client "
+                "sends (the envoys still review each experiment themselves)",
+                file=sys.stderr,
+                flush=True,
+            )
     from openfl.interface.cli import entry
 
     sys.argv = ["fx", *args]

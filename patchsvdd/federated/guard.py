@@ -64,8 +64,15 @@ from patchsvdd.models.registry import family, family_of, model_names
 from patchsvdd.settings import DEVICE_POLICIES, SEARCHES, SettingsError, checked_settings
 from patchsvdd.federated.rounds import ROUND_TAG
 from patchsvdd.federated.tasks import (
-    DEFECT_FUSION, MVTecDataInterface, ProjectTasks, TrainThenValidate, export_task, final_metrics, round_metrics,
-    train_task, validate_task,
+    DEFECT_FUSION,
+    MVTecDataInterface,
+    ProjectTasks,
+    TrainThenValidate,
+    export_task,
+    final_metrics,
+    round_metrics,
+    train_task,
+    validate_task,
 )
 
 logger = logging.getLogger(__name__)
@@ -98,16 +105,23 @@ REQUIREMENTS_FILE = "requirements.txt"
 EXPERIMENT_RECORD = "patchsvdd_experiment.json"  # client.EXPERIMENT_RECORD
 ARCHIVE_FILES = frozenset({PLAN_FILE, REQUIREMENTS_FILE, EXPERIMENT_RECORD, *(name for name, _ in PICKLES.values())})
 MAX_ARCHIVE_BYTES = 2**30  # uncompressed; this project's archives hold a model of a few MB
-NETWORK_SETTINGS = frozenset({"agg_addr", "agg_port", "cert_folder", "client_reconnect_interval", "hash_salt",
-                              "require_client_auth", "use_tls"})
-COLLABORATOR_SETTINGS = {"db_store_rounds": int, "delta_updates": bool, "device_assignment_policy": str,
-                         "opt_treatment": str}
+NETWORK_SETTINGS = frozenset(
+    {"agg_addr", "agg_port", "cert_folder", "client_reconnect_interval", "hash_salt", "require_client_auth", "use_tls"}
+)
+COLLABORATOR_SETTINGS = {
+    "db_store_rounds": int,
+    "delta_updates": bool,
+    "device_assignment_policy": str,
+    "opt_treatment": str,
+}
 OPT_TREATMENTS = ("RESET", "CONTINUE_LOCAL", "CONTINUE_GLOBAL")
 SITE_TASKS = {function.__name__: function for function in (train_task, validate_task, export_task)}
 BUNDLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 BY_VALUE = "is code sent by the client (by value), not one of this project's classes"
-TRUST_WARNING = ("trust_client_code is on: this envoy runs whatever code a client of the director sends, with this "
-                 "site's data at hand (for development only; remove it from the shard config)")
+TRUST_WARNING = (
+    "trust_client_code is on: this envoy runs whatever code a client of the director sends, with this "
+    "site's data at hand (for development only; remove it from the shard config)"
+)
 
 
 class ExperimentRefused(Exception):
@@ -115,6 +129,7 @@ class ExperimentRefused(Exception):
 
 
 # --- pickles ------------------------------------------------------------------------------------------------------
+
 
 def _storage_from_bytes(data: bytes) -> Any:
     """``torch.storage._load_from_bytes`` without its unrestricted ``torch.load``: a tensor's storage, read
@@ -132,7 +147,9 @@ def _no_hooks(hooks: Any, where: str) -> None:
 
 def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
     _no_hooks(backward_hooks, "a tensor")
-    return torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, OrderedDict(), metadata)
+    return torch._utils._rebuild_tensor_v2(
+        storage, storage_offset, size, stride, requires_grad, OrderedDict(), metadata
+    )
 
 
 def _rebuild_parameter(data, requires_grad, backward_hooks):
@@ -145,13 +162,20 @@ CALLS: dict[tuple[str, str], Callable[..., Any] | None] = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
-    ("torch", "device"): None, ("torch", "Size"): None,
-    ("collections", "OrderedDict"): None, ("collections", "defaultdict"): None,
+    ("torch", "device"): None,
+    ("torch", "Size"): None,
+    ("collections", "OrderedDict"): None,
+    ("collections", "defaultdict"): None,
     **{("builtins", name): None for name in ("dict", "list", "set", "frozenset", "tuple", "bytearray", "complex")},
-    ("numpy.core.multiarray", "_reconstruct"): None, ("numpy._core.multiarray", "_reconstruct"): None,
-    ("numpy.core.multiarray", "scalar"): None, ("numpy._core.multiarray", "scalar"): None,
-    ("numpy", "dtype"): None, ("numpy", "ndarray"): None,
+    ("numpy.core.multiarray", "_reconstruct"): None,
+    ("numpy._core.multiarray", "_reconstruct"): None,
+    ("numpy.core.multiarray", "scalar"): None,
+    ("numpy._core.multiarray", "scalar"): None,
+    ("numpy", "dtype"): None,
+    ("numpy", "ndarray"): None,
 }
+
+
 def _network_classes() -> dict[str, tuple[str, ...]]:
     """The classes every registered model's networks are made of, by module (``ModelFamily.network_classes``)."""
     out: dict[str, tuple[str, ...]] = {}
@@ -180,8 +204,9 @@ def _torch_class(module: str, value: Any) -> bool:
     """A layer (``torch.nn.modules.*``) or an optimizer (``torch.optim.*``) class of torch itself."""
     if not isinstance(value, type) or value.__module__ != module:
         return False
-    return ((module.startswith("torch.nn.modules.") and issubclass(value, nn.Module))
-            or (module.startswith("torch.optim.") and issubclass(value, torch.optim.Optimizer)))
+    return (module.startswith("torch.nn.modules.") and issubclass(value, nn.Module)) or (
+        module.startswith("torch.optim.") and issubclass(value, torch.optim.Optimizer)
+    )
 
 
 class RestrictedUnpickler(pickle._Unpickler):  # the Python implementation: its opcodes can be overridden
@@ -219,23 +244,31 @@ class RestrictedUnpickler(pickle._Unpickler):  # the Python implementation: its 
             return value
         if key in REFERENCES or (module == "torch" and isinstance(value, torch.dtype)):
             return value
-        raise ExperimentRefused(f"{self.role} needs {module}.{name}, which is neither one of this project's classes "
-                                "nor a builder of tensors, arrays or containers")
+        raise ExperimentRefused(
+            f"{self.role} needs {module}.{name}, which is neither one of this project's classes "
+            "nor a builder of tensors, arrays or containers"
+        )
 
     def persistent_load(self, pid: Any) -> Any:
-        raise ExperimentRefused(f"{self.role} refers to objects outside the pickle, which no pickle of this project does")
+        raise ExperimentRefused(
+            f"{self.role} refers to objects outside the pickle, which no pickle of this project does"
+        )
 
     def _check_class(self, cls: Any, what: str) -> None:
         if not isinstance(cls, type) or cls not in self._classes:
-            raise ExperimentRefused(f"{self.role} {what} {getattr(cls, '__qualname__', type(cls).__name__)}, which "
-                                    "is not one of the classes this project sends")
+            raise ExperimentRefused(
+                f"{self.role} {what} {getattr(cls, '__qualname__', type(cls).__name__)}, which "
+                "is not one of the classes this project sends"
+            )
 
     def load_reduce(self) -> None:
         args = self.stack.pop()
         call = self.stack[-1]
         if id(call) not in self._callables:
-            raise ExperimentRefused(f"{self.role} calls {getattr(call, '__qualname__', repr(call))} while it is "
-                                    "loaded, which no pickle of this project does")
+            raise ExperimentRefused(
+                f"{self.role} calls {getattr(call, '__qualname__', repr(call))} while it is "
+                "loaded, which no pickle of this project does"
+            )
         self.stack[-1] = call(*args)
 
     dispatch[pickle.REDUCE[0]] = load_reduce
@@ -260,8 +293,9 @@ class RestrictedUnpickler(pickle._Unpickler):  # the Python implementation: its 
     def load_build(self) -> None:
         instance = self.stack[-2]
         if isinstance(instance, type) or not (type(instance) in self._classes or isinstance(instance, torch.Tensor)):
-            raise ExperimentRefused(f"{self.role} sets the state of a {type(instance).__name__}, which no pickle of "
-                                    "this project does")
+            raise ExperimentRefused(
+                f"{self.role} sets the state of a {type(instance).__name__}, which no pickle of this project does"
+            )
         pickle._Unpickler.load_build(self)
 
     dispatch[pickle.BUILD[0]] = load_build
@@ -293,6 +327,7 @@ def restricted_restore(filename: str) -> Any:
 
 # --- the objects in the pickles -------------------------------------------------------------------------------------
 
+
 def _check_hooks(owner: Any, where: str) -> None:
     for attribute, value in vars(owner).items():
         if "hook" in attribute and isinstance(value, dict):
@@ -322,8 +357,10 @@ def check_model(model: Any) -> str:
         raise ExperimentRefused(f"its model has no readable weights ({type(exc).__name__})") from exc
     for key, value in state.items():
         if key not in expected or not isinstance(value, torch.Tensor) or tuple(value.shape) != expected[key]:
-            raise ExperimentRefused(f"its model's weight {key!r} ({tuple(getattr(value, 'shape', ()))}) is not one "
-                                    f"of a {kind} of this architecture")
+            raise ExperimentRefused(
+                f"its model's weight {key!r} ({tuple(getattr(value, 'shape', ()))}) is not one "
+                f"of a {kind} of this architecture"
+            )
     missing = set(expected) - set(state) - {ROUND_TAG}
     if missing:
         raise ExperimentRefused(f"its model lacks the weights {sorted(missing)[:3]} of a {kind}")
@@ -428,17 +465,22 @@ def check_aggregation(functions: Any) -> None:
     """ExperimentRefused unless ``functions`` is OpenFL's default mapping to FedAvg (WeightedAverage)."""
     from openfl.interface.aggregation_functions import WeightedAverage
 
-    if not isinstance(functions, defaultdict) or functions.default_factory is not WeightedAverage or not all(
-            type(f) is WeightedAverage for f in functions.values()):
+    if (
+        not isinstance(functions, defaultdict)
+        or functions.default_factory is not WeightedAverage
+        or not all(type(f) is WeightedAverage for f in functions.values())
+    ):
         raise ExperimentRefused("its aggregation is not this project's FedAvg (OpenFL's WeightedAverage)")
 
 
 def check_loader(loader: Any) -> None:
     """ExperimentRefused unless ``loader`` is a fresh ``MVTecDataInterface`` (no settings, no data)."""
     if type(loader) is not MVTecDataInterface or vars(loader) != {"kwargs": {}, "_data": None}:
-        raise ExperimentRefused(f"its data interface is a {type(loader).__name__} with state "
-                                f"{sorted(vars(loader)) if hasattr(loader, '__dict__') else '?'}, not a fresh "
-                                "MVTecDataInterface")
+        raise ExperimentRefused(
+            f"its data interface is a {type(loader).__name__} with state "
+            f"{sorted(vars(loader)) if hasattr(loader, '__dict__') else '?'}, not a fresh "
+            "MVTecDataInterface"
+        )
 
 
 def check_assigner(assigner: Any) -> None:
@@ -446,9 +488,15 @@ def check_assigner(assigner: Any) -> None:
     from openfl.component.assigner.tasks import TrainTask, ValidateTask
 
     if type(assigner) is not TrainThenValidate or set(vars(assigner)) != {"train", "validate", "training_rounds"}:
-        raise ExperimentRefused(f"its task assigner is a {type(assigner).__name__}, not this project's TrainThenValidate")
-    if not (assigner.train is None or type(assigner.train) is TrainTask) or type(assigner.validate) is not ValidateTask \
-            or not _number(assigner.training_rounds, 0, 100_000) or not isinstance(assigner.training_rounds, int):
+        raise ExperimentRefused(
+            f"its task assigner is a {type(assigner).__name__}, not this project's TrainThenValidate"
+        )
+    if (
+        not (assigner.train is None or type(assigner.train) is TrainTask)
+        or type(assigner.validate) is not ValidateTask
+        or not _number(assigner.training_rounds, 0, 100_000)
+        or not isinstance(assigner.training_rounds, int)
+    ):
         raise ExperimentRefused("its task assigner's tasks or rounds are not this project's")
 
 
@@ -468,11 +516,13 @@ def check_weights(model: nn.Module, tensor_dict: dict[str, Any]) -> None:
         array = tensor_dict.get(key)
         if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiub" or array.shape != tuple(value.shape):
             got = f"{type(array).__name__} {getattr(array, 'shape', '')}".strip()
-            raise ExperimentRefused(f"the aggregator's weights for {key!r} are {got}, not an array of shape "
-                                    f"{tuple(value.shape)}")
+            raise ExperimentRefused(
+                f"the aggregator's weights for {key!r} are {got}, not an array of shape {tuple(value.shape)}"
+            )
 
 
 # --- the plan, the files, the requirements --------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class SitePolicy:
@@ -512,10 +562,15 @@ def check_plan(plan: Any, policy: SitePolicy) -> None:
     for path, value in _templates(plan):
         expected = TEMPLATES.get(path)
         if value != expected:
-            raise ExperimentRefused(f"its plan builds {value!r} for {'.'.join(path)}, not one of the OpenFL components "
-                                    "this project's experiments use")
-    missing = [".".join(path) for path in TEMPLATES if path[0] in ("collaborator", "task_runner", "api_layer", "network")
-               and path not in dict(_templates(plan))]
+            raise ExperimentRefused(
+                f"its plan builds {value!r} for {'.'.join(path)}, not one of the OpenFL components "
+                "this project's experiments use"
+            )
+    missing = [
+        ".".join(path)
+        for path in TEMPLATES
+        if path[0] in ("collaborator", "task_runner", "api_layer", "network") and path not in dict(_templates(plan))
+    ]
     if missing:
         raise ExperimentRefused(f"its plan lacks {', '.join(missing)}")
 
@@ -529,26 +584,34 @@ def check_plan(plan: Any, policy: SitePolicy) -> None:
     if not set(network) <= NETWORK_SETTINGS:
         raise ExperimentRefused(f"its plan sets network.{sorted(set(network) - NETWORK_SETTINGS)[0]}")
     if policy.director_host is not None and str(network.get("agg_addr", "")).lower() != policy.director_host.lower():
-        raise ExperimentRefused(f"its plan sends this site's updates to {network.get('agg_addr')!r}, not to this "
-                                f"envoy's director {policy.director_host!r}")
+        raise ExperimentRefused(
+            f"its plan sends this site's updates to {network.get('agg_addr')!r}, not to this "
+            f"envoy's director {policy.director_host!r}"
+        )
     if not isinstance(network.get("use_tls"), bool):
         raise ExperimentRefused(f"its plan sets use_tls {network.get('use_tls')!r}")
     if policy.tls is not None and network.get("use_tls") is not policy.tls:
-        raise ExperimentRefused(f"its plan sets use_tls {network.get('use_tls')!r} but this envoy "
-                                f"{'speaks' if policy.tls else 'does not speak'} TLS")
+        raise ExperimentRefused(
+            f"its plan sets use_tls {network.get('use_tls')!r} but this envoy "
+            f"{'speaks' if policy.tls else 'does not speak'} TLS"
+        )
     if not _number(network.get("agg_port"), 1, 65535) or network.get("cert_folder", "cert") != "cert":
         raise ExperimentRefused("its plan's network port or certificate folder is not a plain one")
     collaborator = settings("collaborator")
     for key, value in collaborator.items():
         if key not in COLLABORATOR_SETTINGS or type(value) is not COLLABORATOR_SETTINGS[key]:
             raise ExperimentRefused(f"its plan sets collaborator.{key}={value!r}")
-    if collaborator.get("device_assignment_policy", "CPU_ONLY") not in DEVICE_POLICIES \
-            or collaborator.get("opt_treatment", "RESET") not in OPT_TREATMENTS:
+    if (
+        collaborator.get("device_assignment_policy", "CPU_ONLY") not in DEVICE_POLICIES
+        or collaborator.get("opt_treatment", "RESET") not in OPT_TREATMENTS
+    ):
         raise ExperimentRefused("its plan's device policy or optimizer treatment is not one OpenFL knows")
     for section in ("data_loader", "task_runner", "compression_pipeline", "tasks"):
         if settings(section):
-            raise ExperimentRefused(f"its plan gives {section} settings {sorted(settings(section))}, which this "
-                                    "project's experiments never do")
+            raise ExperimentRefused(
+                f"its plan gives {section} settings {sorted(settings(section))}, which this "
+                "project's experiments never do"
+            )
     files = settings("api_layer")
     if files != {key: name for key, (name, _) in PICKLES.items()}:
         raise ExperimentRefused(f"its plan names the pickles {files}, not this project's")
@@ -593,18 +656,24 @@ def review_archive(archive: str, policy: SitePolicy) -> list[str]:
                 if name not in names:
                     raise ExperimentRefused(f"its archive has no {name} ({role})")
                 OBJECT_CHECKS[key](restricted_loads(bundle.read(name), role))
-            packages = requested_packages(bundle.read(REQUIREMENTS_FILE).decode("utf-8", "replace")) \
-                if REQUIREMENTS_FILE in names else []
+            packages = (
+                requested_packages(bundle.read(REQUIREMENTS_FILE).decode("utf-8", "replace"))
+                if REQUIREMENTS_FILE in names
+                else []
+            )
     except zipfile.BadZipFile as exc:
         raise ExperimentRefused(f"its archive is not a zip file ({exc})") from exc
     if packages and not policy.install_requirements:
-        raise ExperimentRefused(f"it asks to install {len(packages)} package(s) ({', '.join(packages[:3])}"
-                                f"{', ...' if len(packages) > 3 else ''}), which this site's config does not allow "
-                                "(params.install_requirements: false)")
+        raise ExperimentRefused(
+            f"it asks to install {len(packages)} package(s) ({', '.join(packages[:3])}"
+            f"{', ...' if len(packages) > 3 else ''}), which this site's config does not allow "
+            "(params.install_requirements: false)"
+        )
     return packages
 
 
 # --- the envoy ------------------------------------------------------------------------------------------------------
+
 
 def say(line: str) -> None:
     """One line in the envoy's log (standard error, unwrapped)."""
@@ -644,8 +713,10 @@ def make_guarded_envoy(policy_of: Callable[[Any], SitePolicy]) -> type:
                 self.refuse(experiment, str(refusal))
                 return False
             if packages:
-                say(f"{self.name}: experiment {experiment!r} installs {len(packages)} package(s), as this site's "
-                    "config allows (params.install_requirements: true)")
+                say(
+                    f"{self.name}: experiment {experiment!r} installs {len(packages)} package(s), as this site's "
+                    "config allows (params.install_requirements: true)"
+                )
             return True
 
         def refuse(self, experiment: str, reason: str) -> None:
@@ -675,17 +746,20 @@ def make_guarded_envoy(policy_of: Callable[[Any], SitePolicy]) -> type:
                 trusted = self.policy.trust_client_code
                 workspace = ExperimentWorkspace if trusted else GuardedWorkspace
                 try:
-                    with workspace(experiment_name=f"{self.name}_{experiment}", data_file_path=archive,
-                                   install_requirements=self.install_requirements if trusted
-                                   else self.policy.install_requirements):
+                    with workspace(
+                        experiment_name=f"{self.name}_{experiment}",
+                        data_file_path=archive,
+                        install_requirements=self.install_requirements if trusted else self.policy.install_requirements,
+                    ):
                         self.is_experiment_running = True
                         self._run_collaborator()
                 except ExperimentRefused as refusal:  # e.g. weights of another shape from the aggregator
                     self.refuse(experiment, str(refusal))
                 except Exception as exc:
                     logger.exception("Collaborator failed with error: %s:", exc)
-                    self.director_client.set_experiment_failed(experiment, error_code=1,
-                                                               error_description=traceback.format_exc())
+                    self.director_client.set_experiment_failed(
+                        experiment, error_code=1, error_description=traceback.format_exc()
+                    )
                 finally:
                     self.is_experiment_running = False
 
@@ -701,8 +775,12 @@ def install_site_guard(trust_client_code: bool = False, install_requirements: bo
     from openfl.plugins.interface_serializer.cloudpickle_serializer import CloudpickleSerializer
 
     def policy_of(envoy: Any) -> SitePolicy:
-        return SitePolicy(director_host=envoy.site_director_host, tls=envoy.site_tls,
-                          install_requirements=install_requirements, trust_client_code=trust_client_code)
+        return SitePolicy(
+            director_host=envoy.site_director_host,
+            tls=envoy.site_tls,
+            install_requirements=install_requirements,
+            trust_client_code=trust_client_code,
+        )
 
     envoy_module.Envoy = make_guarded_envoy(policy_of)  # OpenFL's CLI imports it from there when it starts
     if trust_client_code:
@@ -731,15 +809,21 @@ def install_director_guard(install_requirements: bool = False) -> None:
     set_new_experiment = Director.set_new_experiment
     policy = SitePolicy(director_host=None, tls=None, install_requirements=install_requirements)
 
-    async def reviewed_set_new_experiment(self, *, experiment_name: str, sender_name: str,
-                                          experiment_archive_path: Any, **kwargs: Any) -> bool:
+    async def reviewed_set_new_experiment(
+        self, *, experiment_name: str, sender_name: str, experiment_archive_path: Any, **kwargs: Any
+    ) -> bool:
         try:
             await asyncio.get_running_loop().run_in_executor(None, review_archive, str(experiment_archive_path), policy)
         except ExperimentRefused as refusal:
             say(f"the director refused experiment {experiment_name!r} from {sender_name}: {refusal}")
             experiment_archive_path.unlink(missing_ok=True)
             return False
-        return await set_new_experiment(self, experiment_name=experiment_name, sender_name=sender_name,
-                                        experiment_archive_path=experiment_archive_path, **kwargs)
+        return await set_new_experiment(
+            self,
+            experiment_name=experiment_name,
+            sender_name=sender_name,
+            experiment_archive_path=experiment_archive_path,
+            **kwargs,
+        )
 
     Director.set_new_experiment = reviewed_set_new_experiment

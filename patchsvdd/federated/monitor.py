@@ -60,9 +60,11 @@ class MetricLog:
 
 def failed_at_a_site(name: str) -> str:
     """The sentence for an experiment the director reports failed: a site refused it or a task raised there."""
-    return (f"experiment {name!r} failed at a site: an envoy refused it (its site guard says why in one line of the "
-            f"envoy's log: '[site guard] <envoy> refused experiment {name!r}: ...') or one of its tasks raised there "
-            "(the envoy's log has the traceback; the director's log names the envoy)")
+    return (
+        f"experiment {name!r} failed at a site: an envoy refused it (its site guard says why in one line of the "
+        f"envoy's log: '[site guard] <envoy> refused experiment {name!r}: ...') or one of its tasks raised there "
+        "(the envoy's log has the traceback; the director's log names the envoy)"
+    )
 
 
 @dataclass
@@ -97,25 +99,37 @@ class Watchdog:
         for envoy in sorted(self.participants - online - set(self.offline_since)):
             self.offline_since[envoy] = now
             if self.offline_grace > 0:
-                self.say(f"experiment {self.name!r}: envoy {envoy} is offline; waiting up to {self.offline_grace:.0f} s "
-                         "for it to come back (offline_grace)")
+                self.say(
+                    f"experiment {self.name!r}: envoy {envoy} is offline; waiting up to {self.offline_grace:.0f} s "
+                    "for it to come back (offline_grace)"
+                )
         for envoy in sorted(set(self.offline_since) & online):
-            self.say(f"experiment {self.name!r}: envoy {envoy} is back online after "
-                     f"{now - self.offline_since.pop(envoy):.0f} s; the experiment goes on")
+            self.say(
+                f"experiment {self.name!r}: envoy {envoy} is back online after "
+                f"{now - self.offline_since.pop(envoy):.0f} s; the experiment goes on"
+            )
         gone = sorted(envoy for envoy, since in self.offline_since.items() if now - since >= self.offline_grace)
         if gone:
             waited = f" for more than {self.offline_grace:.0f} s" if self.offline_grace > 0 else ""
-            return (f"experiment {self.name!r}: envoy {', '.join(gone)} went offline during the experiment{waited}, "
-                    "which cannot finish without it. Restart the envoy and the director, then "
-                    "start a new experiment from the last checkpoint (the notebook's initial_checkpoint).")
-        self.pending_since = (self.pending_since if self.pending_since is not None else now) if status == "pending" else None
+            return (
+                f"experiment {self.name!r}: envoy {', '.join(gone)} went offline during the experiment{waited}, "
+                "which cannot finish without it. Restart the envoy and the director, then "
+                "start a new experiment from the last checkpoint (the notebook's initial_checkpoint)."
+            )
+        self.pending_since = (
+            (self.pending_since if self.pending_since is not None else now) if status == "pending" else None
+        )
         if self.pending_since is not None and now - self.pending_since > self.pending_timeout:
-            return (f"experiment {self.name!r} has waited {self.pending_timeout:.0f} s behind another experiment on "
-                    "the director, which runs one at a time and cannot stop one (OpenFL 1.7.1). If that one is stuck "
-                    "(an envoy died), restart the director: the envoys register again by themselves.")
+            return (
+                f"experiment {self.name!r} has waited {self.pending_timeout:.0f} s behind another experiment on "
+                "the director, which runs one at a time and cannot stop one (OpenFL 1.7.1). If that one is stuck "
+                "(an envoy died), restart the director: the envoys register again by themselves."
+            )
         if now - self.last_progress > self.idle_timeout:
-            return (f"experiment {self.name!r}: no metric for {self.idle_timeout:.0f} s although every envoy is "
-                    f"online (status {status}); see the director and envoy logs.")
+            return (
+                f"experiment {self.name!r}: no metric for {self.idle_timeout:.0f} s although every envoy is "
+                f"online (status {status}); see the director and envoy logs."
+            )
         return None
 
 
@@ -129,8 +143,14 @@ class RoundLines:
     last, validation-only round is rounds itself). ``write`` takes each line (default: print, flushed).
     """
 
-    def __init__(self, keys: tuple[str, ...], rounds: int | None = None, task: str = "aggregated_model_validate",
-                 write: Callable[[str], None] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        keys: tuple[str, ...],
+        rounds: int | None = None,
+        task: str = "aggregated_model_validate",
+        write: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.keys, self.rounds, self.task, self.clock = keys, rounds, task, clock
         self.write = write if write is not None else (lambda line: print(line, flush=True))
         self.values: dict[int, dict[str, dict[str, float]]] = {}  # round -> key -> origin -> value
@@ -155,7 +175,9 @@ class RoundLines:
         parts = [f"round {number}{of} {seconds:5.0f} s"]
         for key in self.keys:
             origins = self.values[number].get(key, {})
-            sites = ", ".join(f"{origin} {value:.3f}" for origin, value in sorted(origins.items()) if origin != "aggregator")
+            sites = ", ".join(
+                f"{origin} {value:.3f}" for origin, value in sorted(origins.items()) if origin != "aggregator"
+            )
             parts.append(f"{key} {origins['aggregator']:.3f} ({sites})")
         return "  ".join(parts)
 
@@ -167,18 +189,29 @@ def _pump(call, inbox: queue.Queue) -> None:
     """Move the gRPC metric stream into ``inbox`` as dicts, then the end marker (or the error)."""
     try:
         for message in call:
-            inbox.put({"round": int(message.round), "metric_origin": message.metric_origin,
-                       "task_name": message.task_name, "metric_name": message.metric_name,
-                       "metric_value": float(message.metric_value)})
+            inbox.put(
+                {
+                    "round": int(message.round),
+                    "metric_origin": message.metric_origin,
+                    "task_name": message.task_name,
+                    "metric_name": message.metric_name,
+                    "metric_value": float(message.metric_value),
+                }
+            )
         inbox.put(_END)
     except Exception as exc:  # gRPC errors arrive here; re-raised by follow_metrics
         inbox.put(exc)
 
 
 def follow_metrics(
-    experiment: FLExperiment, idle_timeout: float = 900.0, on_metric: Callable[[dict[str, Any]], None] | None = None,
-    checkpointer: SaveWhenImproved | None = None, registry_poll: float = 5.0, pending_timeout: float = 300.0,
-    offline_grace: float = 0.0, say: Callable[[str], None] | None = None,
+    experiment: FLExperiment,
+    idle_timeout: float = 900.0,
+    on_metric: Callable[[dict[str, Any]], None] | None = None,
+    checkpointer: SaveWhenImproved | None = None,
+    registry_poll: float = 5.0,
+    pending_timeout: float = 300.0,
+    offline_grace: float = 0.0,
+    say: Callable[[str], None] | None = None,
 ) -> MetricLog:
     """Collect the experiment's metrics until it ends; ``on_metric`` sees each, ``checkpointer`` saves improvements.
 
@@ -196,18 +229,30 @@ def follow_metrics(
     log = MetricLog()
     inbox: queue.Queue = queue.Queue()
     name = experiment.experiment_name
-    call = experiment.federation.dir_client.stub.GetMetricStream(director_pb2.GetMetricStreamRequest(experiment_name=name))
+    call = experiment.federation.dir_client.stub.GetMetricStream(
+        director_pb2.GetMetricStreamRequest(experiment_name=name)
+    )
     threading.Thread(target=_pump, args=(call, inbox), name="metric-stream", daemon=True).start()
     said: dict[str, Any] = {} if say is None else {"say": say}
-    watchdog = Watchdog(name, set(experiment.plan.authorized_cols), idle_timeout, pending_timeout, time.monotonic(),
-                        offline_grace=offline_grace, **said)
+    watchdog = Watchdog(
+        name,
+        set(experiment.plan.authorized_cols),
+        idle_timeout,
+        pending_timeout,
+        time.monotonic(),
+        offline_grace=offline_grace,
+        **said,
+    )
     try:
         while True:
             try:
                 item = inbox.get(timeout=min(idle_timeout, registry_poll))
             except queue.Empty:
                 try:
-                    online, status = online_envoys(experiment.federation), experiment_status(experiment.federation, name)
+                    online, status = (
+                        online_envoys(experiment.federation),
+                        experiment_status(experiment.federation, name),
+                    )
                 except grpc.RpcError as exc:
                     raise director_gone(experiment, checkpointer, exc) from None
                 reason = watchdog.check(time.monotonic(), online, status)
@@ -237,7 +282,9 @@ def follow_metrics(
     return log
 
 
-def director_gone(experiment: FLExperiment, checkpointer: SaveWhenImproved | None, cause: Exception) -> DirectorGoneError:
+def director_gone(
+    experiment: FLExperiment, checkpointer: SaveWhenImproved | None, cause: Exception
+) -> DirectorGoneError:
     """The sentence for a director that stopped answering (process ended, machine or network down)."""
     federation = experiment.federation
     host, port = federation.director_node_fqdn, getattr(federation, "director_port", None)
@@ -276,8 +323,16 @@ class SaveWhenImproved:
     ``metadata`` goes into the file, with the round and the score.
     """
 
-    def __init__(self, experiment: FLExperiment | None, path: str | os.PathLike, /, metric: str = HELDOUT_METRIC,
-                 lower_is_better: bool = True, fetch: Callable[[], Any] | None = None, **metadata: Any) -> None:
+    def __init__(
+        self,
+        experiment: FLExperiment | None,
+        path: str | os.PathLike,
+        /,
+        metric: str = HELDOUT_METRIC,
+        lower_is_better: bool = True,
+        fetch: Callable[[], Any] | None = None,
+        **metadata: Any,
+    ) -> None:
         self.path, self.metric, self.metadata = Path(path), metric, metadata
         if fetch is None and experiment is None:
             raise ValueError("SaveWhenImproved needs an experiment or a fetch function")
@@ -320,10 +375,15 @@ class SaveWhenImproved:
         if fetched is not None and fetched != round_number:
             self.missed.append(round_number)
             self.best_score, self.best_round = self._saved_score, self.saved_round
-            warnings.warn(f"the model validated in round {round_number} ({self.metric} {score:.4f}) was replaced on the "
-                          f"director by round {fetched}'s before it could be fetched (a round shorter than the metric "
-                          f"stream's delay); {self.path} keeps round {self.saved_round}'s", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"the model validated in round {round_number} ({self.metric} {score:.4f}) was replaced on the "
+                f"director by round {fetched}'s before it could be fetched (a round shorter than the metric "
+                f"stream's delay); {self.path} keeps round {self.saved_round}'s",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return
-        save_checkpoint(untagged(model), self.path, round=round_number, score=float(score), metric=self.metric,
-                        **self.metadata)
+        save_checkpoint(
+            untagged(model), self.path, round=round_number, score=float(score), metric=self.metric, **self.metadata
+        )
         self.saved_round, self._saved_score = round_number, score

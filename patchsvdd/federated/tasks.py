@@ -31,8 +31,15 @@ ROUND_METRICS = (HELDOUT_METRIC, "det_sum", "seg_sum")  # Patch SVDD's; either m
 FINAL_METRICS = METRIC_KEYS + AUPRO_KEYS
 DEFECT_FUSION = "sum"  # the fusion whose image scores the final evaluation reports per defect type (both models)
 TRAIN_METRICS = {name: family(name).train_metrics for name in model_names()}  # what each model's training reports
-EXPORT_METRICS = ("image_threshold", "image_fpr", "image_tpr", "pixel_threshold", "calibrated", "bundle_mb",
-                  "bank_rows_32")
+EXPORT_METRICS = (
+    "image_threshold",
+    "image_fpr",
+    "image_tpr",
+    "pixel_threshold",
+    "calibrated",
+    "bundle_mb",
+    "bank_rows_32",
+)
 
 
 class SiteError(RuntimeError):
@@ -140,9 +147,16 @@ def train_task(model, train_data, optimizer, device, round_num, settings: Experi
     steps = recipe.steps_per_epoch(len(fit), settings.max_steps)
     model_family = family_of(model)
     inputs = model_family.inputs(model, train_data.train_images[fit], train_data.mean)
-    losses = train_epoch(model, inputs, optimizer, recipe, max_steps=settings.max_steps,
-                         generator=settings.seed * 100_003 + int(round_num),
-                         schedule=recipe.lr_schedule(settings.rounds * steps), start_step=int(round_num) * steps)
+    losses = train_epoch(
+        model,
+        inputs,
+        optimizer,
+        recipe,
+        max_steps=settings.max_steps,
+        generator=settings.seed * 100_003 + int(round_num),
+        schedule=recipe.lr_schedule(settings.rounds * steps),
+        start_step=int(round_num) * steps,
+    )
     return model_family.round_report(losses)
 
 
@@ -157,8 +171,9 @@ def heldout_metric(model, data: CategoryData, holdout_fraction: float) -> tuple[
     return name, model_family.heldout(model, model_family.inputs(model, data.train_images[held], data.mean))
 
 
-def validate_task(model, val_data, device, search, metric_names, holdout_fraction, defect_fusion=None,
-                  defect_types=None) -> dict:
+def validate_task(
+    model, val_data, device, search, metric_names, holdout_fraction, defect_fusion=None, defect_types=None
+) -> dict:
     """An envoy's view of the model: its held-out criterion (see ``heldout_metric``) and AUROCs / AUPROs of its test images against its own training patches (NaN where
     undefined); with ``defect_fusion``, also that fusion's image-score statistics for each of
     ``defect_types`` as 'defect/<type>/<stat>' (NaN for a type this envoy lacks: the aggregator needs the
@@ -172,8 +187,13 @@ def validate_task(model, val_data, device, search, metric_names, holdout_fractio
         out[heldout] = heldout_metric(model, val_data, holdout_fraction)[1]
     aurocs = [name for name in metric_names if name != heldout]
     if aurocs or defect_fusion:
-        result = evaluate_category(model, val_data, mode=search, defect_names=defect_types,
-                                   with_aupro=any(name.startswith("aupro_") for name in aurocs))
+        result = evaluate_category(
+            model,
+            val_data,
+            mode=search,
+            defect_names=defect_types,
+            with_aupro=any(name.startswith("aupro_") for name in aurocs),
+        )
         out.update({name: math.nan if result.metrics[name] is None else result.metrics[name] for name in aurocs})
         if defect_fusion:
             out.update(flatten_defects(result.defects[defect_fusion]))
@@ -191,14 +211,20 @@ def export_task(model, val_data, device, name, bank_fraction, max_fpr) -> dict:
         raise SiteError("this envoy's shard descriptor names no bundle folder (shard_descriptor.params.bundle_folder)")
     model = untagged(model).to(device)  # the bundle's model.pt holds the model's own weights only
     out = Path(val_data.bundle_folder) / name
-    inspector, _ = export_bundle(model, val_data, out, bank_fraction=bank_fraction, max_fpr=max_fpr,
-                                 info={"experiment": name})
+    inspector, _ = export_bundle(
+        model, val_data, out, bank_fraction=bank_fraction, max_fpr=max_fpr, info={"experiment": name}
+    )
     image, pixel = inspector.image_threshold, inspector.pixel_threshold
     nan = math.nan
-    return {"image_threshold": image.value, "image_fpr": nan if image.fpr is None else image.fpr,
-            "image_tpr": nan if image.tpr is None else image.tpr, "pixel_threshold": pixel.value,
-            "calibrated": float(image.method != "good_quantile"), "bundle_mb": bundle_bytes(out) / 1e6,
-            "bank_rows_32": float(len(inspector.bundle.banks.get(32, ())))}  # 0 for the autoencoder: no bank
+    return {
+        "image_threshold": image.value,
+        "image_fpr": nan if image.fpr is None else image.fpr,
+        "image_tpr": nan if image.tpr is None else image.tpr,
+        "pixel_threshold": pixel.value,
+        "calibrated": float(image.method != "good_quantile"),
+        "bundle_mb": bundle_bytes(out) / 1e6,
+        "bank_rows_32": float(len(inspector.bundle.banks.get(32, ()))),
+    }  # 0 for the autoencoder: no bank
 
 
 def _with_validation(tasks: TaskInterface, **kwargs: Any) -> TaskInterface:
@@ -213,18 +239,28 @@ def training_tasks(settings: ExperimentSettings, metric_names: tuple[str, ...] |
     metric_names = round_metrics(settings.model) if metric_names is None else metric_names
     tasks = ProjectTasks()
     tasks.add_kwargs(settings=settings)(train_task)
-    tasks.register_fl_task(model="model", data_loader="train_data", device="device", optimizer="optimizer",
-                           round_num="round_num")(train_task)
-    return _with_validation(tasks, search=settings.round_search, metric_names=tuple(metric_names),
-                            holdout_fraction=settings.holdout_fraction)
+    tasks.register_fl_task(
+        model="model", data_loader="train_data", device="device", optimizer="optimizer", round_num="round_num"
+    )(train_task)
+    return _with_validation(
+        tasks,
+        search=settings.round_search,
+        metric_names=tuple(metric_names),
+        holdout_fraction=settings.holdout_fraction,
+    )
 
 
 def evaluation_tasks(settings: ExperimentSettings, defect_types: list[str] | None = None) -> TaskInterface:
     """Only ``validate_task``: ``final_metrics(settings.model)`` and, given the ``defect_types`` of all envoys,
     the per-defect statistics, with ``final_search``."""
-    return _with_validation(ProjectTasks(), search=settings.final_search, metric_names=final_metrics(settings.model),
-                            holdout_fraction=settings.holdout_fraction,
-                            defect_fusion=DEFECT_FUSION if defect_types else None, defect_types=defect_types)
+    return _with_validation(
+        ProjectTasks(),
+        search=settings.final_search,
+        metric_names=final_metrics(settings.model),
+        holdout_fraction=settings.holdout_fraction,
+        defect_fusion=DEFECT_FUSION if defect_types else None,
+        defect_types=defect_types,
+    )
 
 
 def export_tasks(name: str, bank_fraction: float, max_fpr: float | None) -> TaskInterface:

@@ -91,7 +91,9 @@ class ModelFamily(ABC, Generic[ModelT]):
 
     name: ClassVar[str]  # its registry name
     network: ClassVar[type[nn.Module]]  # the class of its networks
-    network_classes: ClassVar[tuple[type[nn.Module], ...]]  # every project class a network is made of (the site guard's)
+    network_classes: ClassVar[
+        tuple[type[nn.Module], ...]
+    ]  # every project class a network is made of (the site guard's)
     fusions: ClassVar[tuple[str, ...]]  # the maps its evaluation reports, 'sum' among them
     train_metrics: ClassVar[tuple[str, ...]]  # what a federated round's training reports ('train_loss' first)
     architecture_limits: ClassVar[dict[str, tuple[int, int]]]  # the range of each architecture number
@@ -146,14 +148,23 @@ class ModelFamily(ABC, Generic[ModelT]):
     # --- maps ------------------------------------------------------------------------------------------------
 
     @abstractmethod
-    def category_maps(self, model: ModelT, train_images: np.ndarray, test_images: np.ndarray, mean: np.ndarray,
-                      mode: SearchMode, batch_size: int, progress: bool) -> CategoryScores:
+    def category_maps(
+        self,
+        model: ModelT,
+        train_images: np.ndarray,
+        test_images: np.ndarray,
+        mean: np.ndarray,
+        mode: SearchMode,
+        batch_size: int,
+        progress: bool,
+    ) -> CategoryScores:
         """Maps (M,H,W) of each fusion of uint8 test images (M,H,W,3), against the good training images
         (N,H,W,3) standardised with ``mean``, and the seconds each phase took."""
 
     @abstractmethod
-    def site_state(self, model: ModelT, good_images: np.ndarray, mean: np.ndarray, bank_fraction: float,
-                   subsample: str) -> SiteState:
+    def site_state(
+        self, model: ModelT, good_images: np.ndarray, mean: np.ndarray, bank_fraction: float, subsample: str
+    ) -> SiteState:
         """What a bundle keeps of a site's good images (N,H,W,3) (``bank_fraction`` of the patches, chosen by
         ``subsample``, where the model keeps patches)."""
 

@@ -32,10 +32,15 @@ class ModelEntry:
     recipe: str
 
 
-REGISTRY: dict[str, ModelEntry] = {entry.name: entry for entry in (
-    ModelEntry("patchsvdd", "patchsvdd.models.patchsvdd.family:PatchSVDDFamily", "heldout_pos", "cpu"),
-    ModelEntry("autoencoder", "patchsvdd.models.autoencoder.family:AutoencoderFamily", "heldout_rec", "autoencoder"),
-)}
+REGISTRY: dict[str, ModelEntry] = {
+    entry.name: entry
+    for entry in (
+        ModelEntry("patchsvdd", "patchsvdd.models.patchsvdd.family:PatchSVDDFamily", "heldout_pos", "cpu"),
+        ModelEntry(
+            "autoencoder", "patchsvdd.models.autoencoder.family:AutoencoderFamily", "heldout_rec", "autoencoder"
+        ),
+    )
+}
 
 
 def model_names() -> tuple[str, ...]:

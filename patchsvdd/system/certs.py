@@ -30,15 +30,19 @@ ROOT_NAME = "root_ca"
 
 
 def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
-    path.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ))
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     os.chmod(path, 0o600)
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "patchsvdd federation"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "patchsvdd federation"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
 
 
 def _alt_names(hosts: Iterable[str]) -> list[x509.GeneralName]:
@@ -58,13 +62,27 @@ def create_authority(out: Path, days: int = 365, common_name: str = "patchsvdd r
     now = dt.datetime.now(dt.timezone.utc)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(common_name)).issuer_name(_name(common_name))
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+        .subject_name(_name(common_name))
+        .issuer_name(_name(common_name))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA384())
     )
@@ -74,8 +92,9 @@ def create_authority(out: Path, days: int = 365, common_name: str = "patchsvdd r
     return key_path, cert_path
 
 
-def issue_certificate(out: Path, file_stem: str, common_name: str, hosts: Iterable[str], ca_key: Path, ca_cert: Path,
-                      days: int = 365) -> tuple[Path, Path]:
+def issue_certificate(
+    out: Path, file_stem: str, common_name: str, hosts: Iterable[str], ca_key: Path, ca_cert: Path, days: int = 365
+) -> tuple[Path, Path]:
     """Key and certificate ``out/<file_stem>.key/.crt`` for ``common_name``, signed by the authority."""
     authority_key = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
     authority = x509.load_pem_x509_certificate(ca_cert.read_bytes())
@@ -83,14 +102,21 @@ def issue_certificate(out: Path, file_stem: str, common_name: str, hosts: Iterab
     now = dt.datetime.now(dt.timezone.utc)
     builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(common_name)).issuer_name(authority.subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+        .subject_name(_name(common_name))
+        .issuer_name(authority.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
         .add_extension(x509.SubjectAlternativeName(_alt_names([common_name, *hosts])), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(authority.public_key()),  # type: ignore[arg-type]
-                       critical=False)  # the authority's key is the EC key create_authority wrote
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(authority.public_key()),  # type: ignore[arg-type]
+            critical=False,
+        )  # the authority's key is the EC key create_authority wrote
     )
     cert = builder.sign(authority_key, hashes.SHA384())  # type: ignore[arg-type]  # an EC key, as above
     out.mkdir(parents=True, exist_ok=True)
@@ -100,8 +126,13 @@ def issue_certificate(out: Path, file_stem: str, common_name: str, hosts: Iterab
     return key_path, cert_path
 
 
-def create_federation_certs(out: str | os.PathLike, director_hosts: Iterable[str], envoys: Iterable[str],
-                            clients: Iterable[str] = ("frontend",), days: int = 365) -> Path:
+def create_federation_certs(
+    out: str | os.PathLike,
+    director_hosts: Iterable[str],
+    envoys: Iterable[str],
+    clients: Iterable[str] = ("frontend",),
+    days: int = 365,
+) -> Path:
     """Root authority plus certificates for the director, each envoy and each notebook client, all in ``out``."""
     out = Path(out)
     hosts = list(director_hosts)

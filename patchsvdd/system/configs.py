@@ -87,8 +87,10 @@ def check_envoy_config(path: str | os.PathLike, check_data: bool = True) -> dict
     cuda = (config.get("params") or {}).get("cuda_devices", [])
     if not isinstance(cuda, list) or not all(isinstance(d, int) and d >= 0 for d in cuda):
         raise ConfigError(f"{path}: params.cuda_devices {cuda!r} must be a list of GPU ids, e.g. [0], or [] for CPU")
-    for key, value in (("trust_client_code", config.get("trust_client_code", False)),
-                       ("params.install_requirements", (config.get("params") or {}).get("install_requirements", False))):
+    for key, value in (
+        ("trust_client_code", config.get("trust_client_code", False)),
+        ("params.install_requirements", (config.get("params") or {}).get("install_requirements", False)),
+    ):
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: {key} {value!r} must be true or false")
     folder = resolve_data_folder(params["data_folder"], path.parent)
@@ -99,8 +101,10 @@ def check_envoy_config(path: str | os.PathLike, check_data: bool = True) -> dict
     except MVTecDataError as exc:
         hint = ""
         if not (folder / str(params["category"])).is_dir():
-            hint = (f". To make the built-in demo data there, run 'make install' in the project (it writes data/demo/washer) "
-                    f"or 'patchsvdd synth --out {folder} --category {params['category']}'")
+            hint = (
+                f". To make the built-in demo data there, run 'make install' in the project (it writes data/demo/washer) "
+                f"or 'patchsvdd synth --out {folder} --category {params['category']}'"
+            )
         raise ConfigError(f"{path}: shard_descriptor.params: {exc}{hint}") from exc
     return config
 

@@ -38,8 +38,10 @@ def project_root(start: Path | None = None) -> Path:
     for folder in candidates:
         if all((folder / marker).is_file() for marker in ROOT_MARKERS):
             return folder
-    raise HarnessError(f"no project checkout (a folder with {' and '.join(ROOT_MARKERS)}) at or above {here}: "
-                       "run from the checkout, or set PATCHSVDD_ROOT to it")
+    raise HarnessError(
+        f"no project checkout (a folder with {' and '.join(ROOT_MARKERS)}) at or above {here}: "
+        "run from the checkout, or set PATCHSVDD_ROOT to it"
+    )
 
 
 def with_this_environment(path: str | None = None) -> str:
@@ -88,14 +90,20 @@ class Processes:
 
     nodes: list[Node] = field(default_factory=list)
 
-    def start(self, name: str, command: Sequence[str], log: Path, env: dict[str, str] | None = None,
-              cwd: Path | None = None) -> Node:
+    def start(
+        self, name: str, command: Sequence[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> Node:
         """Run ``command`` (in ``cwd``, default the current folder) with its output in ``log``."""
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as handle:
             process = subprocess.Popen(
-                list(command), stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd,
-                env={**os.environ, "PATH": with_this_environment(), **(env or {})}, start_new_session=True,
+                list(command),
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=cwd,
+                env={**os.environ, "PATH": with_this_environment(), **(env or {})},
+                start_new_session=True,
             )
         node = Node(name, process, log)
         self.nodes.append(node)
@@ -122,7 +130,9 @@ class Processes:
         self.stop()
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str, watch: Sequence[Node] = (), poll: float = 0.2) -> None:
+def wait_for(
+    condition: Callable[[], bool], timeout: float, what: str, watch: Sequence[Node] = (), poll: float = 0.2
+) -> None:
     """Poll ``condition`` until true; HarnessError when ``timeout`` passes or a watched process exits first."""
     deadline = time.monotonic() + timeout
     while not condition():
@@ -149,8 +159,9 @@ class LocalFederation:
     tls: dict[str, Any] = field(default_factory=lambda: {"tls": False})
 
 
-def write_director_config(root: Path, path: Path, port: int, host: str = "localhost",
-                          top_level: dict[str, Any] | None = None) -> Path:
+def write_director_config(
+    root: Path, path: Path, port: int, host: str = "localhost", top_level: dict[str, Any] | None = None
+) -> Path:
     """A copy of the project's director_config.yaml listening on ``host:port``; ``top_level``: settings added at
     the top (e.g. ``review_experiments``)."""
     config = yaml.safe_load((root / "director_folder" / "director_config.yaml").read_text())
@@ -161,8 +172,16 @@ def write_director_config(root: Path, path: Path, port: int, host: str = "localh
     return path
 
 
-def write_envoy_config(root: Path, path: Path, data_root: Path, category: str, rank: int, world_size: int,
-                       cuda_devices: Sequence[int] = (), top_level: dict[str, Any] | None = None) -> Path:
+def write_envoy_config(
+    root: Path,
+    path: Path,
+    data_root: Path,
+    category: str,
+    rank: int,
+    world_size: int,
+    cuda_devices: Sequence[int] = (),
+    top_level: dict[str, Any] | None = None,
+) -> Path:
     """A copy of the project's shard_config.yaml for shard ``rank`` of ``world_size`` of ``data_root/category``;
     the envoy's bundles go to ``<path stem>_bundles`` beside it. ``top_level``: settings added at the top
     (e.g. ``trust_client_code``)."""
@@ -170,7 +189,9 @@ def write_envoy_config(root: Path, path: Path, data_root: Path, category: str, r
     config.update(top_level or {})
     config["params"]["cuda_devices"] = list(cuda_devices)
     config["shard_descriptor"]["params"].update(
-        data_folder=str(Path(data_root).resolve()), category=category, rank_worldsize=f"{rank},{world_size}",
+        data_folder=str(Path(data_root).resolve()),
+        category=category,
+        rank_worldsize=f"{rank},{world_size}",
         bundle_folder=str(Path(path).resolve().parent / f"{Path(path).stem}_bundles"),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,9 +219,17 @@ def envoys_accepted(host: str, port: int, names: Sequence[str], tls: dict[str, A
 
 
 def start_federation(
-    run_dir: Path, data_root: Path, category: str, n_envoys: int = 2, port: int | None = None,
-    processes: Processes | None = None, timeout: float = 120.0, tls: bool = False, root: Path | None = None,
-    envoy_config: dict[str, Any] | None = None, director_config: dict[str, Any] | None = None,
+    run_dir: Path,
+    data_root: Path,
+    category: str,
+    n_envoys: int = 2,
+    port: int | None = None,
+    processes: Processes | None = None,
+    timeout: float = 120.0,
+    tls: bool = False,
+    root: Path | None = None,
+    envoy_config: dict[str, Any] | None = None,
+    director_config: dict[str, Any] | None = None,
 ) -> LocalFederation:
     """Start a director and ``n_envoys`` envoys (shards 1..n of the category) through the start scripts of
     ``root`` (default ``project_root()``).
@@ -222,31 +251,53 @@ def start_federation(
         from patchsvdd.system.certs import create_federation_certs
 
         create_federation_certs(certs, ["localhost"], names)
-        client_tls = dict(tls=True, cert_chain=str(certs / "root_ca.crt"), api_cert=str(certs / "frontend.crt"),
-                          api_private_key=str(certs / "frontend.key"))
+        client_tls = dict(
+            tls=True,
+            cert_chain=str(certs / "root_ca.crt"),
+            api_cert=str(certs / "frontend.crt"),
+            api_private_key=str(certs / "frontend.key"),
+        )
     cert_args = [str(certs)] if tls else []  # the start scripts take an optional certificate folder last
     try:
-        config = write_director_config(root, run_dir / "director" / "director_config.yaml", port,
-                                       top_level=director_config)
+        config = write_director_config(
+            root, run_dir / "director" / "director_config.yaml", port, top_level=director_config
+        )
         director = processes.start(
-            "director", [str(root / "director_folder" / "start_director.sh"), str(config), *cert_args],
-            run_dir / "logs" / "director.log", env={"PATCHSVDD_WORKDIR": str(run_dir / "director")},
+            "director",
+            [str(root / "director_folder" / "start_director.sh"), str(config), *cert_args],
+            run_dir / "logs" / "director.log",
+            env={"PATCHSVDD_WORKDIR": str(run_dir / "director")},
         )
         wait_for(lambda: listens("localhost", port, timeout=1.0), timeout, "the director to listen", [director])
         # Envoys on one machine share its cores: oversubscribed BLAS threads slow everyone down.
         threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // n_envoys))
         envoys = []
         for rank, name in enumerate(names, start=1):
-            shard = write_envoy_config(root, run_dir / "envoys" / f"{name}.yaml", data_root, category, rank, n_envoys,
-                                       top_level=envoy_config)
-            envoys.append(processes.start(
-                name, [str(root / "envoy_folder" / "start_envoy.sh"), name, str(shard), "localhost", str(port),
-                       *cert_args],
-                run_dir / "logs" / f"{name}.log",
-                env={"PATCHSVDD_WORKDIR": str(run_dir / "envoys" / name), "OMP_NUM_THREADS": threads},
-            ))
-        wait_for(envoys_accepted("localhost", port, names, client_tls), timeout,
-                 f"the director to list {', '.join(names)} online", [director, *envoys], poll=1.0)
+            shard = write_envoy_config(
+                root, run_dir / "envoys" / f"{name}.yaml", data_root, category, rank, n_envoys, top_level=envoy_config
+            )
+            envoys.append(
+                processes.start(
+                    name,
+                    [
+                        str(root / "envoy_folder" / "start_envoy.sh"),
+                        name,
+                        str(shard),
+                        "localhost",
+                        str(port),
+                        *cert_args,
+                    ],
+                    run_dir / "logs" / f"{name}.log",
+                    env={"PATCHSVDD_WORKDIR": str(run_dir / "envoys" / name), "OMP_NUM_THREADS": threads},
+                )
+            )
+        wait_for(
+            envoys_accepted("localhost", port, names, client_tls),
+            timeout,
+            f"the director to list {', '.join(names)} online",
+            [director, *envoys],
+            poll=1.0,
+        )
     except BaseException:
         processes.stop()
         raise
@@ -308,23 +359,38 @@ class SiteLink:
         subprocess.run(["ip", "link", "del", f"{self.name}h"], capture_output=True, timeout=30)
 
 
-def start_split_federation(run_dir: Path, data_root: Path, category: str, link: SiteLink, processes: Processes,
-                           timeout: float = 120.0) -> LocalFederation:
+def start_split_federation(
+    run_dir: Path, data_root: Path, category: str, link: SiteLink, processes: Processes, timeout: float = 120.0
+) -> LocalFederation:
     """A director and envoy_1 here and envoy_2 behind ``link`` (shards 1 and 2 of the category), started through
     the start scripts; every node reaches the director at ``link.host_address``. Returns once both are online."""
     root = project_root()
     port = free_port()
     config = write_director_config(root, run_dir / "director" / "director_config.yaml", port, host=link.host_address)
-    director = processes.start("director", [str(root / "director_folder" / "start_director.sh"), str(config)],
-                               run_dir / "logs" / "director.log", env={"PATCHSVDD_WORKDIR": str(run_dir / "director")})
+    director = processes.start(
+        "director",
+        [str(root / "director_folder" / "start_director.sh"), str(config)],
+        run_dir / "logs" / "director.log",
+        env={"PATCHSVDD_WORKDIR": str(run_dir / "director")},
+    )
     wait_for(lambda: listens(link.host_address, port, timeout=1.0), 60, "the director to listen", [director])
     envoys = []
     for rank, name in enumerate(["envoy_1", "envoy_2"], start=1):
         shard = write_envoy_config(root, run_dir / "envoys" / f"{name}.yaml", data_root, category, rank, 2)
         command = [str(root / "envoy_folder" / "start_envoy.sh"), name, str(shard), link.host_address, str(port)]
-        envoys.append(processes.start(name, link.command(command) if name == "envoy_2" else command,
-                                      run_dir / "logs" / f"{name}.log",
-                                      env={"PATCHSVDD_WORKDIR": str(run_dir / "envoys" / name), "OMP_NUM_THREADS": "1"}))
-    wait_for(envoys_accepted(link.host_address, port, ["envoy_1", "envoy_2"], {"tls": False}), timeout,
-             "both envoys online", [director, *envoys], poll=1.0)
+        envoys.append(
+            processes.start(
+                name,
+                link.command(command) if name == "envoy_2" else command,
+                run_dir / "logs" / f"{name}.log",
+                env={"PATCHSVDD_WORKDIR": str(run_dir / "envoys" / name), "OMP_NUM_THREADS": "1"},
+            )
+        )
+    wait_for(
+        envoys_accepted(link.host_address, port, ["envoy_1", "envoy_2"], {"tls": False}),
+        timeout,
+        "both envoys online",
+        [director, *envoys],
+        poll=1.0,
+    )
     return LocalFederation(link.host_address, port, ["envoy_1", "envoy_2"], processes)

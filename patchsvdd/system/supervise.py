@@ -76,8 +76,10 @@ class Supervisor:
 
     def _wait_for_director(self) -> bool:
         """Poll until the director listens again; False after ``director_timeout`` seconds."""
-        self.say(f"the director at {self.host}:{self.port} is unreachable; waiting up to "
-                 f"{self.director_timeout:.0f} s for it to come back")
+        self.say(
+            f"the director at {self.host}:{self.port} is unreachable; waiting up to "
+            f"{self.director_timeout:.0f} s for it to come back"
+        )
         deadline = time.monotonic() + self.director_timeout
         while time.monotonic() < deadline:
             time.sleep(self.poll)
@@ -98,21 +100,29 @@ class Supervisor:
             # The director is away: the envoy in this process can no longer take part.
             if not self._wait_for_director():
                 self.stop_child()
-                self.say(f"the director at {self.host}:{self.port} did not come back within "
-                         f"{self.director_timeout:.0f} s: stopping this envoy (set PATCHSVDD_DIRECTOR_TIMEOUT to wait longer)")
+                self.say(
+                    f"the director at {self.host}:{self.port} did not come back within "
+                    f"{self.director_timeout:.0f} s: stopping this envoy (set PATCHSVDD_DIRECTOR_TIMEOUT to wait longer)"
+                )
                 return DIRECTOR_GONE_EXIT
             self.stop_child()
             self.restarts += 1
-            self.say(f"the director at {self.host}:{self.port} is back: restarting the envoy so that it registers "
-                     f"again (restart {self.restarts})")
+            self.say(
+                f"the director at {self.host}:{self.port} is back: restarting the envoy so that it registers "
+                f"again (restart {self.restarts})"
+            )
             child = self._start()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m patchsvdd.system.supervise", description=__doc__.splitlines()[0])
     parser.add_argument("--director", required=True, help="HOST:PORT of the director")
-    parser.add_argument("--director-timeout", type=float, default=600.0,
-                        help="seconds to wait for a director that went away before giving up")
+    parser.add_argument(
+        "--director-timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for a director that went away before giving up",
+    )
     parser.add_argument("--poll", type=float, default=1.0, help="seconds between two probes of the director")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- the envoy command")
     args = parser.parse_args(argv)

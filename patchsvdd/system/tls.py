@@ -24,8 +24,10 @@ def _connect(host: str, port: int, timeout: float) -> socket.socket:
     try:
         return socket.create_connection((host, port), timeout=timeout)
     except OSError as exc:
-        raise TLSCheckError(f"cannot reach the director at {host}:{port} ({exc.strerror or exc}); is it running, "
-                            "and are host and port right?") from exc
+        raise TLSCheckError(
+            f"cannot reach the director at {host}:{port} ({exc.strerror or exc}); is it running, "
+            "and are host and port right?"
+        ) from exc
 
 
 def speaks_tls(host: str, port: int, timeout: float = 5.0) -> bool:
@@ -69,19 +71,32 @@ def check_mutual_tls(host: str, port: int, ca_cert: str, cert: str, key: str, ti
         ) from exc
     except ssl.SSLError as exc:
         reason = (exc.reason or str(exc)).upper()
-        if any(word in reason for word in ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "CERTIFICATE_REQUIRED",
-                                           "DECRYPT_ERROR", "HANDSHAKE_FAILURE")):
+        if any(
+            word in reason
+            for word in (
+                "UNKNOWN_CA",
+                "BAD_CERTIFICATE",
+                "CERTIFICATE_UNKNOWN",
+                "CERTIFICATE_REQUIRED",
+                "DECRYPT_ERROR",
+                "HANDSHAKE_FAILURE",
+            )
+        ):
             raise TLSCheckError(
                 f"the director at {host}:{port} refused this node's certificate {cert}: it was not issued by the "
                 "federation's authority (or names another node)"
             ) from exc
         if any(word in reason for word in ("WRONG_VERSION", "RECORD_LAYER", "PACKET_LENGTH", "UNEXPECTED_EOF")):
-            raise TLSCheckError(f"the director at {host}:{port} does not speak TLS: start it with "
-                                "a certificate folder (start_director.sh CONFIG CERT_DIR), or start this node without TLS") from exc
+            raise TLSCheckError(
+                f"the director at {host}:{port} does not speak TLS: start it with "
+                "a certificate folder (start_director.sh CONFIG CERT_DIR), or start this node without TLS"
+            ) from exc
         raise TLSCheckError(f"TLS handshake with the director at {host}:{port} failed: {exc}") from exc
     except (ConnectionResetError, BrokenPipeError) as exc:
-        raise TLSCheckError(f"the director at {host}:{port} closed the connection during the TLS handshake: "
-                            f"it refused this node's certificate {cert}") from exc
+        raise TLSCheckError(
+            f"the director at {host}:{port} closed the connection during the TLS handshake: "
+            f"it refused this node's certificate {cert}"
+        ) from exc
     finally:
         raw.close()
 

@@ -38,7 +38,9 @@ def _check_metadata(value: Any, key: str) -> None:
                 raise TypeError(f"checkpoint metadata {key!r}: dictionary keys must be str, got {k!r}")
             _check_metadata(item, f"{key}.{k}")
         return
-    raise TypeError(f"checkpoint metadata {key!r}: {type(value).__name__} is not a plain str/int/float/bool/list/dict value")
+    raise TypeError(
+        f"checkpoint metadata {key!r}: {type(value).__name__} is not a plain str/int/float/bool/list/dict value"
+    )
 
 
 def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, **metadata: Any) -> Path:
@@ -57,7 +59,9 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, **metadata:
         "format_version": FORMAT_VERSION,
         "model": model_family.name,
         "architecture": numbers,
-        **({"emb_dim": numbers["emb_dim"]} if "emb_dim" in numbers else {}),  # what versions before the autoencoder read
+        **(
+            {"emb_dim": numbers["emb_dim"]} if "emb_dim" in numbers else {}
+        ),  # what versions before the autoencoder read
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "metadata": dict(metadata),
     }

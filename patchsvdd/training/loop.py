@@ -25,8 +25,9 @@ def as_generator(seed_or_generator: int | torch.Generator | None) -> torch.Gener
     return generator
 
 
-def epoch_batches(n_images: int, repeat: int, batch_size: int, max_steps: int | None,
-                  generator: torch.Generator) -> list[torch.Tensor]:
+def epoch_batches(
+    n_images: int, repeat: int, batch_size: int, max_steps: int | None, generator: torch.Generator
+) -> list[torch.Tensor]:
     """The image indices of each step of one epoch: every image ``repeat`` times, shuffled, in batches of
     ``batch_size`` (the last may be smaller), cut to ``max_steps`` batches when given."""
     if batch_size < 1 or repeat < 1:
@@ -67,10 +68,20 @@ def make_optimizer(model: nn.Module, lr: float = TrainSettings.lr) -> torch.opti
 
 
 def train_epoch(
-    model: nn.Module, inputs: torch.Tensor, optimizer: torch.optim.Optimizer, recipe: TrainSettings = TrainSettings(), *,
-    repeat: int | None = None, batch_size: int | None = None, precision: str | None = None,
-    max_steps: int | None = None, generator: int | torch.Generator | None = None, schedule: LRSchedule | None = None,
-    start_step: int = 0, progress: bool = False, on_step: Callable[[int, dict[str, float]], None] | None = None,
+    model: nn.Module,
+    inputs: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    recipe: TrainSettings = TrainSettings(),
+    *,
+    repeat: int | None = None,
+    batch_size: int | None = None,
+    precision: str | None = None,
+    max_steps: int | None = None,
+    generator: int | torch.Generator | None = None,
+    schedule: LRSchedule | None = None,
+    start_step: int = 0,
+    progress: bool = False,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
     """One epoch of any registered model on ``inputs`` (its family's ``inputs`` of uint8 images).
 
@@ -86,8 +97,13 @@ def train_epoch(
     device = next(model.parameters()).device
     autocast_dtype = resolve_precision(recipe.precision if precision is None else precision, device)
     generator = as_generator(generator)
-    batches = epoch_batches(steps.n_images, recipe.repeat if repeat is None else repeat,
-                            recipe.batch_size if batch_size is None else batch_size, max_steps, generator)
+    batches = epoch_batches(
+        steps.n_images,
+        recipe.repeat if repeat is None else repeat,
+        recipe.batch_size if batch_size is None else batch_size,
+        max_steps,
+        generator,
+    )
     sums: dict[str, float] = {}
     bar = progress_bar(len(batches)) if progress else None
     for number, index in enumerate(batches):

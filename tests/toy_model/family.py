@@ -87,12 +87,21 @@ class ToyFamily(ModelFamily):
             batch = inputs.to(device)
             return float((model(batch) - batch).pow(2).mean())
 
-    def category_maps(self, model: nn.Module, train_images: np.ndarray, test_images: np.ndarray, mean: np.ndarray,
-                      mode: SearchMode, batch_size: int, progress: bool) -> CategoryScores:
+    def category_maps(
+        self,
+        model: nn.Module,
+        train_images: np.ndarray,
+        test_images: np.ndarray,
+        mean: np.ndarray,
+        mode: SearchMode,
+        batch_size: int,
+        progress: bool,
+    ) -> CategoryScores:
         return CategoryScores(maps={"sum": error_maps(model, test_images)}, seconds={})
 
-    def site_state(self, model: nn.Module, good_images: np.ndarray, mean: np.ndarray, bank_fraction: float,
-                   subsample: str) -> SiteState:
+    def site_state(
+        self, model: nn.Module, good_images: np.ndarray, mean: np.ndarray, bank_fraction: float, subsample: str
+    ) -> SiteState:
         return SiteState()
 
     def state_fields(self, model: nn.Module, state: SiteState) -> dict:

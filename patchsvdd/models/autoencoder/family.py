@@ -12,7 +12,13 @@ from patchsvdd.models.autoencoder.network import FUSIONS, ConvAutoencoder, as_in
 from patchsvdd.models.autoencoder.training import epoch_steps, heldout_reconstruction
 from patchsvdd.models.base import (
     BankSearch,
-    CategoryScores, EpochSteps, ModelFamily, SearchMode, SiteScorer, SiteState, count_parameters,
+    CategoryScores,
+    EpochSteps,
+    ModelFamily,
+    SearchMode,
+    SiteScorer,
+    SiteState,
+    count_parameters,
 )
 from patchsvdd.settings import TrainSettings
 
@@ -48,8 +54,10 @@ class AutoencoderFamily(ModelFamily[ConvAutoencoder]):
         return ConvAutoencoder(**{k: int(v) for k, v in numbers.items()})
 
     def describe(self, model: ConvAutoencoder) -> str:
-        return (f"convolutional autoencoder, {model.channels} channel(s), latent vector of {model.latent_dim}, "
-                f"{count_parameters(model):,} parameters; loss MSE + (1 - SSIM)\n{model}")
+        return (
+            f"convolutional autoencoder, {model.channels} channel(s), latent vector of {model.latent_dim}, "
+            f"{count_parameters(model):,} parameters; loss MSE + (1 - SSIM)\n{model}"
+        )
 
     def inputs(self, model: ConvAutoencoder, images: np.ndarray, mean: np.ndarray) -> torch.Tensor:
         """(N,C,H,W) float32 in [0,1] with the model's C channels (``mean`` unused)."""
@@ -67,8 +75,16 @@ class AutoencoderFamily(ModelFamily[ConvAutoencoder]):
     def heldout(self, model: ConvAutoencoder, inputs: torch.Tensor) -> float:
         return heldout_reconstruction(model, inputs)[self.heldout_metric]
 
-    def category_maps(self, model: ConvAutoencoder, train_images: np.ndarray, test_images: np.ndarray, mean: np.ndarray,
-                      mode: SearchMode, batch_size: int, progress: bool) -> CategoryScores:
+    def category_maps(
+        self,
+        model: ConvAutoencoder,
+        train_images: np.ndarray,
+        test_images: np.ndarray,
+        mean: np.ndarray,
+        mode: SearchMode,
+        batch_size: int,
+        progress: bool,
+    ) -> CategoryScores:
         """The good training images set the scale of each error for 'sum' (``mode``, ``batch_size``, ``mean``
         unused)."""
         start = time.perf_counter()
@@ -79,8 +95,9 @@ class AutoencoderFamily(ModelFamily[ConvAutoencoder]):
         seconds["reconstruct"] = time.perf_counter() - start
         return CategoryScores(maps=maps, seconds=seconds)
 
-    def site_state(self, model: ConvAutoencoder, good_images: np.ndarray, mean: np.ndarray, bank_fraction: float,
-                   subsample: str) -> SiteState:
+    def site_state(
+        self, model: ConvAutoencoder, good_images: np.ndarray, mean: np.ndarray, bank_fraction: float, subsample: str
+    ) -> SiteState:
         return SiteState(scales=good_scales(model.eval(), good_images))  # no bank: only the scale of each error
 
     def state_fields(self, model: ConvAutoencoder, state: SiteState) -> dict:
@@ -88,8 +105,9 @@ class AutoencoderFamily(ModelFamily[ConvAutoencoder]):
 
     def read_state(self, model: ConvAutoencoder, fields: dict, read_array) -> SiteState:
         scales = fields.get("scales")
-        if not isinstance(scales, dict) or not all(isinstance(scales.get(n), (int, float)) and scales[n] > 0
-                                                   for n in SCALE_NAMES):
+        if not isinstance(scales, dict) or not all(
+            isinstance(scales.get(n), (int, float)) and scales[n] > 0 for n in SCALE_NAMES
+        ):
             raise ValueError(f"bundle.json: 'scales' {scales!r}: expected positive numbers 'l2' and 'ssim'")
         return SiteState(scales=dict(scales))
 

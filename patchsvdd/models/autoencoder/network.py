@@ -50,7 +50,10 @@ class ConvAutoencoder(nn.Module):
         reverse = widths[::-1]
         for i, (c_in, c_out) in enumerate(zip(reverse[:-1], reverse[1:])):
             last = i == len(reverse) - 2
-            up += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), nn.Sigmoid() if last else nn.LeakyReLU(LEAKY_SLOPE)]
+            up += [
+                nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1),
+                nn.Sigmoid() if last else nn.LeakyReLU(LEAKY_SLOPE),
+            ]
         self.decoder = nn.Sequential(*up)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -78,8 +81,9 @@ def ssim_map(reconstructions: torch.Tensor, images: torch.Tensor) -> torch.Tenso
     (torchmetrics; borders reflected)."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    _, full = structural_similarity_index_measure(luminance(reconstructions), luminance(images), data_range=1.0,
-                                                  kernel_size=SSIM_KERNEL, return_full_image=True)
+    _, full = structural_similarity_index_measure(
+        luminance(reconstructions), luminance(images), data_range=1.0, kernel_size=SSIM_KERNEL, return_full_image=True
+    )
     return full
 
 
@@ -133,7 +137,8 @@ def good_scales(model: ConvAutoencoder, good_images: np.ndarray) -> dict[str, fl
     return map_scales(error_maps(model, as_input(good_images, model.channels)))
 
 
-def image_maps(model: ConvAutoencoder, images: np.ndarray, scales: dict[str, float], batch_size: int = 16
-               ) -> dict[str, torch.Tensor]:
+def image_maps(
+    model: ConvAutoencoder, images: np.ndarray, scales: dict[str, float], batch_size: int = 16
+) -> dict[str, torch.Tensor]:
     """Every map (``FUSIONS``, each (N,H,W)) of uint8 images (N,H,W,3), 'sum' on ``scales``."""
     return fuse(error_maps(model, as_input(images, model.channels), batch_size), scales)

@@ -11,11 +11,23 @@ import torch
 from patchsvdd.data.images import IMAGE_SIZE
 from patchsvdd.data.mvtec import standardise
 from patchsvdd.models.base import (
-    CategoryScores, EpochSteps, ModelFamily, SearchMode, SiteScorer, SiteState, count_parameters,
+    CategoryScores,
+    EpochSteps,
+    ModelFamily,
+    SearchMode,
+    SiteScorer,
+    SiteState,
+    count_parameters,
 )
 from patchsvdd.models.patchsvdd.bank import BankSearch, MemoryBank, memory_banks
 from patchsvdd.models.patchsvdd.network import (
-    LARGE_PATCH, SMALL_PATCH, HierarchicalEncoder, NormalizedLinear, PatchSVDD, PositionClassifier, SmallEncoder,
+    LARGE_PATCH,
+    SMALL_PATCH,
+    HierarchicalEncoder,
+    NormalizedLinear,
+    PatchSVDD,
+    PositionClassifier,
+    SmallEncoder,
 )
 from patchsvdd.models.patchsvdd.scoring import FUSIONS, anomaly_maps, distribute_scores, embed_images
 from patchsvdd.models.patchsvdd.training import epoch_steps, heldout_losses
@@ -69,8 +81,10 @@ class PatchSVDDFamily(ModelFamily[PatchSVDD]):
         return PatchSVDD(emb_dim=int(numbers["emb_dim"]), init="pytorch")
 
     def describe(self, model: PatchSVDD) -> str:
-        return (f"Patch SVDD, D={model.emb_dim}: K=64 at stride {model.strides[64]} (13x13 grid), "
-                f"K=32 at stride {model.strides[32]} (57x57 grid), {count_parameters(model):,} parameters\n{model}")
+        return (
+            f"Patch SVDD, D={model.emb_dim}: K=64 at stride {model.strides[64]} (13x13 grid), "
+            f"K=32 at stride {model.strides[32]} (57x57 grid), {count_parameters(model):,} parameters\n{model}"
+        )
 
     def inputs(self, model: PatchSVDD, images: np.ndarray, mean: np.ndarray) -> torch.Tensor:
         """(N,3,H,W) float32: the images less the training ``mean``, over 255 (``data.standardise``)."""
@@ -80,18 +94,33 @@ class PatchSVDDFamily(ModelFamily[PatchSVDD]):
         return epoch_steps(model, inputs, recipe.lambda_svdd)
 
     def round_report(self, losses: dict[str, float]) -> dict[str, float]:
-        return {"train_loss": losses["loss"], "pos_loss_64": losses["loss_pos_64"], "pos_loss_32": losses["loss_pos_32"],
-                "spread_64": losses["spread_64"], "spread_32": losses["spread_32"]}
+        return {
+            "train_loss": losses["loss"],
+            "pos_loss_64": losses["loss_pos_64"],
+            "pos_loss_32": losses["loss_pos_32"],
+            "spread_64": losses["spread_64"],
+            "spread_32": losses["spread_32"],
+        }
 
     def epoch_line(self, losses: dict[str, float]) -> str:
-        return (f"loss {losses['loss']:.4f}, position losses K=64 {losses['loss_pos_64']:.3f} K=32 "
-                f"{losses['loss_pos_32']:.3f} (chance 2.079), spread {losses['spread_64']:.2g}/{losses['spread_32']:.2g}")
+        return (
+            f"loss {losses['loss']:.4f}, position losses K=64 {losses['loss_pos_64']:.3f} K=32 "
+            f"{losses['loss_pos_32']:.3f} (chance 2.079), spread {losses['spread_64']:.2g}/{losses['spread_32']:.2g}"
+        )
 
     def heldout(self, model: PatchSVDD, inputs: torch.Tensor) -> float:
         return heldout_losses(model, inputs)[self.heldout_metric]
 
-    def category_maps(self, model: PatchSVDD, train_images: np.ndarray, test_images: np.ndarray, mean: np.ndarray,
-                      mode: SearchMode, batch_size: int, progress: bool) -> CategoryScores:
+    def category_maps(
+        self,
+        model: PatchSVDD,
+        train_images: np.ndarray,
+        test_images: np.ndarray,
+        mean: np.ndarray,
+        mode: SearchMode,
+        batch_size: int,
+        progress: bool,
+    ) -> CategoryScores:
         """Every test patch against every training patch of its K (``mode`` 'exact' or 'fast')."""
         device = next(model.parameters()).device
         start = time.perf_counter()
@@ -102,8 +131,9 @@ class PatchSVDDFamily(ModelFamily[PatchSVDD]):
         scores.seconds = {"embed": embed_seconds, **scores.seconds}
         return scores
 
-    def site_state(self, model: PatchSVDD, good_images: np.ndarray, mean: np.ndarray, bank_fraction: float,
-                   subsample: str) -> SiteState:
+    def site_state(
+        self, model: PatchSVDD, good_images: np.ndarray, mean: np.ndarray, bank_fraction: float, subsample: str
+    ) -> SiteState:
         banks = memory_banks(model.eval(), standardise(good_images, mean), bank_fraction, subsample)
         return SiteState(mean=mean, banks=banks)
 

@@ -56,7 +56,9 @@ class ReleasedWeightsError(InputError):
 def key_map(model: PatchSVDD) -> dict[str, str]:
     """Released key -> this project's state-dict key, for every weight of the encoders."""
     mapping = {}
-    convs = [name for name, module in model.encoder.small.layers.named_children() if isinstance(module, torch.nn.Conv2d)]
+    convs = [
+        name for name, module in model.encoder.small.layers.named_children() if isinstance(module, torch.nn.Conv2d)
+    ]
     for number, index in enumerate(convs, start=1):
         for part in ("weight", "bias"):
             mapping[f"enc.conv{number}.{part}"] = f"encoder.small.layers.{index}.{part}"
@@ -135,12 +137,15 @@ def to_model(state: dict[str, torch.Tensor], source: str = "state dict") -> Patc
     missing = sorted(set(mapping) - set(state))
     unexpected = sorted(set(state) - set(mapping))
     if missing or unexpected:
-        raise ReleasedWeightsError(f"{source}: keys missing {missing or 'none'}, unexpected {unexpected or 'none'} "
-                                   "(expected enc.conv1..8 and conv1, conv2, each weight and bias)")
+        raise ReleasedWeightsError(
+            f"{source}: keys missing {missing or 'none'}, unexpected {unexpected or 'none'} "
+            "(expected enc.conv1..8 and conv1, conv2, each weight and bias)"
+        )
     for released, key in mapping.items():
         if tuple(state[released].shape) != tuple(ours[key].shape):
-            raise ReleasedWeightsError(f"{source}: {released} has shape {tuple(state[released].shape)}, "
-                                       f"expected {tuple(ours[key].shape)}")
+            raise ReleasedWeightsError(
+                f"{source}: {released} has shape {tuple(state[released].shape)}, expected {tuple(ours[key].shape)}"
+            )
         ours[key] = state[released].float()
     model.load_state_dict(ours)
     return model
@@ -162,5 +167,11 @@ def import_released(category: str, source: str | os.PathLike | None = None) -> t
     state = read_released(path)
     model = to_model(state, str(path))
     digest = sha256_of(path)
-    return model, {"source": text or DEFAULT_URL.format(category=category), "file": str(path), "category": category,
-                   "sha256": digest, "pinned": digest == SHA256[category], "released_commit": SOURCE_COMMIT}
+    return model, {
+        "source": text or DEFAULT_URL.format(category=category),
+        "file": str(path),
+        "category": category,
+        "sha256": digest,
+        "pinned": digest == SHA256[category],
+        "released_commit": SOURCE_COMMIT,
+    }

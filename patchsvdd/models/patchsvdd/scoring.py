@@ -62,8 +62,9 @@ RERANK = 4  # candidates per query that the exact search re-ranks by direct diff
 
 
 @torch.no_grad()
-def _torch_candidates(queries: torch.Tensor, bank: torch.Tensor, device: torch.device, query_chunk: int, bank_chunk: int,
-                      k: int) -> torch.Tensor:
+def _torch_candidates(
+    queries: torch.Tensor, bank: torch.Tensor, device: torch.device, query_chunk: int, bank_chunk: int, k: int
+) -> torch.Tensor:
     """Indices (Q,k) of the ``k`` nearest rows of ``bank`` (B,D) for each query (Q,D), by chunked matrix products."""
     bank = bank.to(device, torch.float32)
     bank_sq = bank.pow(2).sum(1)
@@ -109,8 +110,15 @@ def _cluster_lists(index) -> tuple[np.ndarray, list[np.ndarray]]:
     return np.array([len(i) for i in ids]), ids
 
 
-def _pruned_candidates(queries: torch.Tensor, bank: torch.Tensor, k: int, query_chunk: int = 8192,
-                       probe: int = 3, seed: int = 0, seconds: dict[str, float] | None = None) -> torch.Tensor | None:
+def _pruned_candidates(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    k: int,
+    query_chunk: int = 8192,
+    probe: int = 3,
+    seed: int = 0,
+    seconds: dict[str, float] | None = None,
+) -> torch.Tensor | None:
     """Indices (Q,k) of the ``k`` nearest rows of ``bank`` (B,D) for each query (Q,D), exactly, scanning for each
     query only the k-means clusters of the bank that can hold a row nearer than its bound; None when that
     would scan more than ``PRUNE_MAX_SCANNED`` of the bank (embeddings spread in all dimensions: the flat
@@ -213,8 +221,13 @@ def rerank(queries: torch.Tensor, bank: torch.Tensor, candidates: torch.Tensor) 
 
 
 def _in_chunks(queries: torch.Tensor, bank: torch.Tensor, candidates: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
-    return torch.cat([rerank(queries[i : i + chunk], bank, candidates[i : i + chunk])
-                      for i in range(0, queries.shape[0], chunk)]) if queries.shape[0] else torch.zeros(0)
+    return (
+        torch.cat(
+            [rerank(queries[i : i + chunk], bank, candidates[i : i + chunk]) for i in range(0, queries.shape[0], chunk)]
+        )
+        if queries.shape[0]
+        else torch.zeros(0)
+    )
 
 
 def exact_nearest(
@@ -290,7 +303,10 @@ def fast_nearest(
 
 
 def patch_scores(
-    train_embeddings: torch.Tensor, test_embeddings: torch.Tensor, mode: SearchMode = "exact", device: torch.device | str = "cpu"
+    train_embeddings: torch.Tensor,
+    test_embeddings: torch.Tensor,
+    mode: SearchMode = "exact",
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Nearest-neighbour distance of every test patch: train (N,D,G,G), test (M,D,G,G) -> (M,G,G).
 

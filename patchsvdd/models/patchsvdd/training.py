@@ -21,12 +21,16 @@ from patchsvdd.training.loop import as_generator
 LOSS_NAMES = ("loss", "loss_pos_64", "loss_pos_32", "loss_svdd_64", "loss_svdd_32")
 PATCH_SIZES = (LARGE_PATCH, SMALL_PATCH)
 HELDOUT_METRIC = HELDOUT_METRICS["patchsvdd"]  # loss_pos_64 + loss_pos_32 on held-out good images
-COLLAPSE_SPREAD = 1e-6  # a fresh encoder with PyTorch's default init spreads about 5e-5; a collapsed one about 1e-7 or 0
+COLLAPSE_SPREAD = (
+    1e-6  # a fresh encoder with PyTorch's default init spreads about 5e-5; a collapsed one about 1e-7 or 0
+)
 COLLAPSE_PATIENCE = 20  # steps in a row below it
 ENCODER_CHUNK = 256  # 32x32 inputs per K=32 encoder call in training (measured best on a 2-core CPU)
 
 
-def position_loss(classifier: torch.nn.Module, emb_first: torch.Tensor, emb_second: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def position_loss(
+    classifier: torch.nn.Module, emb_first: torch.Tensor, emb_second: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     """Cross-entropy of the 8-way relative position from the embedding difference; embeddings (B,D,1,1)."""
     return F.cross_entropy(classifier(emb_first - emb_second), labels)
 
@@ -58,8 +62,11 @@ def sample_batch(images: torch.Tensor, image_index: torch.Tensor, generator: tor
     for k in PATCH_SIZES:
         pos = sample_position_pairs(n, size, k, generator)
         svdd = sample_svdd_pairs(n, size, k, generator)
-        crops = [crop_patches(images, image_index, p.y1 if first else p.y2, p.x1 if first else p.x2, k)
-                 for p in (pos, svdd) for first in (True, False)]
+        crops = [
+            crop_patches(images, image_index, p.y1 if first else p.y2, p.x1 if first else p.x2, k)
+            for p in (pos, svdd)
+            for first in (True, False)
+        ]
         patches[k] = torch.cat([perturb(torch.cat(crops[:2]), generator), *crops[2:]])
         assert pos.labels is not None  # position pairs always carry their classes
         labels[k] = pos.labels.to(images.device)
@@ -78,7 +85,7 @@ def batch_embeddings(model: PatchSVDD, batch: TrainingBatch, chunk: int = ENCODE
     quadrants = split_quadrants(batch.patches[LARGE_PATCH])
     inputs = torch.cat([quadrants, batch.patches[SMALL_PATCH]]).contiguous(memory_format=torch.channels_last)
     small = torch.cat([model.encoder.small(part) for part in inputs.split(chunk)])
-    return {LARGE_PATCH: model.encoder.from_quadrants(small[: len(quadrants)]), SMALL_PATCH: small[len(quadrants):]}
+    return {LARGE_PATCH: model.encoder.from_quadrants(small[: len(quadrants)]), SMALL_PATCH: small[len(quadrants) :]}
 
 
 def batch_losses(
@@ -139,8 +146,12 @@ def embedding_spread(embeddings: torch.Tensor) -> float:
     return float(embeddings.detach().float().flatten(1).std(dim=0).mean())
 
 
-def epoch_steps(model: PatchSVDD, images: torch.Tensor | np.ndarray, lambda_svdd: float = TrainSettings.lambda_svdd,
-                collapse_spread: float = COLLAPSE_SPREAD) -> EpochSteps:
+def epoch_steps(
+    model: PatchSVDD,
+    images: torch.Tensor | np.ndarray,
+    lambda_svdd: float = TrainSettings.lambda_svdd,
+    collapse_spread: float = COLLAPSE_SPREAD,
+) -> EpochSteps:
     """One epoch's step for ``training.loop.train_epoch``: a batch of standardised images (N,3,H,W) float32
     (see ``data.standardise``, moved to the model's device) -> both losses of both K, lambda ``lambda_svdd``.
 
