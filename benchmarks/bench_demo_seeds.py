@@ -77,13 +77,13 @@ def main() -> None:
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from patchsvdd.training.checkpoint import load_checkpoint
     from patchsvdd.data.mvtec import index_category, load_category
+    from patchsvdd.data.synth import generate_category
     from patchsvdd.evaluation.evaluate import evaluate_category
     from patchsvdd.evaluation.metrics import auroc_standard_error
     from patchsvdd.models.registry import build_model
     from patchsvdd.settings import DEMO_SETTINGS
-    from patchsvdd.data.synth import generate_category
+    from patchsvdd.training.checkpoint import load_checkpoint
 
     torch.manual_seed(DEMO_SETTINGS.seed)
     models = {

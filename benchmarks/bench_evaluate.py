@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from patchsvdd.models.patchsvdd import scoring
-from patchsvdd.training.checkpoint import load_checkpoint
 from patchsvdd.data.mvtec import index_category, load_category
 from patchsvdd.evaluation.evaluate import evaluate_category
+from patchsvdd.models.patchsvdd import scoring
 from patchsvdd.models.patchsvdd.network import PatchSVDD
+from patchsvdd.training.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -30,8 +30,8 @@ import time
 
 import torch
 
-from patchsvdd.models.patchsvdd import scoring
 from patchsvdd.device import cpu_flags
+from patchsvdd.models.patchsvdd import scoring
 
 PATCHES_PER_IMAGE = 57 * 57  # K=32, stride 4, 256 px
 CASES = {"saturated": (320, 160, 1e-4, True), "bottle": (209, 83, 1e-1, False), "spread": (320, 160, 1e-4, True)}

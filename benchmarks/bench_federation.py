@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from patchsvdd import federated as fed
-from patchsvdd.system.harness import Processes, start_federation
-from patchsvdd.models.patchsvdd.network import PatchSVDD
 from patchsvdd.data.synth import generate_category
+from patchsvdd.models.patchsvdd.network import PatchSVDD
+from patchsvdd.system.harness import Processes, start_federation
 
 
 def main() -> None:

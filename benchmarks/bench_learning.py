@@ -3,7 +3,7 @@
     python benchmarks/bench_learning.py [--data-root ../shared/mvtec] [--category bottle]
         [--budget-minutes 30] [--points 3] [--bank-every 4] [--out runs/bench_learning]
 
-The recipes are ``patchsvdd.models.patchsvdd.training.RECIPES``: "paper" (PyTorch's initialisation,
+The recipes are ``patchsvdd.settings.RECIPES``: "paper" (PyTorch's initialisation,
 Adam lr 1e-4 constant, fp32: the published settings and the authors' code) and
 "cpu" (the project's defaults: He initialisation, lr 1e-3 after 100 warm-up
 steps with a cosine decay to 1e-4, bf16 autocast where the CPU has it).
@@ -35,8 +35,8 @@ import torch
 from patchsvdd.data.mvtec import CategoryData, index_category, load_category, standardise
 from patchsvdd.evaluation.evaluate import evaluate_category
 from patchsvdd.models.patchsvdd.network import PatchSVDD, initialise
-from patchsvdd.settings import RECIPES, TrainSettings
 from patchsvdd.models.patchsvdd.training import CollapseError
+from patchsvdd.settings import RECIPES, TrainSettings
 from patchsvdd.training.loop import make_optimizer, train_epoch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -233,7 +233,7 @@ def main() -> None:
     for result in results:
         name, steps, scored = result["recipe"]["name"], result["steps"], result["scored"]
         tail = steps[-50:] if steps else [{}]
-        mean_of = lambda key: float(np.mean([s[key] for s in tail])) if steps else float("nan")  # noqa: E731
+        mean_of = lambda key, tail=tail, steps=steps: float(np.mean([s[key] for s in tail])) if steps else float("nan")  # noqa: E731
         print(
             f"| {name} | {seconds_per_step[name]:.3f} | {len(steps)} | {mean_of('loss_pos_64'):.3f} | "
             f"{mean_of('loss_pos_32'):.3f} | {mean_of('spread_64'):.2e} | {mean_of('spread_32'):.2e} | "

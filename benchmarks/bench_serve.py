@@ -31,13 +31,13 @@ import numpy as np
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from patchsvdd.deploy.bundle import bundle_bytes
-from patchsvdd.training.checkpoint import load_checkpoint
 from patchsvdd.data.mvtec import index_category, load_category
-from patchsvdd.system.harness import Processes, wait_for
-from patchsvdd.system.probes import free_port
+from patchsvdd.deploy.bundle import bundle_bytes
 from patchsvdd.deploy.export import export_bundle
 from patchsvdd.models.patchsvdd.released import import_released
+from patchsvdd.system.harness import Processes, wait_for
+from patchsvdd.system.probes import free_port
+from patchsvdd.training.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,7 +134,7 @@ def main() -> None:
                 folder.parent / f"serve_{fraction:g}.log",
             )
             start = time.perf_counter()
-            wait_for(lambda: up(url), 600, "the service to answer /health", [node])
+            wait_for(lambda url=url: up(url), 600, "the service to answer /health", [node])
             load_s = time.perf_counter() - start
             p50_256, p95_256 = latencies(url, png(data.test_images[0], 256))
             p50_1024, p95_1024 = latencies(url, png(data.test_images[0], 1024), count=10)
@@ -186,7 +186,8 @@ def main() -> None:
             else f" ({r['det_sum'] - full['det_sum']:+.4f} / {r['seg_sum'] - full['seg_sum']:+.4f})"
         )
         print(
-            f"| {r['fraction']:g} {r['subsample']} | {r['size_mb']:.1f} MB | {r['bank_search']} | {r['det_sum']:.4f} | {r['seg_sum']:.4f}{gap} | "
+            f"| {r['fraction']:g} {r['subsample']} | {r['size_mb']:.1f} MB | {r['bank_search']} "
+            f"| {r['det_sum']:.4f} | {r['seg_sum']:.4f}{gap} | "
             f"{r['p50_256']:.3f} / {r['p95_256']:.3f} s | {r['p50_1024']:.3f} / {r['p95_1024']:.3f} s | "
             f"{r['throughput_4']:.2f} | {r['load_errors']}, {r['load_wrong']}, "
             f"{r['rss_before_mib']:.0f} -> {r['rss_after_mib']:.0f} MiB |"

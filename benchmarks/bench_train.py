@@ -36,10 +36,9 @@ from pathlib import Path
 import torch
 
 from patchsvdd.data.mvtec import index_category, load_category, standardise
-from patchsvdd.device import NATIVE_BF16_FLAGS, bf16_support, cpu_flags, resolve_device
-from patchsvdd.training.loop import as_generator
-from patchsvdd.models.patchsvdd.network import PatchSVDD, initialise
 from patchsvdd.data.synth import generate_category
+from patchsvdd.device import NATIVE_BF16_FLAGS, bf16_support, cpu_flags, resolve_device
+from patchsvdd.models.patchsvdd.network import PatchSVDD, initialise
 from patchsvdd.models.patchsvdd.training import (
     LOSS_NAMES,
     PATCH_SIZES,
@@ -50,7 +49,7 @@ from patchsvdd.models.patchsvdd.training import (
     sample_batch,
     svdd_loss,
 )
-from patchsvdd.training.loop import make_optimizer
+from patchsvdd.training.loop import as_generator, make_optimizer
 
 
 def previous_losses(model: PatchSVDD, batch: TrainingBatch, lambda_svdd: float) -> dict[str, torch.Tensor]:

@@ -3,7 +3,8 @@
     sudo .venv/bin/python benchmarks/bench_wan.py
 
 A director and envoy_1 here, envoy_2 in a network namespace behind a veth pair
-(``harness.SiteLink``, no route out; a /24 of 198.18.0.0/15 chosen from the process id); the full-size Patch SVDD (D=64) for 3 short rounds (2 steps of batch 4,
+(``harness.SiteLink``, no route out; a /24 of 198.18.0.0/15 chosen from the process id); the full-size Patch SVDD
+(D=64) for 3 short rounds (2 steps of batch 4,
 fast search), once on the plain veth and once rate-limited to 10 Mbit/s each way with ``tc tbf``. Prints the
 experiment's time, the time from one round's line to the next, and the bytes on envoy_2's link
 (``ip -s link``). Delay (RTT) needs ``tc netem``, which kernels without the sch_netem module lack.
@@ -22,11 +23,11 @@ from pathlib import Path
 import torch
 
 from patchsvdd import federated as fed
-from patchsvdd.system.harness import Processes, SiteLink, start_split_federation
+from patchsvdd.data.synth import generate_category
 from patchsvdd.models.base import count_parameters
 from patchsvdd.models.patchsvdd.network import PatchSVDD
+from patchsvdd.system.harness import Processes, SiteLink, start_split_federation
 from patchsvdd.system.probes import free_port
-from patchsvdd.data.synth import generate_category
 
 SLOW = "tbf rate 10mbit burst 32kbit latency 400ms"
 SETTINGS = fed.ExperimentSettings(
@@ -58,7 +59,7 @@ def main() -> None:
             show = fed.RoundLines(
                 fed.round_metrics("patchsvdd"),
                 rounds=SETTINGS.rounds,
-                write=lambda line: lines.append(time.monotonic()),
+                write=lambda line, lines=lines: lines.append(time.monotonic()),
             )
             before, start = link_bytes(host_side), time.monotonic()
             experiment = fed.start_experiment(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 from openfl.interface.interactive_api.shard_descriptor import ShardDataset, ShardDescriptor
 
-from patchsvdd.system.configs import resolve_data_folder
 from patchsvdd.data.mvtec import (
     BUNDLE_FOLDER_LABEL,
     DEFECT_TYPES_LABEL,
@@ -19,6 +18,7 @@ from patchsvdd.data.mvtec import (
     load_category,
     parse_rank_worldsize,
 )
+from patchsvdd.system.configs import resolve_data_folder
 
 
 class MVTecShardDataset(ShardDataset):

@@ -88,7 +88,7 @@ def _bf16_probe_faster(repeats: int = 3) -> tuple[bool, float, float]:
     return bf16 < 0.9 * fp32, fp32, bf16
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cpu_bf16_support(cpuinfo: Path, isa_cap: str) -> Bf16Support:
     if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return Bf16Support(False, "fp32: this torch build has no oneDNN bf16 on the CPU")
@@ -117,7 +117,8 @@ def bf16_support(device: torch.device, cpuinfo: Path | None = None) -> Bf16Suppo
     """Whether bf16 autocast runs natively (so faster than fp32) on ``device``, and why.
 
     CUDA: the GPU reports bf16 (Ampere and newer). CPU: oneDNN has bf16 and the CPU's flags list native bf16
-    (AVX-512 BF16, AMX or Arm BF16) and ONEDNN_MAX_CPU_ISA does not cap oneDNN below them; where no flags can be read (not Linux), a short timing probe decides,
+    (AVX-512 BF16, AMX or Arm BF16) and ONEDNN_MAX_CPU_ISA does not cap oneDNN below them; where no flags can be
+    read (not Linux), a short timing probe decides,
     once per process. ``cpuinfo``: the file to read the flags from (default /proc/cpuinfo).
     """
     if device.type == "cuda":

@@ -8,7 +8,7 @@ one line and exit code 2. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 
 class InputError(ValueError):

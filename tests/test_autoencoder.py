@@ -10,20 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from patchsvdd.models.autoencoder import network as ae
-from patchsvdd.models.autoencoder.training import heldout_reconstruction
-from patchsvdd.data.images import is_grayscale
-from patchsvdd.deploy.bundle import BundleError, read_bundle
-from patchsvdd.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from patchsvdd.cli.main import main
+from patchsvdd.data.images import is_grayscale
 from patchsvdd.data.mvtec import index_category, load_category
-from patchsvdd.evaluation.evaluate import evaluate_category
+from patchsvdd.deploy.bundle import BundleError, read_bundle
 from patchsvdd.deploy.export import export_bundle
 from patchsvdd.deploy.inspector import load_bundle
+from patchsvdd.evaluation.evaluate import evaluate_category
 from patchsvdd.evaluation.metrics import aupro_keys, metric_keys
+from patchsvdd.models.autoencoder import network as ae
+from patchsvdd.models.autoencoder.training import heldout_reconstruction
 from patchsvdd.models.patchsvdd.network import PatchSVDD
 from patchsvdd.models.registry import build_model, describe, kind_of
 from patchsvdd.settings import ExperimentSettings, SettingsError
+from patchsvdd.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from patchsvdd.training.loop import make_optimizer, train_epoch
 
 

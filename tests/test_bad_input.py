@@ -126,7 +126,8 @@ def test_wrong_director_port_stops_the_envoy_at_once(tiny_root: Path, tmp_path: 
         ("settings:\n  listen_port: [50050\n", "malformed YAML at line"),
         ("settings: {listen_host: localhost}\n", "setting 'settings.listen_port' is missing"),
         (
-            "settings: {listen_host: localhost, listen_port: 80, sample_shape: ['256', '256', '3'], target_shape: ['256', '256']}\n",
+            "settings: {listen_host: localhost, listen_port: 80, sample_shape: ['256', '256', '3'], "
+            "target_shape: ['256', '256']}\n",
             "listen_port 80 must be a whole number in 1024..65535",
         ),
     ],

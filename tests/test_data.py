@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from patchsvdd.data.images import read_mask
 from patchsvdd.data.mvtec import (
     MVTecDataError,
     index_category,
@@ -16,7 +17,6 @@ from patchsvdd.data.mvtec import (
     standardise,
     training_mean,
 )
-from patchsvdd.data.images import read_mask
 
 
 def test_index_lists_everything_and_pairs_masks(tiny_root: Path) -> None:

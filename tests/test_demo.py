@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from patchsvdd.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from patchsvdd.cli.demo import budget_note, build_parser, demo_settings, initial_checkpoint
-from patchsvdd.settings import DEMO_SETTINGS, FINETUNE, LEARN_BUDGET
 from patchsvdd.models.patchsvdd.network import PatchSVDD
 from patchsvdd.models.patchsvdd.released import SHA256, ReleasedWeightsError
+from patchsvdd.settings import DEMO_SETTINGS, FINETUNE, LEARN_BUDGET
+from patchsvdd.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 OFFICIAL = Path(
     os.environ.get("PATCHSVDD_SHARED_OFFICIAL", Path(__file__).resolve().parents[2] / "shared" / "official")
@@ -101,10 +101,9 @@ def test_harness_finds_the_project_or_says_how(monkeypatch: pytest.MonkeyPatch, 
 @pytest.mark.slow
 def test_a_non_editable_install_runs_the_demo_parts_from_a_checkout(tmp_path: Path) -> None:
     """``pip install .`` copies the package away from the checkout: the harness still finds the scripts."""
+    import shutil
     import subprocess
     import sys
-
-    import shutil
 
     root = Path(__file__).resolve().parents[1]
     source, target = tmp_path / "source", tmp_path / "site"  # a copy: the build leaves build/ beside its source
@@ -130,7 +129,8 @@ def test_a_non_editable_install_runs_the_demo_parts_from_a_checkout(tmp_path: Pa
     )
     probe = (
         "import patchsvdd, patchsvdd.cli.demo as d, patchsvdd.system.harness as h; "
-        "print(patchsvdd.__file__); print(h.project_root()); print(d.demo_settings(d.build_parser().parse_args([])).rounds)"
+        "print(patchsvdd.__file__); print(h.project_root()); "
+        "print(d.demo_settings(d.build_parser().parse_args([])).rounds)"
     )
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target)}
     inside = subprocess.run(
@@ -168,8 +168,8 @@ def test_demo_data_are_made_again_when_their_version_or_sizes_change(
     import json
 
     import patchsvdd.cli.demo as demo
-    from patchsvdd.settings import DEMO_DATA
     from patchsvdd.data.synth import MARKER, SYNTH_VERSION, generated_with
+    from patchsvdd.settings import DEMO_DATA
 
     assert DEMO_DATA["n_test_good"] // 2 >= 20 and DEMO_DATA["n_test_per_defect"] * 4 // 2 >= 40  # per envoy
     small = {"seed": 0, "n_train": 2, "n_test_good": 1, "n_test_per_defect": 1, "image_size": 256}

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from patchsvdd import federated as fed
+from patchsvdd.data.synth import generate_category
+from patchsvdd.models.patchsvdd.network import PatchSVDD
 from patchsvdd.system.harness import Processes, log_contains, project_root, start_federation, wait_for
 from patchsvdd.system.probes import listens
+from patchsvdd.training.checkpoint import load_checkpoint, save_checkpoint
 
 REPO = project_root()
-from patchsvdd.training.checkpoint import load_checkpoint, save_checkpoint
-from patchsvdd.models.patchsvdd.network import PatchSVDD
-from patchsvdd.data.synth import generate_category
 
 pytestmark = pytest.mark.slow
 

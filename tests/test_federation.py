@@ -19,20 +19,20 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from patchsvdd import federated as fed
-from patchsvdd.evaluation import report
-from patchsvdd.models.autoencoder.network import ConvAutoencoder
-from patchsvdd.deploy.bundle import read_bundle
-from patchsvdd.training.checkpoint import load_checkpoint, save_checkpoint
-from patchsvdd.data.mvtec import index_category, load_category
 from patchsvdd.cli.demo import NOTEBOOK, run_notebook
+from patchsvdd.data.mvtec import index_category, load_category
+from patchsvdd.deploy.bundle import read_bundle
+from patchsvdd.evaluation import report
 from patchsvdd.evaluation.evaluate import evaluate_category, image_scores
-from patchsvdd.federated.rounds import ROUND_TAG, round_of
-from patchsvdd.system.harness import Processes, log_contains, project_root, start_federation, wait_for
 from patchsvdd.evaluation.metrics import split_defects
-from patchsvdd.models.patchsvdd.network import PatchSVDD
-from patchsvdd.system.probes import free_port
 from patchsvdd.evaluation.pooling import split_sketches
+from patchsvdd.federated.rounds import ROUND_TAG, round_of
+from patchsvdd.models.autoencoder.network import ConvAutoencoder
+from patchsvdd.models.patchsvdd.network import PatchSVDD
 from patchsvdd.settings import SettingsError
+from patchsvdd.system.harness import Processes, log_contains, project_root, start_federation, wait_for
+from patchsvdd.system.probes import free_port
+from patchsvdd.training.checkpoint import load_checkpoint, save_checkpoint
 from patchsvdd.training.loop import make_optimizer
 
 pytestmark = pytest.mark.slow
@@ -207,7 +207,7 @@ def test_autoencoder_trains_through_the_same_federation(federation, fed_data: Pa
     assert isinstance(load_checkpoint(tmp_path / "best.pt")[0], ConvAutoencoder)
     evaluation = fed.start_evaluation(client, last, settings, "autoencoder-final", tmp_path / "nb_eval")
     final = fed.follow_metrics(evaluation, idle_timeout=settings.idle_timeout).final()
-    for node, values in final.items():
+    for values in final.values():
         metrics, defects = split_defects(split_sketches(values)[0])
         assert set(metrics) == set(fed.final_metrics("autoencoder")) and "good" in defects
 

@@ -204,7 +204,8 @@ def test_a_pickle_may_not_call_what_it_may_only_name() -> None:
     from patchsvdd.models.patchsvdd.network import PatchSVDD
 
     forward = PatchSVDD.forward
-    build_on_class = b"\x80\x04cpatchsvdd.models.patchsvdd.network\nPatchSVDD\nN}\x8c\x07forward\x8c\x01xs\x86b."  # setattr(cls, ...)
+    # setattr(cls, ...) through BUILD on the class itself
+    build_on_class = b"\x80\x04cpatchsvdd.models.patchsvdd.network\nPatchSVDD\nN}\x8c\x07forward\x8c\x01xs\x86b."
     with pytest.raises(ExperimentRefused, match="sets the state of a type"):
         guard.restricted_loads(build_on_class, "its model")
     assert PatchSVDD.forward is forward

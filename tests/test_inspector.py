@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from patchsvdd.deploy.bundle import BundleError, read_bundle
-from patchsvdd.models.patchsvdd.bank import kcenter_per_position, memory_banks
-from patchsvdd.deploy.calibration import choose_threshold
 from patchsvdd.data.mvtec import index_category, load_category, standardise
-from patchsvdd.evaluation.evaluate import evaluate_category
+from patchsvdd.deploy.bundle import BundleError, read_bundle
+from patchsvdd.deploy.calibration import choose_threshold
 from patchsvdd.deploy.export import export_bundle
 from patchsvdd.deploy.inspector import load_bundle, to_image
+from patchsvdd.evaluation.evaluate import evaluate_category
+from patchsvdd.models.patchsvdd.bank import kcenter_per_position, memory_banks
 from patchsvdd.models.patchsvdd.network import PatchSVDD
 
 

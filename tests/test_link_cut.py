@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from patchsvdd import federated as fed
+from patchsvdd.models.patchsvdd.network import PatchSVDD
 from patchsvdd.system.harness import (
     Processes,
     SiteLink,
@@ -27,7 +28,6 @@ from patchsvdd.system.harness import (
     start_split_federation,
     wait_for,
 )
-from patchsvdd.models.patchsvdd.network import PatchSVDD
 from patchsvdd.system.probes import free_port
 
 pytestmark = [

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from patchsvdd.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from patchsvdd.models.patchsvdd.network import NormalizedLinear, PatchSVDD
+from patchsvdd.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_hierarchical_head_and_classifiers(model: PatchSVDD) -> None:
     assert (model.encoder.project.in_channels, model.encoder.project.out_channels) == (128, 64)
     for clf in (model.classifier64, model.classifier32):
         linears = [m for m in clf.modules() if isinstance(m, nn.Linear)]
-        assert [(l.in_features, l.out_features) for l in linears] == [(64, 128), (128, 128), (128, 8)]
+        assert [(layer.in_features, layer.out_features) for layer in linears] == [(64, 128), (128, 128), (128, 8)]
         assert isinstance(linears[-1], NormalizedLinear)
         assert all(a.negative_slope == 0.1 for a in clf.modules() if isinstance(a, nn.LeakyReLU))
     assert model.strides == {64: 16, 32: 4}

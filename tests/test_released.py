@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from patchsvdd.training.checkpoint import load_checkpoint
 from patchsvdd.cli.main import main
 from patchsvdd.models.patchsvdd.network import PatchSVDD
 from patchsvdd.models.patchsvdd.released import (
@@ -19,6 +18,7 @@ from patchsvdd.models.patchsvdd.released import (
     key_map,
     to_model,
 )
+from patchsvdd.training.checkpoint import load_checkpoint
 
 OFFICIAL = Path(
     os.environ.get("PATCHSVDD_SHARED_OFFICIAL", Path(__file__).resolve().parents[2] / "shared" / "official")

@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 
 from patchsvdd.data.mvtec import index_category, load_category
-from patchsvdd.system.harness import Processes, wait_for
-from patchsvdd.system.probes import free_port
 from patchsvdd.deploy.export import export_bundle
 from patchsvdd.deploy.inspector import load_bundle
 from patchsvdd.models.patchsvdd.network import PatchSVDD
+from patchsvdd.system.harness import Processes, wait_for
+from patchsvdd.system.probes import free_port
 
 pytestmark = pytest.mark.slow
 MAX_BYTES = 400_000

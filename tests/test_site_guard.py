@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from patchsvdd import federated as fed
-from patchsvdd.system.harness import Processes, log_contains, start_federation, wait_for
 from patchsvdd.models.patchsvdd.network import PatchSVDD
+from patchsvdd.system.harness import Processes, log_contains, start_federation, wait_for
 
 pytestmark = pytest.mark.slow
 HOSTILE = Path(__file__).with_name("hostile_client.py")
@@ -73,7 +73,7 @@ def test_a_hostile_client_is_refused_at_every_site_and_nothing_of_it_runs(guarde
     result = attack(guarded, kind, marker, name)
     assert result["status"] == "failed", result  # the client learns it from the director, not from a timeout
     for log in envoy_logs(guarded):
-        wait_for(lambda: log_contains(log, f"refused experiment '{name}': "), 30, f"the refusal in {log.name}")
+        wait_for(lambda log=log: log_contains(log, f"refused experiment '{name}': "), 30, f"the refusal in {log.name}")
         assert log_contains(log, f"refused experiment '{name}': {ATTACKS[kind]}"), log.read_text()[-3000:]
     assert not marker.exists() and not marker.with_suffix("").exists()
     client = fed.connect(guarded.host, guarded.port)
@@ -98,7 +98,7 @@ def test_settings_that_fail_at_the_site_reach_the_notebook_as_a_sentence(guarded
     with pytest.raises(fed.FederationError, match="'bad-settings' failed at a site: an envoy refused it"):
         fed.follow_metrics(experiment, idle_timeout=600, registry_poll=1.0)  # the watchdog, not the idle timeout
     for log in envoy_logs(guarded):
-        wait_for(lambda: log_contains(log, "refused experiment 'bad-settings': its task "), 30, "the refusal")
+        wait_for(lambda log=log: log_contains(log, "refused experiment 'bad-settings': its task "), 30, "the refusal")
 
 
 def test_the_projects_director_refuses_them_at_submission(fed_data: Path, tmp_path: Path) -> None:

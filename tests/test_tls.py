@@ -10,12 +10,12 @@ import torch
 from cryptography import x509
 
 from patchsvdd import federated as fed
+from patchsvdd.data.synth import generate_category
+from patchsvdd.models.patchsvdd.network import PatchSVDD
 from patchsvdd.system.certs import create_federation_certs, issued_by
 from patchsvdd.system.harness import Processes, project_root, start_federation, with_this_environment
 
 REPO = project_root()
-from patchsvdd.models.patchsvdd.network import PatchSVDD
-from patchsvdd.data.synth import generate_category
 
 
 def test_certificates_name_each_node_and_chain_to_the_root(tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from patchsvdd.device import bf16_support
-from patchsvdd.training.loop import as_generator, resolve_precision
 from patchsvdd.models.patchsvdd.network import PatchSVDD, initialise
 from patchsvdd.models.patchsvdd.sampling import crop_patches, sample_position_pairs, sample_svdd_pairs
 from patchsvdd.models.patchsvdd.training import (
@@ -18,8 +17,8 @@ from patchsvdd.models.patchsvdd.training import (
     sample_batch,
     svdd_loss,
 )
-from patchsvdd.training.loop import make_optimizer, train_epoch
 from patchsvdd.settings import LRSchedule
+from patchsvdd.training.loop import as_generator, make_optimizer, resolve_precision, train_epoch
 
 
 def _images(n: int = 3) -> np.ndarray:

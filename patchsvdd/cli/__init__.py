@@ -1,1 +1,2 @@
-"""The command line: patchsvdd synth | train | evaluate | export | predict | serve | import-weights | certs and the demo."""
+"""The command line: patchsvdd synth | train | evaluate | export | predict | serve | import-weights | certs and the
+demo."""

@@ -16,12 +16,10 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from patchsvdd.cli.main import DefaultsHelp
-from patchsvdd.system.harness import HarnessError, Processes, project_root, start_federation
-from patchsvdd.system.probes import free_port
 from patchsvdd.models.registry import model_names
 from patchsvdd.settings import (
     DEMO_DATA,
@@ -33,6 +31,8 @@ from patchsvdd.settings import (
     SEARCHES,
     SettingsError,
 )
+from patchsvdd.system.harness import HarnessError, Processes, project_root, start_federation
+from patchsvdd.system.probes import free_port
 
 NOTEBOOK = Path("workspace") / "PatchSVDD_with_Director.ipynb"
 GALLERY_IMAGES = 8  # test images the notebook's gallery scores and shows (the sites' own scores are the metrics)
@@ -94,8 +94,8 @@ def initial_checkpoint(init: str, category: str, run_dir: Path) -> Path | None:
     ('official' or a released .pkl file) imported into ``run_dir``; or a project checkpoint as given."""
     if init == "fresh":
         return None
-    from patchsvdd.training.checkpoint import load_checkpoint, save_checkpoint
     from patchsvdd.models.patchsvdd.released import import_released
+    from patchsvdd.training.checkpoint import load_checkpoint, save_checkpoint
 
     path = Path(init)
     if init != "official" and path.suffix == ".pt":

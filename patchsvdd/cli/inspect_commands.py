@@ -10,8 +10,8 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from patchsvdd.cli.make_commands import load_shard
 from patchsvdd.errors import InputError
@@ -19,8 +19,8 @@ from patchsvdd.errors import InputError
 
 def _evaluation_model(args: argparse.Namespace, category: str):
     """(model, metadata) for ``category`` from --checkpoint, --checkpoint-dir or --weights official."""
-    from patchsvdd.training.checkpoint import load_checkpoint
     from patchsvdd.models.patchsvdd.released import import_released
+    from patchsvdd.training.checkpoint import load_checkpoint
 
     if args.weights == "official":
         model, meta = import_released(category)
@@ -45,8 +45,8 @@ def evaluate_one(args: argparse.Namespace, category: str, out_dir: Path) -> dict
     """Evaluate one category into ``out_dir`` (metrics.json, roc.png, maps/); returns the report."""
     from patchsvdd.device import resolve_device
     from patchsvdd.evaluation.evaluate import evaluate_category, image_scores
-    from patchsvdd.models.registry import family_of
     from patchsvdd.evaluation.plots import plot_roc, save_gallery
+    from patchsvdd.models.registry import family_of
 
     device = resolve_device(args.device)
     model, meta = _evaluation_model(args, category)  # fails before the data is decoded
@@ -116,12 +116,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from patchsvdd.training.checkpoint import load_checkpoint
-    from patchsvdd.device import resolve_device
     from patchsvdd.deploy.export import export_bundle
-    from patchsvdd.models.patchsvdd.released import sha256_of
-    from patchsvdd.evaluation.report import markdown_table
+    from patchsvdd.device import resolve_device
     from patchsvdd.evaluation.plots import plot_roc_point
+    from patchsvdd.evaluation.report import markdown_table
+    from patchsvdd.models.patchsvdd.released import sha256_of
+    from patchsvdd.training.checkpoint import load_checkpoint
 
     if not 0 < args.bank_fraction <= 1 or (args.max_fpr is not None and not 0 <= args.max_fpr < 1):
         raise InputError(

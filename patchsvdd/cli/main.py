@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from patchsvdd.errors import InputError
 
@@ -57,9 +57,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from patchsvdd.data.synth import CATEGORIES
     from patchsvdd.models.registry import model_names
     from patchsvdd.settings import DEMO_DATA, EMB_DIM, INIT_SCHEMES, PRECISIONS, RECIPES, SCHEDULES
-    from patchsvdd.data.synth import CATEGORIES
 
     parser = argparse.ArgumentParser(
         prog="patchsvdd", description="Federated Patch SVDD: anomaly detection and localisation on MVTec-layout images."

@@ -105,8 +105,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_import_weights(args: argparse.Namespace) -> int:
-    from patchsvdd.training.checkpoint import save_checkpoint
     from patchsvdd.models.patchsvdd.released import import_released
+    from patchsvdd.training.checkpoint import save_checkpoint
 
     model, meta = import_released(args.category, args.source)
     if not meta["pinned"]:

@@ -12,8 +12,8 @@ from patchsvdd.data.mvtec import GOOD, CategoryData, holdout_split
 from patchsvdd.deploy.bundle import Bundle, write_bundle
 from patchsvdd.deploy.calibration import GOOD_QUANTILE, Threshold, choose_threshold
 from patchsvdd.deploy.inspector import Inspector
-from patchsvdd.models.base import BankSearch
 from patchsvdd.evaluation.metrics import per_defect
+from patchsvdd.models.base import BankSearch
 from patchsvdd.models.registry import family_of
 
 
@@ -41,7 +41,8 @@ def export_bundle(
     subsample: str = "kcenter",
 ) -> tuple[Inspector, Calibration]:
     """Build and write a site bundle from ``model`` and the site's ``data`` (its training images make
-    Patch SVDD's memory banks and mean, or the autoencoder's error scales); calibrate the thresholds on ``calibration`` (default: ``data``'s test split).
+    Patch SVDD's memory banks and mean, or the autoencoder's error scales); calibrate the thresholds on
+    ``calibration`` (default: ``data``'s test split).
 
     With defective calibration images: image threshold at maximum F1 (or at ``max_fpr`` on good images),
     pixel threshold the same on the masks. Without: ``holdout_fraction`` of the training images stay out

@@ -7,8 +7,8 @@ Shared by the command line, the benchmarks and the federated validation task.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 from torch import nn

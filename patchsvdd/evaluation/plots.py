@@ -5,8 +5,8 @@ matplotlib only (Agg when saving). Nothing here computes scores.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np

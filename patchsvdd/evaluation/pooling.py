@@ -15,7 +15,7 @@ same product, one model): read it beside the per-site ones.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
-
+from typing import Any
 
 FRAMEWORK_LOGGERS = ("openfl", "grpc", "faiss", "py.warnings")
 

@@ -7,7 +7,6 @@
 The notebook imports this package as ``fed`` and uses the names below.
 """
 
-from patchsvdd.settings import HELDOUT_METRICS, ExperimentSettings
 from patchsvdd.federated.client import (
     EXPERIMENT_RECORD,
     DirectorFederation,
@@ -49,6 +48,7 @@ from patchsvdd.federated.tasks import (
     train_task,
     validate_task,
 )
+from patchsvdd.settings import HELDOUT_METRICS, ExperimentSettings
 
 __all__ = [
     "DEFECT_FUSION",

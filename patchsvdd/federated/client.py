@@ -11,18 +11,15 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from openfl.interface.interactive_api.experiment import FLExperiment, ModelInterface, TaskInterface
 from openfl.interface.interactive_api.federation import Federation
 from torch import nn
 
 from patchsvdd.data.mvtec import BUNDLE_FOLDER_LABEL, DEFECT_TYPES_LABEL, GOOD
-from patchsvdd.models.registry import kind_of
-from patchsvdd.settings import ExperimentSettings, SettingsError
-from patchsvdd.system.tls import TLSCheckError, check_mutual_tls, speaks_tls
-from patchsvdd.training.loop import make_optimizer
 from patchsvdd.federated.rounds import tagged, untagged
 from patchsvdd.federated.tasks import (
     MVTecDataInterface,
@@ -31,6 +28,10 @@ from patchsvdd.federated.tasks import (
     export_tasks,
     training_tasks,
 )
+from patchsvdd.models.registry import kind_of
+from patchsvdd.settings import ExperimentSettings, SettingsError
+from patchsvdd.system.tls import TLSCheckError, check_mutual_tls, speaks_tls
+from patchsvdd.training.loop import make_optimizer
 
 FRAMEWORK_ADAPTER = "openfl.plugins.frameworks_adapters.pytorch_adapter.FrameworkAdapterPlugin"
 EXPERIMENT_RECORD = "patchsvdd_experiment.json"  # written in an experiment's working folder; read by attach()

@@ -7,7 +7,8 @@ only this project's code), or, where the shard config says ``trust_client_code: 
 ``python -m patchsvdd.federated.fx director start ...`` is ``fx director start ...`` (what
 ``director_folder/start_director.sh`` runs) with each submitted experiment reviewed as the envoys review
 it (``guard.install_director_guard``; ``review_experiments: false`` in the director config turns that off),
-an experiment that a site failed or refused kept failed (``keep_site_failures``), and OpenFL 1.7.1's fixed sleeps in the director process waiting at most
+an experiment that a site failed or refused kept failed (``keep_site_failures``), and OpenFL 1.7.1's fixed sleeps
+in the director process waiting at most
 ``POLL_SECONDS``:
 
 - ``Aggregator._get_sleep_time`` (10 s): what a collaborator with no task ready is told to sleep, each

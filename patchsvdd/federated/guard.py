@@ -25,7 +25,8 @@ with the site's images at hand.
 ``install_site_guard`` patches, in the envoy process only (``python -m patchsvdd.federated.fx envoy
 start``, what ``start_envoy.sh`` runs):
 
-- ``openfl.component.envoy.envoy.Envoy`` → ``GuardedEnvoy`` (before OpenFL's CLI imports it): OpenFL's experiment loop (``Envoy.run``) with
+- ``openfl.component.envoy.envoy.Envoy`` → ``GuardedEnvoy`` (before OpenFL's CLI imports it): OpenFL's experiment
+  loop (``Envoy.run``) with
   the review first; a refused experiment is reported to the director as failed, with the reason, and
   one line ``[site guard] <site> refused experiment '<name>': <why>`` in the envoy's log; the envoy
   then waits for the next experiment. Its workspace is not put on ``sys.path`` (OpenFL's is), so no
@@ -51,17 +52,16 @@ import time
 import traceback
 import zipfile
 from collections import OrderedDict, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import yaml
 from torch import nn
 
-from patchsvdd.models.registry import family, family_of, model_names
-from patchsvdd.settings import DEVICE_POLICIES, SEARCHES, SettingsError, checked_settings
 from patchsvdd.federated.rounds import ROUND_TAG
 from patchsvdd.federated.tasks import (
     DEFECT_FUSION,
@@ -74,6 +74,8 @@ from patchsvdd.federated.tasks import (
     train_task,
     validate_task,
 )
+from patchsvdd.models.registry import family, family_of, model_names
+from patchsvdd.settings import DEVICE_POLICIES, SEARCHES, SettingsError, checked_settings
 
 logger = logging.getLogger(__name__)
 

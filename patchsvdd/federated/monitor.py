@@ -14,16 +14,17 @@ import queue
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from openfl.interface.interactive_api.experiment import FLExperiment
 
-from patchsvdd.system.probes import still_listens_after
 from patchsvdd.federated.client import FederationError, experiment_status, online_envoys
 from patchsvdd.federated.rounds import round_of, untagged
 from patchsvdd.federated.tasks import HELDOUT_METRIC
+from patchsvdd.system.probes import still_listens_after
 
 
 class DirectorGoneError(FederationError):
@@ -257,7 +258,7 @@ def follow_metrics(
                     raise director_gone(experiment, checkpointer, exc) from None
                 reason = watchdog.check(time.monotonic(), online, status)
                 if reason is not None:
-                    raise FederationError(reason)
+                    raise FederationError(reason) from None
                 continue
             watchdog.progress(time.monotonic())
             if item is _END:

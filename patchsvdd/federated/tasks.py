@@ -2,7 +2,8 @@
 
 Thin on purpose: the tasks call ``train_epoch``, ``evaluate_category`` and
 ``export_bundle`` unchanged, and ask the model's family (``models.registry``)
-for the rest, so federated, local and tested code paths are the same. Everything here runs at a site, on that site's own data: validation
+for the rest, so federated, local and tested code paths are the same. Everything here runs at a site, on that
+site's own data: validation
 scores an envoy's test images against its own training patches and reports
 numbers only, so no image leaves a site.
 """
@@ -174,7 +175,8 @@ def heldout_metric(model, data: CategoryData, holdout_fraction: float) -> tuple[
 def validate_task(
     model, val_data, device, search, metric_names, holdout_fraction, defect_fusion=None, defect_types=None
 ) -> dict:
-    """An envoy's view of the model: its held-out criterion (see ``heldout_metric``) and AUROCs / AUPROs of its test images against its own training patches (NaN where
+    """An envoy's view of the model: its held-out criterion (see ``heldout_metric``) and AUROCs / AUPROs of its
+    test images against its own training patches (NaN where
     undefined); with ``defect_fusion``, also that fusion's image-score statistics for each of
     ``defect_types`` as 'defect/<type>/<stat>' (NaN for a type this envoy lacks: the aggregator needs the
     same metrics from every envoy) and sketches of its image and pixel scores from which the notebook pools

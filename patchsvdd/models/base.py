@@ -15,8 +15,9 @@ inspector, the federated tasks, the site guard and the command line) asks a mode
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Generic, Literal, Sequence, TypeVar
+from typing import ClassVar, Generic, Literal, TypeVar
 
 import numpy as np
 import torch

@@ -1,1 +1,2 @@
-"""Processes and network: TCP probes, the TLS check, certificates, the envoy supervisor, config checks, the local federation harness."""
+"""Processes and network: TCP probes, the TLS check, certificates, the envoy supervisor, config checks, the local
+federation harness."""

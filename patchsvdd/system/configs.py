@@ -102,7 +102,8 @@ def check_envoy_config(path: str | os.PathLike, check_data: bool = True) -> dict
         hint = ""
         if not (folder / str(params["category"])).is_dir():
             hint = (
-                f". To make the built-in demo data there, run 'make install' in the project (it writes data/demo/washer) "
+                f". To make the built-in demo data there, run 'make install' in the project "
+                "(it writes data/demo/washer) "
                 f"or 'patchsvdd synth --out {folder} --category {params['category']}'"
             )
         raise ConfigError(f"{path}: shard_descriptor.params: {exc}{hint}") from exc

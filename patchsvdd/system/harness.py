@@ -14,9 +14,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import yaml
 
@@ -123,7 +124,7 @@ class Processes:
                 node.process.wait(timeout=5)
         self.nodes.clear()
 
-    def __enter__(self) -> "Processes":
+    def __enter__(self) -> Processes:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -235,7 +236,8 @@ def start_federation(
     ``root`` (default ``project_root()``).
 
     With ``tls`` a fresh authority and certificates are made in ``run_dir/certs``
-    and passed to the scripts. ``envoy_config``, ``director_config``: top-level settings added to every envoy's shard config and to the
+    and passed to the scripts. ``envoy_config``, ``director_config``: top-level settings added to every envoy's
+    shard config and to the
     director's config. Returns once the director lists every envoy
     online. On failure the processes started so far are stopped and
     HarnessError says which node failed and why.
@@ -332,7 +334,7 @@ class SiteLink:
         prefix = ["ip", "netns", "exec", self.name] if inside else []
         subprocess.run([*prefix, "ip", *args], check=True, capture_output=True, timeout=30)
 
-    def __enter__(self) -> "SiteLink":
+    def __enter__(self) -> SiteLink:
         self.__exit__()
         host, site = f"{self.name}h", f"{self.name}s"
         self._ip("netns", "add", self.name)

@@ -25,8 +25,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from patchsvdd.system.probes import listens
 
@@ -102,7 +102,8 @@ class Supervisor:
                 self.stop_child()
                 self.say(
                     f"the director at {self.host}:{self.port} did not come back within "
-                    f"{self.director_timeout:.0f} s: stopping this envoy (set PATCHSVDD_DIRECTOR_TIMEOUT to wait longer)"
+                    f"{self.director_timeout:.0f} s: stopping this envoy "
+                    "(set PATCHSVDD_DIRECTOR_TIMEOUT to wait longer)"
                 )
                 return DIRECTOR_GONE_EXIT
             self.stop_child()

@@ -62,7 +62,7 @@ def check_mutual_tls(host: str, port: int, ca_cert: str, cert: str, key: str, ti
                 # alert or as a closed connection, an acceptance as the server's HTTP/2 settings frame.
                 if tls.recv(1) == b"":
                     raise ConnectionResetError("closed after the handshake")
-            except (socket.timeout, TimeoutError):
+            except TimeoutError:
                 pass
     except ssl.SSLCertVerificationError as exc:
         raise TLSCheckError(

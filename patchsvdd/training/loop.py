@@ -3,7 +3,7 @@ mixed precision, the progress bar, and ``train_epoch``."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -65,7 +65,8 @@ def sample_position_pairs(n: int, image_size: int, patch_size: int, generator: t
 
 
 def sample_svdd_pairs(n: int, image_size: int, patch_size: int, generator: torch.Generator) -> PatchPairs:
-    """Pairs for the SVDD loss: the second patch is the first moved by a jitter of at most K/32 per axis, never (0,0)."""
+    """Pairs for the SVDD loss: the second patch is the first moved by a jitter of at most K/32 per axis, never
+    (0,0)."""
     span = image_size - patch_size
     reach = max(patch_size // 32, 1)
     side = 2 * reach + 1

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from patchsvdd.models.base import EpochSteps
 from patchsvdd.models.patchsvdd.network import LARGE_PATCH, SMALL_PATCH, PatchSVDD, split_quadrants
 from patchsvdd.models.patchsvdd.sampling import crop_patches, perturb, sample_position_pairs, sample_svdd_pairs
-from patchsvdd.models.base import EpochSteps
 from patchsvdd.settings import HELDOUT_METRICS, TrainSettings
 from patchsvdd.training.loop import as_generator
 
