@@ -86,7 +86,8 @@ def test_the_projects_experiments_run_after_the_refusals(guarded, tmp_path: Path
     experiment = fed.start_experiment(client, PatchSVDD(emb_dim=8), TINY, "honest", tmp_path / "nb")
     log = fed.follow_metrics(experiment, idle_timeout=300, registry_poll=1.0)
     assert set(log.final()) == {"aggregator", *guarded.envoys}
-    assert fed.experiment_status(client, "honest") == "finished"
+    # the director marks it finished just after the last metric is streamed: wait for that, bounded
+    wait_for(lambda: fed.experiment_status(client, "honest") == "finished", 60, "the experiment's status finished")
 
 
 def test_settings_that_fail_at_the_site_reach_the_notebook_as_a_sentence(guarded, tmp_path: Path) -> None:
