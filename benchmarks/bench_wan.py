@@ -1,87 +1,143 @@
-"""Round time and bytes per round of a site behind a slow link, next to a plain link, in one run (root only).
+"""Round time and bytes per round of a site over a WAN, next to a plain link, in one run (root only).
 
     sudo .venv/bin/python benchmarks/bench_wan.py
 
-A director and envoy_1 here, envoy_2 in a network namespace behind a veth pair
-(``harness.SiteLink``, no route out; a /24 of 198.18.0.0/15 chosen from the process id); the full-size Patch SVDD
-(D=64) for 3 short rounds (2 steps of batch 4,
-fast search), once on the plain veth and once rate-limited to 10 Mbit/s each way with ``tc tbf``. Prints the
-experiment's time, the time from one round's line to the next, and the bytes on envoy_2's link
-(``ip -s link``). Delay (RTT) needs ``tc netem``, which kernels without the sch_netem module lack.
+Test hosts in network namespaces (``system.testbed``: a director, site-a, site-b and the notebook, each with
+its own address on 198.19.0.0/16 and name, joined by a bridge with no route out). The full-size Patch SVDD
+(D=64) for 3 short rounds (2 steps of batch 4 per site, fast search), the notebook's side on its own host
+(``python -m patchsvdd.federated.headless``), once for each of site-b's links:
+
+- plain: the bridge;
+- 80 ms RTT: site-b reaches the director through a relay host that delays every byte by 40 ms each way
+  (``python -m patchsvdd.system.delay``; this kernel has no ``tc netem``);
+- 10 Mbit/s: ``tc tbf`` on both ends of site-b's link.
+
+Prints the experiment's time, each round's time (the notebook's round lines) and the bytes on site-b's link
+per round (``ip -s link``).
 """
 
 from __future__ import annotations
 
 import json
-import os
+import re
 import subprocess
+import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict
 from pathlib import Path
-
-import torch
 
 from patchsvdd import federated as fed
 from patchsvdd.data.synth import generate_category
-from patchsvdd.models.base import count_parameters
-from patchsvdd.models.patchsvdd.network import PatchSVDD
-from patchsvdd.system.harness import Processes, SiteLink, start_split_federation
-from patchsvdd.system.probes import free_port
+from patchsvdd.system.harness import Processes, log_contains, start_testbed_federation, wait_for
+from patchsvdd.system.testbed import Testbed
 
-SLOW = "tbf rate 10mbit burst 32kbit latency 400ms"
-SETTINGS = fed.ExperimentSettings(
-    rounds=3, repeat=1, max_steps=2, batch_size=4, round_search="fast", final_search="fast", idle_timeout=900
+DIRECTOR, SITE_A, SITE_B, NOTEBOOK, RELAY = (
+    "director.hq.test",
+    "site-a.plant-a.test",
+    "site-b.plant-b.test",
+    "notebook.hq.test",
+    "relay.wan.test",
 )
+PORT, AGGREGATOR_PORT = 50050, 50051
+SLOW = "tbf rate 10mbit burst 32kbit latency 400ms"
+ONE_WAY = 0.040  # seconds the relay adds to each direction: 80 ms RTT
+SETTINGS = fed.ExperimentSettings(
+    rounds=3,
+    repeat=1,
+    max_steps=2,
+    batch_size=4,
+    round_search="fast",
+    final_search="fast",
+    idle_timeout=900,
+    aggregator_port=AGGREGATOR_PORT,
+    offline_grace=300,
+)
+ROUND_LINE = re.compile(r"^round (\d+)/\d+\s+(\d+) s")
 
 
-def link_bytes(device: str) -> tuple[int, int]:
-    """(received, sent) bytes of ``device`` so far."""
-    out = subprocess.run(["ip", "-s", "-j", "link", "show", device], capture_output=True, text=True, check=True)
+def link_bytes(bed: Testbed, host: str) -> int:
+    """Bytes both ways on ``host``'s link so far (its port on the bridge)."""
+    out = subprocess.run(
+        ["ip", "-n", bed.bridge, "-s", "-j", "link", "show", bed.hosts[host].port],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     stats = json.loads(out.stdout)[0]["stats64"]
-    return stats["rx"]["bytes"], stats["tx"]["bytes"]
+    return stats["rx"]["bytes"] + stats["tx"]["bytes"]
+
+
+def run(label: str, work: Path, data: Path) -> None:
+    names = [DIRECTOR, SITE_A, SITE_B, NOTEBOOK, RELAY]
+    aliases = {SITE_B: {DIRECTOR: RELAY}} if label == "80 ms RTT" else {}
+    with Testbed(names, aliases=aliases) as bed, Processes() as processes:
+        if label == "80 ms RTT":
+            routes = [f"{RELAY}:{port}={DIRECTOR}:{port}" for port in (PORT, AGGREGATOR_PORT)]
+            relay = processes.start(
+                "relay",
+                bed.command(
+                    RELAY, [sys.executable, "-u", "-m", "patchsvdd.system.delay", "--delay", str(ONE_WAY), *routes]
+                ),
+                work / "logs" / "relay.log",
+            )
+            wait_for(lambda: log_contains(relay.log, "relaying"), 30, "the relay", [relay])
+        if label == "10 Mbit/s":
+            inner = f"{bed.tag}v{list(bed.hosts).index(SITE_B) + 1}"
+            subprocess.run(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    bed.bridge,
+                    "tc",
+                    "qdisc",
+                    "add",
+                    "dev",
+                    bed.hosts[SITE_B].port,
+                    "root",
+                    *SLOW.split(),
+                ],
+                check=True,
+            )
+            subprocess.run(bed.command(SITE_B, ["tc", "qdisc", "add", "dev", inner, "root", *SLOW.split()]), check=True)
+        start_testbed_federation(
+            work, data, "fabric", bed, processes, DIRECTOR, {"site-a": SITE_A, "site-b": SITE_B}, port=PORT
+        )
+        spec = {
+            "host": DIRECTOR,
+            "port": PORT,
+            "envoys": ["site-a", "site-b"],
+            "name": "wan",
+            "settings": asdict(SETTINGS),
+            "workdir": str(work / "notebook"),
+        }
+        (work / "spec.json").write_text(json.dumps(spec))
+        before, start = link_bytes(bed, SITE_B), time.monotonic()
+        done = subprocess.run(
+            bed.command(NOTEBOOK, [sys.executable, "-m", "patchsvdd.federated.headless", str(work / "spec.json")]),
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        total, moved = time.monotonic() - start, link_bytes(bed, SITE_B) - before
+    lines = done.stdout.splitlines()
+    if not any(line.startswith('RESULT {"status": "finished"') for line in lines):
+        raise SystemExit(f"{label}: the experiment did not finish:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    rounds = [int(m.group(2)) for line in lines if (m := ROUND_LINE.match(line))]
+    print(
+        f"{label}: experiment {total:.0f} s; rounds {', '.join(f'{s} s' for s in rounds)} (round 0 includes the "
+        f"start); site-b's link {moved / 1e6:.1f} MB over {len(rounds)} rounds ({moved / 1e6 / len(rounds):.1f} MB "
+        "per round)",
+        flush=True,
+    )
 
 
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_wan_"))
     generate_category(work / "data", "fabric", seed=11, n_train=7, n_test_good=2, n_test_per_defect=1, image_size=256)
-    with SiteLink(f"psw{os.getpid() % 100000}", index=10 + os.getpid() % 240) as link, Processes() as processes:
-        host_side, site_side = f"{link.name}h", f"{link.name}s"
-        nodes = start_split_federation(work, work / "data", "fabric", link, processes)
-        client = fed.connect(nodes.host, nodes.port)
-        for number, (label, qdisc) in enumerate([("plain veth", None), ("10 Mbit/s each way (tc tbf)", SLOW)]):
-            if qdisc:
-                for prefix, device in (([], host_side), (["ip", "netns", "exec", link.name], site_side)):
-                    subprocess.run([*prefix, "tc", "qdisc", "add", "dev", device, "root", *qdisc.split()], check=True)
-            torch.manual_seed(0)
-            model = PatchSVDD()
-            lines: list[float] = []
-            show = fed.RoundLines(
-                fed.round_metrics("patchsvdd"),
-                rounds=SETTINGS.rounds,
-                write=lambda line, lines=lines: lines.append(time.monotonic()),
-            )
-            before, start = link_bytes(host_side), time.monotonic()
-            experiment = fed.start_experiment(
-                client,
-                model,
-                replace(SETTINGS, aggregator_port=free_port()),
-                f"wan-{number}",
-                work / f"notebook{number}",
-            )
-            fed.follow_metrics(experiment, idle_timeout=900, registry_poll=1.0, offline_grace=300, on_metric=show)
-            total = time.monotonic() - start
-            after = link_bytes(host_side)
-            up, down = after[0] - before[0], after[1] - before[1]
-            gaps = ", ".join(f"{b - a:.1f}" for a, b in zip(lines, lines[1:]))
-            rounds = SETTINGS.rounds + 1
-            print(
-                f"{label}: experiment {total:.0f} s; round to round {gaps} s; envoy_2's link: {down / 1e6:.1f} MB to "
-                f"the site, {up / 1e6:.1f} MB from it over {rounds} rounds ({(up + down) / 1e6 / rounds:.1f} MB per "
-                f"round); model {count_parameters(model):,} parameters ({count_parameters(model) * 4 / 1e6:.1f} MB "
-                "in fp32)",
-                flush=True,
-            )
+    for label in ("plain", "80 ms RTT", "10 Mbit/s"):
+        run(label, work / label.replace(" ", "_").replace("/", ""), work / "data")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from patchsvdd.system.probes import free_port, listens
+from patchsvdd.system.testbed import Testbed
 
 ROOT_MARKERS = ("director_folder/start_director.sh", "envoy_folder/start_envoy.sh")
 
@@ -306,93 +307,74 @@ def start_federation(
     return LocalFederation("localhost", port, names, processes, client_tls)
 
 
-def can_make_namespaces() -> bool:
-    """Whether this process may build network namespaces (root, with iproute2's ``ip``)."""
-    import shutil
-
-    return os.geteuid() == 0 and shutil.which("ip") is not None
-
-
 @dataclass
-class SiteLink:
-    """A network namespace ``name`` joined to this one by a veth pair on 198.18.0.0/24 (RFC 2544's benchmark
-    range: no route out): this side ``host_address``, the namespace ``site_address``. ``command(argv)`` runs
-    argv inside it; ``cut()``/``restore()`` take the link down and up."""
+class TestbedFederation:
+    """A director and envoys each on a testbed host of its own (``director``, ``sites``: host names), the
+    director's ``port``, the notebook's TLS parameters (``tls``; paths under ``certs``, or none), the logs."""
 
-    name: str
-    index: int = 1
-
-    @property
-    def host_address(self) -> str:
-        return f"198.18.{self.index}.1"
-
-    @property
-    def site_address(self) -> str:
-        return f"198.18.{self.index}.2"
-
-    def _ip(self, *args: str, inside: bool = False) -> None:
-        prefix = ["ip", "netns", "exec", self.name] if inside else []
-        subprocess.run([*prefix, "ip", *args], check=True, capture_output=True, timeout=30)
-
-    def __enter__(self) -> SiteLink:
-        self.__exit__()
-        host, site = f"{self.name}h", f"{self.name}s"
-        self._ip("netns", "add", self.name)
-        self._ip("link", "add", host, "type", "veth", "peer", "name", site)
-        self._ip("link", "set", site, "netns", self.name)
-        self._ip("addr", "add", f"{self.host_address}/24", "dev", host)
-        self._ip("link", "set", host, "up")
-        self._ip("addr", "add", f"{self.site_address}/24", "dev", site, inside=True)
-        self._ip("link", "set", site, "up", inside=True)
-        self._ip("link", "set", "lo", "up", inside=True)
-        return self
-
-    def command(self, argv: Sequence[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.name, *argv]
-
-    def cut(self) -> None:
-        self._ip("link", "set", f"{self.name}h", "down")
-
-    def restore(self) -> None:
-        self._ip("link", "set", f"{self.name}h", "up")
-
-    def __exit__(self, *exc: object) -> None:
-        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=30)
-        subprocess.run(["ip", "link", "del", f"{self.name}h"], capture_output=True, timeout=30)
+    bed: Testbed
+    director: str
+    sites: dict[str, str]
+    port: int
+    nodes: dict[str, Node]
+    tls: dict[str, Any] = field(default_factory=dict)
 
 
-def start_split_federation(
-    run_dir: Path, data_root: Path, category: str, link: SiteLink, processes: Processes, timeout: float = 120.0
-) -> LocalFederation:
-    """A director and envoy_1 here and envoy_2 behind ``link`` (shards 1 and 2 of the category), started through
-    the start scripts; every node reaches the director at ``link.host_address``. Returns once both are online."""
+def start_testbed_federation(
+    run_dir: Path,
+    data_root: Path,
+    category: str,
+    bed: Testbed,
+    processes: Processes,
+    director: str,
+    sites: dict[str, str],
+    certs: Path | None = None,
+    port: int = 50050,
+    timeout: float = 180.0,
+) -> TestbedFederation:
+    """The director on host ``director`` listening on its name, one envoy per entry of ``sites`` (envoy name ->
+    host, shards 1..n of the category), each reaching the director by its name, all through the start
+    scripts; with ``certs`` (written by ``patchsvdd certs``) every connection is mutual TLS. Returns once the
+    director has accepted every envoy's shard (its log says so)."""
     root = project_root()
-    port = free_port()
-    config = write_director_config(root, run_dir / "director" / "director_config.yaml", port, host=link.host_address)
-    director = processes.start(
-        "director",
-        [str(root / "director_folder" / "start_director.sh"), str(config)],
-        run_dir / "logs" / "director.log",
-        env={"PATCHSVDD_WORKDIR": str(run_dir / "director")},
+    config = write_director_config(root, run_dir / "director" / "director_config.yaml", port, host=director)
+    tls_args = [str(certs)] if certs else []
+    nodes = {
+        "director": processes.start(
+            "director",
+            bed.command(director, [str(root / "director_folder" / "start_director.sh"), str(config), *tls_args]),
+            run_dir / "logs" / "director.log",
+            env={"PATCHSVDD_WORKDIR": str(run_dir / "director")},
+        )
+    }
+    wait_for(
+        lambda: log_contains(nodes["director"].log, "Starting director server"),
+        60,
+        "the director to listen",
+        [nodes["director"]],
     )
-    wait_for(lambda: listens(link.host_address, port, timeout=1.0), 60, "the director to listen", [director])
-    envoys = []
-    for rank, name in enumerate(["envoy_1", "envoy_2"], start=1):
-        shard = write_envoy_config(root, run_dir / "envoys" / f"{name}.yaml", data_root, category, rank, 2)
-        command = [str(root / "envoy_folder" / "start_envoy.sh"), name, str(shard), link.host_address, str(port)]
-        envoys.append(
-            processes.start(
-                name,
-                link.command(command) if name == "envoy_2" else command,
-                run_dir / "logs" / f"{name}.log",
-                env={"PATCHSVDD_WORKDIR": str(run_dir / "envoys" / name), "OMP_NUM_THREADS": "1"},
-            )
+    for rank, (name, host) in enumerate(sites.items(), start=1):
+        shard = write_envoy_config(root, run_dir / "envoys" / f"{name}.yaml", data_root, category, rank, len(sites))
+        script = [str(root / "envoy_folder" / "start_envoy.sh"), name, str(shard), director, str(port), *tls_args]
+        nodes[name] = processes.start(
+            name,
+            bed.command(host, script),
+            run_dir / "logs" / f"{name}.log",
+            env={"PATCHSVDD_WORKDIR": str(run_dir / "envoys" / name), "OMP_NUM_THREADS": "1"},
         )
     wait_for(
-        envoys_accepted(link.host_address, port, ["envoy_1", "envoy_2"], {"tls": False}),
+        lambda: all(log_contains(nodes["director"].log, f"accepted shard for {name}") for name in sites),
         timeout,
-        "both envoys online",
-        [director, *envoys],
+        "the director to accept every envoy's shard",
+        list(nodes.values()),
         poll=1.0,
     )
-    return LocalFederation(link.host_address, port, ["envoy_1", "envoy_2"], processes)
+    tls = {}
+    if certs:
+        tls = {
+            "tls": True,
+            "cert_chain": str(certs / "root_ca.crt"),
+            "api_cert": str(certs / "frontend.crt"),
+            "api_private_key": str(certs / "frontend.key"),
+        }
+    return TestbedFederation(bed, director, dict(sites), port, nodes, tls)
