@@ -4,39 +4,40 @@ route out) and a name every host resolves, joined by a bridge; mutual TLS with c
 a firewall on the director's host that opens only the director's and the aggregator's ports. The
 notebook's side runs on its host (``python -m patchsvdd.federated.headless``, the notebook's own code).
 
-OpenFL 1.7.1 rides out a site's link cut of 30 s in the middle of a round: its collaborator reconnects and
-delivers the round, and the notebook waits ``offline_grace`` seconds for the envoy, saying so. Longer than
-the grace, the notebook gives up with the offline sentence. Needs root, iproute2 and nftables; skipped
-elsewhere.
+A site's link cut of 30 s in the middle of a round is ridden out: when the link is back the envoy's supervisor
+restarts the envoy, which registers again, trains the round again and delivers it, and the notebook waits
+``offline_grace`` seconds for the envoy, saying so. Longer than the grace, the notebook gives up with the
+offline sentence. Needs root, iproute2 and nftables; skipped elsewhere.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 
 from patchsvdd import federated as fed
+from patchsvdd.system import testbed
 from patchsvdd.system.certs import create_federation_certs
 from patchsvdd.system.harness import (
+    HeadlessRun,
     Processes,
+    cut_link_when,
     log_contains,
     project_root,
+    run_headless,
     start_testbed_federation,
     wait_for,
 )
-from patchsvdd.system.testbed import Testbed, can_make_namespaces
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not can_make_namespaces(), reason="needs root and ip netns (iproute2)"),
+    pytest.mark.skipif(not testbed.can_make_namespaces(), reason="needs root and ip netns (iproute2)"),
     pytest.mark.skipif(shutil.which("nft") is None, reason="needs nft (Debian's nftables) for the firewall"),
 ]
 DIRECTOR, SITE_A, SITE_B, NOTEBOOK, OTHER = (
@@ -67,70 +68,34 @@ def network(fed_data: Path, tmp_path_factory: pytest.TempPathFactory):
     """The hosts, the certificates for their names, the director's firewall, and the federation running."""
     run_dir = tmp_path_factory.mktemp("network")
     certs = create_federation_certs(run_dir / "pki", [DIRECTOR], list(SITES), ["frontend"])
-    with Testbed([DIRECTOR, SITE_A, SITE_B, NOTEBOOK, OTHER]) as bed, Processes() as processes:
+    with testbed.Testbed([DIRECTOR, SITE_A, SITE_B, NOTEBOOK, OTHER]) as bed, Processes() as processes:
         bed.firewall(DIRECTOR, [PORT, AGGREGATOR_PORT])
         nodes = start_testbed_federation(run_dir, fed_data, "fabric", bed, processes, DIRECTOR, SITES, certs, PORT)
         yield nodes, run_dir
 
 
-def notebook(network, name: str, settings: fed.ExperimentSettings, tmp_path: Path, timeout: float = 900):
-    """Run the notebook's side on its host: (the lines it printed, its RESULT, its process)."""
+def notebook(network, name: str, settings: fed.ExperimentSettings, tmp_path: Path) -> HeadlessRun:
+    """Run the notebook's side on its host, the notebook's own code."""
     nodes, _ = network
-    spec = {
-        "host": DIRECTOR,
-        "port": PORT,
-        "tls": nodes.tls,
-        "envoys": list(SITES),
-        "name": name,
-        "settings": asdict(settings),
-        "workdir": str(tmp_path / "nb"),
-    }
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    command = nodes.bed.command(
-        NOTEBOOK, [sys.executable, "-m", "patchsvdd.federated.headless", str(tmp_path / "spec.json")]
-    )
-    run = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
-    lines = run.stdout.splitlines()
-    results = [json.loads(line.removeprefix("RESULT ")) for line in lines if line.startswith("RESULT ")]
-    assert results, (
-        f"the notebook host printed no result (exit {run.returncode}): {run.stdout[-2000:]} {run.stderr[-3000:]}"
-    )
-    return lines, results[-1], run
+    return run_headless(nodes, NOTEBOOK, name, asdict(settings), tmp_path)
 
 
-def cut_during_round_0(network, seconds: float, done: list[float]) -> threading.Thread:
+def cut_during_round_0(network, seconds: float) -> tuple[threading.Thread, list[float]]:
     """Take site-b's link down two seconds after the director sent it round 0's tasks, for ``seconds``."""
     nodes, _ = network
-
-    def cut() -> None:
-        wait_for(
-            lambda: log_contains(nodes.nodes["director"].log, "Sending tasks to collaborator site-b for round 0"),
-            300,
-            "site-b's first task",
-        )
-        time.sleep(2)
-        nodes.bed.cut(SITE_B)
-        try:
-            time.sleep(seconds)
-        finally:
-            nodes.bed.restore(SITE_B)
-            done.append(time.monotonic())
-
-    thread = threading.Thread(target=cut, daemon=True)
-    thread.start()
-    return thread
+    return cut_link_when(nodes, SITE_B, "Sending tasks to collaborator site-b for round 0", seconds)
 
 
-def reaches(bed: Testbed, source: str, host: str, port: int) -> bool:
+def reaches(bed: testbed.Testbed, source: str, host: str, port: int) -> bool:
     """Whether a TCP connection from ``source`` to ``host:port`` is answered (the project's own probe)."""
     probe = [sys.executable, "-m", "patchsvdd.system.tls", "reach", host, str(port)]
     return subprocess.run(bed.command(source, probe), capture_output=True, timeout=60).returncode == 0
 
 
 def test_over_tls_by_name_through_the_firewall_a_30_s_cut_mid_round_is_ridden_out(network, tmp_path: Path) -> None:
-    restored: list[float] = []
-    cutter = cut_during_round_0(network, 30, restored)
-    lines, result, _ = notebook(network, "cut-30", SETTINGS, tmp_path)
+    cutter, restored = cut_during_round_0(network, 30)
+    run = notebook(network, "cut-30", SETTINGS, tmp_path)
+    lines, result = run.lines, run.result
     cutter.join(timeout=60)
     assert restored, "the link was never cut: the experiment ended first"
     assert (result["status"], result["rounds"], result["nodes"]) == (
@@ -193,14 +158,13 @@ def test_a_cut_longer_than_the_grace_gives_up_with_the_offline_sentence_and_noth
     network, tmp_path: Path
 ) -> None:
     nodes, _ = network
-    restored: list[float] = []
-    cutter = cut_during_round_0(network, 60, restored)
-    started = time.monotonic()
-    lines, result, run = notebook(network, "cut-long", replace(SETTINGS, offline_grace=15), tmp_path)
+    cutter, restored = cut_during_round_0(network, 60)
+    run = notebook(network, "cut-long", replace(SETTINGS, offline_grace=15), tmp_path)
+    lines, result = run.lines, run.result
     assert result["status"] == "gave_up", lines
     assert "envoy site-b went offline during the experiment for more than 15 s" in result["reason"], result
     assert not restored, "it gave up only after the link was back: the grace did not decide"
-    assert run.returncode == 0 and time.monotonic() - started < 300
+    assert run.returncode == 0 and run.seconds < 300
     namespace = nodes.bed.hosts[NOTEBOOK].namespace
     left = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True, timeout=30).stdout
     assert left.split() == [], f"processes left on the notebook host: {left}"

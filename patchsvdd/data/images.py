@@ -14,7 +14,8 @@ MASK_THRESHOLD = 128
 
 
 def as_model_image(img: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
-    """A PIL image as the model reads it: RGB (grayscale repeated to 3 channels) resized bicubic, uint8 (size,size,3)."""
+    """A PIL image as the model reads it: RGB (grayscale repeated to 3 channels) resized bicubic, uint8
+    (size,size,3)."""
     img = img.convert("RGB")
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BICUBIC)

@@ -10,15 +10,15 @@ Layout: ``<root>/<category>/train/good/*.png``, ``<root>/<category>/test/<defect
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from patchsvdd.errors import MVTecDataError
 from patchsvdd.data.images import IMAGE_SIZE, read_image, read_mask
+from patchsvdd.errors import MVTecDataError
 
 GOOD = "good"
 DEFECT_TYPES_LABEL = "defect types:"  # an envoy's shard description lists its defect types after this
@@ -57,7 +57,7 @@ class CategoryIndex:
     def defect_types(self) -> list[str]:
         return sorted({s.defect_type for s in self.test if s.defect_type != GOOD})
 
-    def shard(self, rank: int, world_size: int) -> "CategoryIndex":
+    def shard(self, rank: int, world_size: int) -> CategoryIndex:
         """Shard ``rank`` (1-based, as OpenFL's ``rank_worldsize``) of ``world_size``.
 
         Every ``world_size``-th file, so shards do not overlap, cover everything
@@ -68,7 +68,8 @@ class CategoryIndex:
         train = self.train[rank - 1 :: world_size]
         if not train:
             raise MVTecDataError(
-                f"{self.path / 'train' / GOOD}: {len(self.train)} training images cannot fill shard {rank} of {world_size}"
+                f"{self.path / 'train' / GOOD}: {len(self.train)} training images cannot fill shard {rank} "
+                f"of {world_size}"
             )
         return replace(self, train=train, test=self.test[rank - 1 :: world_size])
 
@@ -124,7 +125,8 @@ def index_category(root: str | os.PathLike, category: str) -> CategoryIndex:
                 mask_path = _find_mask(gt_dir / defect, image_path.stem)
                 if mask_path is None:
                     raise MVTecDataError(
-                        f"{image_path}: defect image has no mask (expected {gt_dir / defect / (image_path.stem + MASK_SUFFIX)}.png)"
+                        f"{image_path}: defect image has no mask "
+                        f"(expected {gt_dir / defect / (image_path.stem + MASK_SUFFIX)}.png)"
                     )
                 mask_size = _image_size(mask_path)
                 if mask_size != image_size:
@@ -188,12 +190,17 @@ class CategoryData:
         """Per-pixel mean of the training images, float32 (H,W,3): the standardisation of both splits."""
         return training_mean(self.train_images)
 
-    def with_test_images(self, indices: Sequence[int]) -> "CategoryData":
+    def with_test_images(self, indices: Sequence[int]) -> CategoryData:
         """The same training images with only the test images at ``indices`` (in that order)."""
         chosen = list(indices)
-        return replace(self, test_images=self.test_images[chosen], test_masks=self.test_masks[chosen],
-                       test_labels=self.test_labels[chosen], defect_types=[self.defect_types[i] for i in chosen],
-                       test_names=[self.test_names[i] for i in chosen])
+        return replace(
+            self,
+            test_images=self.test_images[chosen],
+            test_masks=self.test_masks[chosen],
+            test_labels=self.test_labels[chosen],
+            defect_types=[self.defect_types[i] for i in chosen],
+            test_names=[self.test_names[i] for i in chosen],
+        )
 
 
 def load_category(index: CategoryIndex, size: int = IMAGE_SIZE, progress: bool = False) -> CategoryData:

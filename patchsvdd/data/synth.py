@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -86,7 +86,12 @@ def _paint_washer(rng: np.random.Generator, size: int) -> Array:
     radius = np.hypot(y - cy, x - cx)
     angle = np.arctan2(y - cy, x - cx)
     outer, inner = _washer_geometry(size)
-    table = 0.16 + 0.03 * _smooth_noise(rng, size, 8) + 0.03 * _smooth_noise(rng, size, 48) + rng.normal(0, 0.02, (size, size))
+    table = (
+        0.16
+        + 0.03 * _smooth_noise(rng, size, 8)
+        + 0.03 * _smooth_noise(rng, size, 48)
+        + rng.normal(0, 0.02, (size, size))
+    )
     ring = (radius < outer) & (radius > inner)
     grain = np.sin(radius * rng.uniform(2.6, 3.0) + 0.8 * _smooth_noise(rng, size, 24))  # concentric machining marks
     brushed = 0.62 + 0.12 * np.sin(angle * 2 + rng.uniform(0, np.pi)) + 0.05 * np.sin(radius * 0.9) + 0.04 * grain
@@ -106,7 +111,9 @@ def _washer_region(size: int) -> Array:
 CATEGORIES: dict[str, SynthCategory] = {
     "fabric": SynthCategory(_paint_fabric, ("crack", "hole", "scratch", "stain"), grayscale=False),
     "mesh": SynthCategory(_paint_mesh, ("broken", "hole", "scratch", "stain"), grayscale=True),
-    "washer": SynthCategory(_paint_washer, ("crack", "missing", "scratch", "stain"), grayscale=False, object_region=_washer_region),
+    "washer": SynthCategory(
+        _paint_washer, ("crack", "missing", "scratch", "stain"), grayscale=False, object_region=_washer_region
+    ),
 }
 
 
@@ -170,7 +177,9 @@ def _defect(rng: np.random.Generator, image: Array, kind: str, region: Array | N
         alpha = _draw_mask(size, draw, blur=3.0)
         strength = rng.uniform(0.2, 0.4)
         tint = np.array([0.55, 0.5, 0.3], dtype=np.float32)
-        out = out * (1 - strength * alpha[..., None]) + strength * alpha[..., None] * tint * out.mean(axis=2, keepdims=True)
+        out = out * (1 - strength * alpha[..., None]) + strength * alpha[..., None] * tint * out.mean(
+            axis=2, keepdims=True
+        )
     elif kind == "missing":  # a small bite out of the object's outer edge, showing the table
         outer, _ = _washer_geometry(size)
         theta = rng.uniform(0, 2 * np.pi)
@@ -234,9 +243,18 @@ def generate_category(
             mask_path = root / "ground_truth" / kind / f"{i:03d}_mask.png"
             mask_path.parent.mkdir(parents=True, exist_ok=True)
             mask.save(mask_path)
-    (root / MARKER).write_text(json.dumps({"version": SYNTH_VERSION, "seed": seed, "n_train": n_train,
-                                           "n_test_good": n_test_good, "n_test_per_defect": n_test_per_defect,
-                                           "image_size": image_size}))
+    (root / MARKER).write_text(
+        json.dumps(
+            {
+                "version": SYNTH_VERSION,
+                "seed": seed,
+                "n_train": n_train,
+                "n_test_good": n_test_good,
+                "n_test_per_defect": n_test_per_defect,
+                "image_size": image_size,
+            }
+        )
+    )
     return root
 
 

@@ -9,10 +9,12 @@ deadline, never a fixed sleep. The start scripts live in a project checkout
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -232,9 +234,12 @@ def start_federation(
     root: Path | None = None,
     envoy_config: dict[str, Any] | None = None,
     director_config: dict[str, Any] | None = None,
+    site_roots: Sequence[Path] | None = None,
 ) -> LocalFederation:
     """Start a director and ``n_envoys`` envoys (shards 1..n of the category) through the start scripts of
-    ``root`` (default ``project_root()``).
+    ``root`` (default ``project_root()``). With ``site_roots`` (one data root per envoy, each holding the
+    category: sites of their own, e.g. ``data.sites.write_site``) envoy i holds all of ``site_roots[i]``
+    and ``n_envoys`` is their number.
 
     With ``tls`` a fresh authority and certificates are made in ``run_dir/certs``
     and passed to the scripts. ``envoy_config``, ``director_config``: top-level settings added to every envoy's
@@ -246,6 +251,7 @@ def start_federation(
     root = root or project_root()
     processes = processes if processes is not None else Processes()
     port = port or free_port()
+    n_envoys = len(site_roots) if site_roots else n_envoys
     run_dir = Path(run_dir).resolve()
     names = [f"envoy_{i}" for i in range(1, n_envoys + 1)]
     certs = run_dir / "certs"
@@ -276,8 +282,9 @@ def start_federation(
         threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // n_envoys))
         envoys = []
         for rank, name in enumerate(names, start=1):
-            shard = write_envoy_config(
-                root, run_dir / "envoys" / f"{name}.yaml", data_root, category, rank, n_envoys, top_level=envoy_config
+            site_root, shard, shards = (site_roots[rank - 1], 1, 1) if site_roots else (data_root, rank, n_envoys)
+            config_path = write_envoy_config(
+                root, run_dir / "envoys" / f"{name}.yaml", site_root, category, shard, shards, top_level=envoy_config
             )
             envoys.append(
                 processes.start(
@@ -285,7 +292,7 @@ def start_federation(
                     [
                         str(root / "envoy_folder" / "start_envoy.sh"),
                         name,
-                        str(shard),
+                        str(config_path),
                         "localhost",
                         str(port),
                         *cert_args,
@@ -378,3 +385,81 @@ def start_testbed_federation(
             "api_private_key": str(certs / "frontend.key"),
         }
     return TestbedFederation(bed, director, dict(sites), port, nodes, tls)
+
+
+@dataclass(frozen=True)
+class HeadlessRun:
+    """What the notebook's side printed on its host: its ``lines``, its final ``result`` (the ``RESULT`` json:
+    ``status`` finished / gave_up / no_director, ...), its exit ``returncode`` and its wall ``seconds``."""
+
+    lines: list[str]
+    result: dict[str, Any]
+    returncode: int
+    seconds: float
+
+
+def run_headless(
+    federation: TestbedFederation,
+    host: str,
+    name: str,
+    settings: dict[str, Any],
+    workdir: Path,
+    timeout: float = 900.0,
+) -> HeadlessRun:
+    """Run one experiment ``name`` from testbed host ``host`` with the notebook's own code
+    (``python -m patchsvdd.federated.headless``), ``settings`` the ``ExperimentSettings`` fields; bounded by
+    ``timeout`` seconds. Raises ``HarnessError`` (with its output) when it printed no result."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "host": federation.director,
+        "port": federation.port,
+        "tls": federation.tls,
+        "envoys": list(federation.sites),
+        "name": name,
+        "settings": settings,
+        "workdir": str(workdir / "notebook"),
+    }
+    (workdir / "spec.json").write_text(json.dumps(spec))
+    command = federation.bed.command(
+        host, [sys.executable, "-m", "patchsvdd.federated.headless", str(workdir / "spec.json")]
+    )
+    start = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=workdir)
+    seconds = time.monotonic() - start
+    lines = done.stdout.splitlines()
+    results = [json.loads(line.removeprefix("RESULT ")) for line in lines if line.startswith("RESULT ")]
+    if not results:
+        raise HarnessError(
+            f"the notebook's side on {host} printed no result (exit {done.returncode}):\n"
+            f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+        )
+    return HeadlessRun(lines, results[-1], done.returncode, seconds)
+
+
+def cut_link_when(
+    federation: TestbedFederation,
+    host: str,
+    log_text: str,
+    seconds: float,
+    delay: float = 2.0,
+    timeout: float = 300.0,
+) -> tuple[threading.Thread, list[float]]:
+    """In a thread: once the director's log says ``log_text``, wait ``delay`` s, take ``host``'s link down for
+    ``seconds``, bring it up again. Returns the thread and a list that gets the (monotonic) time the link
+    came back; empty while it is down or if ``log_text`` never came within ``timeout``."""
+    restored: list[float] = []
+    director_log = federation.nodes["director"].log
+
+    def cut() -> None:
+        wait_for(lambda: log_contains(director_log, log_text), timeout, repr(log_text))
+        time.sleep(delay)
+        federation.bed.cut(host)
+        try:
+            time.sleep(seconds)
+        finally:
+            federation.bed.restore(host)
+            restored.append(time.monotonic())
+
+    thread = threading.Thread(target=cut, daemon=True)
+    thread.start()
+    return thread, restored
