@@ -21,7 +21,13 @@ from pathlib import Path
 from patchsvdd import federated as fed
 from patchsvdd.data.synth import generate_category
 from patchsvdd.system.certs import create_federation_certs
-from patchsvdd.system.harness import Processes, cut_link_when, run_headless, start_testbed_federation
+from patchsvdd.system.harness import (
+    TESTBED_EXPERIMENT,
+    Processes,
+    cut_link_when,
+    run_headless,
+    start_testbed_federation,
+)
 from patchsvdd.system.testbed import Testbed
 
 DIRECTOR, SITE_A, SITE_B, NOTEBOOK = (
@@ -32,17 +38,7 @@ DIRECTOR, SITE_A, SITE_B, NOTEBOOK = (
 )
 SITES = {"site-a": SITE_A, "site-b": SITE_B}
 PORT, AGGREGATOR_PORT = 50050, 50051
-SETTINGS = fed.ExperimentSettings(
-    rounds=2,
-    repeat=200,
-    max_steps=60,
-    batch_size=8,
-    emb_dim=8,
-    round_search="fast",
-    final_search="fast",
-    idle_timeout=900,
-    aggregator_port=AGGREGATOR_PORT,
-)
+SETTINGS = fed.ExperimentSettings(**TESTBED_EXPERIMENT, idle_timeout=900, aggregator_port=AGGREGATOR_PORT)
 
 
 def count(path: Path, text: str) -> int:

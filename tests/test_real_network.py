@@ -25,6 +25,7 @@ from patchsvdd import federated as fed
 from patchsvdd.system import testbed
 from patchsvdd.system.certs import create_federation_certs
 from patchsvdd.system.harness import (
+    TESTBED_EXPERIMENT,
     HeadlessRun,
     Processes,
     cut_link_when,
@@ -49,17 +50,7 @@ DIRECTOR, SITE_A, SITE_B, NOTEBOOK, OTHER = (
 )
 SITES = {"site-a": SITE_A, "site-b": SITE_B}
 PORT, AGGREGATOR_PORT = 50050, 50051
-SETTINGS = fed.ExperimentSettings(
-    rounds=2,
-    repeat=200,
-    max_steps=60,
-    batch_size=8,
-    emb_dim=8,
-    round_search="fast",
-    final_search="fast",
-    idle_timeout=600,
-    aggregator_port=AGGREGATOR_PORT,
-)
+SETTINGS = fed.ExperimentSettings(**TESTBED_EXPERIMENT, idle_timeout=600, aggregator_port=AGGREGATOR_PORT)
 ROOT = project_root()
 
 

@@ -26,6 +26,17 @@ import yaml
 from patchsvdd.system.probes import free_port, listens
 from patchsvdd.system.testbed import Testbed
 
+# A short experiment for test hosts (tests/test_real_network.py, benchmarks/bench_link_cut.py): 2 rounds of 60
+# steps at batch 8 of a D=8 model, fast search: about a minute, long enough to cut a link in the middle of a round.
+TESTBED_EXPERIMENT: dict[str, Any] = {
+    "rounds": 2,
+    "repeat": 200,
+    "max_steps": 60,
+    "batch_size": 8,
+    "emb_dim": 8,
+    "round_search": "fast",
+    "final_search": "fast",
+}
 ROOT_MARKERS = ("director_folder/start_director.sh", "envoy_folder/start_envoy.sh")
 
 
