@@ -135,6 +135,11 @@ class ExperimentSettings:
     (0: at once). ``aggregator_port``:
     the port of the aggregator the director starts for each experiment, which every envoy must reach
     (None: OpenFL's choice, from a hash of the plan, somewhere in 49152-60998).
+
+    Remedies for sites that differ (docs/federation-value.md): ``proximal_mu`` (FedProx's mu; 0: plain FedAvg)
+    adds mu/2 * ||w - w_round||^2 to every step's loss, w_round the weights the round started with;
+    ``local_heads`` keeps each site's own position classifiers (the parts that train but never score; the
+    family's ``site_heads``) across rounds instead of the averaged ones, so that only the encoder is shared.
     """
 
     model: str = "patchsvdd"
@@ -158,6 +163,8 @@ class ExperimentSettings:
     idle_timeout: float = 900.0
     offline_grace: float = 180.0
     aggregator_port: int | None = 50051
+    proximal_mu: float = 0.0
+    local_heads: bool = False
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -170,6 +177,8 @@ class ExperimentSettings:
             raise SettingsError(f"emb_dim={self.emb_dim}, idle_timeout={self.idle_timeout}: both must be positive")
         if not 0 <= self.offline_grace < math.inf:
             raise SettingsError(f"offline_grace={self.offline_grace}: seconds, 0 (give up at once) or more")
+        if not 0 <= self.proximal_mu < math.inf:
+            raise SettingsError(f"proximal_mu={self.proximal_mu}: 0 (plain FedAvg) or more")
         if self.aggregator_port is not None and not 0 < self.aggregator_port < 65536:
             raise SettingsError(f"aggregator_port={self.aggregator_port}: a TCP port (1-65535) or None")
         _choice("model", self.model, tuple(REGISTRY))  # read live: a model registered later is a choice too

@@ -159,3 +159,33 @@ def plot_roc_point(
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
+
+
+def federation_value_figure(rows: Sequence[Mapping], title: str, metric: str = "det_sum") -> plt.Figure:
+    """Per site, bars of ``metric`` for each way of training (alone / federated / pooled) with their 95 %
+    bootstrap intervals (``det_low``/``det_high`` of the rows; rows as ``bench_federation_value`` writes)."""
+    ways = list(dict.fromkeys(row["way"] for row in rows))
+    sites = list(dict.fromkeys(row["site"] for row in rows if "det_low" in row))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(sites), 3.2))
+    width = 0.8 / len(ways)
+    for k, way in enumerate(ways):
+        chosen = [next(r for r in rows if r["site"] == site and r["way"] == way) for site in sites]
+        values = np.array([r[metric] for r in chosen], dtype=float)
+        errors = np.array([[v - r["det_low"], r["det_high"] - v] for v, r in zip(values, chosen, strict=True)]).T
+        ax.bar(
+            np.arange(len(sites)) + (k - (len(ways) - 1) / 2) * width,
+            values,
+            width,
+            yerr=errors,
+            capsize=3,
+            label=way,
+            hatch=("", "//", "..")[k % 3],
+            edgecolor="black",
+        )
+    ax.set_xticks(np.arange(len(sites)), sites, fontsize=8)
+    ax.set_ylabel(f"{metric} (95 % interval)")
+    ax.set_ylim(0.0, 1.05)
+    ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    return fig

@@ -137,12 +137,45 @@ def final_metrics(model: str) -> tuple[str, ...]:
     return metric_keys(fusions) + aupro_keys(fusions)
 
 
+SITE_HEADS = "site_heads"  # the attribute of a site's data that keeps its own heads between rounds (local_heads)
+
+
+def keep_site_heads(model, data) -> None:
+    """Keep the site's own heads (the family's ``site_heads``: Patch SVDD's position classifiers) of ``model``
+    with the site's ``data``, which lives as long as the experiment does at the site."""
+    prefixes = family_of(model).site_heads
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(prefixes)}
+    setattr(data, SITE_HEADS, state)
+
+
+def restore_site_heads(model, data) -> bool:
+    """Put the heads kept with ``data`` back into ``model`` (over the averaged ones); False if none kept."""
+    state = getattr(data, SITE_HEADS, None)
+    if not state:
+        return False
+    model.load_state_dict(state, strict=False)
+    return True
+
+
+def proximal_term(model, mu: float):
+    """FedProx's penalty: a function giving mu/2 * ||w - w_0||^2 (a scalar tensor), w_0 ``model``'s weights
+    now (the round's start)."""
+    anchor = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+    return lambda: 0.5 * mu * sum(((p - p0) ** 2).sum() for p, p0 in anchor)
+
+
 def train_task(model, train_data, optimizer, device, round_num, settings: ExperimentSettings) -> dict:
     """One round of local training on an envoy: ``train_epoch`` of the model on its training images less the
-    held-out ones, at the global steps of this round in a schedule over all rounds. Tags the model as
-    trained ``round_num`` + 1 rounds (``rounds.py``); reports its family's ``train_metrics``."""
+    held-out ones, at the global steps of this round in a schedule over all rounds. With
+    ``settings.local_heads`` the site's own heads replace the averaged ones first and are kept after; with
+    ``settings.proximal_mu`` the steps add FedProx's proximal term. Tags the model as trained ``round_num`` + 1
+    rounds (``rounds.py``); reports its family's ``train_metrics``."""
     model.to(device)
     set_round(model, int(round_num) + 1)
+    if settings.local_heads:
+        if not family_of(model).site_heads:
+            raise SiteError(f"local_heads: a {family_of(model).name} has no heads a site could keep; set it False")
+        restore_site_heads(model, train_data)
     recipe = settings.train_settings()
     fit, _ = holdout_split(len(train_data.train_images), settings.holdout_fraction)
     steps = recipe.steps_per_epoch(len(fit), settings.max_steps)
@@ -157,7 +190,10 @@ def train_task(model, train_data, optimizer, device, round_num, settings: Experi
         generator=settings.seed * 100_003 + int(round_num),
         schedule=recipe.lr_schedule(settings.rounds * steps),
         start_step=int(round_num) * steps,
+        penalty=proximal_term(model, settings.proximal_mu) if settings.proximal_mu > 0 else None,
     )
+    if settings.local_heads:
+        keep_site_heads(model, train_data)
     return model_family.round_report(losses)
 
 
@@ -183,6 +219,7 @@ def validate_task(
     AUROC over all sites (``pooling.sketch_metrics``). Numbers only: the types are folder names, no image
     leaves."""
     model.to(device)
+    restore_site_heads(model, val_data)  # with local_heads, the held-out loss is the site's own heads'
     out: dict[str, float] = {}
     heldout = family_of(model).heldout_metric
     if heldout in metric_names:

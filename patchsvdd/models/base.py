@@ -98,6 +98,8 @@ class ModelFamily(ABC, Generic[ModelT]):
     fusions: ClassVar[tuple[str, ...]]  # the maps its evaluation reports, 'sum' among them
     train_metrics: ClassVar[tuple[str, ...]]  # what a federated round's training reports ('train_loss' first)
     architecture_limits: ClassVar[dict[str, tuple[int, int]]]  # the range of each architecture number
+    # state-dict prefixes of the parts that train but never score, which a site may keep to itself (local_heads)
+    site_heads: ClassVar[tuple[str, ...]] = ()
 
     @property
     def heldout_metric(self) -> str:

@@ -82,6 +82,7 @@ def train_epoch(
     start_step: int = 0,
     progress: bool = False,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """One epoch of any registered model on ``inputs`` (its family's ``inputs`` of uint8 images).
 
@@ -90,7 +91,8 @@ def train_epoch(
     'bf16' or 'auto', see ``resolve_precision``) default to ``recipe``'s, which also gives the model's own
     settings (Patch SVDD's lambda). ``schedule`` sets the learning rate at each global step (``start_step`` +
     step; None keeps the optimizer's). Each step: the family's step (``ModelFamily.epoch_steps``), backward,
-    optimizer step, the family's check, then ``on_step(global_step, values)``. A tqdm bar with ``progress``.
+    optimizer step, the family's check, then ``on_step(global_step, values)``; ``penalty()`` (a scalar, e.g.
+    FedProx's proximal term) is added to every step's loss. A tqdm bar with ``progress``.
     Returns each value's mean over the epoch and 'steps'.
     """
     steps = family_of(model).epoch_steps(model, inputs, recipe)
@@ -110,6 +112,8 @@ def train_epoch(
         global_step = start_step + number
         set_learning_rate(optimizer, schedule, global_step)
         loss, values = steps.step(index, generator, autocast_dtype)
+        if penalty is not None:
+            loss = loss + penalty()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -70,6 +70,7 @@ class PatchSVDDFamily(ModelFamily[PatchSVDD]):
     fusions = FUSIONS
     train_metrics = ("train_loss", "pos_loss_64", "pos_loss_32", "spread_64", "spread_32")
     architecture_limits = {"emb_dim": (1, 4096)}
+    site_heads = ("classifier64.", "classifier32.")  # the position classifiers: scoring uses the encoder only
 
     def build(self, *, emb_dim: int = EMB_DIM, init: str = "kaiming", channels: int = 3) -> PatchSVDD:
         return PatchSVDD(emb_dim=emb_dim, init=init)  # RGB only: a grayscale image is read as three equal channels
