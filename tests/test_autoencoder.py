@@ -153,7 +153,11 @@ def test_bundle_scores_as_the_evaluator_does(fabric, tmp_path: Path) -> None:
     torch.manual_seed(1)
     model = ae.ConvAutoencoder(latent_dim=32, width=8)
     inspector, calibration = export_bundle(model, fabric, tmp_path / "b")
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["bundle.json", "model.pt"]  # no bank, no mean
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+        "bundle.json",
+        "calibration.npz",
+        "model.pt",
+    ]  # no bank
     info = json.loads((tmp_path / "b" / "bundle.json").read_text())
     assert info["model"] == "autoencoder" and set(info["scales"]) == {"l2", "ssim"}
     loaded = load_bundle(tmp_path / "b")

@@ -444,25 +444,17 @@ def test_export_then_predict_a_folder(tiny_root: Path, tmp_path: Path, capsys: p
     assert "bundle.json: not found" in capsys.readouterr().err
     assert main(["predict", str(bundle), str(tmp_path / "missing.png"), "--out", str(out)]) == 2
     assert "missing.png: no such file or folder" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "export",
-                "--data-root",
-                str(tiny_root),
-                "--category",
-                "fabric",
-                "--checkpoint",
-                str(ckpt),
-                "--out",
-                str(bundle),
-                "--bank-fraction",
-                "0",
-            ]
-        )
-        == 2
-    )
-    assert "--bank-fraction 0.0" in capsys.readouterr().err
+    export = ["export", "--data-root", str(tiny_root), "--category", "fabric", "--checkpoint", str(ckpt)]
+    with pytest.raises(SystemExit) as refused:
+        main([*export, "--out", str(bundle), "--bank-fraction", "0"])
+    assert refused.value.code == 2 and "the share must be in (0, 1]" in capsys.readouterr().err
+    # the default bank: the smallest k-center bank within 0.005 AUROC of the full one, measured and written down
+    assert main([*export, "--out", str(tmp_path / "auto"), "--no-progress"]) == 0
+    auto = json.loads((tmp_path / "auto" / "bundle.json").read_text())
+    written = (tmp_path / "auto" / "calibration.md").read_text()
+    assert "--bank-fraction auto kept the smallest k-center bank" in written and "| det_auroc |" in written
+    chosen = next(line for line in written.splitlines() if line.rstrip().endswith("| yes |"))
+    assert auto["bank_fraction"] == float(chosen.split("|")[1]) and str(auto["bank_rows"]["32"]) in chosen
 
 
 def test_python_dash_m_runs_the_command_line() -> None:

@@ -52,16 +52,22 @@ def test_bundle_round_trip_scores_as_the_evaluator_does(fabric, tmp_path: Path) 
         np.load(tmp_path / "b" / name, allow_pickle=False)
 
 
-def test_subsampled_bank_and_no_defective_images(fabric, tmp_path: Path) -> None:
-    model, data = fabric
-    good_only = replace(
+def _good_only(data):
+    """``data`` with only its good test images: nothing defective to calibrate on."""
+    good = data.test_labels == 0
+    return replace(
         data,
-        test_images=data.test_images[data.test_labels == 0],
-        test_masks=data.test_masks[data.test_labels == 0],
-        test_labels=data.test_labels[data.test_labels == 0],
-        defect_types=["good"] * int((data.test_labels == 0).sum()),
+        test_images=data.test_images[good],
+        test_masks=data.test_masks[good],
+        test_labels=data.test_labels[good],
+        defect_types=["good"] * int(good.sum()),
         test_names=[],
     )
+
+
+def test_subsampled_bank_and_no_defective_images(fabric, tmp_path: Path) -> None:
+    model, data = fabric
+    good_only = _good_only(data)
     inspector, calibration = export_bundle(model, data, tmp_path / "g", bank_fraction=0.25, calibration=good_only)
     info = read_bundle(tmp_path / "g").info
     assert info["image_threshold"]["method"] == "good_quantile" and "no defective image" in info["calibration_note"]
@@ -120,3 +126,27 @@ def test_random_subsample_and_bad_settings(fabric) -> None:
         memory_banks(model, images, 0.1, subsample="coreset")
     with pytest.raises(ValueError, match="bank fraction 0"):
         memory_banks(model, images, 0)
+
+
+def test_auto_bank_is_the_smallest_within_the_tolerance_of_the_full_one(fabric, tmp_path: Path) -> None:
+    from patchsvdd.deploy.export import AUTO_FRACTIONS, AUTO_TOLERANCE
+
+    model, data = fabric
+    inspector, calibration = export_bundle(model, data, tmp_path / "a", bank_fraction="auto")
+    table = calibration.bank_choice
+    assert [row["fraction"] for row in table][0] == 1.0  # the full bank is measured first
+    full, candidates = table[0], table[1:]
+    assert [row["fraction"] for row in candidates] == sorted(AUTO_FRACTIONS)[: len(candidates)]
+
+    def close(row: dict) -> bool:
+        return all(row[key] >= full[key] - AUTO_TOLERANCE for key in ("det_auroc", "seg_auroc"))
+
+    chosen = [row for row in table if row["chosen"] == "yes"]
+    assert len(chosen) == 1 and inspector.bundle.info["bank_fraction"] == chosen[0]["fraction"]
+    assert all(not close(row) for row in candidates[:-1])  # every smaller candidate tried was too far off
+    assert close(chosen[0]) and (chosen[0] is full or chosen[0] is candidates[-1])
+    assert len(inspector.bundle.banks[32]) == chosen[0]["rows_32"]
+    # without defective images nothing can be measured: the full bank
+    good_only = _good_only(data)
+    inspector, calibration = export_bundle(model, data, tmp_path / "g", bank_fraction="auto", calibration=good_only)
+    assert inspector.bundle.info["bank_fraction"] == 1.0 and calibration.bank_choice == []

@@ -55,3 +55,31 @@ def test_the_service_imports_no_federation_or_notebook_package() -> None:
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_the_wheel_carries_the_station_page(tmp_path: Path) -> None:
+    """`patchsvdd serve` answers / with a file beside its code: an installed package must hold it."""
+    import zipfile
+
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    (wheel,) = tmp_path.glob("patchsvdd-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "patchsvdd/deploy/station.html" in names and "patchsvdd/deploy/station.py" in names

@@ -88,6 +88,10 @@ def test_the_projects_experiments_run_after_the_refusals(guarded, tmp_path: Path
     assert set(log.final()) == {"aggregator", *guarded.envoys}
     # the director marks it finished just after the last metric is streamed: wait for that, bounded
     wait_for(lambda: fed.experiment_status(client, "honest") == "finished", 60, "the experiment's status finished")
+    for envoy_log in envoy_logs(guarded):  # each refusal said once: a refused experiment is not fetched again
+        text = envoy_log.read_text()
+        for kind in ATTACKS:
+            assert text.count(f"refused experiment 'attack-{kind}': ") <= 1, envoy_log
 
 
 def test_settings_that_fail_at_the_site_reach_the_notebook_as_a_sentence(guarded, tmp_path: Path) -> None:

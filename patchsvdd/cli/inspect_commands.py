@@ -1,4 +1,4 @@
-"""The commands that score images: ``evaluate``, ``export`` (a site bundle), ``predict``, ``serve``.
+"""The commands that score images: ``evaluate``, ``export`` (a site bundle), ``predict``, ``serve``, ``bundle``.
 
 Each takes the parsed arguments of ``cli.build_parser`` and returns an exit code;
 heavy imports happen inside, so that bad arguments fail before any work.
@@ -12,9 +12,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from patchsvdd.cli.make_commands import load_shard
 from patchsvdd.errors import InputError
+
+if TYPE_CHECKING:
+    from patchsvdd.deploy.bundle import Bundle
 
 
 def _evaluation_model(args: argparse.Namespace, category: str):
@@ -123,10 +127,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from patchsvdd.models.patchsvdd.released import sha256_of
     from patchsvdd.training.checkpoint import load_checkpoint
 
-    if not 0 < args.bank_fraction <= 1 or (args.max_fpr is not None and not 0 <= args.max_fpr < 1):
-        raise InputError(
-            f"--bank-fraction {args.bank_fraction}, --max-fpr {args.max_fpr}: fraction in (0, 1], max-fpr in [0, 1)"
-        )
+    if args.max_fpr is not None and not 0 <= args.max_fpr < 1:
+        raise InputError(f"--max-fpr {args.max_fpr}: must be in [0, 1)")
     model, meta = load_checkpoint(args.checkpoint)  # fails before the data is decoded
     data = load_shard(args)
     calibration = None
@@ -167,11 +169,75 @@ def cmd_export(args: argparse.Namespace) -> int:
         "Image scores per defect type (AUROC of each type against good):",
         "",
         markdown_table(defects, ["type", "n", "mean", "std", "min", "max", "auroc"]),
+        "",
+        _bank_lines(args.bank_fraction, inspector.bundle, calib.bank_choice),
     ]
     (args.out / "calibration.md").write_text("\n".join(lines) + "\n")
     plot_roc_point(calib.labels, calib.scores, image_t.fpr, image_t.tpr, args.out / "roc.png")
     print("\n".join(lines))
     print(f"wrote bundle {args.out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _bank_lines(asked: float | str, bundle: Bundle, choice: list[dict]) -> str:
+    """calibration.md's paragraph on the memory bank: what was asked, what each candidate measured."""
+    from patchsvdd.deploy.export import AUTO_TOLERANCE
+    from patchsvdd.evaluation.report import markdown_table
+
+    info = bundle.info
+    if not bundle.banks:
+        return f"No memory bank: a {bundle.kind} bundle keeps none."
+    rows = ", ".join(f"K={k}: {len(bank)} rows" for k, bank in bundle.banks.items())
+    kept = f"Memory bank: {info.get('bank_fraction')} of the patches ({info.get('bank_subsample')}; {rows})"
+    if asked != "auto":
+        return f"{kept}; --bank-fraction {asked} as asked."
+    if not choice:
+        return f"{kept}; --bank-fraction auto keeps the full bank: no defective calibration image to measure on."
+    return "\n".join(
+        [
+            f"{kept}: --bank-fraction auto kept the smallest k-center bank whose image and pixel AUROCs on the "
+            f"calibration images are within {AUTO_TOLERANCE} of the full bank's (--bank-fraction 1 keeps all):",
+            "",
+            markdown_table(choice, ["fraction", "rows_32", "det_auroc", "seg_auroc", "bank_mb", "chosen"]),
+        ]
+    )
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from patchsvdd.deploy.versions import history, rollback
+
+    if args.bundle_command == "rollback":
+        before, after = rollback(args.bundle)
+        print(f"{args.bundle}: version {before} -> {after} (version {before} stays in {args.bundle / 'versions'})")
+        return 0
+    if args.bundle_command == "history":
+        from patchsvdd.deploy.bundle import read_bundle
+
+        info = read_bundle(args.bundle).info
+        print(f"{args.bundle}: version {info.get('bundle_version', 1)}, written {info.get('written')}")
+        for entry in history(args.bundle):
+            print(
+                f"  v{entry['version']} ({entry.get('when')}): {entry.get('note', entry.get('change'))}; "
+                f"{entry.get('request')}; previous v{entry['previous_version']} sha256 {entry['previous_sha256'][:16]}"
+            )
+        return 0
+    import numpy as np
+
+    from patchsvdd.deploy.feedback import teach
+    from patchsvdd.deploy.inspector import to_image
+    from patchsvdd.device import resolve_device
+
+    files = _image_files(args.images)
+    images = np.stack([to_image(path) for path in files])
+    names = ", ".join(p.name for p in files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+    change = teach(
+        args.bundle,
+        images,
+        args.label,
+        request=f"patchsvdd bundle {args.bundle_command}: {names}",
+        device=str(resolve_device(args.device)),
+    )
+    print(f"{args.bundle}: version {change.version}: {change.note}; image threshold {change.threshold.value:.4g}")
     return 0
 
 
@@ -241,5 +307,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_bytes=args.max_bytes,
         workers=args.workers,
         device=args.device,
+        token_file=None if args.token_file is None else str(args.token_file),
+        allow_feedback=args.allow_feedback,
+        watch=None if args.watch is None else str(args.watch),
+        recent=args.recent,
     )
     return 0

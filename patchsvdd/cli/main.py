@@ -1,4 +1,4 @@
-"""Command line: patchsvdd synth | train | evaluate | export | predict | serve | import-weights | certs.
+"""Command line: patchsvdd synth | train | evaluate | export | predict | serve | bundle | import-weights | certs.
 
 This module only parses: the commands live in ``commands`` (synth, train,
 import-weights, certs) and ``inspect_commands`` (evaluate, export, predict,
@@ -44,6 +44,19 @@ def at_least(low: int, high: int | None = None) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def bank_fraction(text: str) -> float | str:
+    """--bank-fraction: 'auto' or a share in (0, 1]."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: 'auto' or a number in (0, 1]") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: the share must be in (0, 1]")
+    return value
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -166,9 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, type=Path, help="bundle folder to write")
     export.add_argument(
         "--bank-fraction",
-        type=float,
-        default=1.0,
-        help="keep this random share of the training patches in the memory banks (default 1: all)",
+        type=bank_fraction,
+        default="auto",
+        help="share of the training patches the memory banks keep: 'auto' (the smallest k-center bank within "
+        "0.005 AUROC of the full one on the labelled calibration images, measured and written to "
+        "calibration.md; the full bank without defective images), or a number in (0, 1]; 1 keeps all",
     )
     export.add_argument(
         "--subsample",
@@ -213,6 +228,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--workers", type=at_least(1), default=2, help="requests scored at once")
     serve.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    serve.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        help="a file whose first line is a token (16+ characters): every endpoint but /health and the page "
+        "then needs 'Authorization: Bearer <token>'",
+    )
+    serve.add_argument(
+        "--allow-feedback",
+        action="store_true",
+        help="accept POST /feedback (needs --token-file): good images join the memory bank, defective ones "
+        "recalibrate the threshold; each change is a new bundle version",
+    )
+    serve.add_argument("--watch", type=Path, default=None, help="a camera folder: inspect each new image in it")
+    serve.add_argument("--recent", type=at_least(1), default=24, help="decisions the page lists (kept in memory)")
+
+    bundle = sub.add_parser(
+        "bundle",
+        formatter_class=DefaultsHelp,
+        help="change a site bundle: add confirmed good or defective images, roll back, show its history",
+    )
+    bundle_sub = bundle.add_subparsers(dest="bundle_command", required=True)
+    for name, label in (("add-good", "good"), ("add-defective", "defective")):
+        adder = bundle_sub.add_parser(
+            name,
+            formatter_class=DefaultsHelp,
+            help=f"teach the bundle that these images are {label} "
+            + (
+                "(their patches join the memory bank; no training)"
+                if label == "good"
+                else "(kept for calibration; the threshold is chosen again)"
+            ),
+        )
+        adder.add_argument("bundle", type=Path, help="bundle folder written by 'patchsvdd export'")
+        adder.add_argument("images", nargs="+", type=Path, help="image files or folders (searched recursively)")
+        adder.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+        adder.set_defaults(label=label)
+    rollback = bundle_sub.add_parser("rollback", help="return to the bundle's previous version")
+    rollback.add_argument("bundle", type=Path, help="bundle folder")
+    shown = bundle_sub.add_parser("history", help="list the bundle's versions since export")
+    shown.add_argument("bundle", type=Path, help="bundle folder")
 
     released = sub.add_parser(
         "import-weights",
@@ -256,6 +312,7 @@ def _commands() -> dict[str, Callable[[argparse.Namespace], int]]:
         "export": inspect_commands.cmd_export,
         "predict": inspect_commands.cmd_predict,
         "serve": inspect_commands.cmd_serve,
+        "bundle": inspect_commands.cmd_bundle,
     }
 
 

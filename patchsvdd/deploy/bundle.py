@@ -6,7 +6,11 @@ image size, thresholds, where the model came from, when, version). A Patch SVDD
 bundle adds ``mean.npy`` (the site's training mean, (256,256,3) float32) and
 ``bank_64.npy`` / ``bank_32.npy`` (training patch embeddings (P,D) float32, all
 or a subsample); an autoencoder bundle needs no bank, only the scales of its two
-errors on the site's good images (in ``bundle.json``).
+errors on the site's good images (in ``bundle.json``). Export also keeps the
+calibration images with their labels and masks (``calibration.npz``), which
+operator feedback recalibrates on (``deploy.feedback``).
+Operator feedback makes new versions of a bundle in ``versions/NNNN`` (``deploy.versions``); reading a
+bundle reads the version its ``CURRENT`` file names, else the folder itself.
 Reading one never unpickles code (``numpy.load(allow_pickle=False)``).
 The memory bank and the mean are the site's data: a bundle stays at its site.
 """
@@ -26,6 +30,7 @@ import torch
 from patchsvdd import __version__
 from patchsvdd.data.images import IMAGE_SIZE
 from patchsvdd.deploy.calibration import Threshold
+from patchsvdd.deploy.versions import current_folder
 from patchsvdd.errors import InputError
 from patchsvdd.models.base import ModelFamily, SiteState
 from patchsvdd.models.registry import family_of
@@ -112,8 +117,9 @@ def _array_reader(folder: Path):
 
 
 def read_bundle(path: str | os.PathLike) -> Bundle:
-    """The bundle in folder ``path``; BundleError naming the file when something is missing or wrong."""
-    path = Path(path)
+    """The bundle in folder ``path`` (its current version, see ``deploy.versions``); BundleError naming the
+    file when something is missing or wrong."""
+    path = current_folder(path)
     info_file = path / INFO_FILE
     if not info_file.is_file():
         raise BundleError(f"{info_file}: not found (is {path} a bundle folder written by 'patchsvdd export'?)")

@@ -1,34 +1,56 @@
-"""REST service for one site bundle (FastAPI): ``POST /infer``, ``GET /health``, ``GET /info``.
+"""REST service and inspection page for one site bundle (FastAPI).
 
 ``patchsvdd serve BUNDLE`` loads the bundle once and answers
 
+* ``GET /``: the station page for the line (one self-contained HTML file, no
+  CDN): drop or pick an image, see the anomaly map over it with the regions
+  above the pixel threshold outlined, the score against the threshold, the
+  decision, the latest decisions, the bundle's metadata, and (with feedback on)
+  mark a decision good or defective.
 * ``POST /infer`` with JSON ``{"image": "<base64>"}`` (what the existing
   ``/infer`` services take) or a multipart form with a ``file`` (or ``image``)
   field; ``?map=true`` adds the anomaly map as a base64 PNG on the bundle's
-  colour scale. Answer: ``anomalous`` (and ``Anomaly``, the same, for clients
-  of those services), ``score``, ``normalized_score``, ``threshold``.
+  colour scale, ``?overlay=true`` the image with the map over it and the
+  regions outlined. Answer: ``id`` (of the decision, for feedback), ``anomalous``
+  (and ``Anomaly``, the same, for clients of those services), ``decision``,
+  ``score``, ``normalized_score``, ``threshold``, ``regions``, ``bundle_version``.
+* ``GET /recent``: the latest decisions, newest first, with thumbnails;
+  ``GET /decisions/{id}``: one of them with its overlay.
+* ``POST /feedback`` (only with ``--allow-feedback``, which needs a token):
+  ``{"id": "<decision id>" | "image": "<base64>", "label": "good" | "defective"}``;
+  writes a new bundle version (``deploy.feedback``) and serves it from then on.
 * ``GET /health``: ``{"status": "ok"}`` once the bundle is loaded.
 * ``GET /info``: the bundle's metadata (category, thresholds, bank sizes,
-  source, version); never its data.
+  source, version, history) and the service's settings; never its data.
 
-Inference runs in a pool of ``workers`` threads; a request waits for a free
-one. Bad input gets a 4xx with a sentence and the service keeps serving.
+With a token (``--token-file``) every endpoint but ``/health`` and the page
+itself needs ``Authorization: Bearer <token>``. Inference runs in a pool of
+``workers`` threads; a request waits for a free one. Bad input gets a 4xx with
+a sentence and the service keeps serving.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import io
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
 import numpy as np
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse
 from PIL import Image, UnidentifiedImageError
 
-from patchsvdd.deploy.inspector import Inspector, to_image
+from patchsvdd.deploy.feedback import LABELS
+from patchsvdd.deploy.inspector import to_image
+from patchsvdd.deploy.station import FolderWatcher, Station, png_base64
+from patchsvdd.errors import InputError
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_WORKERS = 2
@@ -49,15 +71,35 @@ def decode_image(data: bytes, what: str = "image") -> np.ndarray:
 
 def map_png(amap: np.ndarray, low: float, high: float) -> str:
     """An anomaly map (H,W) as a base64 PNG, coloured on the fixed scale ``low``..``high`` (``plots.CMAP``)."""
-    from matplotlib import colormaps
+    from patchsvdd.deploy.station import coloured
 
-    from patchsvdd.evaluation.plots import CMAP
+    return png_base64(coloured(amap, low, high))
 
-    scaled = np.clip((amap - low) / max(high - low, 1e-12), 0.0, 1.0)
-    rgb = (colormaps[CMAP](scaled)[..., :3] * 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+async def _json_body(request: Request, max_bytes: int) -> Any:
+    """The request's JSON, read no further than ``max_bytes``; HTTPException with a sentence otherwise."""
+    chunks, size = [], 0
+    async for chunk in request.stream():  # read no more than the limit, whatever the headers said
+        size += len(chunk)
+        if size > max_bytes:
+            raise HTTPException(413, f"request larger than the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise HTTPException(400, 'body is not JSON: send {"image": "<base64 of an image file>"}') from None
+
+
+def _base64_image(payload: dict, max_bytes: int) -> bytes:
+    if not isinstance(payload.get("image"), str):
+        raise HTTPException(400, 'JSON without an "image" string: send {"image": "<base64 of an image file>"}')
+    try:
+        data = base64.b64decode(payload["image"], validate=True)
+    except (binascii.Error, ValueError):
+        raise HTTPException(400, '"image" is not valid base64') from None
+    if len(data) > max_bytes:
+        raise HTTPException(413, f"image of {len(data)} bytes is larger than the limit of {max_bytes} bytes")
+    return data
 
 
 async def _image_bytes(request: Request, max_bytes: int) -> bytes:
@@ -73,23 +115,10 @@ async def _image_bytes(request: Request, max_bytes: int) -> bytes:
             raise HTTPException(400, f"multipart request without a file field ({' or '.join(IMAGE_FIELDS)})")
         data = await upload.read()
     elif kind in ("application/json", ""):
-        chunks, size = [], 0
-        async for chunk in request.stream():  # read no more than the limit, whatever the headers said
-            size += len(chunk)
-            if size > max_bytes:
-                raise HTTPException(413, f"request larger than the limit of {max_bytes} bytes")
-            chunks.append(chunk)
-        body = b"".join(chunks)
-        try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise HTTPException(400, 'body is not JSON: send {"image": "<base64 of an image file>"}') from None
-        if not isinstance(payload, dict) or not isinstance(payload.get("image"), str):
+        payload = await _json_body(request, max_bytes)
+        if not isinstance(payload, dict):
             raise HTTPException(400, 'JSON without an "image" string: send {"image": "<base64 of an image file>"}')
-        try:
-            data = base64.b64decode(payload["image"], validate=True)
-        except (binascii.Error, ValueError):
-            raise HTTPException(400, '"image" is not valid base64') from None
+        data = _base64_image(payload, max_bytes)
     else:
         raise HTTPException(415, f"content type {kind!r}: send application/json or multipart/form-data")
     if len(data) > max_bytes:
@@ -97,45 +126,177 @@ async def _image_bytes(request: Request, max_bytes: int) -> bytes:
     return data
 
 
-def create_app(inspector: Inspector, max_bytes: int = DEFAULT_MAX_BYTES, workers: int = DEFAULT_WORKERS) -> FastAPI:
-    """The service for ``inspector`` (a loaded bundle)."""
+PAGE = Path(__file__).with_name("station.html")
+
+
+def read_token(path: str | Path) -> str:
+    """The bearer token in the file ``path`` (its first line); InputError naming the file otherwise."""
+    path = Path(path)
+    try:
+        lines = path.read_text().strip().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the token file ({exc})") from None
+    token = lines[0].strip() if lines else ""
+    if len(token) < 16:
+        raise InputError(f"{path}: the token must be at least 16 characters on the first line")
+    return token
+
+
+def create_app(
+    station: Station,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    workers: int = DEFAULT_WORKERS,
+    token: str | None = None,
+    watch: str | Path | None = None,
+    watch_interval: float = 1.0,
+) -> FastAPI:
+    """The service and page for ``station`` (a loaded bundle); ``token``: the bearer token every endpoint
+    but /health and / asks for; ``watch``: a camera folder to inspect new images from."""
     if max_bytes < 1 or workers < 1:
         raise ValueError(f"max_bytes={max_bytes}, workers={workers}: both at least 1")
-    info = inspector.bundle.info
+    if station.allow_feedback and not token:
+        raise InputError("feedback changes the bundle: --allow-feedback needs --token-file")
+    watcher = FolderWatcher(station, watch, watch_interval) if watch is not None else None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if watcher is not None:
+            watcher.start()
+        yield
+        if watcher is not None:
+            watcher.stop()
+
+    info = station.info
     app = FastAPI(
         title="patchsvdd inspector",
         version=str(info.get("version", "")),
         description=f"Patch SVDD anomaly detection for '{info.get('category', '?')}' images.",
+        lifespan=lifespan,
     )
     limiter = anyio.CapacityLimiter(workers)
-    pixel = inspector.pixel_threshold
+
+    def authorised(request: Request) -> None:
+        if token is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            raise HTTPException(
+                401,
+                "this service needs its token: Authorization: Bearer <token>",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    guarded = [Depends(authorised)]
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> str:
+        return PAGE.read_text()
 
     @app.get("/health")
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/info")
+    @app.get("/info", dependencies=guarded)
     def bundle_info() -> dict[str, Any]:
-        return dict(info)
+        return {
+            **station.info,
+            "bundle_version": station.version,
+            "service": {
+                "feedback": station.allow_feedback,
+                "token": token is not None,
+                "recent": station.recent.maxlen,
+                "watch": None if watcher is None else str(watcher.folder),
+                "search": station.inspector.search,
+            },
+        }
 
-    @app.post("/infer")
-    async def infer(request: Request, map: bool = Query(False, description="add the anomaly map as a base64 PNG")):
+    @app.post("/infer", dependencies=guarded)
+    async def infer(
+        request: Request,
+        map: bool = Query(False, description="add the anomaly map as a base64 PNG"),
+        overlay: bool = Query(False, description="add the image with the map over it, regions outlined"),
+    ):
         data = await _image_bytes(request, max_bytes)
         try:
             image = decode_image(data)
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
-        result = await anyio.to_thread.run_sync(inspector.inspect, image, limiter=limiter)
+        decision, result = await anyio.to_thread.run_sync(station.inspect, image, limiter=limiter)
         answer: dict[str, Any] = {
+            "id": decision.id,
             "anomalous": result.anomalous,
             "Anomaly": result.anomalous,
+            "decision": "defective" if result.anomalous else "good",
             "score": result.score,
             "normalized_score": result.normalized_score,
-            "threshold": inspector.image_threshold.value,
+            "threshold": decision.threshold,
+            "regions": decision.regions,
+            "bundle_version": decision.bundle_version,
         }
         if map:
+            pixel = station.inspector.pixel_threshold
             answer["map"] = map_png(result.map, pixel.low, pixel.high)
+        if overlay:
+            answer["overlay"] = decision.overlay
         return answer
+
+    @app.get("/recent", dependencies=guarded)
+    def recent() -> dict[str, Any]:
+        return {
+            "decisions": [d.summary() for d in station.decisions()],
+            "keep": station.recent.maxlen,
+            "watch_errors": [] if watcher is None else list(watcher.errors),
+        }
+
+    @app.get("/decisions/{decision_id}", dependencies=guarded)
+    def decision(decision_id: str) -> dict[str, Any]:
+        found = station.find(decision_id)
+        if found is None:
+            raise HTTPException(
+                404, f"no recent decision {decision_id!r} (the service keeps the last {station.recent.maxlen})"
+            )
+        return found.summary(with_overlay=True)
+
+    @app.post("/feedback", dependencies=guarded)
+    async def feedback(request: Request) -> dict[str, Any]:
+        if not station.allow_feedback:
+            raise HTTPException(403, "feedback is off: start the service with --allow-feedback and --token-file")
+        payload = await _json_body(request, max_bytes)
+        if not isinstance(payload, dict) or payload.get("label") not in LABELS:
+            raise HTTPException(400, f'send {{"id" or "image", "label": {" or ".join(map(repr, LABELS))}}}')
+        found = None
+        if isinstance(payload.get("id"), str):
+            found = station.find(payload["id"])
+            if found is None:
+                raise HTTPException(404, f"no recent decision {payload['id']!r}: send the image instead")
+            image, request_name = found.image, f"feedback on decision {found.id} ({found.source})"
+        elif "image" in payload:
+            try:
+                image = decode_image(_base64_image(payload, max_bytes))
+            except ValueError as exc:
+                raise HTTPException(400, str(exc)) from None
+            request_name = "feedback with an image"
+        else:
+            raise HTTPException(400, 'feedback needs the "id" of a recent decision or an "image"')
+        client = request.client.host if request.client else "?"
+        try:
+            change = await anyio.to_thread.run_sync(
+                station.teach, image, payload["label"], f"POST /feedback from {client}: {request_name}"
+            )
+        except InputError as exc:
+            raise HTTPException(409, str(exc)) from None
+        if found is not None:
+            found.feedback = payload["label"]  # shown with the decision in /recent
+        after, _ = await anyio.to_thread.run_sync(station.inspect, image, "feedback check", limiter=limiter)
+        return {
+            "version": change.version,
+            "label": change.label,
+            "note": change.note,
+            "threshold": change.threshold.value,
+            "bank_rows": change.bank_rows,
+            "decision": after.summary(with_overlay=True),
+        }
 
     return app
 
@@ -147,11 +308,19 @@ def serve(
     max_bytes: int = DEFAULT_MAX_BYTES,
     workers: int = DEFAULT_WORKERS,
     device: str = "auto",
+    token_file: str | None = None,
+    allow_feedback: bool = False,
+    watch: str | None = None,
+    recent: int = 24,
 ) -> None:
     """Load ``bundle`` once and serve it with uvicorn until stopped."""
     import uvicorn
 
-    from patchsvdd.deploy.inspector import load_bundle
-
-    app = create_app(load_bundle(bundle, device=device), max_bytes=max_bytes, workers=workers)
+    token = read_token(token_file) if token_file is not None else None
+    if allow_feedback and token is None:
+        raise InputError("feedback changes the bundle: --allow-feedback needs --token-file")
+    if watch is not None and not Path(watch).is_dir():
+        raise InputError(f"--watch {watch}: no such folder")
+    station = Station(bundle, device=device, recent=recent, allow_feedback=allow_feedback)
+    app = create_app(station, max_bytes=max_bytes, workers=workers, token=token, watch=watch)
     uvicorn.run(app, host=host, port=port, log_level="info")

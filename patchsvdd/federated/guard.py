@@ -107,6 +107,7 @@ REQUIREMENTS_FILE = "requirements.txt"
 EXPERIMENT_RECORD = "patchsvdd_experiment.json"  # client.EXPERIMENT_RECORD
 ARCHIVE_FILES = frozenset({PLAN_FILE, REQUIREMENTS_FILE, EXPERIMENT_RECORD, *(name for name, _ in PICKLES.values())})
 MAX_ARCHIVE_BYTES = 2**30  # uncompressed; this project's archives hold a model of a few MB
+REFUSED_BACKOFF_SECONDS = 5  # an envoy that is handed an experiment it refused waits this long before asking again
 NETWORK_SETTINGS = frozenset(
     {"agg_addr", "agg_port", "cert_folder", "client_reconnect_interval", "hash_salt", "require_client_auth", "use_tls"}
 )
@@ -703,6 +704,7 @@ def make_guarded_envoy(policy_of: Callable[[Any], SitePolicy]) -> type:
             self.site_director_host, self.site_tls = str(kwargs["director_host"]), bool(kwargs.get("tls", True))
             super().__init__(**kwargs)
             self.policy = policy_of(self)
+            self.refused: set[str] = set()
 
         def review(self, experiment: str, archive: str) -> bool:
             """True when ``experiment`` may run; else say why, tell the director, and False."""
@@ -723,6 +725,7 @@ def make_guarded_envoy(policy_of: Callable[[Any], SitePolicy]) -> type:
 
         def refuse(self, experiment: str, reason: str) -> None:
             line = f"{self.name} refused experiment {experiment!r}: {reason}"
+            self.refused.add(experiment)
             say(line)
             try:
                 self.director_client.set_experiment_failed(experiment, error_code=2, error_description=line)
@@ -734,6 +737,9 @@ def make_guarded_envoy(policy_of: Callable[[Any], SitePolicy]) -> type:
             while True:
                 try:
                     experiment = self.director_client.wait_experiment()
+                    if experiment in self.refused:  # handed out again: neither fetched nor said twice
+                        time.sleep(REFUSED_BACKOFF_SECONDS)
+                        continue
                     data_stream = self.director_client.get_experiment_data(experiment)
                     # (OpenFL reads the stream outside its try: an archive the director has dropped meanwhile
                     # would end the envoy)

@@ -171,6 +171,25 @@ class ModelFamily(ABC, Generic[ModelT]):
         """What a bundle keeps of a site's good images (N,H,W,3) (``bank_fraction`` of the patches, chosen by
         ``subsample``, where the model keeps patches)."""
 
+    def site_states(
+        self, model: ModelT, good_images: np.ndarray, mean: np.ndarray, bank_fractions: Sequence[float], subsample: str
+    ) -> list[SiteState]:
+        """``site_state`` for each of ``bank_fractions`` (a family may share the work between them)."""
+        return [self.site_state(model, good_images, mean, fraction, subsample) for fraction in bank_fractions]
+
+    def add_good(
+        self,
+        model: ModelT,
+        state: SiteState,
+        good_images: np.ndarray,
+        n_images: int,
+        bank_fraction: float,
+        subsample: str,
+    ) -> SiteState:
+        """``state`` (made from ``n_images`` good images) taught more confirmed good images (M,H,W,3) without
+        training, keeping its bank's size policy. A family that keeps no patches cannot: ValueError."""
+        raise ValueError(f"a {self.name} bundle keeps no memory bank: confirmed good images cannot be added to it")
+
     @abstractmethod
     def state_fields(self, model: ModelT, state: SiteState) -> dict:
         """The family's own fields of ``bundle.json``."""

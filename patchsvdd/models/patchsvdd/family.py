@@ -4,6 +4,7 @@ the held-out position loss, and maps from nearest training patches of both K (fu
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ from patchsvdd.models.base import (
     SiteState,
     count_parameters,
 )
-from patchsvdd.models.patchsvdd.bank import BankSearch, MemoryBank, memory_banks
+from patchsvdd.models.patchsvdd.bank import BankSearch, MemoryBank, grow_banks, memory_banks, subsample_banks
 from patchsvdd.models.patchsvdd.network import (
     LARGE_PATCH,
     SMALL_PATCH,
@@ -137,6 +138,33 @@ class PatchSVDDFamily(ModelFamily[PatchSVDD]):
     ) -> SiteState:
         banks = memory_banks(model.eval(), standardise(good_images, mean), bank_fraction, subsample)
         return SiteState(mean=mean, banks=banks)
+
+    def site_states(
+        self,
+        model: PatchSVDD,
+        good_images: np.ndarray,
+        mean: np.ndarray,
+        bank_fractions: Sequence[float],
+        subsample: str,
+    ) -> list[SiteState]:
+        embeddings = embed_images(model.eval(), standardise(good_images, mean))  # once for every fraction
+        return [SiteState(mean=mean, banks=subsample_banks(embeddings, f, subsample)) for f in bank_fractions]
+
+    def add_good(
+        self,
+        model: PatchSVDD,
+        state: SiteState,
+        good_images: np.ndarray,
+        n_images: int,
+        bank_fraction: float,
+        subsample: str,
+    ) -> SiteState:
+        if state.mean is None:
+            raise ValueError("a Patch SVDD site state needs the training mean")
+        inputs = standardise(good_images, state.mean)
+        kcenter = bank_fraction < 1 and subsample == "kcenter"  # a full bank is one row per patch, in any order
+        banks = grow_banks(model.eval(), state.banks, inputs, "kcenter" if kcenter else "append")
+        return SiteState(mean=state.mean, banks=banks)
 
     def state_fields(self, model: PatchSVDD, state: SiteState) -> dict:
         return {"emb_dim": model.emb_dim}
