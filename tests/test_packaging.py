@@ -60,8 +60,14 @@ def test_the_service_imports_no_federation_or_notebook_package() -> None:
 @pytest.mark.slow
 def test_the_wheel_carries_the_station_page(tmp_path: Path) -> None:
     """`patchsvdd serve` answers / with a file beside its code: an installed package must hold it."""
+    import shutil
     import zipfile
 
+    source = tmp_path / "source"  # a copy: the build leaves build/ beside its source
+    shutil.copytree(ROOT / "patchsvdd", source / "patchsvdd", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "requirements", source / "requirements")
+    for name in ("pyproject.toml", "README.md", "MANIFEST.in", "requirements.txt"):
+        shutil.copy(ROOT / name, source / name)
     run = subprocess.run(
         [
             sys.executable,
@@ -72,14 +78,14 @@ def test_the_wheel_carries_the_station_page(tmp_path: Path) -> None:
             "--no-build-isolation",
             "-q",
             "-w",
-            str(tmp_path),
-            str(ROOT),
+            str(tmp_path / "wheel"),
+            str(source),
         ],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert run.returncode == 0, run.stderr[-2000:]
-    (wheel,) = tmp_path.glob("patchsvdd-*.whl")
+    (wheel,) = (tmp_path / "wheel").glob("patchsvdd-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "patchsvdd/deploy/station.html" in names and "patchsvdd/deploy/station.py" in names
