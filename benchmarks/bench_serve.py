@@ -36,7 +36,7 @@ from patchsvdd.deploy.bundle import bundle_bytes
 from patchsvdd.deploy.export import export_bundle
 from patchsvdd.models.patchsvdd.released import import_released
 from patchsvdd.system.harness import Processes, wait_for
-from patchsvdd.system.probes import free_port
+from patchsvdd.system.probes import free_port, service_healthy
 from patchsvdd.training.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,13 +53,6 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def up(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def post(client: httpx.Client, url: str, body: bytes) -> dict:
@@ -134,7 +127,7 @@ def main() -> None:
                 folder.parent / f"serve_{fraction:g}.log",
             )
             start = time.perf_counter()
-            wait_for(lambda url=url: up(url), 600, "the service to answer /health", [node])
+            wait_for(lambda url=url: service_healthy(url), 600, "the service to answer /health", [node])
             load_s = time.perf_counter() - start
             p50_256, p95_256 = latencies(url, png(data.test_images[0], 256))
             p50_1024, p95_1024 = latencies(url, png(data.test_images[0], 1024), count=10)

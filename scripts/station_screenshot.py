@@ -15,18 +15,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-import httpx
-
 from patchsvdd.system.browser import headless_chromium
 from patchsvdd.system.harness import Processes, wait_for
-from patchsvdd.system.probes import free_port
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+from patchsvdd.system.probes import free_port, service_healthy
 
 
 def main() -> int:
@@ -48,7 +39,7 @@ def main() -> int:
         command = [sys.executable, "-m", "patchsvdd.cli.main", "serve", str(args.bundle), "--port", str(port)]
         command += ["--token-file", str(Path(folder) / "token"), "--allow-feedback"]
         node = processes.start("serve", command, Path(folder) / "serve.log")
-        wait_for(lambda: _up(url), 300, "the station to answer /health", [node])
+        wait_for(lambda: service_healthy(url), 300, "the station to answer /health", [node])
         browser = headless_chromium(args.width, args.height)
         try:
             wait = WebDriverWait(browser, 300)

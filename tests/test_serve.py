@@ -19,7 +19,7 @@ from patchsvdd.deploy.export import export_bundle
 from patchsvdd.deploy.inspector import load_bundle
 from patchsvdd.models.patchsvdd.network import PatchSVDD
 from patchsvdd.system.harness import Processes, wait_for
-from patchsvdd.system.probes import free_port
+from patchsvdd.system.probes import free_port, service_healthy
 
 pytestmark = pytest.mark.slow
 MAX_BYTES = 400_000
@@ -29,13 +29,6 @@ def _png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +57,7 @@ def service(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory):
             ],
             folder / "serve.log",
         )
-        wait_for(lambda: _up(url), 120, "the service to answer /health", [node])
+        wait_for(lambda: service_healthy(url), 120, "the service to answer /health", [node])
         yield url, folder / "bundle", data, node
 
 
@@ -108,7 +101,7 @@ def test_bad_input_gets_a_4xx_with_a_sentence_and_the_service_goes_on(service, r
     url, _, data, node = service
     answer = httpx.post(f"{url}/infer", timeout=30, **request_kwargs)
     assert answer.status_code == status and text in answer.json()["detail"]
-    assert node.process.poll() is None and _up(url)
+    assert node.process.poll() is None and service_healthy(url)
 
 
 def test_concurrent_requests_all_answered_alike(service) -> None:

@@ -25,7 +25,7 @@ from patchsvdd.deploy.inspector import load_bundle
 from patchsvdd.deploy.versions import CURRENT_FILE, current_folder
 from patchsvdd.models.patchsvdd.network import PatchSVDD
 from patchsvdd.system.harness import Node, Processes, wait_for
-from patchsvdd.system.probes import free_port
+from patchsvdd.system.probes import free_port, service_healthy
 
 pytestmark = pytest.mark.slow
 TOKEN = "station-test-token-0123456789"
@@ -41,20 +41,13 @@ def _b64(array: np.ndarray) -> str:
     return base64.b64encode(_png(array)).decode()
 
 
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def start_station(processes: Processes, bundle: Path, folder: Path, *options: str) -> tuple[str, Node]:
     """``patchsvdd serve bundle options...`` on a free loopback port; (its URL, its node) once /health answers."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "patchsvdd.cli.main", "serve", str(bundle), "--port", str(port), *options]
     node = processes.start("serve", command, folder / f"serve-{port}.log")
-    wait_for(lambda: _up(url), 120, "the station to answer /health", [node])
+    wait_for(lambda: service_healthy(url), 120, "the station to answer /health", [node])
     return url, node
 
 
@@ -181,7 +174,7 @@ def test_bad_feedback_gets_a_4xx_and_changes_nothing(station, body, status, text
     answer = httpx.post(f"{url}/feedback", json=body, headers=_auth(), timeout=30)
     assert answer.status_code == status and text in answer.json()["detail"]
     after = (bundle / CURRENT_FILE).read_text() if (bundle / CURRENT_FILE).exists() else None
-    assert before == after and _up(url)
+    assert before == after and service_healthy(url)
 
 
 def test_the_camera_folder_is_watched(station) -> None:

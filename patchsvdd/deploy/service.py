@@ -238,7 +238,7 @@ def create_app(
             pixel = station.inspector.pixel_threshold
             answer["map"] = map_png(result.map, pixel.low, pixel.high)
         if overlay:
-            answer["overlay"] = decision.overlay
+            answer["overlay"] = decision.pictures()[0]
         return answer
 
     @app.get("/recent", dependencies=guarded)

@@ -57,9 +57,9 @@ def regions(amap: np.ndarray, threshold: float) -> tuple[np.ndarray, int]:
     return above, int(count)
 
 
-def overlay(image: np.ndarray, amap: np.ndarray, low: float, threshold: float, high: float) -> tuple[np.ndarray, int]:
+def overlay(image: np.ndarray, amap: np.ndarray, low: float, threshold: float, high: float) -> np.ndarray:
     """The image (H,W,3) uint8 with the map coloured over it where it rises above ``low`` (more opaque as it
-    rises) and the regions at or above the pixel ``threshold`` outlined in white on black; (picture, regions)."""
+    rises) and the regions at or above the pixel ``threshold`` outlined in white on black: (H,W,3) uint8."""
     colours = coloured(amap, low, high).astype(np.float32)
     weight = OVERLAY_ALPHA * np.clip((amap - low) / max(high - low, 1e-12), 0.0, 1.0)[..., None]
     picture = image.astype(np.float32) * (1 - weight) + colours * weight
@@ -69,7 +69,7 @@ def overlay(image: np.ndarray, amap: np.ndarray, low: float, threshold: float, h
         halo = ndimage.binary_dilation(edge, iterations=1) & ~edge
         picture[halo] = 0.0
         picture[edge] = 255.0
-    return np.clip(picture, 0, 255).astype(np.uint8), count
+    return np.clip(picture, 0, 255).astype(np.uint8)
 
 
 def thumbnail(picture: np.ndarray, size: int = THUMBNAIL) -> np.ndarray:
@@ -79,8 +79,9 @@ def thumbnail(picture: np.ndarray, size: int = THUMBNAIL) -> np.ndarray:
 
 @dataclass
 class Decision:
-    """One inspected image as the station remembers it: what was decided, and the image itself (for
-    feedback by ``id``; never sent back)."""
+    """One inspected image as the station remembers it: what was decided, the image and its map (for
+    feedback by ``id`` and for the pictures, drawn when first asked for: an API client that only wants the
+    decision never pays for them; neither array is ever sent back)."""
 
     id: str
     when: float
@@ -91,12 +92,22 @@ class Decision:
     threshold: float
     regions: int
     bundle_version: int
-    overlay: str  # base64 PNG (256,256)
-    thumbnail: str  # base64 PNG (THUMBNAIL,THUMBNAIL)
-    image: np.ndarray = field(repr=False)
+    pixel_scale: tuple[float, float, float]  # the pixel threshold's (low, value, high) the overlay is drawn on
+    image: np.ndarray = field(repr=False)  # (256,256,3) uint8
+    map: np.ndarray = field(repr=False)  # (256,256) float32
     feedback: str | None = None
+    _pictures: tuple[str, str] | None = field(default=None, repr=False)
+
+    def pictures(self) -> tuple[str, str]:
+        """(overlay (256,256), thumbnail (THUMBNAIL,THUMBNAIL)) as base64 PNGs, drawn once."""
+        if self._pictures is None:
+            low, value, high = self.pixel_scale
+            picture = overlay(self.image, self.map, low, value, high)
+            self._pictures = png_base64(picture), png_base64(thumbnail(picture))
+        return self._pictures
 
     def summary(self, with_overlay: bool = False) -> dict[str, Any]:
+        drawn, small = self.pictures()
         answer = {
             "id": self.id,
             "when": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.when)),
@@ -109,10 +120,10 @@ class Decision:
             "regions": self.regions,
             "bundle_version": self.bundle_version,
             "feedback": self.feedback,
-            "thumbnail": self.thumbnail,
+            "thumbnail": small,
         }
         if with_overlay:
-            answer["overlay"] = self.overlay
+            answer["overlay"] = drawn
         return answer
 
 
@@ -152,7 +163,7 @@ class Station:
         inspector = self.inspector  # one version for the whole answer, even if feedback swaps it meanwhile
         result = inspector.inspect(image)
         pixel = inspector.pixel_threshold
-        picture, count = overlay(image, result.map, pixel.low, pixel.value, pixel.high)
+        _, count = regions(result.map, pixel.value)
         decision = Decision(
             id=uuid.uuid4().hex[:12],
             when=time.time(),
@@ -163,9 +174,9 @@ class Station:
             threshold=inspector.image_threshold.value,
             regions=count,
             bundle_version=version_number(inspector.bundle.info),
-            overlay=png_base64(picture),
-            thumbnail=png_base64(thumbnail(picture)),
+            pixel_scale=(pixel.low, pixel.value, pixel.high),
             image=image,
+            map=result.map,
         )
         with self._recent_lock:
             self.recent.appendleft(decision)
