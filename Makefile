@@ -1,6 +1,6 @@
 # make demo: set up .venv if needed, then run the federated demo end to end on built-in data.
-# make test: set up .venv if needed (and headless Chromium, see make browser), then run the test suite (make
-#   test-fast: without the slow end-to-end tests).
+# make test: set up .venv if needed (and the system tools some tests need, see make test-tools), then run the test
+#   suite (make test-fast: without the slow end-to-end tests).
 # make lint: ruff (lint and format check) and mypy.
 # DATA_ROOT=/path/to/mvtec CATEGORY=bottle make demo   runs the same demo on real MVTec AD data.
 
@@ -12,7 +12,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install data demo demo-learn browser test test-fast lint bench clean
+.PHONY: install data demo demo-learn test-tools test test-fast lint bench clean
 
 $(STAMP): requirements.txt $(wildcard requirements/*.txt) pyproject.toml
 	@test -x $(PY) || test -n "$(PYTHON)" || { echo "make: no Python 3.10, 3.11 or 3.12 found (python3 is" \
@@ -37,11 +37,12 @@ demo: install
 demo-learn: install
 	$(PY) -m patchsvdd.cli.demo --learn
 
-# headless Chromium for the station page's test (Debian packages; skipped with a reason where not root)
-browser:
-	@scripts/install-browser
+# headless Chromium for the station page's test, iproute2 and nftables for the test hosts in network namespaces
+# (Debian packages; those tests skip with a reason where they cannot be installed)
+test-tools:
+	@scripts/install-test-tools
 
-test: install browser
+test: install test-tools
 	$(PY) -m pytest
 
 test-fast: install

@@ -1,5 +1,5 @@
 """Headless Chromium for looking at the station page as a person would: Debian's ``chromium`` and
-``chromium-driver`` packages (``make browser``), driven with selenium."""
+``chromium-driver`` packages (``make test-tools``), driven with selenium."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ def headless_chromium(width: int = 1280, height: int = 1000) -> Any:
     driver = shutil.which("chromedriver")
     if binary is None or driver is None:
         missing = " and ".join(n for n, p in (("chromium", binary), ("chromedriver", driver)) if p is None)
-        raise BrowserUnavailable(f"no {missing} on PATH: 'make browser' installs Debian's chromium and chromium-driver")
+        raise BrowserUnavailable(
+            f"no {missing} on PATH: 'make test-tools' installs Debian's chromium and chromium-driver"
+        )
     options = webdriver.ChromeOptions()
     options.binary_location = binary
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
