@@ -57,6 +57,7 @@ lint: $(STAMP)
 bench: install
 	$(PY) benchmarks/bench_embed.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_step_limit.py
 	$(PY) benchmarks/bench_evaluate.py
 	$(PY) benchmarks/bench_exact_search.py
 	$(PY) benchmarks/bench_serve.py

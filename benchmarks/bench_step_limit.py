@@ -8,6 +8,8 @@ forward and backward (PyTorch, oneDNN) against those three matrix products on re
 unfolding, so a lower bound on what any im2col convolution can take), and prints the rate each reaches beside a
 2048^3 product's. When the convolutions take about as long as the bare products of their shapes, the step is at
 what the matrix engine delivers for those shapes: only fewer FLOPs (another algorithm) would make it faster.
+The whole fp32 step (sampling, both encoders, losses, backward, Adam; the project's own functions) is timed in
+the same run, so that the share of it outside the convolutions shows.
 
     python benchmarks/bench_step_limit.py [--batch-size 64] [--repeats 7]
 """
@@ -23,9 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from patchsvdd.device import NATIVE_BF16_FLAGS, cpu_flags
-from patchsvdd.models.patchsvdd.network import SMALL_ENCODER_CHANNELS, SMALL_PATCH
-from patchsvdd.models.patchsvdd.training import ENCODER_CHUNK
+from patchsvdd.models.patchsvdd.network import SMALL_ENCODER_CHANNELS, SMALL_PATCH, PatchSVDD
+from patchsvdd.models.patchsvdd.training import ENCODER_CHUNK, batch_losses, sample_batch
 from patchsvdd.settings import EMB_DIM
+from patchsvdd.training.loop import as_generator, make_optimizer
 
 INPUTS_PER_PAIR = 20  # per pair of each loss: 2 x 4 quadrants (K=64) + 2 patches (K=32), for position and SVDD
 
@@ -87,6 +90,24 @@ def time_layer(layer: dict[str, int], first: bool, repeats: int) -> tuple[float,
     return median_seconds(convolution, repeats), gemm, flops
 
 
+def step_seconds(batch_size: int, repeats: int) -> float:
+    """Median seconds of one whole fp32 training step at ``batch_size`` pairs per loss, on 20 random 256x256
+    images (standardised images' scale): drawing the pairs, both encoders, the losses, backward and Adam."""
+    torch.manual_seed(0)
+    model = PatchSVDD()
+    optimizer = make_optimizer(model)
+    images, generator = torch.randn(20, 3, 256, 256) * 0.2, as_generator(0)
+
+    def step() -> None:
+        index = torch.randint(0, len(images), (batch_size,), generator=generator)
+        loss = batch_losses(model, sample_batch(images, index, generator), lambda_svdd=1e-3)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return median_seconds(step, repeats)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=64, help="pairs per loss (the paper's 64)")
@@ -119,6 +140,11 @@ def main() -> None:
         f"(ratio {total_conv / total_gemm:.2f}); {total_flops * chunks / 1e9:.0f} GFLOP; the products reach "
         f"{total_flops / total_gemm / peak:.2f} of the 2048^3 rate, the convolutions "
         f"{total_flops / total_conv / peak:.2f}"
+    )
+    step = step_seconds(args.batch_size, args.repeats)
+    print(
+        f"the whole fp32 step: {step:.3f} s, of which the convolutions' forward and backward "
+        f"{total_conv * chunks / step:.2f} (the rest: activations, copies, sampling, losses, Adam)"
     )
 
 
