@@ -281,7 +281,10 @@ def test_the_page_in_headless_chromium(exported, tmp_path: Path) -> None:
             token.send_keys(TOKEN)
             browser.find_element(By.ID, "token-use").click()
             wait.until(lambda b: "bundle version 1" in b.find_element(By.ID, "subtitle").text)
-            assert "fabric" in browser.find_element(By.ID, "meta").text
+            meta = browser.find_element(By.ID, "meta").text
+            assert "fabric" in meta
+            assert "K=64: " in meta and " · K=32: " in meta and "of the training patches" in meta, meta
+            assert "{" not in meta, meta  # the bank's sizes in words, not as JSON
             browser.find_element(By.ID, "file").send_keys(str(tmp_path / "part.png"))
             wait.until(lambda b: b.find_element(By.ID, "decision").text.strip() != "")
             decision = browser.find_element(By.ID, "decision")
