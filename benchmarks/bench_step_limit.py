@@ -23,8 +23,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from bench_train import matmul_rate  # the 2048^3 product's rate, measured as bench_train measures it
 
-from patchsvdd.device import NATIVE_BF16_FLAGS, cpu_flags
+from patchsvdd.device import timing_flags
 from patchsvdd.models.patchsvdd.network import SMALL_ENCODER_CHANNELS, SMALL_PATCH, PatchSVDD
 from patchsvdd.models.patchsvdd.training import ENCODER_CHUNK, batch_losses, sample_batch
 from patchsvdd.settings import EMB_DIM
@@ -113,17 +114,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="pairs per loss (the paper's 64)")
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per measurement (median)")
     args = parser.parse_args()
-    flags = cpu_flags()
-    shown = sorted((flags or set()) & (NATIVE_BF16_FLAGS | {"avx512f", "avx2", "avx512_vnni"}))
     inputs = INPUTS_PER_PAIR * args.batch_size
     chunks = inputs / ENCODER_CHUNK
-    flag_text = ", ".join(shown) if flags is not None else "unreadable"
     print(
-        f"fp32, {torch.get_num_threads()} threads, CPU flags {flag_text}; "
+        f"fp32, {torch.get_num_threads()} threads, CPU flags {timing_flags()}; "
         f"batch {args.batch_size}: {inputs} 32x32 inputs a step = {chunks:g} chunks of {ENCODER_CHUNK}"
     )
-    big = torch.randn(2048, 2048)
-    peak = 2 * 2048**3 / min(median_seconds(lambda: big @ big, 1) for _ in range(args.repeats))
+    peak = matmul_rate(torch.device("cpu"))
     print(f"a 2048^3 product: {peak / 1e9:.0f} GFLOP/s")
     print("layer  c_in->c_out  out   M x K x N (per chunk)    conv ms  products ms  conv/products  products GFLOP/s")
     total_conv = total_gemm = total_flops = 0.0

@@ -37,7 +37,7 @@ import torch
 
 from patchsvdd.data.mvtec import index_category, load_category, standardise
 from patchsvdd.data.synth import generate_category
-from patchsvdd.device import NATIVE_BF16_FLAGS, bf16_support, cpu_flags, resolve_device
+from patchsvdd.device import bf16_support, resolve_device, timing_flags
 from patchsvdd.models.patchsvdd.network import PatchSVDD, initialise
 from patchsvdd.models.patchsvdd.training import (
     LOSS_NAMES,
@@ -152,13 +152,8 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     support = bf16_support(device)
-    flags = cpu_flags()
-    shown = sorted((flags or set()) & (NATIVE_BF16_FLAGS | {"avx512f", "avx2", "avx512_vnni"}))
     print(f"precision auto on {device}: {support.reason}")
-    print(
-        f"CPU flags: {', '.join(shown) if flags is not None else 'not readable'}; "
-        f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}"
-    )
+    print(f"CPU flags: {timing_flags()}; ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', 'unset')}")
     with tempfile.TemporaryDirectory() as root:
         generate_category(root, "fabric", seed=0, n_train=20, n_test_good=1, n_test_per_defect=1)
         data = load_category(index_category(root, "fabric"))

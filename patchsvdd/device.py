@@ -56,6 +56,15 @@ def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str] | None:
     return None
 
 
+def timing_flags(cpuinfo: Path = CPUINFO) -> str:
+    """The CPU flags a recorded timing depends on (native bf16, AVX-512, AVX2, VNNI), comma-separated, in words
+    where ``cpuinfo`` cannot be read: for the benchmarks' first line."""
+    flags = cpu_flags(cpuinfo)
+    if flags is None:
+        return "not readable"
+    return ", ".join(sorted(flags & (NATIVE_BF16_FLAGS | {"avx512f", "avx2", "avx512_vnni"}))) or "none of note"
+
+
 def _bf16_probe_faster(repeats: int = 3) -> tuple[bool, float, float]:
     """Time a K=32-encoder-sized convolution stack forward and backward in fp32 and under bf16 autocast on
     this CPU (best of ``repeats``, about a second in all): (bf16 at least 10 % faster, fp32 s, bf16 s)."""

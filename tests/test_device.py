@@ -39,6 +39,13 @@ def test_cpu_flags_read_x86_and_arm_lines(tmp_path: Path) -> None:
     assert dev.cpu_flags(_cpuinfo(tmp_path, "processor : 0\n")) is None
 
 
+def test_timing_flags_name_the_flags_a_timing_depends_on(tmp_path: Path) -> None:
+    assert dev.timing_flags(_cpuinfo(tmp_path, WITH_BF16)) == "amx_bf16, avx2, avx512_bf16, avx512_vnni, avx512f"
+    assert dev.timing_flags(_cpuinfo(tmp_path, WITHOUT_BF16)) == "avx2, avx512_vnni, avx512f"
+    assert dev.timing_flags(_cpuinfo(tmp_path, "processor\t: 0\nflags\t\t: fpu sse2\n")) == "none of note"
+    assert dev.timing_flags(tmp_path / "absent") == "not readable"
+
+
 def test_auto_is_bf16_only_where_the_cpu_has_it(
     tmp_path: Path, onednn_says_bf16: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
