@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from patchsvdd.device import cpu_flags
+from patchsvdd.device import timing_flags
 from patchsvdd.models.patchsvdd import scoring
 
 PATCHES_PER_IMAGE = 57 * 57  # K=32, stride 4, 256 px
@@ -128,9 +128,7 @@ def main() -> None:
     parser.add_argument("--latent", type=int, default=4)
     parser.add_argument("--case", choices=[*CASES, "all"], default="all")
     args = parser.parse_args()
-    flags = cpu_flags()
-    shown = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in (flags or ()))
-    print(f"CPU flags: {shown or 'unknown'}; torch threads {torch.get_num_threads()}")
+    print(f"CPU flags: {timing_flags()}; torch threads {torch.get_num_threads()}")
     for name in CASES if args.case == "all" else [args.case]:
         run_case(name, args)
 
