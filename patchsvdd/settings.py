@@ -205,24 +205,32 @@ def _has_type(value: Any, hint: str) -> bool:
     return isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
 
 
-def checked_settings(value: object) -> ExperimentSettings:
-    """``value`` if it is an ExperimentSettings whose every field has its declared type and whose checks pass
-    again (what a site checks of settings it receives: unpickling skips ``__post_init__``); SettingsError
-    naming the field otherwise."""
-    if type(value) is not ExperimentSettings:
-        raise SettingsError(f"the settings are a {type(value).__name__}, not ExperimentSettings")
-    state = vars(value)
+def settings_from_dict(values: object) -> ExperimentSettings:
+    """ExperimentSettings from a plain mapping (a manifest's JSON), if it names exactly the fields, each of its
+    declared type and finite, and the settings' checks pass; SettingsError naming the field otherwise."""
+    if not isinstance(values, dict):
+        raise SettingsError(f"the settings are a {type(values).__name__}, not a mapping of ExperimentSettings' fields")
     names = {f.name: f.type for f in fields(ExperimentSettings)}
-    if set(state) != set(names):
+    if set(values) != set(names):
         raise SettingsError(
-            f"the settings have the fields {sorted(set(state) ^ set(names))} beyond or without ExperimentSettings' own"
+            f"the settings have the fields {sorted(map(str, set(values) ^ set(names)))[:5]} beyond or without "
+            "ExperimentSettings' own"
         )
     for name, hint in names.items():
-        if not _has_type(state[name], str(hint)):
-            raise SettingsError(f"settings.{name} is {state[name]!r}, not of type {hint}")
-    if any(isinstance(v, float) and not math.isfinite(v) for v in state.values()):
+        if not _has_type(values[name], str(hint)):
+            raise SettingsError(f"settings.{name} is {values[name]!r:.40}, not of type {hint}")
+    if any(isinstance(v, float) and not math.isfinite(v) for v in values.values()):
         raise SettingsError("the settings hold a number that is not finite")
-    return replace(value)  # runs __post_init__: every range and choice
+    return ExperimentSettings(**values)  # __post_init__: every range and choice
+
+
+def checked_settings(value: object) -> ExperimentSettings:
+    """``value`` if it is an ExperimentSettings whose every field has its declared type and whose checks pass
+    again (an object made without ``__init__`` skips ``__post_init__``); SettingsError naming the field
+    otherwise."""
+    if type(value) is not ExperimentSettings:
+        raise SettingsError(f"the settings are a {type(value).__name__}, not ExperimentSettings")
+    return settings_from_dict(dict(vars(value)))
 
 
 # The demo: the notebook's defaults (a first run of minutes) with fast search and a shorter idle timeout.

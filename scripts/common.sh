@@ -56,7 +56,7 @@ patchsvdd_check_certs() {
   done
 }
 
-# Run `fx envoy start ARGS...` (with the site guard: patchsvdd.federated.fx) for envoy NAME of the director at HOST:PORT, supervised so that it
+# Run `fx envoy start ARGS...` (with the site guard: patchsvdd.federated.fx and site_guard) for envoy NAME of the director at HOST:PORT, supervised so that it
 # registers again after a director restart (waiting at most $PATCHSVDD_DIRECTOR_TIMEOUT s, default 600);
 # when the director refuses the shard, say why in one line.
 patchsvdd_run_envoy() {

@@ -1,40 +1,60 @@
-"""A hostile client of the director, for tests/test_site_guard.py: OpenFL's API directly, not this project's client.
+"""A hostile client of the director, for tests/test_site_guard.py: it speaks OpenFL's protocol directly.
 
-    python tests/hostile_client.py ATTACK MARKER HOST PORT NAME
+    python tests/hostile_client.py ATTACK MARKER HOST PORT NAME [TIMES]
 
-Run as a script, so that what it defines belongs to ``__main__`` and cloudpickle sends it by value, code and
-all, as it does for anything a notebook defines. Each ATTACK would write MARKER at the site if the envoy ran it:
+Each ATTACK starts from this project's honest experiment (its plan, its manifest, its initial weights) and
+changes one thing; MARKER is a path the attack would write, or (traversal) the folder it would delete:
 
-- ``loader``: a data interface of its own that copies the site's training images to MARKER;
-- ``tasks``: a training task of its own (by value) that writes MARKER;
-- ``model``: a model whose pickle calls ``os.system`` when loaded;
-- ``plan``: a plan whose collaborator (built at the sites only) is ``logging.basicConfig``, which opens MARKER
-  as the envoy's log file (and then fails on the collaborator's settings);
-- ``pipeline``: a plan whose compression pipeline (built by the director too) is ``subprocess.Popen`` of a
-  shell command that writes MARKER;
-- ``requirements``: this project's own objects, but the requirements.txt OpenFL writes (the client's pip
-  freeze), which asks the site to install packages.
+- ``traversal``: the experiment's name climbs out of the workspace (NAME is e.g. ``x/../../canary``); sent
+  TIMES times (OpenFL rmtree-s the folder an experiment's name makes, before and after);
+- ``state_path``: the plan's ``aggregator.settings.best_state_path`` is MARKER (the director writes the model
+  there at the end of a round);
+- ``client_auth``: the plan's ``network.settings.require_client_auth`` is false;
+- ``exit``: the archive carries ``model_obj.pkl``, a pickle that calls ``sys.exit`` when it is loaded;
+- ``loader``: OpenFL's own ``FLExperiment.start`` with a data interface of its own, sent by value, that
+  copies the site's training images to MARKER (the archive carries OpenFL's five pickles);
+- ``template``: the plan's collaborator is ``logging.basicConfig`` writing to MARKER;
+- ``requirements``: a requirements.txt that asks the sites to install packages;
+- ``batch``: the manifest's settings ask a batch of ten million pairs;
+- ``weights``: the initial weights are of another shape than the manifest's model.
 
-Prints one JSON line: the attack, the director's final status of the experiment ("not accepted" where the
-director refused it at submission) and the seconds it took.
+Prints one JSON line: the attack, the director's answer ("refused: <its reason>" where it refused at
+submission, else the experiment's final status) and the seconds it took.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import sys
 import time
+import zipfile
+from pathlib import Path
 
+import grpc
 import numpy as np
+import yaml
 from openfl.interface.interactive_api.experiment import DataInterface, FLExperiment, ModelInterface
 from openfl.interface.interactive_api.federation import Federation
 
 from patchsvdd.federated import client, tasks
+from patchsvdd.federated.review import FRAMEWORK_ADAPTER, PlanValues, canonical_plan
+from patchsvdd.federated.rounds import tagged
 from patchsvdd.models.patchsvdd.network import PatchSVDD
 from patchsvdd.settings import ExperimentSettings
 
 ATTACK, MARKER, HOST, PORT, NAME = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+TIMES = int(sys.argv[6]) if len(sys.argv) > 6 else 1
+SETTINGS = ExperimentSettings(rounds=1, repeat=1, max_steps=1, batch_size=4, emb_dim=8, round_search="fast")
+
+
+class _Exit:
+    def __reduce__(self):
+        return sys.exit, ()
+
+
+EXIT_PICKLE = pickle.dumps(_Exit())  # a pickle that stops whatever process loads it (made here, never loaded)
 
 
 class StealingLoader(DataInterface):
@@ -63,68 +83,94 @@ class StealingLoader(DataInterface):
         return 1
 
 
-def stealing_task(model, train_data, optimizer, device, round_num):
-    with open(MARKER, "w") as out:
-        out.write(f"ran at the site with {type(train_data).__name__}")
-    return {"train_loss": 0.0}
+def honest_parts(federation: Federation) -> tuple[dict, dict, dict]:
+    """The plan, the manifest (as JSON values) and the initial weights of this project's training experiment."""
+    model = PatchSVDD(emb_dim=8)
+    manifest = client.experiment_manifest(model, SETTINGS, "training")
+    plan = canonical_plan(PlanValues(HOST, SETTINGS.aggregator_port, False, manifest.rounds_to_train, "CPU_ONLY"))
+    weights = {key: value.numpy().copy() for key, value in tagged(model).state_dict().items()}
+    return plan, json.loads(manifest.to_json()), weights
 
 
-class BoobyTrappedModel(PatchSVDD):
-    def __reduce__(self):
-        return os.system, (f"touch {MARKER}",)
+def send(federation: Federation, name: str, plan: dict, manifest: dict, weights: dict, extra: dict) -> str | None:
+    """Pack and submit; the director's refusal (its reason), or None when it took the experiment."""
+    archive = Path(f"{ATTACK}.zip").resolve()
+    with zipfile.ZipFile(archive, "w") as out:
+        out.writestr("plan/plan.yaml", yaml.safe_dump(plan))
+        out.writestr("manifest.json", json.dumps(manifest))
+        for member, data in extra.items():
+            out.writestr(member, data)
+    collaborators = [name for name, info in federation.get_shard_registry().items() if info["is_online"]]
+    try:
+        response = federation.dir_client.set_new_experiment(
+            name=name, col_names=collaborators, arch_path=str(archive), initial_tensor_dict=weights
+        )
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.PERMISSION_DENIED:
+            raise
+        return str(exc.details())
+    return None if response.accepted else "not accepted"
+
+
+def through_openfl(federation: Federation) -> bool:
+    """The ``loader`` attack through OpenFL's own client code: its plan and its five pickles."""
+    model = PatchSVDD(emb_dim=8)
+    task_keeper = tasks.training_tasks(SETTINGS)
+    experiment = FLExperiment(federation=federation, experiment_name=NAME)
+    experiment.start(
+        model_provider=ModelInterface(model=tagged(model), optimizer=None, framework_plugin=FRAMEWORK_ADAPTER),
+        task_keeper=task_keeper,
+        data_loader=StealingLoader(),
+        rounds_to_train=SETTINGS.rounds + 1,
+        task_assigner=tasks.TrainThenValidate(task_keeper, SETTINGS.rounds),
+        override_config={"network.settings.agg_port": SETTINGS.aggregator_port},
+    )
+    return experiment.experiment_submitted
+
+
+def attack(federation: Federation) -> str | None:
+    """Run ATTACK; the director's refusal, or None when it took the experiment."""
+    plan, manifest, weights = honest_parts(federation)
+    extra: dict[str, bytes] = {}
+    if ATTACK == "loader":
+        try:
+            return None if through_openfl(federation) else "not accepted"
+        except grpc.RpcError as exc:
+            return str(exc.details())
+    if ATTACK == "state_path":
+        plan["aggregator"]["settings"]["best_state_path"] = MARKER
+    elif ATTACK == "client_auth":
+        plan["network"]["settings"]["require_client_auth"] = False
+    elif ATTACK == "exit":
+        extra["model_obj.pkl"] = EXIT_PICKLE
+    elif ATTACK == "template":
+        plan["collaborator"]["template"] = "logging.basicConfig"
+        plan["collaborator"]["settings"]["filename"] = MARKER
+    elif ATTACK == "requirements":
+        extra["requirements.txt"] = b"numpy==2.0\nsomething-else==1.0\n"
+    elif ATTACK == "batch":
+        manifest["settings"]["batch_size"] = 10_000_000
+    elif ATTACK == "weights":
+        weights = {key: np.zeros((3,) + value.shape, np.float32) for key, value in weights.items()}
+    elif ATTACK != "traversal":
+        raise SystemExit(f"unknown attack {ATTACK!r}")
+    answer = None
+    for _ in range(TIMES):
+        answer = send(federation, NAME, plan, manifest, weights, extra)
+    return answer
 
 
 def main() -> None:
-    settings = ExperimentSettings(rounds=1, repeat=1, max_steps=1, batch_size=4, emb_dim=8, round_search="fast")
-    task_keeper = tasks.training_tasks(settings)
-    if ATTACK == "tasks":
-        task_keeper = tasks.ProjectTasks()
-        task_keeper.register_fl_task(
-            model="model", data_loader="train_data", device="device", optimizer="optimizer", round_num="round_num"
-        )(stealing_task)
-        task_keeper.register_fl_task(model="model", data_loader="val_data", device="device")(tasks.validate_task)
-    arguments = client.experiment_arguments(
-        PatchSVDD(emb_dim=8),
-        settings,
-        task_keeper,
-        settings.rounds + 1,
-        tasks.TrainThenValidate(task_keeper, settings.rounds),
-    )
-    if ATTACK == "model":  # copied by nobody here: a copy would call os.system in this process
-        arguments["model_provider"] = ModelInterface(
-            model=BoobyTrappedModel(emb_dim=8), optimizer=None, framework_plugin=client.FRAMEWORK_ADAPTER
-        )
-    if ATTACK == "loader":
-        arguments["data_loader"] = StealingLoader()
-    if ATTACK == "plan":
-        arguments["override_config"] = {
-            **arguments["override_config"],
-            "collaborator.template": "logging.basicConfig",
-            "collaborator.settings.filename": MARKER,
-            "collaborator.settings.force": True,
-        }
-    if ATTACK == "pipeline":
-        arguments["override_config"] = {
-            **arguments["override_config"],
-            "compression_pipeline.template": "subprocess.Popen",
-            "compression_pipeline.settings.args": f"touch {MARKER}",
-            "compression_pipeline.settings.shell": True,
-        }
     federation = Federation(client_id="intruder", director_node_fqdn=HOST, director_port=PORT, tls=False)
-    workdir = os.path.join(os.path.dirname(MARKER), f"client_{NAME}")
-    os.makedirs(workdir, exist_ok=True)
+    workdir = Path(MARKER).parent / f"client_{ATTACK}"
+    workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(workdir)
-    experiment = FLExperiment(federation=federation, experiment_name=NAME)
     started = time.monotonic()
-    if ATTACK == "requirements":
-        experiment.start(**arguments)  # OpenFL's own requirements.txt: the client's pip freeze
-    else:
-        with client.no_requirements():  # so that only the attack itself is what the site refuses
-            experiment.start(**arguments)
-    status = None if experiment.experiment_submitted else "not accepted"
-    while status not in ("failed", "finished", "rejected", "not accepted") and time.monotonic() - started < 180:
+    refusal = attack(federation)
+    status = None if refusal is None else f"refused: {refusal}"
+    while status is None or (status in ("pending", "in_progress") and time.monotonic() - started < 180):
         time.sleep(0.5)
-        status = federation.dir_client.get_experiment_status(NAME).experiment_status
+        status = federation.dir_client.get_experiment_status(NAME).experiment_status or "unknown"
     print(json.dumps({"attack": ATTACK, "status": status, "seconds": round(time.monotonic() - started, 1)}), flush=True)
 
 

@@ -281,7 +281,7 @@ def test_notebook_runs_with_tiny_parameters(federation, fed_data: Path, tmp_path
             idle_timeout=300,
             initial_checkpoint=str(tmp_path / "start.pt"),
             aggregator_port=aggregator_port,
-            proximal_mu=0.01,  # the remedies travel through the site guard and run at the envoys
+            proximal_mu=0.01,  # the remedies travel in the manifest and run at the envoys
             local_heads=True,
         ),
         timeout=600,

@@ -1,12 +1,12 @@
-"""The site guard with real processes: a hostile client that uses OpenFL's API directly is refused at every
-site, nothing of its code runs there, the envoys stay online, and this project's own experiments still run.
+"""A site trusts nothing it is sent, with real processes: a hostile client that speaks OpenFL's protocol itself
+(``tests/hostile_client.py``, run as a script) is refused with a sentence; nothing is deleted, written or run
+at the director or a site; no process dies; the envoys stay registered; the project's own experiment runs.
 
-The hostile client is ``tests/hostile_client.py``, run as a script so that its code travels by value. The
-envoys are tested behind a director that passes every experiment on (``review_experiments: false``, as
-OpenFL's own director or a compromised one would): a site trusts no director for this. The project's
-director refuses the same experiments at submission. A federation whose envoys set
-``trust_client_code: true`` runs an attack: the marker appears there, so the attacks are real and the
-refusals are the guard's.
+The project's director refuses at submission. The envoys are also tested behind OpenFL's own director, which
+passes every experiment on (``passing_director.py``, as a compromised director would): a site trusts no
+director for this. The
+canaries sit where OpenFL's own code would delete them for the name ``x/../../canary``: ``run/canary`` from
+the director's working folder ``run/director``, ``run/envoys/canary`` from an envoy's ``run/envoys/envoy_N``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,130 +21,128 @@ import torch
 
 from patchsvdd import federated as fed
 from patchsvdd.models.patchsvdd.network import PatchSVDD
-from patchsvdd.system.harness import Processes, log_contains, start_federation, wait_for
+from patchsvdd.system.harness import LocalFederation, Processes, log_contains, start_federation, wait_for
+from patchsvdd.system.probes import listens
 
 pytestmark = pytest.mark.slow
 HOSTILE = Path(__file__).with_name("hostile_client.py")
+TRAVERSAL = "x/../../canary"
 TINY = fed.ExperimentSettings(
     rounds=1, repeat=1, max_steps=1, batch_size=4, emb_dim=8, round_search="fast", final_search="fast", idle_timeout=300
 )
-ATTACKS = {
-    "loader": "its data interface is code sent by the client (by value), not one of this project's classes",
-    "tasks": "its tasks is code sent by the client (by value)",
-    "model": "its model needs posix.system",
-    "plan": "its plan builds 'logging.basicConfig' for collaborator.template",
-    "requirements": "it asks to install",
+# attack -> the start of the reason the director and every envoy give
+REASONS = {
+    "traversal": f"its experiment name {TRAVERSAL!r} is not a plain name",
+    "state_path": "its plan sets aggregator.settings.best_state_path to '/",
+    "client_auth": "its plan sets network.settings.require_client_auth to False",
+    "exit": "its archive carries a pickle 'model_obj.pkl', which this project's experiments never send",
+    "loader": "its archive is broken or larger than",  # OpenFL's own archive: pickles, a model, a pip freeze
+    "template": "its plan sets 'collaborator.settings.filename', which this project's plan has not",
+    "requirements": "it asks to install 2 package(s)",
+    "batch": "its settings ask batch_size=10000000, more than a site runs",
+    "weights": "its initial model's weights for",
 }
+AT_SITES = ("traversal", "state_path", "exit", "template", "requirements")  # also tried behind OpenFL's director
+
+
+def plant_canaries(run: Path) -> list[Path]:
+    """A file in each folder a traversing name would delete, and one that a colliding name would meet."""
+    canaries = []
+    for folder in (run / "canary", run / "envoys" / "canary", run / "director" / "canary"):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "keep.txt").write_text("the site's own")
+        canaries.append(folder / "keep.txt")
+    return canaries
+
+
+def federation(run: Path, data: Path, processes: Processes, **kwargs) -> tuple[LocalFederation, list[Path]]:
+    canaries = plant_canaries(run)
+    return start_federation(run, data, "fabric", n_envoys=2, processes=processes, **kwargs), canaries
 
 
 @pytest.fixture(scope="module")
 def guarded(fed_data: Path, tmp_path_factory: pytest.TempPathFactory):
     with Processes() as processes:
-        yield start_federation(
-            tmp_path_factory.mktemp("guarded"),
-            fed_data,
-            "fabric",
-            n_envoys=2,
-            processes=processes,
-            director_config={"review_experiments": False},
-        )
+        yield federation(tmp_path_factory.mktemp("guarded") / "run", fed_data, processes)
 
 
-def attack(nodes, kind: str, marker: Path, name: str) -> dict:
+@pytest.fixture(scope="module")
+def behind_openfl(fed_data: Path, tmp_path_factory: pytest.TempPathFactory):
+    with Processes() as processes:
+        passing = [sys.executable, str(Path(__file__).with_name("passing_director.py"))]
+        yield federation(tmp_path_factory.mktemp("openfl") / "run", fed_data, processes, director_command=passing)
+
+
+def attack(nodes: LocalFederation, kind: str, marker: Path, name: str, times: int = 1) -> str:
+    """The director's answer to the attack: 'refused: <reason>' or the experiment's final status."""
     out = subprocess.run(
-        [sys.executable, str(HOSTILE), kind, str(marker), nodes.host, str(nodes.port), name],
+        [sys.executable, str(HOSTILE), kind, str(marker), nodes.host, str(nodes.port), name, str(times)],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])["status"]
 
 
-def envoy_logs(nodes) -> list[Path]:
-    return [node.log for node in nodes.processes.nodes if node.name.startswith("envoy_")]
+def node_log(nodes: LocalFederation, name: str) -> Path:
+    return next(node.log for node in nodes.processes.nodes if node.name == name)
 
 
-@pytest.mark.parametrize("kind", list(ATTACKS))
-def test_a_hostile_client_is_refused_at_every_site_and_nothing_of_it_runs(guarded, tmp_path: Path, kind: str) -> None:
-    marker = tmp_path / "marker.npy"
-    name = f"attack-{kind}"
-    result = attack(guarded, kind, marker, name)
-    assert result["status"] == "failed", result  # the client learns it from the director, not from a timeout
-    for log in envoy_logs(guarded):
-        wait_for(lambda log=log: log_contains(log, f"refused experiment '{name}': "), 30, f"the refusal in {log.name}")
-        assert log_contains(log, f"refused experiment '{name}': {ATTACKS[kind]}"), log.read_text()[-3000:]
-    assert not marker.exists() and not marker.with_suffix("").exists()
-    client = fed.connect(guarded.host, guarded.port)
-    assert fed.online_envoys(client) == set(guarded.envoys)  # registered still, and ready for the next experiment
+def all_standing(nodes: LocalFederation, canaries: list[Path], marker: Path) -> None:
+    """Nothing deleted or written, every process alive, both envoys registered."""
+    assert all(canary.read_text() == "the site's own" for canary in canaries)
+    assert not marker.exists() and not marker.with_suffix(".npy").exists()
+    assert all(node.process.poll() is None for node in nodes.processes.nodes)
+    assert listens(nodes.host, nodes.port, timeout=2.0)
+    assert fed.online_envoys(fed.connect(nodes.host, nodes.port)) == set(nodes.envoys)
 
 
-def test_the_projects_experiments_run_after_the_refusals(guarded, tmp_path: Path) -> None:
-    client = fed.connect(guarded.host, guarded.port)
+@pytest.mark.parametrize("kind", list(REASONS))
+def test_the_director_refuses_each_attack_with_a_sentence(guarded, tmp_path: Path, kind: str) -> None:
+    nodes, canaries = guarded
+    marker = tmp_path / "marker"
+    name = TRAVERSAL if kind == "traversal" else f"attack-{kind}"
+    answer = attack(nodes, kind, marker, name, times=2 if kind == "traversal" else 1)
+    assert answer.startswith(f"refused: the director refused the experiment: {REASONS[kind]}"), answer
+    assert log_contains(node_log(nodes, "director"), f"from intruder: {REASONS[kind]}")
+    all_standing(nodes, canaries, marker)
+    assert not any(log_contains(node_log(nodes, envoy), name) for envoy in nodes.envoys)  # no envoy heard of it
+
+
+def test_the_projects_experiment_runs_after_the_refusals_and_meets_no_folder(guarded, tmp_path: Path) -> None:
+    """Named like a folder of the director's (``canary``): it unpacks in ``experiments/``, not over that folder."""
+    nodes, canaries = guarded
+    client = fed.connect(nodes.host, nodes.port)
     torch.manual_seed(0)
-    experiment = fed.start_experiment(client, PatchSVDD(emb_dim=8), TINY, "honest", tmp_path / "nb")
+    experiment = fed.start_experiment(client, PatchSVDD(emb_dim=8), TINY, "canary", tmp_path / "nb")
     log = fed.follow_metrics(experiment, idle_timeout=300, registry_poll=1.0)
-    assert set(log.final()) == {"aggregator", *guarded.envoys}
-    # the director marks it finished just after the last metric is streamed: wait for that, bounded
-    wait_for(lambda: fed.experiment_status(client, "honest") == "finished", 60, "the experiment's status finished")
-    for envoy_log in envoy_logs(guarded):  # each refusal said once: a refused experiment is not fetched again
-        text = envoy_log.read_text()
-        for kind in ATTACKS:
-            assert text.count(f"refused experiment 'attack-{kind}': ") <= 1, envoy_log
+    assert set(log.final()) == {"aggregator", *nodes.envoys}
+    wait_for(lambda: fed.experiment_status(client, "canary") == "finished", 60, "the experiment's status finished")
+    all_standing(nodes, canaries, tmp_path / "marker")
 
 
-def test_settings_that_fail_at_the_site_reach_the_notebook_as_a_sentence(guarded, tmp_path: Path) -> None:
-    """Settings are checked again where they arrive (an unpickled object skips the dataclass's checks)."""
-    client = fed.connect(guarded.host, guarded.port)
-    bad = replace(TINY)
-    object.__setattr__(bad, "holdout_fraction", 5.0)  # what a client that bypasses ExperimentSettings can send
-    experiment = fed.start_experiment(client, PatchSVDD(emb_dim=8), bad, "bad-settings", tmp_path / "nb")
-    with pytest.raises(fed.FederationError, match="'bad-settings' failed at a site: an envoy refused it"):
-        fed.follow_metrics(experiment, idle_timeout=600, registry_poll=1.0)  # the watchdog, not the idle timeout
-    for log in envoy_logs(guarded):
-        wait_for(lambda log=log: log_contains(log, "refused experiment 'bad-settings': its task "), 30, "the refusal")
+def test_a_refusal_reaches_the_notebook_as_a_sentence(guarded, tmp_path: Path) -> None:
+    nodes, _ = guarded
+    client = fed.connect(nodes.host, nodes.port)
+    with pytest.raises(fed.FederationError, match="the director refused the experiment: its experiment name"):
+        fed.start_experiment(client, PatchSVDD(emb_dim=8), TINY, "no spaces allowed", tmp_path / "nb")
 
 
-def test_the_projects_director_refuses_them_at_submission(fed_data: Path, tmp_path: Path) -> None:
-    """Nothing of a refused experiment runs at the director (which builds the plan's aggregator components and
-    loads the assigner) and no envoy receives it; the project's own experiment is accepted and runs."""
-    with Processes() as processes:
-        nodes = start_federation(tmp_path / "run", fed_data, "fabric", n_envoys=1, processes=processes)
-        director_log = next(node.log for node in processes.nodes if node.name == "director")
-        expected = {
-            "pipeline": "its plan builds 'subprocess.Popen' for compression_pipeline.template",
-            "loader": ATTACKS["loader"],
-        }
-        for kind, reason in expected.items():
-            marker = tmp_path / f"marker_{kind}.npy"
-            assert attack(nodes, kind, marker, f"submitted-{kind}")["status"] == "not accepted"
-            assert log_contains(
-                director_log, f"the director refused experiment 'submitted-{kind}' from intruder: {reason}"
-            )
-            assert not marker.exists() and not marker.with_suffix("").exists()
-        assert not any(log_contains(log, "submitted-") for log in envoy_logs(nodes))
-        client = fed.connect(nodes.host, nodes.port)
-        fed.follow_metrics(
-            fed.start_experiment(client, PatchSVDD(emb_dim=8), TINY, "honest", tmp_path / "nb"),
-            idle_timeout=300,
-            registry_poll=1.0,
-        )
-
-
-def test_a_site_that_trusts_client_code_runs_it_and_says_so(fed_data: Path, tmp_path: Path) -> None:
-    with Processes() as processes:
-        nodes = start_federation(
-            tmp_path / "run",
-            fed_data,
-            "fabric",
-            n_envoys=1,
-            processes=processes,
-            envoy_config={"trust_client_code": True},
-            director_config={"review_experiments": False},
-        )
-        (log,) = envoy_logs(nodes)
-        assert log_contains(log, "[site guard] trust_client_code is on")
-        marker = tmp_path / "marker"
-        attack(nodes, "plan", marker, "attack-trusted")
-        wait_for(marker.exists, 60, "the client's command to run at the trusting site")
-        assert log_contains(log, "experiment 'attack-trusted' is not reviewed")
+@pytest.mark.parametrize("kind", AT_SITES)
+def test_every_envoy_refuses_what_openfls_director_passes_on(behind_openfl, tmp_path: Path, kind: str) -> None:
+    nodes, canaries = behind_openfl
+    marker = tmp_path / "marker"
+    name = TRAVERSAL if kind == "traversal" else f"site-{kind}"
+    attack(nodes, kind, marker, name, times=2 if kind == "traversal" else 1)
+    for envoy in nodes.envoys:
+        log = node_log(nodes, envoy)
+        wait_for(lambda log=log: log_contains(log, f"refused experiment {name!r}: "), 60, f"the refusal in {log.name}")
+        assert log_contains(log, f"refused experiment {name!r}: {REASONS[kind]}"), log.read_text()[-3000:]
+    envoy_canary = canaries[1]  # run/envoys/canary: what OpenFL's envoy would delete for the traversing name
+    assert envoy_canary.read_text() == "the site's own"
+    if kind == "traversal":  # the attack is real: OpenFL's own director deletes run/canary for that name
+        wait_for(lambda: not canaries[0].exists(), 60, "OpenFL's director to delete run/canary")
+    assert not marker.exists() and not marker.with_suffix(".npy").exists()
+    assert all(node.process.poll() is None for node in nodes.processes.nodes if node.name != "director")
+    assert fed.online_envoys(fed.connect(nodes.host, nodes.port)) == set(nodes.envoys)

@@ -1,8 +1,9 @@
 """The notebook's side of the director: connect, read the shard registry, submit, take up, fetch.
 
-Every call that sends an experiment writes OpenFL's plan and pickles into a
-working folder (OpenFL ships that folder to the director) and a record of
-the experiment there, which ``attach`` reads after a kernel restart.
+Every call that sends an experiment writes the project's plan and the experiment's manifest into a working
+folder and sends the two as the experiment's archive, with the initial weights as arrays (``ManifestExperiment``):
+data only, which is all a site takes. A record of the experiment stays there too, which ``attach`` reads
+after a kernel restart.
 """
 
 from __future__ import annotations
@@ -11,32 +12,26 @@ import contextlib
 import json
 import os
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from openfl.interface.interactive_api.experiment import FLExperiment, ModelInterface, TaskInterface
+import yaml
+from openfl.interface.interactive_api.experiment import FLExperiment, ModelInterface
 from openfl.interface.interactive_api.federation import Federation
 from torch import nn
 
 from patchsvdd.data.mvtec import BUNDLE_FOLDER_LABEL, DEFECT_TYPES_LABEL, GOOD
+from patchsvdd.federated.manifest import MANIFEST_FILE, ExperimentManifest, Export
+from patchsvdd.federated.review import FRAMEWORK_ADAPTER, PLAN_FILE, PlanValues, canonical_plan
 from patchsvdd.federated.rounds import tagged, untagged
-from patchsvdd.federated.tasks import (
-    MVTecDataInterface,
-    TrainThenValidate,
-    evaluation_tasks,
-    export_tasks,
-    training_tasks,
-)
-from patchsvdd.models.registry import kind_of
+from patchsvdd.models.registry import family_of, kind_of
 from patchsvdd.settings import ExperimentSettings, SettingsError
 from patchsvdd.system.tls import TLSCheckError, check_mutual_tls, speaks_tls
 from patchsvdd.training.loop import make_optimizer
 
-FRAMEWORK_ADAPTER = "openfl.plugins.frameworks_adapters.pytorch_adapter.FrameworkAdapterPlugin"
 EXPERIMENT_RECORD = "patchsvdd_experiment.json"  # written in an experiment's working folder; read by attach()
-OPT_TREATMENT = "CONTINUE_LOCAL"  # each envoy keeps its own Adam state across rounds
-NO_REQUIREMENTS = "# every site installs this project itself (make install): this experiment asks for no package\n"
 
 
 class FederationError(RuntimeError):
@@ -191,74 +186,96 @@ def working_folder(path: str | os.PathLike) -> Iterator[Path]:
         os.chdir(previous)
 
 
-@contextlib.contextmanager
-def no_requirements() -> Iterator[None]:
-    """OpenFL's ``FLExperiment.start`` ships the client's ``pip freeze`` as requirements.txt for the sites to
-    install; a site's guard refuses an experiment that asks to install packages unless its config allows it
-    (``guard.py``). Within this block the archive's requirements.txt asks for none (``NO_REQUIREMENTS``)."""
-    from openfl.interface.interactive_api import experiment as module
-
-    original = module.dump_requirements_file
-    module.dump_requirements_file = lambda path="./requirements.txt", **_: Path(path).write_text(NO_REQUIREMENTS)
-    try:
-        yield
-    finally:
-        module.dump_requirements_file = original
+def write_archive(folder: Path, plan: dict[str, Any], manifest: ExperimentManifest, name: str) -> Path:
+    """Write ``plan`` (``plan/plan.yaml``) and ``manifest`` (``manifest.json``) into ``folder`` and pack the two
+    into ``folder/name``: an experiment's archive, everything a site takes from a client besides weights."""
+    (folder / "plan").mkdir(parents=True, exist_ok=True)
+    (folder / PLAN_FILE).write_text(yaml.safe_dump(plan))
+    (folder / MANIFEST_FILE).write_bytes(manifest.to_json())
+    path = folder / name
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for member in (PLAN_FILE, MANIFEST_FILE):
+            archive.write(folder / member, member)
+    return path.resolve()
 
 
-def experiment_arguments(
+class ManifestExperiment(FLExperiment):
+    """OpenFL's ``FLExperiment`` whose archive is data only: this project's plan (``review.canonical_plan``) and
+    the experiment's manifest (``manifest.json``), with the initial weights as arrays, the way every other
+    experiment sends them. Nothing is pickled: each site builds the model, optimizer and tasks from its own
+    code (``site_build.py``). The plan and manifest stay in the working folder (``attach`` reads the plan)."""
+
+    def submit(self, model: nn.Module, manifest: ExperimentManifest, aggregator_port: int | None) -> None:
+        """Send the experiment to the director; FederationError with the director's reason when it refuses."""
+        import grpc
+
+        self.plan.authorized_cols = [
+            name for name, info in self.federation.get_shard_registry().items() if info["is_online"]
+        ]
+        values = PlanValues(
+            agg_addr=self.federation.director_node_fqdn.split(":")[0],
+            agg_port="auto" if aggregator_port is None else int(aggregator_port),
+            use_tls=bool(self.federation.tls),
+            rounds_to_train=manifest.rounds_to_train,
+            device_policy=manifest.settings.device_policy,
+        )
+        self.plan.config = canonical_plan(values)
+        self.arch_path = str(write_archive(Path.cwd(), self.plan.config, manifest, f"{self.experiment_name}.zip"))
+        self.plan.resolve()
+        model_interface = ModelInterface(
+            model=model, optimizer=make_optimizer(model, manifest.settings.lr), framework_plugin=FRAMEWORK_ADAPTER
+        )
+        try:
+            response = self.federation.dir_client.set_new_experiment(
+                name=self.experiment_name,
+                col_names=self.plan.authorized_cols,
+                arch_path=self.arch_path,
+                initial_tensor_dict=self._get_initial_tensor_dict(model_interface),
+            )
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.PERMISSION_DENIED:
+                raise
+            raise FederationError(f"experiment {self.experiment_name!r}: {exc.details()}") from exc
+        finally:
+            self.remove_workspace_archive()
+        self.experiment_submitted = bool(response.accepted)
+
+
+def experiment_manifest(
     model: nn.Module,
     settings: ExperimentSettings,
-    tasks: TaskInterface,
-    rounds: int,
-    assigner: TrainThenValidate | None = None,
-) -> dict[str, Any]:
-    """The keyword arguments of OpenFL's ``FLExperiment.start`` for this project's experiment: a round-tagged copy
-    of ``model`` with its Adam optimizer, ``tasks``, a fresh data interface and ``assigner`` (default: only the
-    validation round, for evaluation and export: OpenFL's own assigner would be a function sent by value, which
-    sites refuse)."""
+    task: str,
+    defect_types: list[str] | None = None,
+    export: Export | None = None,
+) -> ExperimentManifest:
+    """The manifest of an experiment of ``task`` for ``model`` (its kind must be ``settings.model``)."""
     if kind_of(model) != settings.model:  # the tasks' metrics are the settings' model's
         raise SettingsError(
             f"the model sent is a {kind_of(model)} but settings.model is {settings.model!r}: "
             "set model to match (or start from a checkpoint of that model)"
         )
-    model = tagged(model)  # a copy that says which round made it (see rounds.py); the caller's model is untouched
-    model_interface = ModelInterface(
-        model=model, optimizer=make_optimizer(model, settings.lr), framework_plugin=FRAMEWORK_ADAPTER
-    )
-    override = {} if settings.aggregator_port is None else {"network.settings.agg_port": int(settings.aggregator_port)}
-    return dict(
-        model_provider=model_interface,
-        task_keeper=tasks,
-        data_loader=MVTecDataInterface(),
-        rounds_to_train=rounds,
-        task_assigner=assigner if assigner is not None else TrainThenValidate(tasks, 0),
-        opt_treatment=OPT_TREATMENT,
-        device_assignment_policy=settings.device_policy,
-        override_config=override,
+    model_family = family_of(model)
+    return ExperimentManifest(
+        task=task,
+        model=model_family.name,
+        architecture=model_family.architecture(model),
+        settings=settings,
+        training_rounds=settings.rounds if task == "training" else 0,
+        defect_types=None if defect_types is None else tuple(defect_types),
+        export=export,
     )
 
 
 def _submit(
-    federation: Federation,
-    name: str,
-    model: nn.Module,
-    settings: ExperimentSettings,
-    tasks: TaskInterface,
-    rounds: int,
-    workdir: str | os.PathLike,
-    assigner: TrainThenValidate | None = None,
+    federation: Federation, name: str, model: nn.Module, manifest: ExperimentManifest, workdir: str | os.PathLike
 ) -> FLExperiment:
-    arguments = experiment_arguments(model, settings, tasks, rounds, assigner)
-    with working_folder(workdir), no_requirements():
-        experiment = FLExperiment(federation=federation, experiment_name=name)
-        experiment.start(**arguments)
+    with working_folder(workdir):
+        experiment = ManifestExperiment(federation=federation, experiment_name=name)
+        # a round-tagged copy that says which round made it (see rounds.py); the caller's model is untouched
+        experiment.submit(tagged(model), manifest, manifest.settings.aggregator_port)
     if not experiment.experiment_submitted:
-        raise FederationError(
-            f"the director did not accept experiment {name!r}: its review refused it (the director's "
-            f"log says why in a line '[site guard] the director refused experiment {name!r} ...')"
-        )
-    record = {"name": name, "participants": list(experiment.plan.authorized_cols), "rounds": rounds}
+        raise FederationError(f"the director did not accept experiment {name!r} (its log says why)")
+    record = {"name": name, "participants": list(experiment.plan.authorized_cols), "rounds": manifest.rounds_to_train}
     (Path(workdir) / EXPERIMENT_RECORD).write_text(json.dumps(record, indent=1))
     return experiment
 
@@ -268,9 +285,7 @@ def start_experiment(
 ) -> FLExperiment:
     """Send a training experiment to the director: ``settings.rounds`` rounds of train + validate, then
     a validation-only round for the final aggregate (reported as round ``settings.rounds``)."""
-    tasks = training_tasks(settings)
-    assigner = TrainThenValidate(tasks, settings.rounds)
-    return _submit(federation, name, model, settings, tasks, settings.rounds + 1, workdir, assigner)
+    return _submit(federation, name, model, experiment_manifest(model, settings, "training"), workdir)
 
 
 def start_evaluation(
@@ -278,8 +293,8 @@ def start_evaluation(
 ) -> FLExperiment:
     """Send a one-round, validation-only experiment: every envoy scores ``model`` on its own data (AUROCs,
     AUPROs, and image-score statistics per defect type where the envoys' shard descriptions name the types)."""
-    tasks = evaluation_tasks(settings, shard_defect_types(federation))
-    return _submit(federation, name, model, settings, tasks, 1, workdir)
+    manifest = experiment_manifest(model, settings, "evaluation", defect_types=shard_defect_types(federation))
+    return _submit(federation, name, model, manifest, workdir)
 
 
 def start_export(
@@ -294,7 +309,8 @@ def start_export(
     """Send a one-round experiment in which every envoy writes its own inspection bundle of ``model`` (folder
     ``name`` in its bundle folder) from its own images and reports only its thresholds and the bundle's size
     (``EXPORT_METRICS``). No image and no embedding leaves a site."""
-    return _submit(federation, name, model, settings, export_tasks(name, bank_fraction, max_fpr), 1, workdir)
+    manifest = experiment_manifest(model, settings, "export", export=Export(name, bank_fraction, max_fpr))
+    return _submit(federation, name, model, manifest, workdir)
 
 
 def experiment_status(federation: Federation, name: str) -> str | None:

@@ -1,15 +1,14 @@
 """OpenFL's ``fx`` command, with this project's patches of OpenFL 1.7.1 in the director and envoy processes.
 
 ``python -m patchsvdd.federated.fx envoy start ...`` is ``fx envoy start ...`` (what
-``envoy_folder/start_envoy.sh`` runs) with the site guard installed first (``guard.py``: the envoy runs
-only this project's code), or, where the shard config says ``trust_client_code: true``, its warning.
+``envoy_folder/start_envoy.sh`` runs) with the site guard installed first (``site_guard.install_site_guard``:
+the envoy takes only data from a client and builds what it runs from its own code).
 
 ``python -m patchsvdd.federated.fx director start ...`` is ``fx director start ...`` (what
-``director_folder/start_director.sh`` runs) with each submitted experiment reviewed as the envoys review
-it (``guard.install_director_guard``; ``review_experiments: false`` in the director config turns that off),
-an experiment that a site failed or refused kept failed (``keep_site_failures``), and OpenFL 1.7.1's fixed sleeps
-in the director process waiting at most
-``POLL_SECONDS``:
+``director_folder/start_director.sh`` runs) with each submitted experiment checked and reviewed as the envoys
+review it, and built from the director's own code (``site_guard.install_director_guard``), an experiment that a
+site failed or refused kept failed (``keep_site_failures``), and OpenFL 1.7.1's fixed sleeps in the director
+process waiting at most ``POLL_SECONDS``:
 
 - ``Aggregator._get_sleep_time`` (10 s): what a collaborator with no task ready is told to sleep, each
   time it waits for the other sites to finish a round, and before its quit job;
@@ -63,7 +62,9 @@ def keep_site_failures() -> None:
       FINISHED, so a client would see a refused experiment as finished, without a metric;
     - the site's queue: the director remembers the experiment as that envoy's current one and, while its
       rounds are not done, hands the same experiment to the envoy's next ``wait_experiment`` again, so a
-      refused experiment would come back for ever and the envoy never get the next one.
+      refused experiment would come back for ever and the envoy never get the next one;
+    - an experiment whose aggregator never started: OpenFL would fail the call (it stops the aggregator),
+      and every later ``wait_experiment`` of that envoy too.
     """
     from openfl.component.director import experiment as experiment_module
     from openfl.component.director.director import Director
@@ -72,7 +73,11 @@ def keep_site_failures() -> None:
     start = experiment_module.Experiment.start
 
     def set_experiment_failed(self, *, experiment_name: str, collaborator_name: str) -> None:
-        set_failed(self, experiment_name=experiment_name, collaborator_name=collaborator_name)
+        experiment = self.experiments_registry.get(experiment_name)
+        if experiment is not None and experiment.aggregator is None:  # it never started: nothing to stop
+            experiment.status = experiment_module.Status.FAILED
+        else:
+            set_failed(self, experiment_name=experiment_name, collaborator_name=collaborator_name)
         if experiment_name in self.experiments_registry:
             self.experiments_registry[experiment_name].failed_at = collaborator_name
         if self.col_exp.get(collaborator_name) == experiment_name:
@@ -98,48 +103,32 @@ def _config_named(argv: list[str], *flags: str) -> dict:
 
 
 def envoy_allows(argv: list[str]) -> dict[str, bool]:
-    """What the shard config named by ``-ec``/``--envoy-config-path`` in ``argv`` allows, each only where it says
-    ``true``: ``trust_client_code`` (top level) and ``install_requirements`` (``params``; OpenFL's default would
-    be true)."""
+    """What the shard config named by ``-ec``/``--envoy-config-path`` in ``argv`` allows: ``install_requirements``
+    (``params``), only where it says ``true`` (OpenFL's default would be true)."""
     config = _config_named(argv, "-ec", "--envoy-config-path")
-    return {
-        "trust_client_code": config.get("trust_client_code") is True,
-        "install_requirements": (config.get("params") or {}).get("install_requirements") is True,
-    }
+    return {"install_requirements": (config.get("params") or {}).get("install_requirements") is True}
 
 
-def director_reviews(argv: list[str]) -> dict[str, bool]:
-    """What the director config named by ``-c``/``--director-config-path`` in ``argv`` says: ``review_experiments``
-    (top level; only ``false`` turns the review off) and ``settings.install_requirements`` (only ``true``)."""
+def director_allows(argv: list[str]) -> dict[str, bool]:
+    """What the director config named by ``-c``/``--director-config-path`` in ``argv`` allows:
+    ``settings.install_requirements``, only where it says ``true``."""
     config = _config_named(argv, "-c", "--director-config-path")
-    return {
-        "review": config.get("review_experiments") is not False,
-        "install_requirements": (config.get("settings") or {}).get("install_requirements") is True,
-    }
+    return {"install_requirements": (config.get("settings") or {}).get("install_requirements") is True}
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run OpenFL's ``fx`` command line with ``argv`` (default: this process's arguments), patched for its role."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["envoy"]:
-        from patchsvdd.federated.guard import install_site_guard
+        from patchsvdd.federated.site_guard import install_site_guard
 
         install_site_guard(**envoy_allows(args))
     elif args[:1] == ["director"]:
+        from patchsvdd.federated.site_guard import install_director_guard
+
         cut_fixed_waits()
         keep_site_failures()
-        review = director_reviews(args)
-        if review["review"]:
-            from patchsvdd.federated.guard import install_director_guard
-
-            install_director_guard(install_requirements=review["install_requirements"])
-        else:
-            print(
-                "[site guard] review_experiments is false: this director builds and loads whatever a client "
-                "sends (the envoys still review each experiment themselves)",
-                file=sys.stderr,
-                flush=True,
-            )
+        install_director_guard(**director_allows(args))
     from openfl.interface.cli import entry
 
     sys.argv = ["fx", *args]

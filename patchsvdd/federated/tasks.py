@@ -1,4 +1,5 @@
-"""What travels to the envoys: the data interface, the three tasks and the task assigner.
+"""What a site runs: the data interface, the three tasks and the task assigner (made at each site from the
+experiment's manifest by ``site_build.py``; nothing here travels).
 
 Thin on purpose: the tasks call ``train_epoch``, ``evaluate_category`` and
 ``export_bundle`` unchanged, and ask the model's family (``models.registry``)
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,7 @@ from patchsvdd.data.mvtec import CategoryData, holdout_split
 from patchsvdd.evaluation.evaluate import evaluate_category
 from patchsvdd.evaluation.metrics import AUPRO_KEYS, METRIC_KEYS, aupro_keys, flatten_defects, metric_keys
 from patchsvdd.evaluation.pooling import sketch_metrics
+from patchsvdd.federated.names import child
 from patchsvdd.federated.rounds import set_round, untagged
 from patchsvdd.models.registry import family, family_of, model_names
 from patchsvdd.settings import HELDOUT_METRICS, ExperimentSettings
@@ -55,13 +56,9 @@ class SiteData(CategoryData):
 
 
 class ProjectTasks(TaskInterface):
-    """OpenFL's task keeper, except that each registered task is this project's function itself.
-
-    OpenFL's ``register_fl_task`` stores a wrapper it defines inside the method, which cloudpickle sends by
-    value, code and all; the function itself is pickled by name (``patchsvdd.federated.tasks.train_task``),
-    which is what a site's guard accepts (``guard.py``). OpenFL calls the stored task as the wrapper did:
-    with the task's arguments as keywords.
-    """
+    """OpenFL's task keeper, except that each registered task is this project's function itself (OpenFL's
+    ``register_fl_task`` stores a wrapper it defines inside the method). OpenFL calls the stored task as the
+    wrapper did: with the task's arguments as keywords. A site makes it from the manifest (``site_build.py``)."""
 
     def register_fl_task(self, model, data_loader, device, optimizer=None, round_num=None):
         register = super().register_fl_task(model, data_loader, device, optimizer, round_num)
@@ -249,7 +246,7 @@ def export_task(model, val_data, device, name, bank_fraction, max_fpr) -> dict:
     if not getattr(val_data, "bundle_folder", None):
         raise SiteError("this envoy's shard descriptor names no bundle folder (shard_descriptor.params.bundle_folder)")
     model = untagged(model).to(device)  # the bundle's model.pt holds the model's own weights only
-    out = Path(val_data.bundle_folder) / name
+    out = child(val_data.bundle_folder, name, "its bundle name")  # a plain name, inside the site's bundle folder
     inspector, _ = export_bundle(
         model, val_data, out, bank_fraction=bank_fraction, max_fpr=max_fpr, info={"experiment": name}
     )

@@ -1,7 +1,7 @@
 """The one interface every model implements: ``ModelFamily``.
 
 The shared code (``training.loop.train_epoch``, ``evaluation.evaluate``, ``deploy``'s bundles, export and
-inspector, the federated tasks, the site guard and the command line) asks a model's family, found with
+inspector, the federated tasks, the sites' review and the command line) asks a model's family, found with
 ``registry.family_of(model)``, and never which model it holds. A family covers:
 
 - the network: build it, the numbers that rebuild its shape (what a checkpoint records), a description;
@@ -92,12 +92,10 @@ class ModelFamily(ABC, Generic[ModelT]):
 
     name: ClassVar[str]  # its registry name
     network: ClassVar[type[nn.Module]]  # the class of its networks
-    network_classes: ClassVar[
-        tuple[type[nn.Module], ...]
-    ]  # every project class a network is made of (the site guard's)
     fusions: ClassVar[tuple[str, ...]]  # the maps its evaluation reports, 'sum' among them
     train_metrics: ClassVar[tuple[str, ...]]  # what a federated round's training reports ('train_loss' first)
-    architecture_limits: ClassVar[dict[str, tuple[int, int]]]  # the range of each architecture number
+    # the range of each architecture number: what a site builds from an experiment's manifest
+    architecture_limits: ClassVar[dict[str, tuple[int, int]]]
     # state-dict prefixes of the parts that train but never score, which a site may keep to itself (local_heads)
     site_heads: ClassVar[tuple[str, ...]] = ()
 

@@ -56,8 +56,11 @@ def check_director_config(path: str | os.PathLike) -> dict[str, Any]:
     port = _get(config, "settings.listen_port", path)
     if not isinstance(port, int) or not 1024 <= port <= 65535:
         raise ConfigError(f"{path}: settings.listen_port {port!r} must be a whole number in 1024..65535")
-    if not isinstance(config.get("review_experiments", True), bool):
-        raise ConfigError(f"{path}: review_experiments {config['review_experiments']!r} must be true or false")
+    if config.get("review_experiments", True) is not True:
+        raise ConfigError(
+            f"{path}: review_experiments {config['review_experiments']!r}: the director always reviews experiments "
+            "and builds what it runs from its own code (docs/security.md); remove the setting"
+        )
     for key in ("settings.sample_shape", "settings.target_shape"):
         shape = _get(config, key, path)
         if not isinstance(shape, list) or not all(str(s).isdigit() for s in shape):
@@ -87,12 +90,14 @@ def check_envoy_config(path: str | os.PathLike, check_data: bool = True) -> dict
     cuda = (config.get("params") or {}).get("cuda_devices", [])
     if not isinstance(cuda, list) or not all(isinstance(d, int) and d >= 0 for d in cuda):
         raise ConfigError(f"{path}: params.cuda_devices {cuda!r} must be a list of GPU ids, e.g. [0], or [] for CPU")
-    for key, value in (
-        ("trust_client_code", config.get("trust_client_code", False)),
-        ("params.install_requirements", (config.get("params") or {}).get("install_requirements", False)),
-    ):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: {key} {value!r} must be true or false")
+    if config.get("trust_client_code", False) is not False:
+        raise ConfigError(
+            f"{path}: trust_client_code {config['trust_client_code']!r}: a site never runs code a client sends; it "
+            "builds everything from its own code (docs/security.md); remove the setting"
+        )
+    install = (config.get("params") or {}).get("install_requirements", False)
+    if not isinstance(install, bool):
+        raise ConfigError(f"{path}: params.install_requirements {install!r} must be true or false")
     folder = resolve_data_folder(params["data_folder"], path.parent)
     try:
         rank, world = parse_rank_worldsize(str(params.get("rank_worldsize", "1,1")))

@@ -178,7 +178,7 @@ def write_director_config(
     root: Path, path: Path, port: int, host: str = "localhost", top_level: dict[str, Any] | None = None
 ) -> Path:
     """A copy of the project's director_config.yaml listening on ``host:port``; ``top_level``: settings added at
-    the top (e.g. ``review_experiments``)."""
+    the top (e.g. ``settings`` of its own)."""
     config = yaml.safe_load((root / "director_folder" / "director_config.yaml").read_text())
     config.update(top_level or {})
     config["settings"].update(listen_host=host, listen_port=port)
@@ -199,7 +199,7 @@ def write_envoy_config(
 ) -> Path:
     """A copy of the project's shard_config.yaml for shard ``rank`` of ``world_size`` of ``data_root/category``;
     the envoy's bundles go to ``<path stem>_bundles`` beside it. ``top_level``: settings added at the top
-    (e.g. ``trust_client_code``)."""
+    (e.g. ``params``)."""
     config = yaml.safe_load((root / "envoy_folder" / "shard_config.yaml").read_text())
     config.update(top_level or {})
     config["params"]["cuda_devices"] = list(cuda_devices)
@@ -246,6 +246,7 @@ def start_federation(
     envoy_config: dict[str, Any] | None = None,
     director_config: dict[str, Any] | None = None,
     site_roots: Sequence[Path] | None = None,
+    director_command: Sequence[str] | None = None,
 ) -> LocalFederation:
     """Start a director and ``n_envoys`` envoys (shards 1..n of the category) through the start scripts of
     ``root`` (default ``project_root()``). With ``site_roots`` (one data root per envoy, each holding the
@@ -255,7 +256,9 @@ def start_federation(
     With ``tls`` a fresh authority and certificates are made in ``run_dir/certs``
     and passed to the scripts. ``envoy_config``, ``director_config``: top-level settings added to every envoy's
     shard config and to the
-    director's config. Returns once the director lists every envoy
+    director's config. ``director_command``: a program run as ``COMMAND director start -c CONFIG --disable-tls``
+    in the director's working folder instead of the start script (e.g. a director without the project's
+    checks, which passes every experiment on to the sites). Returns once the director lists every envoy
     online. On failure the processes started so far are stopped and
     HarnessError says which node failed and why.
     """
@@ -282,11 +285,15 @@ def start_federation(
         config = write_director_config(
             root, run_dir / "director" / "director_config.yaml", port, top_level=director_config
         )
+        command = [str(root / "director_folder" / "start_director.sh"), str(config), *cert_args]
+        if director_command:
+            command = [*director_command, "director", "start", "-c", config.name, "--disable-tls"]
         director = processes.start(
             "director",
-            [str(root / "director_folder" / "start_director.sh"), str(config), *cert_args],
+            command,
             run_dir / "logs" / "director.log",
             env={"PATCHSVDD_WORKDIR": str(run_dir / "director")},
+            cwd=config.parent,
         )
         wait_for(lambda: listens("localhost", port, timeout=1.0), timeout, "the director to listen", [director])
         # Envoys on one machine share its cores: oversubscribed BLAS threads slow everyone down.

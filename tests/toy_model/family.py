@@ -43,7 +43,6 @@ class ErrorScorer(SiteScorer):
 class ToyFamily(ModelFamily):
     name = "toy"
     network = ColourNet
-    network_classes = (ColourNet,)
     fusions = ("sum",)
     train_metrics = ("train_loss",)
     architecture_limits = {"hidden": (1, 64)}

@@ -39,7 +39,6 @@ class ReconstructionScorer(SiteScorer):
 class AutoencoderFamily(ModelFamily[ConvAutoencoder]):
     name = "autoencoder"
     network = ConvAutoencoder
-    network_classes = (ConvAutoencoder,)
     fusions = FUSIONS
     train_metrics = ("train_loss", "mse", "ssim")
     architecture_limits = {"channels": (1, 3), "latent_dim": (1, 4096), "width": (1, 512)}

@@ -24,11 +24,7 @@ from patchsvdd.models.patchsvdd.bank import BankSearch, MemoryBank, grow_banks, 
 from patchsvdd.models.patchsvdd.network import (
     LARGE_PATCH,
     SMALL_PATCH,
-    HierarchicalEncoder,
-    NormalizedLinear,
     PatchSVDD,
-    PositionClassifier,
-    SmallEncoder,
 )
 from patchsvdd.models.patchsvdd.scoring import FUSIONS, anomaly_maps, distribute_scores, embed_images
 from patchsvdd.models.patchsvdd.training import epoch_steps, heldout_losses
@@ -67,7 +63,6 @@ class BankScorer(SiteScorer):
 class PatchSVDDFamily(ModelFamily[PatchSVDD]):
     name = "patchsvdd"
     network = PatchSVDD
-    network_classes = (PatchSVDD, SmallEncoder, HierarchicalEncoder, NormalizedLinear, PositionClassifier)
     fusions = FUSIONS
     train_metrics = ("train_loss", "pos_loss_64", "pos_loss_32", "spread_64", "spread_32")
     architecture_limits = {"emb_dim": (1, 4096)}
