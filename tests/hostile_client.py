@@ -83,7 +83,7 @@ class StealingLoader(DataInterface):
         return 1
 
 
-def honest_parts(federation: Federation) -> tuple[dict, dict, dict]:
+def honest_parts() -> tuple[dict, dict, dict]:
     """The plan, the manifest (as JSON values) and the initial weights of this project's training experiment."""
     model = PatchSVDD(emb_dim=8)
     manifest = client.experiment_manifest(model, SETTINGS, "training")
@@ -130,7 +130,7 @@ def through_openfl(federation: Federation) -> bool:
 
 def attack(federation: Federation) -> str | None:
     """Run ATTACK; the director's refusal, or None when it took the experiment."""
-    plan, manifest, weights = honest_parts(federation)
+    plan, manifest, weights = honest_parts()
     extra: dict[str, bytes] = {}
     if ATTACK == "loader":
         try:

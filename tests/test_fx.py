@@ -50,3 +50,18 @@ def test_the_module_runs_openfls_command_line() -> None:
     )
     assert run.returncode == 0, run.stderr
     assert "--director-config-path" in run.stdout
+
+
+def test_an_envoy_whose_name_is_not_plain_does_not_start() -> None:
+    """Experiments name their sites, and a site's workspace is named after it: one plain name, as theirs."""
+    run = subprocess.run(
+        [sys.executable, "-m", "patchsvdd.federated.fx", "envoy", "start", "-n", "site a/..", "-ec", "x.yaml"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2
+    assert run.stderr.strip() == (
+        "envoy: the envoy's name 'site a/..' is not a plain name (1 to 100 letters, digits, '.', '_' or '-', "
+        "starting with a letter or digit, no '..')"
+    )

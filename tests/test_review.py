@@ -298,6 +298,8 @@ def test_a_model_too_large_to_build_is_refused_before_it_is_allocated(monkeypatc
     monkeypatch.setattr(site_build, "MAX_PARAMETERS", 1000)
     with pytest.raises(ExperimentRefused, match="more than a site builds"):
         site_build.site_model(manifest)
+    with pytest.raises(ExperimentRefused, match="more than a site builds"):
+        site_build.expected_weights(manifest)
 
 
 def test_the_site_limits_are_far_above_the_papers_settings() -> None:

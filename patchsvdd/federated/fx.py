@@ -120,7 +120,16 @@ def main(argv: list[str] | None = None) -> None:
     """Run OpenFL's ``fx`` command line with ``argv`` (default: this process's arguments), patched for its role."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["envoy"]:
+        from patchsvdd.federated.names import ExperimentRefused, check_name
         from patchsvdd.federated.site_guard import install_site_guard
+
+        for flag in ("-n", "--shard-name"):
+            if flag in args[:-1]:
+                try:
+                    check_name(args[args.index(flag) + 1], "the envoy's name")
+                except ExperimentRefused as exc:  # experiments name their sites: a plain name, as theirs
+                    print(f"envoy: {exc}", file=sys.stderr)
+                    sys.exit(2)
 
         install_site_guard(**envoy_allows(args))
     elif args[:1] == ["director"]:

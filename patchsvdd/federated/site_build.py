@@ -42,16 +42,20 @@ from patchsvdd.training.loop import make_optimizer
 MAX_PARAMETERS = 50_000_000  # 200 MB of float32; Patch SVDD at D=64 has about 0.8 M
 
 
-def site_model(manifest: ExperimentManifest) -> nn.Module:
-    """The manifest's network, round-tagged, on the CPU, its weights zero (the aggregator's come next);
-    ExperimentRefused when it would hold more than ``MAX_PARAMETERS`` numbers."""
-    model_family = family(manifest.model)
+def model_shape(manifest: ExperimentManifest) -> nn.Module:
+    """The manifest's network, round-tagged, on the meta device (no memory); ExperimentRefused when it would hold
+    more than ``MAX_PARAMETERS`` numbers."""
     with torch.device("meta"):
-        shape = tagged(model_family.from_architecture(manifest.architecture))
+        shape = tagged(family(manifest.model).from_architecture(manifest.architecture))
     size = sum(t.numel() for t in shape.state_dict().values())
     if size > MAX_PARAMETERS:
         raise ExperimentRefused(f"its model would hold {size:,} numbers, more than a site builds ({MAX_PARAMETERS:,})")
-    model = shape.to_empty(device="cpu")
+    return shape
+
+
+def site_model(manifest: ExperimentManifest) -> nn.Module:
+    """The manifest's network, round-tagged, on the CPU, its weights zero (the aggregator's come next)."""
+    model = model_shape(manifest).to_empty(device="cpu")
     with torch.no_grad():
         for tensor in model.state_dict().values():
             tensor.zero_()
@@ -60,10 +64,7 @@ def site_model(manifest: ExperimentManifest) -> nn.Module:
 
 def expected_weights(manifest: ExperimentManifest) -> dict[str, tuple[int, ...]]:
     """{state-dict key: shape} of the manifest's round-tagged network, from its shape alone (nothing allocated)."""
-    site_model(manifest)  # the size limit first
-    with torch.device("meta"):
-        shape = tagged(family(manifest.model).from_architecture(manifest.architecture))
-    return {key: tuple(value.shape) for key, value in shape.state_dict().items()}
+    return {key: tuple(value.shape) for key, value in model_shape(manifest).state_dict().items()}
 
 
 def check_weights(expected: dict[str, tuple[int, ...]], arrays: Any, sender: str) -> None:
