@@ -15,6 +15,10 @@ class InputError(ValueError):
     """Bad input from a user (a file, a folder, a setting); the message names it and what is wrong."""
 
 
+class SettingsError(InputError):
+    """A setting out of range; the message names it and what it may be."""
+
+
 class MVTecDataError(InputError):
     """Bad MVTec input (a folder of the layout, an image or mask file). The message names the path and what is wrong."""
 

@@ -15,7 +15,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from patchsvdd.errors import InputError
+from patchsvdd.errors import SettingsError
 from patchsvdd.models.registry import REGISTRY
 
 MODELS = tuple(REGISTRY)  # the registered models (models/registry.py)
@@ -28,10 +28,6 @@ SCHEDULES = ("cosine", "constant")
 SEARCHES = ("exact", "fast")
 FINAL_MODELS = ("best", "last")
 DEVICE_POLICIES = ("CUDA_PREFERRED", "CPU_ONLY")
-
-
-class SettingsError(InputError):
-    """A setting out of range; the message names it and what it may be."""
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ from functools import cache
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
+from patchsvdd.errors import SettingsError
+
 if TYPE_CHECKING:  # the families need torch; this module does not
     from torch import nn
 
@@ -51,8 +53,6 @@ def model_names() -> tuple[str, ...]:
 def entry(name: str) -> ModelEntry:
     """The registry line of ``name``; a SettingsError listing the models for any other name."""
     if name not in REGISTRY:
-        from patchsvdd.settings import SettingsError
-
         raise SettingsError(f"model {name!r}: choose {' or '.join(REGISTRY)}")
     return REGISTRY[name]
 
