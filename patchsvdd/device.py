@@ -27,7 +27,7 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
 
 # Flags in /proc/cpuinfo that mean bf16 arithmetic in hardware: x86 AVX-512 BF16 or AMX ('flags' line), Arm's
 # BF16 extension ('Features' line). On other x86 CPUs with AVX-512, oneDNN accepts bf16 but emulates it, which
-# trains 2.6-3.3x slower than fp32 (docs/benchmarks.md, "Training step").
+# trains several times slower than fp32 (docs/benchmarks.md, "Training step").
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 CPUINFO = Path("/proc/cpuinfo")
 # oneDNN instruction-set caps (ONEDNN_MAX_CPU_ISA) below AVX512_CORE_BF16: oneDNN then emulates bf16 whatever the CPU

@@ -111,11 +111,10 @@ _TRAIN = TrainSettings()
 class ExperimentSettings:
     """A federated experiment: the training recipe and the federation's own.
 
-    The defaults (the notebook's) are a first run that finishes in about 10 minutes on a 2-core CPU without
-    native bf16: 2 rounds of 40 steps at batch 32 per envoy, 40 warm-up steps, the rest of the recipe as
-    ``TrainSettings``. It shows the whole path (training, FedAvg, validation, evaluation, bundles); a model
-    that clearly beats the untrained encoder needs about 1200 steps per envoy (``LEARN_BUDGET``;
-    docs/benchmarks.md, "The demo").
+    The defaults (the notebook's) are a first run of minutes on a CPU: 2 rounds of 40 steps at batch 32 per
+    envoy, 40 warm-up steps, the rest of the recipe as ``TrainSettings``. It shows the whole path (training,
+    FedAvg, validation, evaluation, bundles); a model that clearly beats the untrained encoder needs many more
+    steps (``LEARN_BUDGET``; the figures: docs/benchmarks.md, "The demo").
 
     ``model``: 'patchsvdd' or 'autoencoder' (the baseline, see ``autoencoder``; it uses neither
     ``emb_dim``, ``init`` nor ``lambda_svdd``, and chooses its best model by 'heldout_rec', its loss on

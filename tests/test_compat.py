@@ -1,4 +1,4 @@
-"""Files written before the package was split into folders (issue 26) still load: checkpoints and bundles
+"""Files written before the package was split into folders still load: checkpoints and bundles
 of both models, written by that commit's own code, give the same maps with today's code."""
 
 from __future__ import annotations

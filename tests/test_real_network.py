@@ -1,4 +1,4 @@
-"""The federation across test hosts of their own, as on a real network (issue 25): a director host, two site
+"""The federation across test hosts of their own, as on a real network: a director host, two site
 hosts and a notebook host, each a network namespace with an address on 198.19.0.0/16 (in 198.18.0.0/15, no
 route out) and a name every host resolves, joined by a bridge; mutual TLS with certificates for those names;
 a firewall on the director's host that opens only the director's and the aggregator's ports. The

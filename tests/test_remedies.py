@@ -1,4 +1,4 @@
-"""The remedies for sites that differ (issue 27): FedProx's proximal term and each site's own heads, in the
+"""The remedies for sites that differ: FedProx's proximal term and each site's own heads, in the
 envoys' training task itself (``federated.tasks.train_task``)."""
 
 from __future__ import annotations

@@ -126,3 +126,13 @@ def test_demo_summary_gives_the_time_of_each_phase(tmp_path) -> None:
     assert (
         "time per phase: data and start 33 s, other 4 s, rounds 300 s, evaluation 40 s, export 30 s, gallery 12 s"
     ) in text
+
+
+def test_tables_show_counts_as_whole_numbers_and_answers_as_words() -> None:
+    from patchsvdd.evaluation.report import markdown_table
+
+    table = markdown_table(
+        [{"envoy": "site_a", "n": 20.0, "bank_rows_32": 97470.0, "calibrated": 1.0, "auroc": 1.0, "online": True}]
+    )
+    assert table.splitlines()[-1] == "| site_a | 20 | 97,470 | yes | 1.0000 | yes |"
+    assert markdown_table([{"n": 2.5, "calibrated": 0.0, "auroc": None}]).splitlines()[-1] == "| 2.5000 | no | n/a |"

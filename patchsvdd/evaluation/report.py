@@ -28,20 +28,30 @@ def log_framework_to(path: str | Path, loggers: Sequence[str] = FRAMEWORK_LOGGER
     return path
 
 
-def fmt(value: Any) -> str:
-    """A metric for people: 4 decimals, 'n/a' for None or NaN."""
+# Columns that hold counts and yes/no answers, which travel as floats (OpenFL's metrics are floats)
+COUNT_COLUMNS = frozenset({"n", "steps", "rounds", "bank_rows_32", "rows_32", "train", "test"})
+YES_NO_COLUMNS = frozenset({"calibrated", "online", "chosen"})
+
+
+def fmt(value: Any, column: str | None = None) -> str:
+    """A value for people: a metric with 4 decimals, a count of ``COUNT_COLUMNS`` as a whole number, an answer of
+    ``YES_NO_COLUMNS`` as yes/no, 'n/a' for None or NaN."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
+    if column in YES_NO_COLUMNS and isinstance(value, (bool, int, float)):
+        return "yes" if value else "no"
+    if column in COUNT_COLUMNS and isinstance(value, float) and value.is_integer():
+        return f"{int(value):,}"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """Rows of dicts as a Markdown table (columns default to the first row's keys)."""
+    """Rows of dicts as a Markdown table (columns default to the first row's keys), each cell by ``fmt``."""
     if not rows:
         return "_(none)_"
     columns = list(columns or rows[0].keys())
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(r.get(c), c) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 

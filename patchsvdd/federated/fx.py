@@ -19,7 +19,7 @@ process waiting at most ``POLL_SECONDS``:
 Only those: the patch replaces the aggregator's static method and that one module's ``asyncio`` name
 with a view of :mod:`asyncio` whose ``sleep`` is capped; every other sleep, timeout and module is
 OpenFL's own. A collaborator, a queue or a server then notices its change within a second instead of
-ten, which saves about 25 s per experiment plus up to 10 s per round (docs/benchmarks.md, "Round overhead").
+ten (what that saves: docs/benchmarks.md, "Round overhead").
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from patchsvdd.federated.tasks import (
 from patchsvdd.models.registry import family
 from patchsvdd.training.loop import make_optimizer
 
-MAX_PARAMETERS = 50_000_000  # 200 MB of float32; Patch SVDD at D=64 has about 0.8 M
+MAX_PARAMETERS = 50_000_000  # 200 MB of float32: the largest network a site builds (both models default far below)
 
 
 def model_shape(manifest: ExperimentManifest) -> nn.Module:

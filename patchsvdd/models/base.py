@@ -122,7 +122,7 @@ class ModelFamily(ABC, Generic[ModelT]):
 
     @abstractmethod
     def describe(self, model: ModelT) -> str:
-        """A short text: what the model is, its parameters and its layers."""
+        """One line: what the model is and its size (``print(model)`` lists its layers)."""
 
     # --- training ----------------------------------------------------------------------------------------------
 

@@ -89,5 +89,5 @@ def build_model(kind: str = "patchsvdd", **options: Any) -> nn.Module:
 
 
 def describe(model: nn.Module) -> str:
-    """A short text: what the model is, its parameters and its layers."""
+    """One line: what the model is and its size (``print(model)`` lists its layers)."""
     return family_of(model).describe(model)

@@ -55,7 +55,7 @@ class AutoencoderFamily(ModelFamily[ConvAutoencoder]):
     def describe(self, model: ConvAutoencoder) -> str:
         return (
             f"convolutional autoencoder, {model.channels} channel(s), latent vector of {model.latent_dim}, "
-            f"{count_parameters(model):,} parameters; loss MSE + (1 - SSIM)\n{model}"
+            f"{count_parameters(model):,} parameters; loss MSE + (1 - SSIM)"
         )
 
     def inputs(self, model: ConvAutoencoder, images: np.ndarray, mean: np.ndarray) -> torch.Tensor:

@@ -80,7 +80,7 @@ class PatchSVDDFamily(ModelFamily[PatchSVDD]):
     def describe(self, model: PatchSVDD) -> str:
         return (
             f"Patch SVDD, D={model.emb_dim}: K=64 at stride {model.strides[64]} (13x13 grid), "
-            f"K=32 at stride {model.strides[32]} (57x57 grid), {count_parameters(model):,} parameters\n{model}"
+            f"K=32 at stride {model.strides[32]} (57x57 grid), {count_parameters(model):,} parameters"
         )
 
     def inputs(self, model: PatchSVDD, images: np.ndarray, mean: np.ndarray) -> torch.Tensor:

@@ -188,10 +188,10 @@ def initialise(model: nn.Module, scheme: str = "kaiming") -> nn.Module:
     """Re-draw the weights of every convolution and linear layer of ``model`` in place (torch's global RNG).
 
     'kaiming': He-normal weights for LeakyReLU(0.1) and zero biases, so a fresh
-    encoder's embeddings spread (per-dimension std about 0.04 on bottle) and the position
-    loss has something to learn from at step 0. 'pytorch': PyTorch's default
-    (what the original code uses): the signal shrinks through the eight layers
-    and a fresh encoder's output is nearly constant (std about 5e-5).
+    encoder's embeddings spread and the position loss has something to learn
+    from at step 0. 'pytorch': PyTorch's default (what the original code uses):
+    the signal shrinks through the eight layers and a fresh encoder's output is
+    nearly constant (the measured spreads: docs/training.md).
     """
     if scheme not in INIT_SCHEMES:
         raise ValueError(f"init {scheme!r}: choose {' or '.join(INIT_SCHEMES)}")

@@ -97,7 +97,7 @@ def _faiss_candidates(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torc
 
 PRUNE_MIN_BANK = 100_000  # bank rows from which the exact search on the CPU tries cluster pruning first
 PRUNE_MAX_SCANNED = 0.05  # pruning goes on only while it scans at most this share of the bank (else: flat search):
-# a row scanned in a cluster costs about 17 times a row of the flat search (docs/benchmarks.md, "Exact search")
+# a row scanned in a cluster costs many times a row of the flat search (docs/benchmarks.md, "Exact search")
 FLOAT32_DOT_ERROR = 70 * 2.0**-24  # bound of the relative error of |q|^2 + |c|^2 - 2 q.c in float32 for D <= 64
 
 

@@ -21,9 +21,8 @@ from patchsvdd.training.loop import as_generator
 LOSS_NAMES = ("loss", "loss_pos_64", "loss_pos_32", "loss_svdd_64", "loss_svdd_32")
 PATCH_SIZES = (LARGE_PATCH, SMALL_PATCH)
 HELDOUT_METRIC = HELDOUT_METRICS["patchsvdd"]  # loss_pos_64 + loss_pos_32 on held-out good images
-COLLAPSE_SPREAD = (
-    1e-6  # a fresh encoder with PyTorch's default init spreads about 5e-5; a collapsed one about 1e-7 or 0
-)
+# below a fresh encoder's spread even with PyTorch's default init, above a collapsed one's (docs/training.md)
+COLLAPSE_SPREAD = 1e-6
 COLLAPSE_PATIENCE = 20  # steps in a row below it
 ENCODER_CHUNK = 256  # 32x32 inputs per K=32 encoder call in training (measured best on a 2-core CPU)
 
