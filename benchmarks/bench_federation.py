@@ -20,6 +20,7 @@ from patchsvdd import federated as fed
 from patchsvdd.data.synth import generate_category
 from patchsvdd.models.patchsvdd.network import PatchSVDD
 from patchsvdd.system.harness import Processes, start_federation
+from patchsvdd.system.probes import free_port
 
 
 def main() -> None:
@@ -41,7 +42,12 @@ def main() -> None:
                 ready = time.perf_counter() - start
                 client = fed.connect(nodes.host, nodes.port)
                 settings = fed.ExperimentSettings(
-                    rounds=args.rounds, repeat=1, max_steps=args.max_steps, batch_size=args.batch_size, idle_timeout=600
+                    rounds=args.rounds,
+                    repeat=1,
+                    max_steps=args.max_steps,
+                    batch_size=args.batch_size,
+                    idle_timeout=600,
+                    aggregator_port=free_port(),
                 )
                 torch.manual_seed(0)
                 start = time.perf_counter()

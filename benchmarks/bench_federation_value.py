@@ -48,6 +48,7 @@ from patchsvdd.evaluation.report import markdown_table, write_json
 from patchsvdd.models.registry import build_model
 from patchsvdd.settings import DEMO_DATA, PAPER_SETTINGS
 from patchsvdd.system.harness import Processes, project_root, start_federation
+from patchsvdd.system.probes import free_port
 from patchsvdd.training.loop import make_optimizer
 
 SHARED_MVTEC = project_root() / ".." / "shared" / "mvtec"
@@ -310,6 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         final_search="exact",
         seed=args.seed,
         idle_timeout=1800.0,
+        aggregator_port=free_port(),
         device_policy="CUDA_PREFERRED" if args.device.startswith("cuda") else "CPU_ONLY",
     )
     if args.schedule == "paper":

@@ -15,7 +15,7 @@ from patchsvdd import federated as fed
 from patchsvdd.data.synth import generate_category
 from patchsvdd.models.patchsvdd.network import PatchSVDD
 from patchsvdd.system.harness import Processes, log_contains, project_root, start_federation, wait_for
-from patchsvdd.system.probes import listens
+from patchsvdd.system.probes import free_port, listens
 from patchsvdd.training.checkpoint import load_checkpoint, save_checkpoint
 
 REPO = project_root()
@@ -31,7 +31,9 @@ def test_envoy_dying_mid_round_is_reported_within_seconds(tmp_path: Path) -> Non
         nodes = start_federation(tmp_path / "run", tmp_path / "data", "fabric", n_envoys=2, processes=processes)
         client = fed.connect(nodes.host, nodes.port)
         # Long enough rounds that the envoy is surely killed while training.
-        settings = fed.ExperimentSettings(rounds=2, repeat=500, max_steps=400, batch_size=4, idle_timeout=600)
+        settings = fed.ExperimentSettings(
+            rounds=2, repeat=500, max_steps=400, batch_size=4, idle_timeout=600, aggregator_port=free_port()
+        )
         torch.manual_seed(0)
         experiment = fed.start_experiment(client, PatchSVDD(emb_dim=8), settings, "doomed", tmp_path / "nb")
         victim = next(n for n in processes.nodes if n.name == "envoy_2")
@@ -59,7 +61,7 @@ def test_envoy_dying_mid_round_is_reported_within_seconds(tmp_path: Path) -> Non
         second = fed.start_experiment(
             client,
             PatchSVDD(emb_dim=8),
-            fed.ExperimentSettings(rounds=1, repeat=1, max_steps=1, batch_size=4),
+            fed.ExperimentSettings(rounds=1, repeat=1, max_steps=1, batch_size=4, aggregator_port=free_port()),
             "queued",
             tmp_path / "nb2",
         )
@@ -90,7 +92,9 @@ def test_director_restart_envoys_register_again_and_a_new_experiment_starts_from
         client = fed.connect(nodes.host, nodes.port)
         torch.manual_seed(0)
         model = PatchSVDD(emb_dim=8)
-        settings = fed.ExperimentSettings(rounds=2, repeat=500, max_steps=400, batch_size=4, idle_timeout=600)
+        settings = fed.ExperimentSettings(
+            rounds=2, repeat=500, max_steps=400, batch_size=4, idle_timeout=600, aggregator_port=free_port()
+        )
         save_checkpoint(model, tmp_path / "before.pt", round=0)
         experiment = fed.start_experiment(client, model, settings, "interrupted", tmp_path / "nb")
         director = next(n for n in processes.nodes if n.name == "director")
@@ -112,7 +116,9 @@ def test_director_restart_envoys_register_again_and_a_new_experiment_starts_from
             assert log_contains(run_dir / "logs" / f"{envoy}.log", "is back: restarting the envoy")
 
         # A new experiment on the restarted director, from the checkpoint saved before (here: the initial model).
-        tiny = fed.ExperimentSettings(rounds=1, repeat=1, max_steps=1, batch_size=4, lr=1e-3, idle_timeout=300)
+        tiny = fed.ExperimentSettings(
+            rounds=1, repeat=1, max_steps=1, batch_size=4, lr=1e-3, idle_timeout=300, aggregator_port=free_port()
+        )
         start, _ = load_checkpoint(tmp_path / "before.pt")
         resumed = fed.start_experiment(client, start, tiny, "resumed", tmp_path / "nb_resumed")
         log = fed.follow_metrics(resumed, idle_timeout=300)

@@ -37,7 +37,16 @@ from patchsvdd.training.loop import make_optimizer
 
 pytestmark = pytest.mark.slow
 
-TINY = fed.ExperimentSettings(rounds=2, repeat=1, max_steps=1, batch_size=4, lr=1e-3, warmup_steps=0, idle_timeout=300)
+TINY = fed.ExperimentSettings(
+    rounds=2,
+    repeat=1,
+    max_steps=1,
+    batch_size=4,
+    lr=1e-3,
+    warmup_steps=0,
+    idle_timeout=300,
+    aggregator_port=free_port(),
+)
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +229,7 @@ from patchsvdd.models.patchsvdd.network import PatchSVDD
 host, port, workdir, seen = sys.argv[1:]
 client = fed.connect(host, int(port))
 torch.manual_seed(0)
-settings = fed.ExperimentSettings(rounds=3, repeat=1, max_steps=1, batch_size=4, lr=1e-3)
+settings = fed.ExperimentSettings(rounds=3, repeat=1, max_steps=1, batch_size=4, lr=1e-3, aggregator_port=free_port())
 experiment = fed.start_experiment(client, PatchSVDD(emb_dim=16), settings, "reattach", workdir)
 with open(seen, "a") as out:
     fed.follow_metrics(experiment, on_metric=lambda r: print(r["round"], r["task_name"], file=out, flush=True))

@@ -457,3 +457,18 @@ def test_configs_cannot_turn_the_guard_off(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="a site never runs code a client sends"):
         check_envoy_config(envoy, check_data=False)
+
+
+def test_the_directors_servers_take_no_message_larger_than_the_largest_model(tmp_path: Path) -> None:
+    """OpenFL's servers take messages of 1 GiB; the director's guard lowers that (run in a child: it patches)."""
+    import subprocess
+    import sys
+
+    code = (
+        "from patchsvdd.federated.site_guard import MAX_MESSAGE_BYTES, install_director_guard\n"
+        "install_director_guard()\n"
+        "from openfl.transport.grpc.director_server import channel_options\n"
+        "print(dict(channel_options)['grpc.max_receive_message_length'] == MAX_MESSAGE_BYTES < 2**30)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.stdout.strip() == "True", out.stderr[-2000:]

@@ -22,13 +22,21 @@ import torch
 from patchsvdd import federated as fed
 from patchsvdd.models.patchsvdd.network import PatchSVDD
 from patchsvdd.system.harness import LocalFederation, Processes, log_contains, start_federation, wait_for
-from patchsvdd.system.probes import listens
+from patchsvdd.system.probes import free_port, listens
 
 pytestmark = pytest.mark.slow
 HOSTILE = Path(__file__).with_name("hostile_client.py")
 TRAVERSAL = "x/../../canary"
 TINY = fed.ExperimentSettings(
-    rounds=1, repeat=1, max_steps=1, batch_size=4, emb_dim=8, round_search="fast", final_search="fast", idle_timeout=300
+    rounds=1,
+    repeat=1,
+    max_steps=1,
+    batch_size=4,
+    emb_dim=8,
+    round_search="fast",
+    final_search="fast",
+    idle_timeout=300,
+    aggregator_port=free_port(),
 )
 # attack -> the start of the reason the director and every envoy give
 REASONS = {

@@ -14,6 +14,7 @@ from patchsvdd.data.synth import generate_category
 from patchsvdd.models.patchsvdd.network import PatchSVDD
 from patchsvdd.system.certs import create_federation_certs, issued_by
 from patchsvdd.system.harness import Processes, project_root, start_federation, with_this_environment
+from patchsvdd.system.probes import free_port
 
 REPO = project_root()
 
@@ -48,7 +49,9 @@ def test_tls_federation_completes_an_experiment(tls_federation, tmp_path: Path) 
     nodes, _, _ = tls_federation
     client = fed.connect(nodes.host, nodes.port, **{k: v for k, v in nodes.tls.items()})
     assert {r["envoy"] for r in fed.wait_for_envoys(client, 2, timeout=30)} == {"envoy_1", "envoy_2"}
-    settings = fed.ExperimentSettings(rounds=1, repeat=1, max_steps=1, batch_size=4, idle_timeout=300)
+    settings = fed.ExperimentSettings(
+        rounds=1, repeat=1, max_steps=1, batch_size=4, idle_timeout=300, aggregator_port=free_port()
+    )
     torch.manual_seed(0)
     experiment = fed.start_experiment(client, PatchSVDD(emb_dim=16), settings, "tls-run", tmp_path / "nb")
     log = fed.follow_metrics(experiment, idle_timeout=settings.idle_timeout)
@@ -98,7 +101,6 @@ def test_envoy_from_another_authority_is_refused(tls_federation, tmp_path: Path,
 
 
 def test_unreachable_director_is_reported_at_once(tmp_path: Path) -> None:
-    from patchsvdd.system.probes import free_port
 
     with pytest.raises(fed.FederationError, match="cannot reach the director"):
         fed.connect("localhost", free_port(), tls=False)

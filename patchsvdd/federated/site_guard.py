@@ -10,7 +10,8 @@ model, tasks, data interface, assigner and aggregation functions it carries: cod
   on ``sys.path``;
 - **review**: the archive, its plan and its manifest pass ``review.review_archive`` (data only: no pickle is
   ever read; any exception of the review, ``SystemExit`` included, is a refusal); the director checks the
-  initial weights too, and caps what it stores of a submission (``MAX_ARCHIVE_BYTES``);
+  initial weights too, caps what it stores of a submission (``MAX_ARCHIVE_BYTES``) and the size of any
+  message its servers take (``MAX_MESSAGE_BYTES``, OpenFL's is 1 GiB);
 - **the site's own objects**: ``Plan.restore_object`` gives what ``site_build.SiteObjects`` makes from the
   manifest, in both processes; ``FrameworkAdapterPlugin.set_tensor_dict`` first checks every round's weights
   (``site_build.check_weights``).
@@ -35,13 +36,14 @@ from typing import Any
 from patchsvdd.federated.manifest import MANIFEST_FILE, parse_manifest
 from patchsvdd.federated.names import ExperimentRefused, check_name, child, shown
 from patchsvdd.federated.review import ARCHIVE_FILES, Review, SitePolicy, review_archive
-from patchsvdd.federated.site_build import SiteObjects, check_weights, expected_weights
+from patchsvdd.federated.site_build import MAX_PARAMETERS, SiteObjects, check_weights, expected_weights
 
 logger = logging.getLogger(__name__)
 
 EXPERIMENTS_FOLDER = "experiments"  # in a node's working folder: where experiments unpack, nothing else
 MAX_ARCHIVE_BYTES = sum(ARCHIVE_FILES.values()) + 64 * 1024  # the members and the zip's own records
 MAX_COLLABORATORS = 256
+MAX_MESSAGE_BYTES = 4 * MAX_PARAMETERS + 64 * 2**20  # the largest model's float32 weights and room besides
 REFUSED_BACKOFF_SECONDS = 5  # an envoy that is handed an experiment it refused waits this long before asking again
 
 
@@ -249,6 +251,15 @@ def check_submission(name: str, collaborators: list[str], registry: Any) -> None
         check_name(collaborator, "its collaborator")
 
 
+def cap_received_messages(limit: int = MAX_MESSAGE_BYTES) -> None:
+    """Let this process's gRPC servers (the director's, the aggregator's) take messages of at most ``limit``
+    bytes instead of OpenFL's 1 GiB: room for the largest model a site builds, not for a flood."""
+    from openfl.transport.grpc import grpc_channel_options
+
+    options = grpc_channel_options.channel_options  # one list, shared by reference with every server module
+    options[:] = [(key, limit if key == "grpc.max_receive_message_length" else value) for key, value in options]
+
+
 def install_director_guard(install_requirements: bool = False) -> None:
     """Patch OpenFL 1.7.1's director (this process): each submission is checked as it streams in and reviewed
     before it is registered (``DirectorGRPCServer.SetNewExperiment``), experiments unpack in ``experiments/``
@@ -262,6 +273,7 @@ def install_director_guard(install_requirements: bool = False) -> None:
     policy = SitePolicy(director_host=None, tls=None, install_requirements=install_requirements)
     experiment_module.ExperimentWorkspace = site_workspace(Path.cwd() / EXPERIMENTS_FOLDER)
     install_site_build()
+    cap_received_messages()
 
     async def receive(server: Any, stream: Any, path: Path) -> Any:
         """The first request of a submission, its archive written to ``path``; names and size checked on the way."""

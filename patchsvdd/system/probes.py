@@ -26,11 +26,18 @@ def still_listens_after(host: str, port: int, seconds: float) -> bool:
     return False
 
 
+DEFAULT_PORTS = frozenset({50050, 50051})  # the director's and the aggregator's, as the shipped configs give them
+
+
 def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on loopback that nothing listens on right now, never one of ``DEFAULT_PORTS`` (which the
+    project's start steps as written take, perhaps a moment later, beside whatever asked for this one)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in DEFAULT_PORTS:
+            return port
 
 
 def service_healthy(url: str, timeout: float = 2.0) -> bool:
