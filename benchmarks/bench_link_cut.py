@@ -14,6 +14,7 @@ reconnect attempts, the director's "offline" listings, whether the envoy registe
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -21,14 +22,16 @@ from pathlib import Path
 from patchsvdd import federated as fed
 from patchsvdd.data.synth import generate_category
 from patchsvdd.system.certs import create_federation_certs
-from patchsvdd.system.harness import (
+from patchsvdd.system.harness import Processes
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support.testbed import Testbed  # noqa: E402
+from support.testbed_federation import (  # noqa: E402
     TESTBED_EXPERIMENT,
-    Processes,
     cut_link_when,
     run_headless,
     start_testbed_federation,
 )
-from patchsvdd.system.testbed import Testbed
 
 DIRECTOR, SITE_A, SITE_B, NOTEBOOK = (
     "director.hq.test",

@@ -9,7 +9,7 @@ its own address on 198.19.0.0/16 and name, joined by a bridge with no route out)
 
 - plain: the bridge;
 - 80 ms RTT: site-b reaches the director through a relay host that delays every byte by 40 ms each way
-  (``python -m patchsvdd.system.delay``; this kernel has no ``tc netem``);
+  (``tests/support/delay.py``; this kernel has no ``tc netem``);
 - 10 Mbit/s: ``tc tbf`` on both ends of site-b's link.
 
 Prints the experiment's time, each round's time (the notebook's round lines) and the bytes on site-b's link
@@ -29,8 +29,13 @@ from pathlib import Path
 
 from patchsvdd import federated as fed
 from patchsvdd.data.synth import generate_category
-from patchsvdd.system.harness import Processes, log_contains, start_testbed_federation, wait_for
-from patchsvdd.system.testbed import Testbed
+from patchsvdd.system.harness import Processes, log_contains, wait_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support.testbed import Testbed  # noqa: E402
+from support.testbed_federation import start_testbed_federation  # noqa: E402
+
+RELAY_SCRIPT = Path(__file__).resolve().parents[1] / "tests" / "support" / "delay.py"
 
 DIRECTOR, SITE_A, SITE_B, NOTEBOOK, RELAY = (
     "director.hq.test",
@@ -76,9 +81,7 @@ def run(label: str, work: Path, data: Path) -> None:
             routes = [f"{RELAY}:{port}={DIRECTOR}:{port}" for port in (PORT, AGGREGATOR_PORT)]
             relay = processes.start(
                 "relay",
-                bed.command(
-                    RELAY, [sys.executable, "-u", "-m", "patchsvdd.system.delay", "--delay", str(ONE_WAY), *routes]
-                ),
+                bed.command(RELAY, [sys.executable, "-u", str(RELAY_SCRIPT), "--delay", str(ONE_WAY), *routes]),
                 work / "logs" / "relay.log",
             )
             wait_for(lambda: log_contains(relay.log, "relaying"), 30, "the relay", [relay])

@@ -15,9 +15,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from patchsvdd.system.browser import headless_chromium
 from patchsvdd.system.harness import Processes, wait_for
 from patchsvdd.system.probes import free_port, service_healthy
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support.browser import headless_chromium  # noqa: E402
 
 
 def main() -> int:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from patchsvdd.system.delay import relay
+from support.delay import relay
+
 from patchsvdd.system.probes import free_port
 
 

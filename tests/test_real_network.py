@@ -20,21 +20,18 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
-
-from patchsvdd import federated as fed
-from patchsvdd.system import testbed
-from patchsvdd.system.certs import create_federation_certs
-from patchsvdd.system.harness import (
+from support import testbed
+from support.testbed_federation import (
     TESTBED_EXPERIMENT,
     HeadlessRun,
-    Processes,
     cut_link_when,
-    log_contains,
-    project_root,
     run_headless,
     start_testbed_federation,
-    wait_for,
 )
+
+from patchsvdd import federated as fed
+from patchsvdd.system.certs import create_federation_certs
+from patchsvdd.system.harness import Processes, log_contains, project_root, wait_for
 
 pytestmark = [
     pytest.mark.slow,

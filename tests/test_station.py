@@ -235,7 +235,7 @@ def test_bundle_commands_add_good_history_rollback(exported, tmp_path: Path, cap
 
 def _browser():
     """Headless Chromium (``system.browser``); skips with the reason where one cannot be had."""
-    from patchsvdd.system.browser import BrowserUnavailable, headless_chromium
+    from support.browser import BrowserUnavailable, headless_chromium
 
     try:
         return headless_chromium()

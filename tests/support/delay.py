@@ -1,7 +1,7 @@
 """A TCP relay that delays every byte by a fixed time each way: a WAN's latency where ``tc netem`` is not
 available (the relay adds ``delay`` seconds to each direction, so 2 x ``delay`` to a round trip).
 
-``python -m patchsvdd.system.delay --delay 0.04 LISTEN_HOST:PORT=TARGET_HOST:PORT ...`` relays each listening
+``python tests/support/delay.py --delay 0.04 LISTEN_HOST:PORT=TARGET_HOST:PORT ...`` relays each listening
 address to its target until it is stopped. Data keep their order; each chunk read is written once
 ``delay`` has passed since it was read, so the relay adds latency, not a bandwidth limit. Standard library
 only (asyncio).
@@ -80,7 +80,7 @@ async def relay(routes: Sequence[tuple[tuple[str, int], tuple[str, int]]], delay
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m patchsvdd.system.delay", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python tests/support/delay.py", description=__doc__.splitlines()[0])
     parser.add_argument("--delay", type=float, required=True, help="seconds added to each direction")
     parser.add_argument("routes", nargs="+", help="LISTEN_HOST:PORT=TARGET_HOST:PORT")
     args = parser.parse_args(argv)

@@ -1,4 +1,4 @@
-"""One experiment without a notebook: ``python -m patchsvdd.federated.headless SPEC.json``.
+"""One experiment without a notebook: ``python tests/support/headless.py SPEC.json`` (on a test host).
 
 What the notebook does for a training run, from a JSON spec (``host``, ``port``, ``tls``: the keywords of
 ``connect``, ``envoys``: their names, ``name``, ``settings``: ``ExperimentSettings`` fields, ``workdir``):
