@@ -4,7 +4,7 @@
 
 Test hosts in network namespaces (``system.testbed``), mutual TLS with certificates for the hosts' names, a
 firewall on the director's host (only its two ports), the director and two envoys through the start
-scripts, the notebook's side on its own host (``python -m patchsvdd.federated.headless``) with the default
+scripts, the notebook's side on its own host (``tests/support/headless.py``) with the default
 ``offline_grace`` (180 s). Two seconds after the director sent site-b round 0's tasks, site-b's link goes
 down for the given time. A fresh federation for every cut. Prints, per cut: how the experiment ended, its
 time and the time over the uncut run, and what the logs show of OpenFL's recovery (site-b's collaborator's

@@ -5,7 +5,7 @@
 Test hosts in network namespaces (``system.testbed``: a director, site-a, site-b and the notebook, each with
 its own address on 198.19.0.0/16 and name, joined by a bridge with no route out). The full-size Patch SVDD
 (D=64) for 3 short rounds (2 steps of batch 4 per site, fast search), the notebook's side on its own host
-(``python -m patchsvdd.federated.headless``), once for each of site-b's links:
+(``tests/support/headless.py``), once for each of site-b's links:
 
 - plain: the bridge;
 - 80 ms RTT: site-b reaches the director through a relay host that delays every byte by 40 ms each way
@@ -33,7 +33,7 @@ from patchsvdd.system.harness import Processes, log_contains, wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from support.testbed import Testbed  # noqa: E402
-from support.testbed_federation import start_testbed_federation  # noqa: E402
+from support.testbed_federation import HEADLESS, start_testbed_federation  # noqa: E402
 
 RELAY_SCRIPT = Path(__file__).resolve().parents[1] / "tests" / "support" / "delay.py"
 
@@ -118,7 +118,7 @@ def run(label: str, work: Path, data: Path) -> None:
         (work / "spec.json").write_text(json.dumps(spec))
         before, start = link_bytes(bed, SITE_B), time.monotonic()
         done = subprocess.run(
-            bed.command(NOTEBOOK, [sys.executable, "-m", "patchsvdd.federated.headless", str(work / "spec.json")]),
+            bed.command(NOTEBOOK, [sys.executable, str(HEADLESS), str(work / "spec.json")]),
             capture_output=True,
             text=True,
             timeout=1800,

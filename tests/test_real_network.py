@@ -2,7 +2,7 @@
 hosts and a notebook host, each a network namespace with an address on 198.19.0.0/16 (in 198.18.0.0/15, no
 route out) and a name every host resolves, joined by a bridge; mutual TLS with certificates for those names;
 a firewall on the director's host that opens only the director's and the aggregator's ports. The
-notebook's side runs on its host (``python -m patchsvdd.federated.headless``, the notebook's own code).
+notebook's side runs on its host (``tests/support/headless.py``, the notebook's own code).
 
 A site's link cut of 30 s in the middle of a round is ridden out: when the link is back the envoy's supervisor
 restarts the envoy, which registers again, trains the round again and delivers it, and the notebook waits
