@@ -226,6 +226,7 @@ import sys, torch
 from patchsvdd import federated as fed
 from patchsvdd.models.autoencoder.network import ConvAutoencoder
 from patchsvdd.models.patchsvdd.network import PatchSVDD
+from patchsvdd.system.probes import free_port
 host, port, workdir, seen = sys.argv[1:]
 client = fed.connect(host, int(port))
 torch.manual_seed(0)

@@ -43,3 +43,16 @@ def test_no_import_circle() -> None:
         tuple(TopologicalSorter(graph).static_order())
     except CycleError as exc:
         raise AssertionError(f"import circle: {' -> '.join(exc.args[1])}") from None
+
+
+def test_the_experiment_life_cycle_and_the_manifest_import_no_engine() -> None:
+    """patchsvdd.experiment drives any engine through an adapter; it and what it uses import none."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, patchsvdd.experiment, patchsvdd.federated.manifest, patchsvdd.federated.progress\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'openfl', 'flwr', 'grpc'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stderr[-2000:]

@@ -101,13 +101,13 @@ def test_demo_summary_gives_the_time_of_each_phase(tmp_path) -> None:
     executed = {
         "cells": [
             cell("settings = 1", 2.0),
-            cell("experiment = fed.start_experiment(a)", 300.5),
-            cell("evaluation = fed.start_evaluation(b)", 40.0),
-            cell("x = fed.start_export(c)", 30.0),
+            cell("trained = experiment.train(a)", 300.5),
+            cell("evaluation = experiment.evaluate(b)", 40.0),
+            cell("x = experiment.export(c)", 30.0),
             cell("plots.save_gallery(d)", 12.0),
             cell("print()", 1.5),
             cell("never ran", None),
-            {"cell_type": "markdown", "source": ["fed.start_experiment("], "metadata": {}},
+            {"cell_type": "markdown", "source": ["experiment.train("], "metadata": {}},
         ]
     }
     (tmp_path / NOTEBOOK.name).write_text(json.dumps(executed))

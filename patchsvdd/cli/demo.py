@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from patchsvdd.cli.main import DefaultsHelp
@@ -38,9 +39,9 @@ NOTEBOOK = Path("workspace") / "PatchSVDD_with_Director.ipynb"
 GALLERY_IMAGES = 8  # test images the notebook's gallery scores and shows (the sites' own scores are the metrics)
 # The phases of the notebook, each named by a call that only its cell makes (papermill times every cell).
 PHASES = (
-    ("rounds", "fed.start_experiment("),
-    ("evaluation", "fed.start_evaluation("),
-    ("export", "fed.start_export("),
+    ("rounds", "experiment.train("),
+    ("evaluation", "experiment.evaluate("),
+    ("export", "experiment.export("),
     ("gallery", "plots.save_gallery("),
 )
 
@@ -185,8 +186,6 @@ def budget_note(settings, envoys: int = 2) -> str | None:
     """A sentence when a run on the demo data trains fewer steps per envoy than ``LEARN_BUDGET``: such a first run
     shows the whole path but is too short for the model to beat the untrained encoder (it gets worse before it
     gets better)."""
-    from dataclasses import replace
-
     from patchsvdd.data.mvtec import holdout_split
 
     fitting = len(holdout_split(DEMO_DATA["n_train"] // envoys, settings.holdout_fraction)[0])  # per envoy
@@ -311,8 +310,6 @@ def build_parser() -> argparse.ArgumentParser:
 def demo_settings(args: argparse.Namespace):
     """``DEMO_SETTINGS`` with the options put in (fine-tuning defaults when ``--init`` is not 'fresh');
     ValueError with the setting's name for a value out of range."""
-    from dataclasses import replace
-
     tuned = dict(FINETUNE) if args.init != "fresh" else dict(LEARN_BUDGET) if args.learn else {}
     chosen = dict(
         model=args.model,
@@ -363,27 +360,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_dir, data_root, args.category, args.envoys, processes=processes, tls=args.tls, root=root
         )
         print(f"director on port {federation.port} lists {', '.join(federation.envoys)} online; running the notebook")
-        fields = (
-            "model",
-            "rounds",
-            "repeat",
-            "max_steps",
-            "batch_size",
-            "lr",
-            "warmup_steps",
-            "seed",
-            "final_search",
-            "idle_timeout",
-            "precision",
-        )
         started = time.monotonic() - start
         params = dict(
-            {name: getattr(settings, name) for name in fields},
+            # every setting, as one dict: the notebook puts it over its parameter cell's values
+            settings_overrides=replace(settings, aggregator_port=free_port()).to_dict(),  # ports free on this machine
             director_host=federation.host,
             director_port=federation.port,
             expected_envoys=args.envoys,
             category=args.category,
-            aggregator_port=free_port(),  # fixed per run: tests and demos may share a machine
             initial_checkpoint=None if start_from is None else str(start_from),
             output_dir=str(run_dir / "notebook"),
             local_data_root=str(data_root),

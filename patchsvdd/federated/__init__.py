@@ -1,91 +1,78 @@
-"""The federation layer: the only part of ``patchsvdd`` that imports OpenFL (1.7.1, director/envoy API).
+"""The federation layer: OpenFL 1.7.1's director/envoy API, and what any engine shares.
 
-- ``tasks``: what travels to the envoys (data interface, train/validate/export tasks, task assigner);
-- ``client``: the notebook's side of the director (connect, shard registry, submit, attach, fetch);
-- ``monitor``: following an experiment (metric log, watchdog, stream reader, best-model checkpointer).
+Engine-neutral (no OpenFL): ``names`` (names a client sends), ``manifest`` (an experiment as data),
+``progress`` (metric names, the metric log, round lines, the best-model checkpointer), ``rounds`` (the round
+tag). OpenFL's adapter: ``engine`` (``OpenFLEngine``, what ``patchsvdd.experiment`` drives), ``client`` (the
+notebook's side of the director), ``monitor`` (following an experiment), ``tasks`` (what a site runs),
+``review``, ``site_build`` and ``site_guard`` (what a site takes from a client and builds itself), ``fx``.
 
-The notebook imports this package as ``fed`` and uses the names below.
+The notebook imports this package as ``fed`` and uses the names below; each loads its module on first use,
+so the engine-neutral modules import without OpenFL.
 """
 
-from patchsvdd.federated.client import (
-    EXPERIMENT_RECORD,
-    DirectorFederation,
-    FederationError,
-    attach,
-    connect,
-    experiment_status,
-    fetch_last_model,
-    online_envoys,
-    shard_bundle_folders,
-    shard_defect_types,
-    shard_table,
-    start_evaluation,
-    start_experiment,
-    start_export,
-    wait_for_envoys,
-)
-from patchsvdd.federated.monitor import (
-    DirectorGoneError,
-    MetricLog,
-    RoundLines,
-    SaveWhenImproved,
-    Watchdog,
-    follow_metrics,
-)
-from patchsvdd.federated.tasks import (
-    DEFECT_FUSION,
-    EXPORT_METRICS,
-    FINAL_METRICS,
-    HELDOUT_METRIC,
-    ROUND_METRICS,
-    TRAIN_METRICS,
-    MVTecDataInterface,
-    SiteData,
-    SiteError,
-    export_task,
-    final_metrics,
-    round_metrics,
-    train_task,
-    validate_task,
-)
-from patchsvdd.settings import HELDOUT_METRICS, ExperimentSettings
+from __future__ import annotations
 
-__all__ = [
-    "DEFECT_FUSION",
-    "EXPERIMENT_RECORD",
-    "EXPORT_METRICS",
-    "FINAL_METRICS",
-    "HELDOUT_METRIC",
-    "ROUND_METRICS",
-    "HELDOUT_METRICS",
-    "TRAIN_METRICS",
-    "final_metrics",
-    "round_metrics",
-    "DirectorFederation",
-    "DirectorGoneError",
-    "ExperimentSettings",
-    "FederationError",
-    "MVTecDataInterface",
-    "MetricLog",
-    "RoundLines",
-    "SaveWhenImproved",
-    "SiteData",
-    "SiteError",
-    "Watchdog",
-    "attach",
-    "connect",
-    "experiment_status",
-    "export_task",
-    "fetch_last_model",
-    "follow_metrics",
-    "online_envoys",
-    "shard_bundle_folders",
-    "shard_defect_types",
-    "shard_table",
-    "start_evaluation",
-    "start_experiment",
-    "start_export",
-    "train_task",
-    "validate_task",
-    "wait_for_envoys",
-]
+from importlib import import_module
+from typing import Any
+
+_LAZY = {
+    **dict.fromkeys(
+        (
+            "EXPERIMENT_RECORD",
+            "DirectorFederation",
+            "FederationError",
+            "attach",
+            "connect",
+            "experiment_status",
+            "fetch_last_model",
+            "online_envoys",
+            "shard_bundle_folders",
+            "shard_defect_types",
+            "shard_table",
+            "start_evaluation",
+            "start_experiment",
+            "start_export",
+            "wait_for_envoys",
+        ),
+        "patchsvdd.federated.client",
+    ),
+    **dict.fromkeys(("DirectorGoneError", "Watchdog", "follow_metrics"), "patchsvdd.federated.monitor"),
+    **dict.fromkeys(
+        (
+            "DEFECT_FUSION",
+            "EXPORT_METRICS",
+            "MetricLog",
+            "RoundLines",
+            "SaveWhenImproved",
+            "final_metrics",
+            "round_metrics",
+        ),
+        "patchsvdd.federated.progress",
+    ),
+    **dict.fromkeys(
+        (
+            "FINAL_METRICS",
+            "HELDOUT_METRIC",
+            "ROUND_METRICS",
+            "TRAIN_METRICS",
+            "MVTecDataInterface",
+            "SiteData",
+            "SiteError",
+            "export_task",
+            "train_task",
+            "validate_task",
+        ),
+        "patchsvdd.federated.tasks",
+    ),
+    "OpenFLEngine": "patchsvdd.federated.engine",
+    "HELDOUT_METRICS": "patchsvdd.settings",
+    "ExperimentSettings": "patchsvdd.settings",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'patchsvdd.federated' has no attribute {name!r}")

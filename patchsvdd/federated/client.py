@@ -23,11 +23,10 @@ from openfl.interface.interactive_api.federation import Federation
 from torch import nn
 
 from patchsvdd.data.mvtec import BUNDLE_FOLDER_LABEL, DEFECT_TYPES_LABEL, GOOD
-from patchsvdd.federated.manifest import MANIFEST_FILE, ExperimentManifest, Export
+from patchsvdd.federated.manifest import MANIFEST_FILE, ExperimentManifest, Export, experiment_manifest
 from patchsvdd.federated.review import FRAMEWORK_ADAPTER, PLAN_FILE, PlanValues, canonical_plan
 from patchsvdd.federated.rounds import tagged, untagged
-from patchsvdd.models.registry import family_of, kind_of
-from patchsvdd.settings import ExperimentSettings, SettingsError
+from patchsvdd.settings import ExperimentSettings
 from patchsvdd.system.tls import TLSCheckError, check_mutual_tls, speaks_tls
 from patchsvdd.training.loop import make_optimizer
 
@@ -241,34 +240,11 @@ class ManifestExperiment(FLExperiment):
         self.experiment_submitted = bool(response.accepted)
 
 
-def experiment_manifest(
-    model: nn.Module,
-    settings: ExperimentSettings,
-    task: str,
-    defect_types: list[str] | None = None,
-    export: Export | None = None,
-) -> ExperimentManifest:
-    """The manifest of an experiment of ``task`` for ``model`` (its kind must be ``settings.model``)."""
-    if kind_of(model) != settings.model:  # the tasks' metrics are the settings' model's
-        raise SettingsError(
-            f"the model sent is a {kind_of(model)} but settings.model is {settings.model!r}: "
-            "set model to match (or start from a checkpoint of that model)"
-        )
-    model_family = family_of(model)
-    return ExperimentManifest(
-        task=task,
-        model=model_family.name,
-        architecture=model_family.architecture(model),
-        settings=settings,
-        training_rounds=settings.rounds if task == "training" else 0,
-        defect_types=None if defect_types is None else tuple(defect_types),
-        export=export,
-    )
-
-
-def _submit(
+def submit(
     federation: Federation, name: str, model: nn.Module, manifest: ExperimentManifest, workdir: str | os.PathLike
 ) -> FLExperiment:
+    """Send experiment ``name`` of ``manifest`` starting from ``model`` (a round-tagged copy travels) from the
+    working folder ``workdir``; FederationError when the director refuses it."""
     with working_folder(workdir):
         experiment = ManifestExperiment(federation=federation, experiment_name=name)
         # a round-tagged copy that says which round made it (see rounds.py); the caller's model is untouched
@@ -285,7 +261,7 @@ def start_experiment(
 ) -> FLExperiment:
     """Send a training experiment to the director: ``settings.rounds`` rounds of train + validate, then
     a validation-only round for the final aggregate (reported as round ``settings.rounds``)."""
-    return _submit(federation, name, model, experiment_manifest(model, settings, "training"), workdir)
+    return submit(federation, name, model, experiment_manifest(model, settings, "training"), workdir)
 
 
 def start_evaluation(
@@ -294,7 +270,7 @@ def start_evaluation(
     """Send a one-round, validation-only experiment: every envoy scores ``model`` on its own data (AUROCs,
     AUPROs, and image-score statistics per defect type where the envoys' shard descriptions name the types)."""
     manifest = experiment_manifest(model, settings, "evaluation", defect_types=shard_defect_types(federation))
-    return _submit(federation, name, model, manifest, workdir)
+    return submit(federation, name, model, manifest, workdir)
 
 
 def start_export(
@@ -310,7 +286,7 @@ def start_export(
     ``name`` in its bundle folder) from its own images and reports only its thresholds and the bundle's size
     (``EXPORT_METRICS``). No image and no embedding leaves a site."""
     manifest = experiment_manifest(model, settings, "export", export=Export(name, bank_fraction, max_fpr))
-    return _submit(federation, name, model, manifest, workdir)
+    return submit(federation, name, model, manifest, workdir)
 
 
 def experiment_status(federation: Federation, name: str) -> str | None:

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from patchsvdd.federated.names import ExperimentRefused, check_name, shown
-from patchsvdd.models.registry import family, model_names
+from patchsvdd.models.registry import family, family_of, kind_of, model_names
 from patchsvdd.settings import ExperimentSettings, SettingsError, settings_from_dict
 
 FORMAT = "patchsvdd-experiment/1"
@@ -175,3 +175,28 @@ def parse_manifest(data: bytes) -> ExperimentManifest:
         raise ExperimentRefused(f"its manifest's export is {shown(record['export'])} for {task}")
     export = None if record["export"] is None else _export(record["export"])
     return ExperimentManifest(task, model, architecture, settings, rounds, defect_types, export)
+
+
+def experiment_manifest(
+    model: Any,
+    settings: ExperimentSettings,
+    task: str,
+    defect_types: list[str] | None = None,
+    export: Export | None = None,
+) -> ExperimentManifest:
+    """The manifest of an experiment of ``task`` for ``model`` (its kind must be ``settings.model``)."""
+    if kind_of(model) != settings.model:  # the tasks' metrics are the settings' model's
+        raise SettingsError(
+            f"the model sent is a {kind_of(model)} but settings.model is {settings.model!r}: "
+            "set model to match (or start from a checkpoint of that model)"
+        )
+    model_family = family_of(model)
+    return ExperimentManifest(
+        task=task,
+        model=model_family.name,
+        architecture=model_family.architecture(model),
+        settings=settings,
+        training_rounds=settings.rounds if task == "training" else 0,
+        defect_types=None if defect_types is None else tuple(defect_types),
+        export=export,
+    )

@@ -1,5 +1,6 @@
-"""Following a running experiment: the metric log, the watchdog that decides when to give up, the
-stream reader, and the checkpointer that keeps the best model.
+"""Following a running OpenFL experiment: the watchdog that decides when to give up and the reader of the
+director's metric stream (the metric log, the round lines and the checkpointer it feeds are engine-neutral:
+``progress.py``).
 
 ``Watchdog`` holds every give-up rule as a pure decision on (time, envoys
 online, status) and is tested without a director; ``follow_metrics`` only
@@ -8,55 +9,24 @@ moves messages from OpenFL's metric stream to it.
 
 from __future__ import annotations
 
-import math
-import os
 import queue
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from openfl.interface.interactive_api.experiment import FLExperiment
 
 from patchsvdd.federated.client import FederationError, experiment_status, online_envoys
-from patchsvdd.federated.rounds import round_of, untagged
-from patchsvdd.federated.tasks import HELDOUT_METRIC
+from patchsvdd.federated.progress import MetricLog, RoundLines, SaveWhenImproved
 from patchsvdd.system.probes import still_listens_after
+
+__all__ = ["DirectorGoneError", "MetricLog", "RoundLines", "SaveWhenImproved", "Watchdog", "follow_metrics"]
 
 
 class DirectorGoneError(FederationError):
     """The director stopped answering during an experiment; its experiments are lost with it."""
-
-
-@dataclass
-class MetricLog:
-    """Metrics as streamed: dicts with round, metric_origin, task_name, metric_name, metric_value."""
-
-    records: list[dict[str, Any]] = field(default_factory=list)
-
-    def series(self, task_name: str, metric_name: str) -> dict[str, list[tuple[int, float]]]:
-        """{origin: [(round, value), ...]} for one task and metric."""
-        out: dict[str, list[tuple[int, float]]] = {}
-        for r in self.records:
-            if r["task_name"] == task_name and r["metric_name"] == metric_name:
-                out.setdefault(r["metric_origin"], []).append((int(r["round"]), float(r["metric_value"])))
-        return out
-
-    def final(self, task_name: str = "aggregated_model_validate") -> dict[str, dict[str, float]]:
-        """{origin: {metric: value}} from the last round each origin reported for ``task_name``."""
-        out: dict[str, dict[str, tuple[int, float]]] = {}
-        for r in self.records:
-            if r["task_name"] == task_name:
-                slot = out.setdefault(r["metric_origin"], {})
-                if r["metric_name"] not in slot or slot[r["metric_name"]][0] <= r["round"]:
-                    slot[r["metric_name"]] = (int(r["round"]), float(r["metric_value"]))
-        return {origin: {k: v for k, (_, v) in metrics.items()} for origin, metrics in out.items()}
-
-    def to_jsonable(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.records]
 
 
 def failed_at_a_site(name: str) -> str:
@@ -132,55 +102,6 @@ class Watchdog:
                 f"online (status {status}); see the director and envoy logs."
             )
         return None
-
-
-class RoundLines:
-    """One line per round as the metrics stream in (pass as ``follow_metrics``'s ``on_metric``): the round,
-    seconds since the previous line, and each of ``keys`` aggregated with every site's value, e.g.
-    ``round 2/5   41 s  heldout_pos 2.108 (envoy_1 2.102, envoy_2 2.114)  det_sum ...``.
-
-    A round's line is written when the aggregator's values of all ``keys`` for it have arrived (OpenFL
-    streams a task's aggregate after every site's value). ``rounds``: training rounds, for 'r/rounds' (the
-    last, validation-only round is rounds itself). ``write`` takes each line (default: print, flushed).
-    """
-
-    def __init__(
-        self,
-        keys: tuple[str, ...],
-        rounds: int | None = None,
-        task: str = "aggregated_model_validate",
-        write: Callable[[str], None] | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.keys, self.rounds, self.task, self.clock = keys, rounds, task, clock
-        self.write = write if write is not None else (lambda line: print(line, flush=True))
-        self.values: dict[int, dict[str, dict[str, float]]] = {}  # round -> key -> origin -> value
-        self.written: set[int] = set()
-        self.last = clock()
-
-    def __call__(self, record: dict[str, Any]) -> None:
-        if record["task_name"] != self.task or record["metric_name"] not in self.keys:
-            return
-        number = int(record["round"])
-        by_key = self.values.setdefault(number, {})
-        by_key.setdefault(record["metric_name"], {})[record["metric_origin"]] = float(record["metric_value"])
-        if number not in self.written and all("aggregator" in by_key.get(key, {}) for key in self.keys):
-            self.written.add(number)
-            now = self.clock()
-            self.write(self.line(number, now - self.last))
-            self.last = now
-
-    def line(self, number: int, seconds: float) -> str:
-        """The line of round ``number`` from the values received so far."""
-        of = f"/{self.rounds}" if self.rounds is not None else ""
-        parts = [f"round {number}{of} {seconds:5.0f} s"]
-        for key in self.keys:
-            origins = self.values[number].get(key, {})
-            sites = ", ".join(
-                f"{origin} {value:.3f}" for origin, value in sorted(origins.items()) if origin != "aggregator"
-            )
-            parts.append(f"{key} {origins['aggregator']:.3f} ({sites})")
-        return "  ".join(parts)
 
 
 _END = object()
@@ -300,91 +221,3 @@ def director_gone(
         f"{saved} Start the director again: envoys started with start_envoy.sh wait for it and register again by "
         "themselves. Then connect again and start a new experiment from the last checkpoint (initial_checkpoint)."
     )
-
-
-class SaveWhenImproved:
-    """Saves the validated aggregate atomically each time it beats the best so far (pass to ``follow_metrics``).
-
-    The criterion is ``metric`` of the aggregator's validation: by default the
-    held-out position loss ('heldout_pos', lower is better), which needs no
-    anomalous image, so the test images whose AUROC is reported never choose
-    the model. Round r's aggregated validation scores the model round r started
-    with; the director holds that model as "last" from the end of round r until
-    the end of round r+1. So an improvement seen in round r is saved when the
-    first metric of a later round arrives (round r+1 is then under way), or
-    when the experiment ends. The director streams metrics with up to a
-    second's delay, so a round r+1 shorter than that (toy test rounds, never a
-    real one) can end first: the model fetched then says so by its round tag
-    (``rounds.py``; OpenFL 1.7.1 itself tells no round), and it is not saved
-    under round r's score: the round goes to ``missed`` with a warning, and
-    the file and ``best_score`` stay those of the model saved before.
-    ``fetch`` (default: the experiment's last model) is called once per save.
-    ``save_checkpoint`` writes a temporary file and renames it: a crash never
-    leaves a broken file.
-    ``metadata`` goes into the file, with the round and the score.
-    """
-
-    def __init__(
-        self,
-        experiment: FLExperiment | None,
-        path: str | os.PathLike,
-        /,
-        metric: str = HELDOUT_METRIC,
-        lower_is_better: bool = True,
-        fetch: Callable[[], Any] | None = None,
-        **metadata: Any,
-    ) -> None:
-        self.path, self.metric, self.metadata = Path(path), metric, metadata
-        if fetch is None and experiment is None:
-            raise ValueError("SaveWhenImproved needs an experiment or a fetch function")
-        self.fetch = fetch if fetch is not None else experiment.get_last_model  # type: ignore[union-attr]
-        self.lower_is_better = lower_is_better
-        self.best_score = math.inf if lower_is_better else -math.inf
-        self.best_round: int | None = None
-        self.saved_round: int | None = None  # round of the model in ``path``, once written
-        self.missed: list[int] = []  # improvements whose model the director had replaced before it was fetched
-        self._pending: tuple[int, float] | None = None
-        self._saved_score = self.best_score
-
-    def _better(self, score: float) -> bool:
-        return not math.isnan(score) and (score < self.best_score if self.lower_is_better else score > self.best_score)
-
-    def observe(self, record: dict[str, Any]) -> None:
-        """Look at one streamed metric: save a pending improvement once a later round reports."""
-        if self._pending is not None and record["round"] > self._pending[0]:
-            self._save()
-        key = (record["metric_origin"], record["task_name"], record["metric_name"])
-        score = record["metric_value"]
-        if key == ("aggregator", "aggregated_model_validate", self.metric) and self._better(score):
-            self.best_score, self.best_round = score, int(record["round"])
-            self._pending = (self.best_round, score)
-
-    def finish(self) -> None:
-        """The experiment ended: save the pending improvement, if any."""
-        if self._pending is not None:
-            self._save()
-
-    def _save(self) -> None:
-        from patchsvdd.training.checkpoint import save_checkpoint
-
-        if self._pending is None:
-            return
-        round_number, score = self._pending
-        self._pending = None
-        model = self.fetch()
-        fetched = round_of(model)
-        if fetched is not None and fetched != round_number:
-            self.missed.append(round_number)
-            self.best_score, self.best_round = self._saved_score, self.saved_round
-            warnings.warn(
-                f"the model validated in round {round_number} ({self.metric} {score:.4f}) was replaced on the "
-                f"director by round {fetched}'s before it could be fetched (a round shorter than the metric "
-                f"stream's delay); {self.path} keeps round {self.saved_round}'s",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            return
-        save_checkpoint(
-            untagged(model), self.path, round=round_number, score=float(score), metric=self.metric, **self.metadata
-        )
-        self.saved_round, self._saved_score = round_number, score

@@ -20,28 +20,19 @@ from openfl.interface.interactive_api.experiment import DataInterface, TaskInter
 
 from patchsvdd.data.mvtec import CategoryData, holdout_split
 from patchsvdd.evaluation.evaluate import evaluate_category
-from patchsvdd.evaluation.metrics import AUPRO_KEYS, METRIC_KEYS, aupro_keys, flatten_defects, metric_keys
+from patchsvdd.evaluation.metrics import AUPRO_KEYS, METRIC_KEYS, flatten_defects
 from patchsvdd.evaluation.pooling import sketch_metrics
 from patchsvdd.federated.names import child
+from patchsvdd.federated.progress import DEFECT_FUSION, final_metrics, round_metrics, train_metrics
 from patchsvdd.federated.rounds import set_round, untagged
-from patchsvdd.models.registry import family, family_of, model_names
+from patchsvdd.models.registry import family_of, model_names
 from patchsvdd.settings import HELDOUT_METRICS, ExperimentSettings
 from patchsvdd.training.loop import train_epoch
 
 HELDOUT_METRIC = HELDOUT_METRICS["patchsvdd"]  # the model-choice criterion: needs no anomaly, lower is better
 ROUND_METRICS = (HELDOUT_METRIC, "det_sum", "seg_sum")  # Patch SVDD's; either model's: round_metrics(model)
 FINAL_METRICS = METRIC_KEYS + AUPRO_KEYS
-DEFECT_FUSION = "sum"  # the fusion whose image scores the final evaluation reports per defect type (both models)
-TRAIN_METRICS = {name: family(name).train_metrics for name in model_names()}  # what each model's training reports
-EXPORT_METRICS = (
-    "image_threshold",
-    "image_fpr",
-    "image_tpr",
-    "pixel_threshold",
-    "calibrated",
-    "bundle_mb",
-    "bank_rows_32",
-)
+TRAIN_METRICS = {name: train_metrics(name) for name in model_names()}  # what each model's training reports
 
 
 class SiteError(RuntimeError):
@@ -120,18 +111,6 @@ class MVTecDataInterface(DataInterface):
 
     def get_valid_data_size(self) -> int:
         return len(self.data.test_images)
-
-
-def round_metrics(model: str) -> tuple[str, ...]:
-    """What each round's validation reports for ``model`` (a registry name): its held-out criterion, det_sum
-    and seg_sum."""
-    return (family(model).heldout_metric, "det_sum", "seg_sum")
-
-
-def final_metrics(model: str) -> tuple[str, ...]:
-    """What the final evaluation reports for ``model``: det/seg AUROC and AUPRO of each of its fusions."""
-    fusions = family(model).fusions
-    return metric_keys(fusions) + aupro_keys(fusions)
 
 
 SITE_HEADS = "site_heads"  # the attribute of a site's data that keeps its own heads between rounds (local_heads)

@@ -2,11 +2,11 @@
 
 What the notebook does for a training run, from a JSON spec (``host``, ``port``, ``tls``: the keywords of
 ``connect``, ``envoys``: their names, ``name``, ``settings``: ``ExperimentSettings`` fields, ``workdir``):
-connect to the director (waiting up to a minute for it), wait for the envoys, send a fresh model, follow
-the metrics with the settings' ``offline_grace``, printing every line the notebook prints (its one line
-per round, ``RoundLines``, among them). The last line is
-``RESULT {json}``: ``finished`` (the validated rounds, the nodes of the final metrics) or ``gave_up``
-(the sentence why). Runs on a test host of its own (``system.testbed``) as the notebook's machine.
+connect to the director (waiting up to a minute for it), wait for the envoys, and train a fresh model with
+``patchsvdd.experiment.train``, as the notebook does, printing every line it prints (one per round among
+them). The last line is ``RESULT {json}``: ``finished`` (the validated rounds, the nodes of the final
+metrics) or ``gave_up`` (the sentence why). Runs on a test host of its own (``testbed``) as the notebook's
+machine.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from patchsvdd.federated.client import FederationError, connect, start_experiment, wait_for_envoys
-from patchsvdd.federated.monitor import RoundLines, follow_metrics
-from patchsvdd.federated.tasks import round_metrics
+from patchsvdd import experiment
+from patchsvdd.federated.client import FederationError, connect
+from patchsvdd.federated.engine import OpenFLEngine
 from patchsvdd.models.registry import build_model
 from patchsvdd.settings import ExperimentSettings
 
@@ -45,24 +45,18 @@ def main(spec_path: str) -> int:
                 result(status="no_director", reason=str(exc))
                 return 2
             time.sleep(1)
-    wait_for_envoys(client, len(spec["envoys"]), timeout=ENVOY_WAIT)
+    engine = OpenFLEngine(client, registry_poll=1.0)
+    engine.sites(len(spec["envoys"]), timeout=ENVOY_WAIT)
     settings = ExperimentSettings(**spec["settings"])
     torch.manual_seed(settings.seed)
     model = build_model(settings.model, emb_dim=settings.emb_dim, init=settings.init)
-    experiment = start_experiment(client, model, settings, spec["name"], spec["workdir"])
     start = time.monotonic()
     try:
-        log = follow_metrics(
-            experiment,
-            idle_timeout=settings.idle_timeout,
-            registry_poll=1.0,
-            offline_grace=settings.offline_grace,
-            on_metric=RoundLines(round_metrics(settings.model), rounds=settings.rounds),
-            say=lambda line: print(line, flush=True),
-        )
+        trained = experiment.train(engine, model, settings, spec["name"], Path(spec["workdir"]), category="testbed")
     except FederationError as exc:
         result(status="gave_up", reason=str(exc))
         return 0
+    log = trained.log
     rounds = sorted({r["round"] for r in log.records if r["task_name"] == "aggregated_model_validate"})
     result(status="finished", rounds=rounds, nodes=sorted(log.final()), seconds=round(time.monotonic() - start, 1))
     return 0
