@@ -42,8 +42,10 @@ demo-learn: install
 test-tools:
 	@scripts/install-test-tools
 
+# two workers (pytest-xdist), each taking whole test files: most federation tests wait on processes, so two
+# run in the time of one; each federation takes ports of its own (only the three steps as written take 50050/50051)
 test: install test-tools
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 test-fast: install
 	$(PY) -m pytest -m "not slow"

@@ -25,8 +25,10 @@ def _cpuinfo(tmp_path: Path, text: str) -> Path:
 
 @pytest.fixture
 def onednn_says_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
-    """oneDNN claims bf16, as it does on every AVX-512 CPU (emulated where the CPU lacks it)."""
+    """oneDNN claims bf16, as it does on every AVX-512 CPU (emulated where the CPU lacks it), and no instruction-set
+    cap of the environment (a run under ONEDNN_MAX_CPU_ISA=AVX2, as an AVX2-only CPU) decides before the flags."""
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     dev._cpu_bf16_support.cache_clear()
     yield
     dev._cpu_bf16_support.cache_clear()
