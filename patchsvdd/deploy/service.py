@@ -38,12 +38,13 @@ import io
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import anyio
 import numpy as np
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse
 from PIL import Image, UnidentifiedImageError
 
@@ -142,87 +143,80 @@ def read_token(path: str | Path) -> str:
     return token
 
 
-def create_app(
-    station: Station,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    workers: int = DEFAULT_WORKERS,
-    token: str | None = None,
-    watch: str | Path | None = None,
-    watch_interval: float = 1.0,
-) -> FastAPI:
-    """The service and page for ``station`` (a loaded bundle); ``token``: the bearer token every endpoint
-    but /health and / asks for; ``watch``: a camera folder to inspect new images from."""
-    if max_bytes < 1 or workers < 1:
-        raise ValueError(f"max_bytes={max_bytes}, workers={workers}: both at least 1")
-    if station.allow_feedback and not token:
-        raise InputError("feedback changes the bundle: --allow-feedback needs --token-file")
-    watcher = FolderWatcher(station, watch, watch_interval) if watch is not None else None
+@dataclass
+class Service:
+    """What every endpoint shares: the station (a loaded bundle), the body limit, the worker pool, the token, the
+    camera-folder watcher."""
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if watcher is not None:
-            watcher.start()
-        yield
-        if watcher is not None:
-            watcher.stop()
+    station: Station
+    max_bytes: int
+    limiter: anyio.CapacityLimiter
+    token: str | None = None
+    watcher: FolderWatcher | None = None
 
-    info = station.info
-    app = FastAPI(
-        title="patchsvdd inspector",
-        version=str(info.get("version", "")),
-        description=f"Patch SVDD anomaly detection for '{info.get('category', '?')}' images.",
-        lifespan=lifespan,
-    )
-    limiter = anyio.CapacityLimiter(workers)
-
-    def authorised(request: Request) -> None:
-        if token is None:
+    def authorised(self, request: Request) -> None:
+        """A dependency: 401 unless the request carries the bearer token (when the service has one)."""
+        if self.token is None:
             return
         given = request.headers.get("authorization", "")
         scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token.encode()):
             raise HTTPException(
                 401,
                 "this service needs its token: Authorization: Bearer <token>",
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
-    guarded = [Depends(authorised)]
+    def guarded(self) -> list[Any]:
+        return [Depends(self.authorised)]
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+
+def open_router() -> APIRouter:
+    """The page and /health: no token."""
+    router = APIRouter()
+
+    @router.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
         return PAGE.read_text()
 
-    @app.get("/health")
+    @router.get("/health")
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/info", dependencies=guarded)
+    return router
+
+
+def inspection_router(service: Service) -> APIRouter:
+    """/info (the bundle and the service) and /infer (a decision on one image)."""
+    router = APIRouter(dependencies=service.guarded())
+    station = service.station
+
+    @router.get("/info")
     def bundle_info() -> dict[str, Any]:
         return {
             **station.info,
             "bundle_version": station.version,
             "service": {
                 "feedback": station.allow_feedback,
-                "token": token is not None,
+                "token": service.token is not None,
                 "recent": station.recent.maxlen,
-                "watch": None if watcher is None else str(watcher.folder),
+                "watch": None if service.watcher is None else str(service.watcher.folder),
                 "search": station.inspector.search,
             },
         }
 
-    @app.post("/infer", dependencies=guarded)
+    @router.post("/infer")
     async def infer(
         request: Request,
         map: bool = Query(False, description="add the anomaly map as a base64 PNG"),
         overlay: bool = Query(False, description="add the image with the map over it, regions outlined"),
     ):
-        data = await _image_bytes(request, max_bytes)
+        data = await _image_bytes(request, service.max_bytes)
         try:
             image = decode_image(data)
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
-        decision, result = await anyio.to_thread.run_sync(station.inspect, image, limiter=limiter)
+        decision, result = await anyio.to_thread.run_sync(station.inspect, image, limiter=service.limiter)
         answer: dict[str, Any] = {
             "id": decision.id,
             "anomalous": result.anomalous,
@@ -241,15 +235,23 @@ def create_app(
             answer["overlay"] = decision.pictures()[0]
         return answer
 
-    @app.get("/recent", dependencies=guarded)
+    return router
+
+
+def history_router(service: Service) -> APIRouter:
+    """/recent (the latest decisions) and /decisions/{id} (one, with its overlay)."""
+    router = APIRouter(dependencies=service.guarded())
+    station = service.station
+
+    @router.get("/recent")
     def recent() -> dict[str, Any]:
         return {
             "decisions": [d.summary() for d in station.decisions()],
             "keep": station.recent.maxlen,
-            "watch_errors": [] if watcher is None else list(watcher.errors),
+            "watch_errors": [] if service.watcher is None else list(service.watcher.errors),
         }
 
-    @app.get("/decisions/{decision_id}", dependencies=guarded)
+    @router.get("/decisions/{decision_id}")
     def decision(decision_id: str) -> dict[str, Any]:
         found = station.find(decision_id)
         if found is None:
@@ -258,11 +260,19 @@ def create_app(
             )
         return found.summary(with_overlay=True)
 
-    @app.post("/feedback", dependencies=guarded)
+    return router
+
+
+def feedback_router(service: Service) -> APIRouter:
+    """/feedback: an operator's label for a recent decision or an image, into a new bundle version."""
+    router = APIRouter(dependencies=service.guarded())
+    station = service.station
+
+    @router.post("/feedback")
     async def feedback(request: Request) -> dict[str, Any]:
         if not station.allow_feedback:
             raise HTTPException(403, "feedback is off: start the service with --allow-feedback and --token-file")
-        payload = await _json_body(request, max_bytes)
+        payload = await _json_body(request, service.max_bytes)
         if not isinstance(payload, dict) or payload.get("label") not in LABELS:
             raise HTTPException(400, f'send {{"id" or "image", "label": {" or ".join(map(repr, LABELS))}}}')
         found = None
@@ -273,7 +283,7 @@ def create_app(
             image, request_name = found.image, f"feedback on decision {found.id} ({found.source})"
         elif "image" in payload:
             try:
-                image = decode_image(_base64_image(payload, max_bytes))
+                image = decode_image(_base64_image(payload, service.max_bytes))
             except ValueError as exc:
                 raise HTTPException(400, str(exc)) from None
             request_name = "feedback with an image"
@@ -288,7 +298,7 @@ def create_app(
             raise HTTPException(409, str(exc)) from None
         if found is not None:
             found.feedback = payload["label"]  # shown with the decision in /recent
-        after, _ = await anyio.to_thread.run_sync(station.inspect, image, "feedback check", limiter=limiter)
+        after, _ = await anyio.to_thread.run_sync(station.inspect, image, "feedback check", limiter=service.limiter)
         return {
             "version": change.version,
             "label": change.label,
@@ -298,6 +308,43 @@ def create_app(
             "decision": after.summary(with_overlay=True),
         }
 
+    return router
+
+
+def create_app(
+    station: Station,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    workers: int = DEFAULT_WORKERS,
+    token: str | None = None,
+    watch: str | Path | None = None,
+    watch_interval: float = 1.0,
+) -> FastAPI:
+    """The service and page for ``station`` (a loaded bundle), one router per concern; ``token``: the bearer token
+    every endpoint but /health and / asks for; ``watch``: a camera folder to inspect new images from."""
+    if max_bytes < 1 or workers < 1:
+        raise ValueError(f"max_bytes={max_bytes}, workers={workers}: both at least 1")
+    if station.allow_feedback and not token:
+        raise InputError("feedback changes the bundle: --allow-feedback needs --token-file")
+    watcher = FolderWatcher(station, watch, watch_interval) if watch is not None else None
+    service = Service(station, max_bytes, anyio.CapacityLimiter(workers), token, watcher)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if watcher is not None:
+            watcher.start()
+        yield
+        if watcher is not None:
+            watcher.stop()
+
+    info = station.info
+    app = FastAPI(
+        title="patchsvdd inspector",
+        version=str(info.get("version", "")),
+        description=f"Patch SVDD anomaly detection for '{info.get('category', '?')}' images.",
+        lifespan=lifespan,
+    )
+    for router in (open_router(), inspection_router(service), history_router(service), feedback_router(service)):
+        app.include_router(router)
     return app
 
 
