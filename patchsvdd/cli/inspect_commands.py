@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from patchsvdd.cli.make_commands import load_shard
+from patchsvdd.cli.options import BUNDLE, DATA, DEVICE, Command, Exclusive, at_least, bank_fraction, opt
 from patchsvdd.errors import InputError
 
 if TYPE_CHECKING:
@@ -313,3 +314,146 @@ def cmd_serve(args: argparse.Namespace) -> int:
         recent=args.recent,
     )
     return 0
+
+
+def commands() -> list[Command]:
+    """The commands that score, package, serve and change bundles."""
+    evaluate = Command(
+        "evaluate",
+        "score a category (or all) with a checkpoint; write metrics.json, maps and ROC",
+        (
+            *DATA,
+            Exclusive(
+                (
+                    opt("--checkpoint", type=Path, help="one checkpoint (for every category with --category all)"),
+                    opt("--checkpoint-dir", type=Path, help="a folder holding <category>.pt for each category"),
+                    opt(
+                        "--weights",
+                        choices=("official",),
+                        help="official: the authors' released encoder of each category (downloaded once, checked)",
+                    ),
+                ),
+                required=True,
+            ),
+            opt(
+                "--out-dir",
+                required=True,
+                type=Path,
+                help="where metrics.json etc. go; with --category all one folder per category, and "
+                "results.md, results.csv, results.png",
+            ),
+            opt("--search", choices=("exact", "fast"), default="exact", help="nearest-neighbour search"),
+            opt(
+                "--fusion",
+                default="sum",
+                choices=("64", "32", "sum", "mult", "l2", "ssim"),
+                help="map shown in the gallery: Patch SVDD's 64, 32, sum, mult; the autoencoder's l2, ssim, sum",
+            ),
+            opt("--no-gallery", action="store_true", help="skip the per-image PNGs"),
+        ),
+        cmd_evaluate,
+    )
+    export = Command(
+        "export",
+        "make a site bundle: the model, this site's memory banks (Patch SVDD) or error scales "
+        "(autoencoder), thresholds calibrated on its labelled images",
+        (
+            *DATA,
+            opt("--checkpoint", required=True, type=Path, help="the model (e.g. a federation's last.pt)"),
+            opt("--out", required=True, type=Path, help="bundle folder to write"),
+            opt(
+                "--bank-fraction",
+                type=bank_fraction,
+                default="auto",
+                help="share of the training patches the memory banks keep: 'auto' (the smallest k-center bank "
+                "within 0.005 AUROC of the full one on the labelled calibration images, measured and written to "
+                "calibration.md; the full bank without defective images), or a number in (0, 1]; 1 keeps all",
+            ),
+            opt(
+                "--subsample",
+                choices=("kcenter", "random"),
+                default="kcenter",
+                help="how --bank-fraction picks patches: kcenter (covering, per grid position; default) or random",
+            ),
+            opt(
+                "--max-fpr",
+                type=float,
+                default=None,
+                help="image threshold at this false-positive rate on good images (default: at maximum F1)",
+            ),
+            opt(
+                "--calibration-root",
+                type=Path,
+                default=None,
+                help="a data root whose <category>/test calibrates the thresholds (default: --data-root's)",
+            ),
+        ),
+        cmd_export,
+    )
+    predict = Command(
+        "predict",
+        "inspect images with a bundle: a CSV of decisions and one PNG per image",
+        (
+            BUNDLE,
+            opt("inputs", nargs="+", type=Path, help="image files or folders (searched recursively)"),
+            opt("--out", required=True, type=Path, help="folder for predictions.csv and the PNGs"),
+            DEVICE,
+            opt("--no-progress", action="store_true", help="no progress bar"),
+        ),
+        cmd_predict,
+    )
+    serve = Command(
+        "serve",
+        "serve a bundle over HTTP: POST /infer, GET /health, GET /info (FastAPI)",
+        (
+            BUNDLE,
+            opt("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)"),
+            opt("--port", type=at_least(1, 65535), default=8080, help="port to listen on"),
+            opt("--max-bytes", type=at_least(1), default=20 * 1024 * 1024, help="largest request accepted, in bytes"),
+            opt("--workers", type=at_least(1), default=2, help="requests scored at once"),
+            DEVICE,
+            opt(
+                "--token-file",
+                type=Path,
+                default=None,
+                help="a file whose first line is a token (16+ characters): every endpoint but /health and the page "
+                "then needs 'Authorization: Bearer <token>'",
+            ),
+            opt(
+                "--allow-feedback",
+                action="store_true",
+                help="accept POST /feedback (needs --token-file): good images join the memory bank, defective ones "
+                "recalibrate the threshold; each change is a new bundle version",
+            ),
+            opt("--watch", type=Path, default=None, help="a camera folder: inspect each new image in it"),
+            opt("--recent", type=at_least(1), default=24, help="decisions the page lists (kept in memory)"),
+        ),
+        cmd_serve,
+    )
+    adders = tuple(
+        Command(
+            f"add-{label}",
+            f"teach the bundle that these images are {label} "
+            + (
+                "(their patches join the memory bank; no training)"
+                if label == "good"
+                else "(kept for calibration; the threshold is chosen again)"
+            ),
+            (BUNDLE, opt("images", nargs="+", type=Path, help="image files or folders (searched recursively)"), DEVICE),
+            defaults={"label": label},
+        )
+        for label in ("good", "defective")
+    )
+    folder = opt("bundle", type=Path, help="bundle folder")
+    bundle = Command(
+        "bundle",
+        "change a site bundle: add confirmed good or defective images, roll back, show its history",
+        run=cmd_bundle,
+        subcommands=(
+            *adders,
+            Command("rollback", "return to the bundle's previous version", (folder,)),
+            Command("history", "list the bundle's versions since export", (folder,)),
+        ),
+        dest="bundle_command",
+    )
+    return [evaluate, export, predict, serve, bundle]

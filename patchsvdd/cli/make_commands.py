@@ -10,6 +10,9 @@ import argparse
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
+
+from patchsvdd.cli.options import DATA, Command, at_least, opt
 
 
 def load_shard(args: argparse.Namespace, category: str | None = None):
@@ -132,3 +135,104 @@ def cmd_certs(args: argparse.Namespace) -> int:
         print(f"wrote {path} and {path.with_suffix('.key')}")
     print(f"keep {out / 'root_ca.key'} off the nodes; give every node {out / 'root_ca.crt'} and its own .crt/.key")
     return 0
+
+
+def commands() -> list[Command]:
+    """The commands that make things: demo data, a trained model, an imported encoder, certificates."""
+    from patchsvdd.data.synth import CATEGORIES
+    from patchsvdd.models.registry import model_names
+    from patchsvdd.settings import DEMO_DATA, EMB_DIM, INIT_SCHEMES, PRECISIONS, RECIPES, SCHEDULES
+
+    synth = Command(
+        "synth",
+        "write a procedural demo category in the MVTec AD layout",
+        (
+            opt("--out", required=True, type=Path, help="data root to write <category>/ into"),
+            opt("--category", default="fabric", choices=sorted(CATEGORIES)),
+            # defaults: the demo's data (settings.DEMO_DATA), so that `synth --category washer` writes what
+            # `make demo` uses
+            opt("--seed", type=int, default=DEMO_DATA["seed"], help="random seed of the generated images"),
+            opt("--n-train", type=at_least(1), default=DEMO_DATA["n_train"], help="good training images"),
+            opt("--n-test-good", type=at_least(1), default=DEMO_DATA["n_test_good"], help="good test images"),
+            opt(
+                "--n-test-per-defect",
+                type=at_least(1),
+                default=DEMO_DATA["n_test_per_defect"],
+                help="test images of each defect type",
+            ),
+            opt(
+                "--image-size",
+                type=at_least(256),
+                default=DEMO_DATA["image_size"],
+                help="side in pixels (>= 256; the reader resizes to 256)",
+            ),
+        ),
+        cmd_synth,
+    )
+    train = Command(
+        "train",
+        "train Patch SVDD or the autoencoder baseline on one category locally (centralised)",
+        (
+            *DATA,
+            opt(
+                "--model",
+                choices=model_names(),
+                default="patchsvdd",
+                help="patchsvdd, or autoencoder: the convolutional autoencoder baseline (MSE + SSIM loss)",
+            ),
+            opt(
+                "--epochs", type=at_least(0), required=True, help="passes over the data (0: save the initialised model)"
+            ),
+            opt("--out", required=True, type=Path, help="checkpoint file to write"),
+            opt(
+                "--recipe",
+                choices=sorted(RECIPES),
+                help="defaults of the settings below: cpu (He init, lr 1e-3, warm-up, cosine, bf16 where fast; "
+                "measured to learn on a CPU), paper (PyTorch init, constant lr 1e-4, fp32), autoencoder "
+                "(lr 1e-3, batch 16, one pass per epoch) (None: cpu for patchsvdd, autoencoder for the autoencoder)",
+            ),
+            opt("--repeat", type=at_least(1), help="times each image is used per epoch (None: the recipe's)"),
+            opt("--max-steps", type=at_least(1), default=None, help="cut each epoch to at most this many steps"),
+            opt("--batch-size", type=at_least(1), help="pairs per loss (None: the recipe's)"),
+            opt("--lr", type=float, help="peak learning rate (None: the recipe's)"),
+            opt("--lambda-svdd", type=float, help="weight of the SVDD loss, lambda (None: the recipe's)"),
+            opt("--warmup-steps", type=at_least(0), help="linear learning-rate warm-up (None: the recipe's)"),
+            opt("--schedule", choices=SCHEDULES, help="after the warm-up: cosine decay to lr/10, or constant"),
+            opt("--precision", choices=PRECISIONS, help="auto: bf16 autocast where the GPU/CPU has it, else fp32"),
+            opt("--init", choices=INIT_SCHEMES, help="weight initialisation of a fresh model"),
+            opt("--emb-dim", type=at_least(1), default=EMB_DIM, help="D, the embedding size"),
+            opt("--seed", type=int, default=0, help="random seed of the initialisation and the sampling"),
+        ),
+        cmd_train,
+    )
+    released = Command(
+        "import-weights",
+        "import the authors' released encoder of a category as a checkpoint",
+        (
+            opt("--category", required=True, help="an MVTec AD category, e.g. bottle"),
+            opt(
+                "--source",
+                help="the released enchier.pkl: a file or URL (default: downloaded once from the "
+                "original repository at a pinned commit, SHA-256 checked, cached)",
+            ),
+            opt("--out", required=True, type=Path, help="checkpoint file to write"),
+        ),
+        cmd_import_weights,
+    )
+    certs = Command(
+        "certs",
+        "create a root authority and mutual-TLS certificates for every node (offline)",
+        (
+            opt("--out", required=True, type=Path, help="folder for root_ca.* and one .crt/.key per node"),
+            opt(
+                "--director-host",
+                action="append",
+                help="name(s) the others use to reach the director (default localhost)",
+            ),
+            opt("--envoy", action="append", required=True, help="envoy name (its certificate's common name); repeat"),
+            opt("--client", action="append", help="notebook client id (default frontend); repeat"),
+            opt("--days", type=at_least(1), default=365, help="validity of the certificates"),
+        ),
+        cmd_certs,
+    )
+    return [synth, train, released, certs]
