@@ -91,6 +91,10 @@ NAMES = st.one_of(
 )
 
 
+# names a zip can hold (zipfile cuts a name at a NUL and drops leading slashes; an empty one cannot be written)
+MEMBER_NAMES = st.text(min_size=1, max_size=20).filter(lambda name: zipfile.ZipInfo(name).filename != "")
+
+
 def _paths(node: Any, prefix: tuple = ()) -> list[tuple]:
     """Every key path inside a nested mapping/list."""
     found = [prefix] if prefix else []
@@ -153,7 +157,7 @@ def mutations(draw: st.DrawFn, base: Submission) -> Submission:
         elif action == "bytes":
             sub.members[member] = draw(st.binary(max_size=256))
         elif action == "rename":
-            sub.members[draw(st.text(min_size=1, max_size=20))] = sub.members.pop(member)
+            sub.members[draw(MEMBER_NAMES)] = sub.members.pop(member)
         else:
             sub.members.update({f"f{i}": b"" for i in range(draw(st.integers(6, 40)))})
     elif kind == "weights":
