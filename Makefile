@@ -1,6 +1,7 @@
 # make demo: set up .venv if needed, then run the federated demo end to end on built-in data.
-# make test: set up .venv if needed (and the system tools some tests need, see make test-tools), then run the test
-#   suite (make test-fast: without the slow end-to-end tests).
+# make test: set up .venv and .venv-flower if needed (and the system tools some tests need, see make test-tools),
+#   then run the test suite in each (make test-fast: without the slow end-to-end tests, OpenFL's environment only).
+# ENGINE=flower make demo   runs the same demo on Flower (make flower-install: its environment, .venv-flower).
 # make lint: ruff (lint and format check) and mypy.
 # DATA_ROOT=/path/to/mvtec CATEGORY=bottle make demo   runs the same demo on real MVTec AD data.
 
@@ -12,7 +13,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install data demo demo-learn test-tools test test-fast lint bench clean
+# The Flower engine lives in an environment of its own (flwr 1.42 and OpenFL 1.7.1 need grpcio versions that
+# exclude each other): the newest of Python 3.13, 3.12, 3.11 (PYTHON_FLOWER=... to choose).
+PYTHON_FLOWER ?= $(shell for p in python3.13 $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13) python3.12 \
+	python3.11 python3; do \
+	$$p -c 'import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 13))' >/dev/null 2>&1 && { echo $$p; break; }; done)
+FLOWER_VENV ?= .venv-flower
+FLOWER_PY := $(FLOWER_VENV)/bin/python
+FLOWER_STAMP := $(FLOWER_VENV)/.installed
+ENGINE ?= openfl
+
+.PHONY: install flower-install data demo demo-learn test-tools test test-fast lint bench clean
 
 $(STAMP): requirements.txt $(wildcard requirements/*.txt) pyproject.toml
 	@test -x $(PY) || test -n "$(PYTHON)" || { echo "make: no Python 3.10, 3.11 or 3.12 found (python3 is" \
@@ -24,14 +35,34 @@ $(STAMP): requirements.txt $(wildcard requirements/*.txt) pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
+$(FLOWER_STAMP): requirements/core.txt requirements/flower.txt requirements/notebook.txt requirements/test.txt \
+  pyproject.toml
+	@test -x $(FLOWER_PY) || test -n "$(PYTHON_FLOWER)" || { echo "make: no Python 3.11, 3.12 or 3.13 found for" \
+	  "Flower: install one, or name it with PYTHON_FLOWER=/path/to/python3.13" >&2; exit 2; }
+	test -x $(FLOWER_PY) || $(PYTHON_FLOWER) -m venv $(FLOWER_VENV)
+	$(FLOWER_PY) -m pip install --quiet --disable-pip-version-check -r requirements/core.txt -r requirements/flower.txt \
+	  -r requirements/notebook.txt -r requirements/test.txt
+	$(FLOWER_PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $(FLOWER_STAMP)
+
+# the Flower engine's environment (ENGINE=flower make demo; make test runs its tests there too)
+flower-install: $(FLOWER_STAMP)
+	$(FLOWER_PY) -m patchsvdd.cli.demo --data-only
+
 # the install also makes the built-in demo data that envoy_folder/shard_config*.yaml point at (data/demo/washer)
 install: $(STAMP) data
 
 data: $(STAMP)
 	$(PY) -m patchsvdd.cli.demo --data-only
 
+# ENGINE=flower: the same demo on Flower, from the Flower environment
+ifeq ($(ENGINE),flower)
+demo: flower-install
+	$(FLOWER_PY) -m patchsvdd.cli.demo --engine flower
+else
 demo: install
 	$(PY) -m patchsvdd.cli.demo
+endif
 
 # the budget at which the model clearly beats the untrained encoder (settings.LEARN_BUDGET)
 demo-learn: install
@@ -44,8 +75,9 @@ test-tools:
 
 # two workers (pytest-xdist), each taking whole test files: most federation tests wait on processes, so two
 # run in the time of one; each federation takes ports of its own (only the three steps as written take 50050/50051)
-test: install test-tools
+test: install flower-install test-tools
 	$(PY) -m pytest -n 2 --dist loadfile
+	$(FLOWER_PY) -m pytest -n 2 --dist loadfile tests/flower
 
 test-fast: install
 	$(PY) -m pytest -m "not slow"

@@ -1,6 +1,6 @@
 """An experiment's life cycle, whatever federation engine runs it: train, choose the model, evaluate, export.
 
-The engine is an adapter (``Engine``; OpenFL's: ``patchsvdd.federated.engine.OpenFLEngine``) that only runs an
+The engine is an adapter (``Engine``; ``ENGINES`` names OpenFL's and Flower's, ``connect`` opens one) that only runs an
 experiment's tasks at the sites, aggregates and reports metrics; what an experiment is travels as its
 manifest (``federated.manifest``). This module owns the rest, the same for every engine:
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import import_module
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -61,6 +62,41 @@ class Engine(Protocol):
 
     def attach(self, name: str, model: nn.Module, workdir: Path) -> Run:
         """Take up experiment ``name`` again (started from ``workdir``) after the caller lost it."""
+
+    def close(self) -> None:
+        """End this session with the federation."""
+
+
+# The engines by name: 'module:Class', each with a classmethod ``open`` taking ``connect``'s keywords.
+ENGINES = {
+    "openfl": "patchsvdd.federated.engine:OpenFLEngine",
+    "flower": "patchsvdd.federated.flower.driver:FlowerEngine",
+}
+
+
+def connect(
+    engine: str,
+    *,
+    host: str,
+    port: int,
+    tls: bool = False,
+    ca: str | None = None,
+    cert: str | None = None,
+    key: str | None = None,
+    secret: str | None = None,
+    workdir: Path | None = None,
+) -> Engine:
+    """The federation at ``host:port`` through ``engine`` ('openfl': a director; 'flower': a SuperLink), its
+    adapter imported only now. ``tls``: verify the server with the authority ``ca``; OpenFL also presents
+    ``cert``/``key`` (mutual TLS); Flower takes the run's ServerApp task with the SuperLink's ``secret`` file
+    and writes its app and CLI settings into ``workdir``."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r}: choose {' or '.join(ENGINES)}")
+    module, _, name = ENGINES[engine].partition(":")
+    adapter = getattr(import_module(module), name)
+    return adapter.open(
+        host=host, port=port, tls=tls, ca=ca, cert=cert, key=key, secret=secret, workdir=Path(workdir or ".")
+    )
 
 
 @dataclass

@@ -79,4 +79,4 @@ patchsvdd_run_envoy() {
   return "$status"
 }
 
-patchsvdd_require_fx
+[ -n "${PATCHSVDD_WITHOUT_FX:-}" ] || patchsvdd_require_fx

@@ -56,3 +56,29 @@ def test_the_experiment_life_cycle_and_the_manifest_import_no_engine() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stderr[-2000:]
+
+
+def third_party(path: Path) -> set[str]:
+    """The top-level names of the packages ``path`` imports anywhere (functions too)."""
+    tree = ast.parse(path.read_text())
+    names = {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    names |= {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    return names
+
+
+def test_each_engine_is_imported_only_by_its_own_adapter() -> None:
+    """flwr only under federated/flower, which imports no OpenFL; the engine-neutral site modules import neither."""
+    flower = PACKAGE / "federated" / "flower"
+    for path in PACKAGE.rglob("*.py"):
+        uses = third_party(path)
+        inside = flower in path.parents
+        assert inside or "flwr" not in uses, f"{path.relative_to(PACKAGE)} imports flwr"
+        assert not inside or "openfl" not in uses, f"{path.relative_to(PACKAGE)} imports openfl"
+        if path.stem in ("site_tasks", "site_model", "manifest", "names", "progress", "rounds"):
+            assert not uses & {"openfl", "flwr"}, f"{path.relative_to(PACKAGE)} imports an engine"
+    for path in flower.glob("*.py"):  # and nothing it imports of the project's imports OpenFL
+        for module in imported(path):
+            target = PACKAGE.parent / Path(*module.split("."))
+            source = target.with_suffix(".py") if target.with_suffix(".py").exists() else target / "__init__.py"
+            if source.exists() and flower not in source.parents:
+                assert "openfl" not in third_party(source), f"{path.name} imports {module}, which imports openfl"

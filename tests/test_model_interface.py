@@ -16,10 +16,11 @@ from patchsvdd.deploy.bundle import read_bundle
 from patchsvdd.deploy.export import export_bundle
 from patchsvdd.deploy.inspector import load_bundle
 from patchsvdd.evaluation.evaluate import evaluate_category
-from patchsvdd.federated import client, site_build
+from patchsvdd.federated import client, site_model
 from patchsvdd.federated.manifest import parse_manifest
+from patchsvdd.federated.progress import round_metrics
 from patchsvdd.federated.rounds import tagged
-from patchsvdd.federated.tasks import SiteData, export_task, round_metrics, train_task, validate_task
+from patchsvdd.federated.site_tasks import SiteData, export_task, train_task, validate_task
 from patchsvdd.models import registry
 from patchsvdd.models.registry import ModelEntry, build_model, describe, kind_of
 from patchsvdd.settings import ExperimentSettings, SettingsError
@@ -80,8 +81,8 @@ def test_a_registered_model_runs_the_federated_tasks_and_passes_the_guard(toy, f
     assert exported["bank_rows_32"] == 0 and read_bundle(tmp_path / "toy-run").kind == "toy"
     # a site builds it from a manifest, and accepts its weights: they fit the architecture it names
     manifest = client.experiment_manifest(model, settings, "training")
-    expected = site_build.expected_weights(parse_manifest(manifest.to_json()))
-    site_build.check_weights(expected, {k: v.numpy() for k, v in tagged(model).state_dict().items()}, "its model")
+    expected = site_model.expected_weights(parse_manifest(manifest.to_json()))
+    site_model.check_weights(expected, {k: v.numpy() for k, v in tagged(model).state_dict().items()}, "its model")
 
 
 def test_an_unregistered_model_is_named_as_such() -> None:

@@ -34,7 +34,7 @@ def test_each_dependency_is_written_once_and_pyproject_reads_the_files() -> None
             assert key not in names, f"{key} is written in both {names[key]} and {path.name}"
             names[key] = path.name
     assert _requirements(ROOT / "requirements.txt") == [
-        f"-r requirements/{n}" for n in ("core.txt", "federation.txt", "serve.txt")
+        f"-r requirements/{n}" for n in ("core.txt", "federation.txt", "notebook.txt", "serve.txt")
     ]
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "dependencies" not in project["project"] and "optional-dependencies" not in project["project"]

@@ -21,7 +21,7 @@ from fuzz_archives import HOST, Submission, honest, model_proto
 from openfl.interface.aggregation_functions import WeightedAverage
 from openfl.interface.interactive_api.experiment import ModelInterface
 
-from patchsvdd.federated import client, site_build, site_guard
+from patchsvdd.federated import client, site_build, site_guard, site_model
 from patchsvdd.federated.manifest import MANIFEST_FILE, SITE_LIMITS, parse_manifest
 from patchsvdd.federated.names import ExperimentRefused, check_name, child
 from patchsvdd.federated.review import (
@@ -95,7 +95,7 @@ def test_the_plan_is_the_one_openfls_own_client_writes(tmp_path: Path) -> None:
         def get_shard_registry(self) -> dict:
             return {}
 
-    network = site_build.site_model(parse_manifest(honest().members[MANIFEST_FILE]))
+    network = site_model.site_model(parse_manifest(honest().members[MANIFEST_FILE]))
     for port in (50051, None):
         with client.working_folder(tmp_path / str(port)):
             experiment = FLExperiment(federation=NoDirector(), experiment_name="x")
@@ -295,11 +295,11 @@ def test_defect_types_are_names(tmp_path: Path) -> None:
 
 def test_a_model_too_large_to_build_is_refused_before_it_is_allocated(monkeypatch: pytest.MonkeyPatch) -> None:
     manifest = parse_manifest(honest().members[MANIFEST_FILE])
-    monkeypatch.setattr(site_build, "MAX_PARAMETERS", 1000)
+    monkeypatch.setattr(site_model, "MAX_PARAMETERS", 1000)
     with pytest.raises(ExperimentRefused, match="more than a site builds"):
-        site_build.site_model(manifest)
+        site_model.site_model(manifest)
     with pytest.raises(ExperimentRefused, match="more than a site builds"):
-        site_build.expected_weights(manifest)
+        site_model.expected_weights(manifest)
 
 
 def test_the_site_limits_are_far_above_the_papers_settings() -> None:
@@ -379,8 +379,8 @@ def test_a_review_can_only_refuse_whatever_happens_inside(tmp_path: Path, monkey
 
 def test_weights_must_be_the_models_own_float32_arrays(tmp_path: Path) -> None:
     sub = honest()
-    expected = site_build.expected_weights(parse_manifest(sub.members[MANIFEST_FILE]))
-    site_build.check_weights(expected, sub.weights, "its initial model")
+    expected = site_model.expected_weights(parse_manifest(sub.members[MANIFEST_FILE]))
+    site_model.check_weights(expected, sub.weights, "its initial model")
     key = next(iter(expected))
     for arrays, reason in [
         ({**sub.weights, key: np.zeros(3, np.float32)}, "not float32 of shape"),
@@ -390,7 +390,7 @@ def test_weights_must_be_the_models_own_float32_arrays(tmp_path: Path) -> None:
         ({**sub.weights, key: "an array"}, "str"),
     ]:
         with pytest.raises(ExperimentRefused, match=reason):
-            site_build.check_weights(expected, arrays, "its initial model")
+            site_model.check_weights(expected, arrays, "its initial model")
     archive = sub.write(tmp_path / "a.zip")
     bigger = {k: np.zeros((2, *v.shape), np.float32) for k, v in sub.weights.items()}
     with pytest.raises(ExperimentRefused, match="its initial model's weights for"):

@@ -1,4 +1,5 @@
-"""The one-command federated demo: data, a director, envoys, the notebook, a summary.
+"""The one-command federated demo: data, a director and envoys (or a SuperLink and SuperNodes), the notebook, a
+summary.
 
 ``python -m patchsvdd.cli.demo`` (what ``make demo`` runs) writes everything under
 ``runs/<time>/``: process logs, configs, the executed notebook, metrics and
@@ -19,6 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from patchsvdd.cli.main import DefaultsHelp
 from patchsvdd.models.registry import model_names
@@ -226,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--envoys", type=int, default=2, help="envoys, each holding one shard of the category")
     p.add_argument(
+        "--engine",
+        choices=("openfl", "flower"),
+        default=os.environ.get("ENGINE") or "openfl",
+        help="openfl: a director and envoys; flower: a SuperLink and SuperNodes (run from the Flower "
+        "environment, make flower-install; env ENGINE)",
+    )
+    p.add_argument(
         "--learn",
         action="store_true",
         default=os.environ.get("LEARN", "0") not in ("", "0"),
@@ -335,6 +344,35 @@ def demo_settings(args: argparse.Namespace):
     return replace(DEMO_SETTINGS, **chosen)
 
 
+def start_engine(
+    args: argparse.Namespace, run_dir: Path, data_root: Path, root: Path, processes: Processes
+) -> dict[str, Any]:
+    """Start the federation ``args.engine`` names on this machine; the notebook's parameters to reach it."""
+    if args.engine == "flower":
+        from patchsvdd.federated.flower.local import start_flower_federation
+
+        flower = start_flower_federation(
+            run_dir, data_root, args.category, args.envoys, processes=processes, tls=args.tls, root=root
+        )
+        link = flower.superlink
+        host, _, port = link.address.rpartition(":")
+        print(f"SuperLink at {link.address} admitted {', '.join(flower.sites)}; running the notebook")
+        certificates = None if link.root_certificates is None else str(link.root_certificates)
+        return dict(
+            engine_name="flower",
+            director_host=host,
+            director_port=int(port),
+            superexec_secret=str(link.secret_file),
+            tls=not link.insecure,
+            cert_chain=certificates,
+        )
+    federation = start_federation(
+        run_dir, data_root, args.category, args.envoys, processes=processes, tls=args.tls, root=root
+    )
+    print(f"director on port {federation.port} lists {', '.join(federation.envoys)} online; running the notebook")
+    return dict(director_host=federation.host, director_port=federation.port, **federation.tls)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -356,23 +394,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     processes = Processes()
     try:
         start_from = initial_checkpoint(args.init, args.category, run_dir)
-        federation = start_federation(
-            run_dir, data_root, args.category, args.envoys, processes=processes, tls=args.tls, root=root
-        )
-        print(f"director on port {federation.port} lists {', '.join(federation.envoys)} online; running the notebook")
+        connection = start_engine(args, run_dir, data_root, root, processes)
         started = time.monotonic() - start
         params = dict(
             # every setting, as one dict: the notebook puts it over its parameter cell's values
             settings_overrides=replace(settings, aggregator_port=free_port()).to_dict(),  # ports free on this machine
-            director_host=federation.host,
-            director_port=federation.port,
             expected_envoys=args.envoys,
             category=args.category,
             initial_checkpoint=None if start_from is None else str(start_from),
             output_dir=str(run_dir / "notebook"),
             local_data_root=str(data_root),
             gallery_images=GALLERY_IMAGES,
-            **federation.tls,
+            **connection,
         )
         run_notebook(root / NOTEBOOK, run_dir / NOTEBOOK.name, params, args.timeout, run_dir)
     except KeyboardInterrupt:

@@ -1,10 +1,12 @@
 """The federation layer: OpenFL 1.7.1's director/envoy API, and what any engine shares.
 
-Engine-neutral (no OpenFL): ``names`` (names a client sends), ``manifest`` (an experiment as data),
+Engine-neutral (no OpenFL, no Flower): ``names`` (names a client sends), ``manifest`` (an experiment as data),
 ``progress`` (metric names, the metric log, round lines, the best-model checkpointer), ``rounds`` (the round
-tag). OpenFL's adapter: ``engine`` (``OpenFLEngine``, what ``patchsvdd.experiment`` drives), ``client`` (the
-notebook's side of the director), ``monitor`` (following an experiment), ``tasks`` (what a site runs),
-``review``, ``site_build`` and ``site_guard`` (what a site takes from a client and builds itself), ``fx``.
+tag), ``site_tasks`` (a site's shard and the three tasks it runs), ``site_model`` (the model a site builds from
+a manifest, and the check of weights sent to it). OpenFL's adapter: ``engine`` (``OpenFLEngine``, what
+``patchsvdd.experiment`` drives), ``client`` (the notebook's side of the director), ``monitor`` (following an
+experiment), ``tasks`` (OpenFL's wrapping of the site's tasks), ``review``, ``site_build`` and ``site_guard``
+(what a site takes from a client and builds itself), ``fx``. Flower's adapter: the subpackage ``flower``.
 
 The notebook imports this package as ``fed`` and uses the names below; each loads its module on first use,
 so the engine-neutral modules import without OpenFL.
@@ -46,23 +48,16 @@ _LAZY = {
             "SaveWhenImproved",
             "final_metrics",
             "round_metrics",
+            "train_metrics",
         ),
         "patchsvdd.federated.progress",
     ),
     **dict.fromkeys(
-        (
-            "FINAL_METRICS",
-            "HELDOUT_METRIC",
-            "ROUND_METRICS",
-            "TRAIN_METRICS",
-            "MVTecDataInterface",
-            "SiteData",
-            "SiteError",
-            "export_task",
-            "train_task",
-            "validate_task",
-        ),
+        ("FINAL_METRICS", "HELDOUT_METRIC", "ROUND_METRICS", "TRAIN_METRICS", "MVTecDataInterface"),
         "patchsvdd.federated.tasks",
+    ),
+    **dict.fromkeys(
+        ("SiteData", "SiteError", "export_task", "train_task", "validate_task"), "patchsvdd.federated.site_tasks"
     ),
     "OpenFLEngine": "patchsvdd.federated.engine",
     "HELDOUT_METRICS": "patchsvdd.settings",

@@ -55,6 +55,15 @@ class OpenFLEngine:
         """The director at ``host:port``; ``tls``: ``client.connect``'s keywords (tls, cert_chain, ...)."""
         return cls(client.connect(host, port, **tls), registry_poll)
 
+    @classmethod
+    def open(cls, *, host: str, port: int, tls: bool, ca: str | None, cert: str | None, key: str | None, **_: Any):
+        """``experiment.connect``'s way in: the director at ``host:port``, mutual TLS with ``ca``, ``cert``,
+        ``key`` when ``tls``."""
+        return cls.connect(host, port, tls=tls, cert_chain=ca, api_cert=cert, api_private_key=key)
+
+    def close(self) -> None:
+        """Nothing to end: each experiment ends on the director by itself."""
+
     def sites(self, expected: int, timeout: float = 120.0) -> list[dict[str, Any]]:
         return client.wait_for_envoys(self.federation, expected, timeout=timeout)
 

@@ -14,7 +14,7 @@ model, tasks, data interface, assigner and aggregation functions it carries: cod
   message its servers take (``MAX_MESSAGE_BYTES``, OpenFL's is 1 GiB);
 - **the site's own objects**: ``Plan.restore_object`` gives what ``site_build.SiteObjects`` makes from the
   manifest, in both processes; ``FrameworkAdapterPlugin.set_tensor_dict`` first checks every round's weights
-  (``site_build.check_weights``).
+  (``site_model.check_weights``).
 
 A refused experiment is answered at once: the director answers the submission with PERMISSION_DENIED and
 the reason; an envoy tells the director the experiment failed, with the reason, says it in one line
@@ -36,7 +36,8 @@ from typing import Any
 from patchsvdd.federated.manifest import MANIFEST_FILE, parse_manifest
 from patchsvdd.federated.names import ExperimentRefused, check_name, child, shown
 from patchsvdd.federated.review import ARCHIVE_FILES, Review, SitePolicy, review_archive
-from patchsvdd.federated.site_build import MAX_PARAMETERS, SiteObjects, check_weights, expected_weights
+from patchsvdd.federated.site_build import SiteObjects
+from patchsvdd.federated.site_model import MAX_PARAMETERS, check_weights, expected_weights
 
 logger = logging.getLogger(__name__)
 

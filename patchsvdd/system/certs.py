@@ -8,6 +8,8 @@ writes a root authority and one key and certificate per node, signed by it:
     DIR/director.crt/.key    subjectAltName = the director's host names
     DIR/<envoy>.crt/.key     common name = the envoy's name (OpenFL checks it)
     DIR/<client>.crt/.key    the notebook ("frontend" by default)
+    DIR/<envoy>.auth/.pub    the site's SuperNode key on Flower (OpenSSH, P-384): the SuperLink admits only
+                             the public keys registered with it (``--enable-supernode-auth``)
 
 Certificates carry serverAuth and clientAuth. Python's ``cryptography`` only;
 nothing is downloaded.
@@ -142,9 +144,29 @@ def create_federation_certs(
         hosts += ["127.0.0.1"]
     ca_key, ca_cert = create_authority(out, days)
     issue_certificate(out, "director", hosts[0], hosts[1:], ca_key, ca_cert, days)
+    envoys = list(envoys)
     for name in [*envoys, *clients]:
         issue_certificate(out, name, name, [], ca_key, ca_cert, days)
+    for name in envoys:
+        write_node_auth_key(out, name)
     return out
+
+
+def write_node_auth_key(out: str | os.PathLike, name: str) -> tuple[Path, Path]:
+    """A site's SuperNode authentication key pair ``out/<name>.auth`` (private) and ``.auth.pub`` (public), in
+    the OpenSSH format Flower reads (``flower-supernode --auth-supernode-private-key``, ``flwr supernode
+    register``)."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = Path(out) / f"{name}.auth"
+    private.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    )
+    os.chmod(private, 0o600)
+    public = Path(out) / f"{name}.auth.pub"
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    )
+    return private, public
 
 
 def issued_by(cert_path: str | os.PathLike, ca_path: str | os.PathLike) -> bool:

@@ -1,0 +1,172 @@
+"""The federation on Flower with real processes: a SuperLink with TLS and SuperNode authentication, two sites
+started through the start scripts, and the data scientist's side in this process.
+
+A hostile app is refused by every site and reads nothing; hostile data with the project's app are refused
+with a sentence; a key the director did not register is refused; the project's experiment then trains,
+evaluates and exports through the same sites, and its first aggregate is the size-weighted mean of what each
+site's own training task gives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, RecordDict
+
+from patchsvdd import experiment
+from patchsvdd.data.mvtec import index_category, load_category
+from patchsvdd.federated.flower import records
+from patchsvdd.federated.flower.driver import FederationError, FlowerEngine, submit_app
+from patchsvdd.federated.flower.local import start_flower_federation, start_site
+from patchsvdd.federated.manifest import experiment_manifest
+from patchsvdd.federated.site_tasks import train_task
+from patchsvdd.models.registry import build_model
+from patchsvdd.settings import ExperimentSettings
+from patchsvdd.system.certs import write_node_auth_key
+from patchsvdd.system.harness import Processes, log_contains, project_root, wait_for
+from patchsvdd.training.loop import make_optimizer
+
+pytestmark = pytest.mark.slow
+
+HOSTILE_APP = Path(__file__).parent / "hostile_app"
+TINY = ExperimentSettings(
+    rounds=2, repeat=1, max_steps=1, batch_size=4, warmup_steps=0, idle_timeout=300, emb_dim=16, final_search="fast"
+)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory, fed_data: Path):
+    run_dir = tmp_path_factory.mktemp("flower")
+    with Processes() as processes:
+        local = start_flower_federation(run_dir, fed_data, "fabric", 2, processes=processes, tls=True)
+        yield local, run_dir
+
+
+def _stolen(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.rglob("STOLEN"))
+
+
+def test_every_site_refuses_another_app_and_nothing_is_read(federation, tmp_path: Path) -> None:
+    local, run_dir = federation
+    hostile = FlowerEngine.take(local.superlink, submit_app(local.superlink, tmp_path, app=HOSTILE_APP))
+    try:
+        nodes = sorted(hostile.grid.get_node_ids())
+        assert len(nodes) == 2
+        ask = RecordDict({"loot": ConfigRecord({"please": 1})})
+        with pytest.raises(FederationError, match="refused by site site_[12]: it runs only this project's app"):
+            hostile.exchange({n: hostile.message(n, ask, "train") for n in nodes}, timeout=60)
+    finally:
+        hostile.close(failed="refused")
+    for name in local.sites:  # the first refusal ends the exchange; each site says so in its log
+        wait_for(partial(log_contains, run_dir / "logs" / f"{name}.log", "refused by site"), 60, f"{name}'s refusal")
+    assert _stolen(run_dir) == []
+
+
+def test_hostile_data_in_the_projects_app_are_refused_and_the_site_keeps_serving(federation, tmp_path: Path) -> None:
+    local, _ = federation
+    engine = FlowerEngine.connect(local.superlink, tmp_path)
+    try:
+        rows = engine.sites(2)
+        assert [r["envoy"] for r in rows] == ["site_1", "site_2"]
+        model = build_model("patchsvdd", emb_dim=16)
+        manifest = experiment_manifest(model, TINY, "training")
+        run = engine.start(model, manifest, "fine", tmp_path)
+        node = next(n for n, name in engine.names.items() if name == "site_1")
+        bad_name = RecordDict(
+            {
+                records.TASK: ConfigRecord({"manifest": manifest.to_json().decode(), "experiment": "../x", "round": 0}),
+                records.ARRAYS: records.weights_record(run.model.state_dict()),
+            }
+        )
+        with pytest.raises(FederationError, match="site_1: ExperimentRefused: the experiment's name"):
+            engine.exchange({node: engine.message(node, bad_name, "train")}, timeout=60)
+        wrong_shape = dict(run.model.state_dict())
+        wrong_shape["encoder.conv1.weight"] = torch.zeros(3)
+        bad_weights = RecordDict(
+            {
+                records.TASK: records.task_record(manifest, "fine", 0),
+                records.ARRAYS: records.weights_record(wrong_shape),
+            }
+        )
+        with pytest.raises(FederationError, match="not float32 of shape|not this model's"):
+            engine.exchange({node: engine.message(node, bad_weights, "train")}, timeout=60)
+        assert engine.sites(2)  # both sites still answer
+    finally:
+        engine.close()
+
+
+def test_a_key_the_director_did_not_register_is_refused_with_a_sentence(federation) -> None:
+    local, run_dir = federation
+    certs = run_dir / "certs"
+    write_node_auth_key(certs, "intruder")  # a key of the right kind, made after the SuperLink registered the sites'
+    port = int(local.superlink.address.rsplit(":", 1)[1])
+    os.environ["PATCHSVDD_LINK_TIMEOUT"] = "15"
+    try:
+        with Processes() as processes:
+            node = start_site(processes, project_root(), run_dir, "intruder", local.configs["site_1"], port, certs, "1")
+            assert node.process.wait(timeout=120) == 3
+    finally:
+        del os.environ["PATCHSVDD_LINK_TIMEOUT"]
+    assert "did not admit this site: its key intruder.auth.pub is not registered" in node.log.read_text()
+
+
+def test_train_evaluate_export_on_flower(federation, tmp_path: Path) -> None:
+    local, _ = federation
+    engine = FlowerEngine.connect(local.superlink, tmp_path / "engine")
+    try:
+        engine.sites(2)
+        assert engine.defect_types() == ["good", "crack", "hole", "scratch", "stain"]
+        torch.manual_seed(1)
+        model = build_model("patchsvdd", emb_dim=16)
+        trained = experiment.train(engine, model, TINY, "tiny", tmp_path / "out", category="fabric")
+        evaluation = experiment.evaluate(engine, trained.final_model, TINY, "tiny", tmp_path / "out")
+        bundles = experiment.export(engine, trained.final_model, TINY, "tiny", tmp_path / "out")
+    finally:
+        engine.close()
+    out = tmp_path / "out"
+    for name in ("best.pt", "last.pt", "round_metrics.json", "learning.json", "metrics.json", "bundles.json"):
+        assert (out / name).is_file(), name
+    rounds = {(r["round"], r["metric_origin"]) for r in json.loads((out / "round_metrics.json").read_text())}
+    assert {(n, o) for n in (0, 1, 2) for o in ("site_1", "site_2", "aggregator")} <= rounds
+    assert set(trained.log.final("train")) == {"site_1", "site_2", "aggregator"}
+    assert set(evaluation.per_node) >= {"site_1", "site_2", "aggregator", "pooled"}
+    assert {row["envoy"] for row in bundles} == {"site_1", "site_2"}
+    for row in bundles:
+        assert (Path(row["bundle at the site"]) / "bundle.json").is_file()
+
+
+def test_the_first_aggregate_is_the_size_weighted_mean_of_the_sites(federation, fed_data: Path, tmp_path: Path) -> None:
+    """Each site's training task redone here from the same weights on its shard (4 and 3 images)."""
+    local, _ = federation
+    settings = ExperimentSettings(**{**TINY.__dict__, "rounds": 1})
+    torch.manual_seed(1)
+    model = build_model("patchsvdd", emb_dim=16)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    engine = FlowerEngine.connect(local.superlink, tmp_path / "engine")
+    try:
+        engine.sites(2)
+        aggregated = experiment.train(engine, model, settings, "mean", tmp_path / "out", category="fabric").last_model
+    finally:
+        engine.close()
+    index = index_category(fed_data, "fabric")
+    states, sizes = [], []
+    for rank in (1, 2):
+        shard = load_category(index.shard(rank, 2))
+        site = build_model("patchsvdd", emb_dim=16)
+        site.load_state_dict(initial)
+        train_task(site, shard, make_optimizer(site, settings.lr), "cpu", 0, settings)
+        states.append(site.state_dict())
+        sizes.append(len(shard.train_images))
+    assert sizes == [4, 3]
+    flat = lambda state: torch.cat([state[k].flatten().double() for k in sorted(initial)])  # noqa: E731
+    got = flat(aggregated.state_dict())
+    weighted = (sizes[0] * flat(states[0]) + sizes[1] * flat(states[1])) / sum(sizes)
+    unweighted = (flat(states[0]) + flat(states[1])) / 2
+    # Adam's first step is sign-like: a few near-zero gradients may round differently in another process.
+    assert (got - weighted).abs().le(1e-6).double().mean() > 0.999
+    assert (got - weighted).norm() < 0.05 * (got - unweighted).norm()
