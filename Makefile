@@ -74,10 +74,13 @@ test-tools:
 	@scripts/install-test-tools
 
 # two workers (pytest-xdist), each taking whole test files: most federation tests wait on processes, so two
-# run in the time of one; each federation takes ports of its own (only the three steps as written take 50050/50051)
+# run in the time of one; each federation takes ports of its own (only the three steps as written take 50050/50051).
+# Beside them, tests/flower in the Flower environment (mostly waiting on Flower's polling); its output follows.
 test: install flower-install test-tools
-	$(PY) -m pytest -n 2 --dist loadfile
-	$(FLOWER_PY) -m pytest -n 2 --dist loadfile tests/flower
+	@log="$$(mktemp)"; $(FLOWER_PY) -m pytest tests/flower > "$$log" 2>&1 & flower=$$!; \
+	$(PY) -m pytest -n 2 --dist loadfile; main=$$?; \
+	wait $$flower; status=$$?; echo "--- tests/flower in $(FLOWER_VENV):"; cat "$$log"; rm -f "$$log"; \
+	test $$main -eq 0 && test $$status -eq 0
 
 test-fast: install
 	$(PY) -m pytest -m "not slow"

@@ -45,9 +45,9 @@ from patchsvdd.evaluation.evaluate import evaluate_category
 from patchsvdd.evaluation.metrics import aupro, auroc
 from patchsvdd.evaluation.plots import federation_value_figure
 from patchsvdd.evaluation.report import markdown_table, write_json
+from patchsvdd.federated.local import Processes, project_root, start_federation
 from patchsvdd.models.registry import build_model
 from patchsvdd.settings import DEMO_DATA, PAPER_SETTINGS
-from patchsvdd.system.harness import Processes, project_root, start_federation
 from patchsvdd.system.probes import free_port
 from patchsvdd.training.loop import make_optimizer
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from patchsvdd import federated as fed
 from patchsvdd.data.synth import generate_category
+from patchsvdd.federated.local import Processes
 from patchsvdd.system.certs import create_federation_certs
-from patchsvdd.system.harness import Processes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from support.testbed import Testbed  # noqa: E402

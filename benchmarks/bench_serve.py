@@ -34,8 +34,8 @@ from sklearn.metrics import roc_auc_score
 from patchsvdd.data.mvtec import index_category, load_category
 from patchsvdd.deploy.bundle import bundle_bytes
 from patchsvdd.deploy.export import export_bundle
+from patchsvdd.federated.local import Processes, wait_for
 from patchsvdd.models.patchsvdd.released import import_released
-from patchsvdd.system.harness import Processes, wait_for
 from patchsvdd.system.probes import free_port, service_healthy
 from patchsvdd.training.checkpoint import load_checkpoint
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from patchsvdd import federated as fed
 from patchsvdd.data.synth import generate_category
-from patchsvdd.system.harness import Processes, log_contains, wait_for
+from patchsvdd.federated.local import Processes, log_contains, wait_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from support.testbed import Testbed  # noqa: E402

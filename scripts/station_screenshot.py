@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from patchsvdd.system.harness import Processes, wait_for
+from patchsvdd.federated.local import Processes, wait_for
 from patchsvdd.system.probes import free_port, service_healthy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

@@ -86,7 +86,7 @@ def test_learn_runs_the_budget_that_learns_and_fine_tuning_its_own(monkeypatch: 
 
 
 def test_harness_finds_the_project_or_says_how(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from patchsvdd.system import harness
+    from patchsvdd.federated import local as harness
 
     root = Path(__file__).resolve().parents[1]
     monkeypatch.delenv("PATCHSVDD_ROOT", raising=False)
@@ -128,7 +128,7 @@ def test_a_non_editable_install_runs_the_demo_parts_from_a_checkout(tmp_path: Pa
         cwd=tmp_path,
     )
     probe = (
-        "import patchsvdd, patchsvdd.cli.demo as d, patchsvdd.system.harness as h; "
+        "import patchsvdd, patchsvdd.cli.demo as d, patchsvdd.federated.local as h; "
         "print(patchsvdd.__file__); print(h.project_root()); "
         "print(d.demo_settings(d.build_parser().parse_args([])).rounds)"
     )

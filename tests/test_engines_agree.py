@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from patchsvdd import experiment
+from patchsvdd.federated.local import Processes, start_federation
 from patchsvdd.models.registry import build_model
 from patchsvdd.settings import ExperimentSettings
-from patchsvdd.system.harness import Processes, start_federation
 from patchsvdd.system.probes import free_port
 from patchsvdd.training.checkpoint import load_checkpoint
 

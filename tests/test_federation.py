@@ -26,11 +26,11 @@ from patchsvdd.evaluation import report
 from patchsvdd.evaluation.evaluate import evaluate_category, image_scores
 from patchsvdd.evaluation.metrics import split_defects
 from patchsvdd.evaluation.pooling import split_sketches
+from patchsvdd.federated.local import Processes, log_contains, project_root, start_federation, wait_for
 from patchsvdd.federated.rounds import ROUND_TAG, round_of
 from patchsvdd.models.autoencoder.network import ConvAutoencoder
 from patchsvdd.models.patchsvdd.network import PatchSVDD
 from patchsvdd.settings import SettingsError
-from patchsvdd.system.harness import Processes, log_contains, project_root, start_federation, wait_for
 from patchsvdd.system.probes import free_port
 from patchsvdd.training.checkpoint import load_checkpoint, save_checkpoint
 from patchsvdd.training.loop import make_optimizer
@@ -120,10 +120,14 @@ def test_two_round_experiment_then_final_evaluation(federation, fed_data: Path, 
     log = fed.follow_metrics(experiment, idle_timeout=TINY.idle_timeout, checkpointer=saver)
     for envoy in ("envoy_1", "envoy_2"):
         assert [r for r, _ in log.series("train", "train_loss")[envoy]] == [0, 1]
-        for name in fed.ROUND_METRICS:  # rounds 0, 1 validate what they start with; round 2 the final aggregate
+        for name in fed.round_metrics(
+            "patchsvdd"
+        ):  # rounds 0, 1 validate what they start with; round 2 the final aggregate
             values = log.series("aggregated_model_validate", name)[envoy]
             assert [r for r, _ in values] == [0, 1, 2]
-            if name == fed.HELDOUT_METRIC:  # sum of both position losses on the held-out image: near 2 ln 8
+            if (
+                name == fed.HELDOUT_METRICS["patchsvdd"]
+            ):  # sum of both position losses on the held-out image: near 2 ln 8
                 assert all(3.0 < v < 6.0 for _, v in values)
             else:
                 assert all(0.0 <= v <= 1.0 for _, v in values)
@@ -131,8 +135,8 @@ def test_two_round_experiment_then_final_evaluation(federation, fed_data: Path, 
     last = fed.fetch_last_model(experiment)
     assert any(not torch.equal(initial[k], v) for k, v in last.state_dict().items())
     saved, meta = load_checkpoint(tmp_path / "best.pt")  # chosen by the held-out loss, atomically written
-    criterion = dict(log.series("aggregated_model_validate", fed.HELDOUT_METRIC)["aggregator"])
-    assert meta["metric"] == fed.HELDOUT_METRIC
+    criterion = dict(log.series("aggregated_model_validate", fed.HELDOUT_METRICS["patchsvdd"])["aggregator"])
+    assert meta["metric"] == fed.HELDOUT_METRICS["patchsvdd"]
     # These toy rounds are shorter than the metric stream's delay, so round r's model may be gone when it is
     # fetched: the round tag tells, and such a round is never saved under its score (SaveWhenImproved.missed).
     kept = {r: v for r, v in criterion.items() if r not in saver.missed}
@@ -159,7 +163,7 @@ def test_two_round_experiment_then_final_evaluation(federation, fed_data: Path, 
     assert per_node["pooled"]["det_sum"] == pytest.approx(roc_auc_score(np.concatenate(labels), np.concatenate(scores)))
     for node, values in final.items():
         metrics, defects = split_defects(split_sketches(values)[0])
-        assert set(metrics) == set(fed.FINAL_METRICS)
+        assert set(metrics) == set(fed.final_metrics("patchsvdd"))
         assert all(0.0 <= v <= 1.0 for v in metrics.values() if not math.isnan(v))
         # the union of both envoys' types, though each shard lacks some (NaN there): one metric set for FedAvg
         assert list(defects) == ["good", "crack", "hole", "scratch", "stain"]
@@ -205,7 +209,7 @@ def test_autoencoder_trains_through_the_same_federation(federation, fed_data: Pa
     saver = fed.SaveWhenImproved(experiment, tmp_path / "best.pt", metric=fed.HELDOUT_METRICS["autoencoder"])
     log = fed.follow_metrics(experiment, idle_timeout=settings.idle_timeout, checkpointer=saver)
     for envoy in ("envoy_1", "envoy_2"):
-        assert set(log.final("train")[envoy]) == set(fed.TRAIN_METRICS["autoencoder"])
+        assert set(log.final("train")[envoy]) == set(fed.train_metrics("autoencoder"))
         for name in fed.round_metrics("autoencoder"):  # round 0 the initial model, round 1 the aggregate
             values = log.series("aggregated_model_validate", name)[envoy]
             assert [r for r, _ in values] == [0, 1] and all(0.0 <= v <= 2.0 for _, v in values)
@@ -299,9 +303,11 @@ def test_notebook_runs_with_tiny_parameters(federation, fed_data: Path, tmp_path
     )
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["per_node"]) == {"envoy_1", "envoy_2", "aggregator", "pooled"}
-    assert set(metrics["per_node"]["envoy_1"]) == set(fed.FINAL_METRICS)  # the sketches are not metrics to read
+    assert set(metrics["per_node"]["envoy_1"]) == set(
+        fed.final_metrics("patchsvdd")
+    )  # the sketches are not metrics to read
     assert set(metrics["per_node"]["pooled"]) == {"det_sum", "seg_sum"}
-    assert set(json.loads((out / "local_metrics.json").read_text())) == set(fed.FINAL_METRICS)
+    assert set(json.loads((out / "local_metrics.json").read_text())) == set(fed.final_metrics("patchsvdd"))
     assert set(metrics["per_defect"]) == {"envoy_1", "envoy_2"}
     bundles = json.loads((out / "bundles.json").read_text())
     assert [row["envoy"] for row in bundles] == ["envoy_1", "envoy_2"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from patchsvdd.data.mvtec import index_category
-from patchsvdd.system.harness import project_root
+from patchsvdd.federated.local import project_root
 
 pytestmark = pytest.mark.slow
 

@@ -46,3 +46,14 @@ def test_without_a_supported_python_make_says_what_to_install(tmp_path: Path) ->
     assert "no Python 3.10, 3.11 or 3.12 found (python3 is Python 3.13.1)" in run.stderr
     assert "install python3.12" in run.stderr
     assert not (tmp_path / "venv").exists()
+
+
+def test_the_flower_environment_takes_the_newest_python_from_3_11_to_3_13(tmp_path: Path) -> None:
+    (tmp_path / "bin").mkdir()
+    _fake_python(tmp_path / "bin", "python3.13", "3.13.0")  # one that fails the check is passed over
+    os.symlink(sys.executable, tmp_path / "bin" / f"python3.{sys.version_info.minor}")
+    if sys.version_info < (3, 11):
+        pytest.skip("the tests' Python is 3.10, which Flower does not take")
+    run = _make(tmp_path, "-n", f"FLOWER_VENV={tmp_path / 'flower'}", "flower-install")
+    assert run.returncode == 0, run.stderr
+    assert f"python3.{sys.version_info.minor} -m venv {tmp_path / 'flower'}" in run.stdout

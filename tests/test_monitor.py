@@ -105,7 +105,7 @@ def test_checkpointer_saves_the_model_of_the_improving_round_once_a_later_round_
     for round_, score in stream:
         current["round"] = max(0, round_ - 1)  # when round r reports, the director still holds round r-1's model
         saver.observe(_record(round_, "envoy_1", "train", "train_loss", 1.0))
-        saver.observe(_record(round_, "aggregator", validation, fed.HELDOUT_METRIC, score))
+        saver.observe(_record(round_, "aggregator", validation, fed.HELDOUT_METRICS["patchsvdd"], score))
         saver.observe(_record(round_, "aggregator", validation, "det_sum", 0.9))  # another metric: ignored
         if round_ == 1:
             assert saver.saved_round == 0  # round 0's improvement, saved when round 1 reported
@@ -115,7 +115,7 @@ def test_checkpointer_saves_the_model_of_the_improving_round_once_a_later_round_
     assert (
         meta["round"] == 2
         and meta["score"] == 2.0
-        and meta["metric"] == fed.HELDOUT_METRIC
+        and meta["metric"] == fed.HELDOUT_METRICS["patchsvdd"]
         and meta["experiment"] == "t"
     )
     expected = models[2].state_dict()  # fetched while round 3 was under way
@@ -172,12 +172,12 @@ def test_checkpointer_never_saves_a_later_model_under_an_earlier_score(tmp_path:
     held = {"round": 0}
     saver = fed.SaveWhenImproved(None, tmp_path / "best.pt", fetch=lambda: tagged_models[held["round"]])
     validation = "aggregated_model_validate"
-    saver.observe(_record(0, "aggregator", validation, fed.HELDOUT_METRIC, 3.0))
-    saver.observe(_record(1, "aggregator", validation, fed.HELDOUT_METRIC, 2.0))  # saves round 0
+    saver.observe(_record(0, "aggregator", validation, fed.HELDOUT_METRICS["patchsvdd"], 3.0))
+    saver.observe(_record(1, "aggregator", validation, fed.HELDOUT_METRICS["patchsvdd"], 2.0))  # saves round 0
     assert saver.saved_round == 0
     held["round"] = 2  # round 2 ended before its metrics were read
     with pytest.warns(RuntimeWarning, match="round 1 .* replaced on the director by round 2's"):
-        saver.observe(_record(3, "aggregator", validation, fed.HELDOUT_METRIC, 2.5))
+        saver.observe(_record(3, "aggregator", validation, fed.HELDOUT_METRICS["patchsvdd"], 2.5))
     assert saver.missed == [1] and saver.saved_round == 0
     assert load_checkpoint(tmp_path / "best.pt")[1]["round"] == 0
     held["round"] = 3

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from patchsvdd.cli.demo import NOTEBOOK, ensure_demo_data, run_notebook
-from patchsvdd.system.harness import Processes, envoys_accepted, project_root, wait_for
+from patchsvdd.federated.local import Processes, envoys_accepted, project_root, wait_for
 from patchsvdd.system.probes import listens
 
 pytestmark = pytest.mark.slow

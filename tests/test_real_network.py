@@ -30,8 +30,8 @@ from support.testbed_federation import (
 )
 
 from patchsvdd import federated as fed
+from patchsvdd.federated.local import Processes, log_contains, project_root, wait_for
 from patchsvdd.system.certs import create_federation_certs
-from patchsvdd.system.harness import Processes, log_contains, project_root, wait_for
 
 pytestmark = [
     pytest.mark.slow,

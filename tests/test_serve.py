@@ -17,8 +17,8 @@ from PIL import Image
 from patchsvdd.data.mvtec import index_category, load_category
 from patchsvdd.deploy.export import export_bundle
 from patchsvdd.deploy.inspector import load_bundle
+from patchsvdd.federated.local import Processes, wait_for
 from patchsvdd.models.patchsvdd.network import PatchSVDD
-from patchsvdd.system.harness import Processes, wait_for
 from patchsvdd.system.probes import free_port, service_healthy
 
 pytestmark = pytest.mark.slow

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from patchsvdd import federated as fed
+from patchsvdd.federated.local import LocalFederation, Processes, log_contains, start_federation, wait_for
 from patchsvdd.models.patchsvdd.network import PatchSVDD
-from patchsvdd.system.harness import LocalFederation, Processes, log_contains, start_federation, wait_for
 from patchsvdd.system.probes import free_port, listens
 
 pytestmark = pytest.mark.slow

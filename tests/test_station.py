@@ -23,8 +23,8 @@ from patchsvdd.deploy.bundle import read_bundle
 from patchsvdd.deploy.export import export_bundle
 from patchsvdd.deploy.inspector import load_bundle
 from patchsvdd.deploy.versions import CURRENT_FILE, current_folder
+from patchsvdd.federated.local import Node, Processes, wait_for
 from patchsvdd.models.patchsvdd.network import PatchSVDD
-from patchsvdd.system.harness import Node, Processes, wait_for
 from patchsvdd.system.probes import free_port, service_healthy
 
 pytestmark = pytest.mark.slow

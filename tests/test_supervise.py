@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from patchsvdd.system.harness import wait_for
+from patchsvdd.federated.local import wait_for
 
 
 def _listener(port: int = 0) -> socket.socket:

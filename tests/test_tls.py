@@ -11,9 +11,9 @@ from cryptography import x509
 
 from patchsvdd import federated as fed
 from patchsvdd.data.synth import generate_category
+from patchsvdd.federated.local import Processes, project_root, start_federation, with_this_environment
 from patchsvdd.models.patchsvdd.network import PatchSVDD
 from patchsvdd.system.certs import create_federation_certs, issued_by
-from patchsvdd.system.harness import Processes, project_root, start_federation, with_this_environment
 from patchsvdd.system.probes import free_port
 
 REPO = project_root()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from patchsvdd.cli.main import DefaultsHelp
+from patchsvdd.federated.local import HarnessError, Processes, project_root, start_federation
 from patchsvdd.models.registry import model_names
 from patchsvdd.settings import (
     DEMO_DATA,
@@ -34,7 +35,6 @@ from patchsvdd.settings import (
     SEARCHES,
     SettingsError,
 )
-from patchsvdd.system.harness import HarnessError, Processes, project_root, start_federation
 from patchsvdd.system.probes import free_port
 
 NOTEBOOK = Path("workspace") / "PatchSVDD_with_Director.ipynb"

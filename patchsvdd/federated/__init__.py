@@ -6,7 +6,8 @@ tag), ``site_tasks`` (a site's shard and the three tasks it runs), ``site_model`
 a manifest, and the check of weights sent to it). OpenFL's adapter: ``engine`` (``OpenFLEngine``, what
 ``patchsvdd.experiment`` drives), ``client`` (the notebook's side of the director), ``monitor`` (following an
 experiment), ``tasks`` (OpenFL's wrapping of the site's tasks), ``review``, ``site_build`` and ``site_guard``
-(what a site takes from a client and builds itself), ``fx``. Flower's adapter: the subpackage ``flower``.
+(what a site takes from a client and builds itself), ``fx``, ``local`` (a director and envoys on this
+machine: the demo's, the tests', the benchmarks'). Flower's adapter: the subpackage ``flower``.
 
 The notebook imports this package as ``fed`` and uses the names below; each loads its module on first use,
 so the engine-neutral modules import without OpenFL.
@@ -52,10 +53,7 @@ _LAZY = {
         ),
         "patchsvdd.federated.progress",
     ),
-    **dict.fromkeys(
-        ("FINAL_METRICS", "HELDOUT_METRIC", "ROUND_METRICS", "TRAIN_METRICS", "MVTecDataInterface"),
-        "patchsvdd.federated.tasks",
-    ),
+    "MVTecDataInterface": "patchsvdd.federated.tasks",
     **dict.fromkeys(
         ("SiteData", "SiteError", "export_task", "train_task", "validate_task"), "patchsvdd.federated.site_tasks"
     ),

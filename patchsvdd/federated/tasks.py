@@ -9,8 +9,6 @@ from typing import Any
 
 from openfl.interface.interactive_api.experiment import DataInterface, TaskInterface
 
-from patchsvdd.evaluation.metrics import AUPRO_KEYS, METRIC_KEYS
-from patchsvdd.federated.progress import train_metrics
 from patchsvdd.federated.site_tasks import (  # noqa: F401  (the site's tasks, as OpenFL registers them)
     SITE_HEADS,
     SiteData,
@@ -26,13 +24,7 @@ from patchsvdd.federated.site_tasks import (  # noqa: F401  (the site's tasks, a
     train_task,
     validate_task,
 )
-from patchsvdd.models.registry import model_names
-from patchsvdd.settings import HELDOUT_METRICS, ExperimentSettings
-
-HELDOUT_METRIC = HELDOUT_METRICS["patchsvdd"]  # the model-choice criterion: needs no anomaly, lower is better
-ROUND_METRICS = (HELDOUT_METRIC, "det_sum", "seg_sum")  # Patch SVDD's; either model's: round_metrics(model)
-FINAL_METRICS = METRIC_KEYS + AUPRO_KEYS
-TRAIN_METRICS = {name: train_metrics(name) for name in model_names()}  # what each model's training reports
+from patchsvdd.settings import ExperimentSettings
 
 
 class ProjectTasks(TaskInterface):

@@ -1,2 +1,2 @@
-"""Processes and network: TCP probes, the TLS check, certificates, the envoy supervisor, config checks, the local
-federation harness, test hosts in network namespaces and a delaying TCP relay."""
+"""What a site or the director runs besides the engine: TCP probes, the TLS check, certificates, the envoy
+supervisor, config checks."""

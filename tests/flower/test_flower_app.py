@@ -110,3 +110,16 @@ def test_the_settings_of_a_manifest_are_checked_at_the_site() -> None:
     content[records.TASK] = ConfigRecord(record)
     with pytest.raises(ExperimentRefused, match="max_steps"):
         records.read_task(content)
+
+
+def test_the_supernodes_waits_are_where_the_cut_expects_them_and_capped() -> None:
+    """An upgrade of Flower that moves the SuperNode's waits fails here, not silently in a slower round."""
+    import time
+
+    from patchsvdd.federated.flower import supernode
+
+    assert supernode.wait_module().time is time
+    clock = supernode.capped_clock(0.01)
+    start = time.monotonic()
+    clock.sleep(3)
+    assert time.monotonic() - start < 1 and clock.monotonic is time.monotonic

@@ -23,12 +23,12 @@ from patchsvdd.data.mvtec import index_category, load_category
 from patchsvdd.federated.flower import records
 from patchsvdd.federated.flower.driver import FederationError, FlowerEngine, submit_app
 from patchsvdd.federated.flower.local import start_flower_federation, start_site
+from patchsvdd.federated.local import Processes, log_contains, project_root, wait_for
 from patchsvdd.federated.manifest import experiment_manifest
 from patchsvdd.federated.site_tasks import train_task
 from patchsvdd.models.registry import build_model
 from patchsvdd.settings import ExperimentSettings
 from patchsvdd.system.certs import write_node_auth_key
-from patchsvdd.system.harness import Processes, log_contains, project_root, wait_for
 from patchsvdd.training.loop import make_optimizer
 
 pytestmark = pytest.mark.slow

@@ -17,9 +17,9 @@ import torch
 from patchsvdd import experiment
 from patchsvdd.federated.flower.driver import FlowerEngine
 from patchsvdd.federated.flower.local import start_flower_federation
+from patchsvdd.federated.local import Processes
 from patchsvdd.models.registry import build_model
 from patchsvdd.settings import settings_from_dict
-from patchsvdd.system.harness import Processes
 
 
 def main(data_root: str, category: str, out: str, settings_json: str, seed: str) -> int:

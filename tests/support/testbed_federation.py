@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from patchsvdd.system.harness import (
+from patchsvdd.federated.local import (
     HarnessError,
     Node,
     Processes,

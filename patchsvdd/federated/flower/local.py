@@ -15,7 +15,7 @@ from pathlib import Path
 
 from patchsvdd.federated.flower.driver import SuperLink
 from patchsvdd.federated.flower.nodes import SECRET_FILE
-from patchsvdd.system.harness import Node, Processes, log_contains, project_root, wait_for, write_envoy_config
+from patchsvdd.federated.local import Node, Processes, log_contains, project_root, wait_for, write_envoy_config
 from patchsvdd.system.probes import free_port
 
 

@@ -7,12 +7,11 @@ certificate folder (``patchsvdd certs``) it serves TLS with ``director.crt`` and
 keys (``<site>.auth.pub`` there) it registers at start (``--enable-supernode-auth``); without one it serves
 plain HTTP on loopback only.
 
-``supernode``: ``flower-supernode --isolation process`` with the site's name and shard config as its node
-config, its runtime API on a free loopback port, and ``site.serve`` in this process, which runs the project's
-app and refuses any other. With a certificate folder the SuperNode checks the SuperLink's certificate against
-``root_ca.crt`` and signs in with ``<site>.auth``. When the SuperNode exits (a refused key, a SuperLink
-gone), this process says why in one line and exits too.
-"""
+``supernode``: ``flower-supernode --isolation process`` (its fixed waits cut: ``supernode.py``) with the
+site's name and shard config as its node config, its runtime API on a free loopback port, and ``site.serve``
+in this process, which runs the project's app and refuses any other. With a certificate folder the SuperNode
+checks the SuperLink's certificate against ``root_ca.crt`` and signs in with ``<site>.auth``. When the
+SuperNode exits (a refused key, a SuperLink gone), this process says why in one line and exits too."""
 
 from __future__ import annotations
 
@@ -170,7 +169,9 @@ def supernode(args: argparse.Namespace) -> int:
     runtime = free_port()
     node_config = f'{site_module.NAME_KEY}="{args.name}" {site_module.CONFIG_KEY}="{config}"'
     command = [
-        flower_command("flower-supernode"),
+        sys.executable,
+        "-m",
+        "patchsvdd.federated.flower.supernode",  # flower-supernode, its fixed waits cut (supernode.py)
         "--superlink",
         args.superlink,
         "--isolation",

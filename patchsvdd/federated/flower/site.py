@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ from patchsvdd.system.configs import ConfigError, check_envoy_config, resolve_da
 from patchsvdd.training.loop import make_optimizer
 
 log = logging.getLogger("patchsvdd.site")
+KEPT_EXPERIMENTS = 4  # experiments a site keeps between rounds (a notebook session: training, evaluation, export)
 NAME_KEY, CONFIG_KEY = "name", "shard-config"  # the SuperNode's --node-config keys this site reads
 REFUSED = "refused by site {site}: it runs only this project's app ({own}...), and this run's app is {other}..."
 
@@ -93,7 +95,7 @@ class Site:
         self.bundle_folder = str(resolve_data_folder(params.get("bundle_folder", "bundles"), self.config_path.parent))
         self._params = params
         self._data: SiteData | None = None
-        self.experiments: dict[tuple[int, str], Experiment] = {}
+        self.experiments: OrderedDict[tuple[int, str], Experiment] = OrderedDict()  # the latest last
 
     @property
     def data(self) -> SiteData:
@@ -153,6 +155,9 @@ class Site:
                 expected_weights(manifest),
             )
             self.experiments[key] = known
+            while len(self.experiments) > KEPT_EXPERIMENTS:
+                self.experiments.popitem(last=False)  # the one least recently used goes, with its model and Adam
+        self.experiments.move_to_end(key)
         arrays = records.record_weights(content)
         check_weights(known.expected, arrays, "the driver")
         with torch.no_grad():

@@ -1,4 +1,5 @@
-"""Start a director and envoys on this machine through the project's start scripts, and stop them.
+"""Start a director and envoys on this machine through the project's start scripts, and stop them (Flower's
+SuperLink and sites: ``flower/local.py``, with the process helpers here).
 
 Used by ``make demo``, the tests and the benchmarks. Every process runs in its
 own session so that it can be stopped with its children; readiness is asked
