@@ -73,12 +73,14 @@ demo-learn: install
 test-tools:
 	@scripts/install-test-tools
 
-# two workers (pytest-xdist), each taking whole test files: most federation tests wait on processes, so two
-# run in the time of one; each federation takes ports of its own (only the three steps as written take 50050/50051).
-# Beside them, tests/flower in the Flower environment (mostly waiting on Flower's polling); its output follows.
+# two workers (pytest-xdist), each taking whole test files, the longest files first (tests/conftest.py; xdist would
+# otherwise start the files with the most tests first); each federation takes ports of its own (only the three
+# steps as written take 50050/50051). Beside them, tests/flower in the Flower environment; its output follows.
+# One thread per process (OMP_NUM_THREADS=1, which the sites and envoys the tests start inherit): the workers, the
+# sites and the Flower suite together keep every core busy, and more threads than cores only slow each other.
 test: install flower-install test-tools
-	@log="$$(mktemp)"; $(FLOWER_PY) -m pytest tests/flower > "$$log" 2>&1 & flower=$$!; \
-	$(PY) -m pytest -n 2 --dist loadfile; main=$$?; \
+	@export OMP_NUM_THREADS=1; log="$$(mktemp)"; $(FLOWER_PY) -m pytest tests/flower > "$$log" 2>&1 & flower=$$!; \
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder; main=$$?; \
 	wait $$flower; status=$$?; echo "--- tests/flower in $(FLOWER_VENV):"; cat "$$log"; rm -f "$$log"; \
 	test $$main -eq 0 && test $$status -eq 0
 

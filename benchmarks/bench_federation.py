@@ -1,11 +1,13 @@
 """The same experiment on OpenFL and on Flower in one run: each engine's start-up, its overhead per round and its
 bytes per round per site, on loopback.
 
-    python benchmarks/bench_federation.py [--rounds 3] [--max-steps 1] [--engines openfl flower]
+    python benchmarks/bench_federation.py [--rounds 3] [--max-steps 1] [--engines openfl flower flower-secagg]
 
 Run from the OpenFL environment (.venv); the Flower half runs in .venv-flower (``--only flower`` is that half,
-printing JSON). Both start their processes through the start scripts (2 sites, one shard each, one thread each)
-and train the same Patch SVDD with the same settings through ``patchsvdd.experiment``.
+printing JSON); ``flower-secagg`` is Flower with ``secure_aggregation`` (SecAgg+: four exchanges a training
+round instead of one, masked integer vectors instead of float weights). Each starts its processes through the
+start scripts (2 sites, one shard each, one thread each) and trains the same Patch SVDD with the same
+settings through ``patchsvdd.experiment``.
 
 - start-up: seconds from launching the processes until the engine lists every site;
 - overhead per round: the rounds' wall time (training rounds and the final validation round) less what the
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +99,7 @@ def run_engine(engine: str, data_root: Path, settings: ExperimentSettings, seed:
             ports = [int(local.superlink.address.rsplit(":", 1)[1])]
             federation: Any = FlowerEngine.connect(local.superlink, tmp / "engine")
         else:
-            from patchsvdd.federated.local import start_federation
+            from patchsvdd.federated.openfl.local import start_federation
 
             nodes = start_federation(tmp / "run", data_root, "fabric", 2, processes=processes)
             ports = [nodes.port, int(settings.aggregator_port or 0)]
@@ -117,14 +120,16 @@ def run_engine(engine: str, data_root: Path, settings: ExperimentSettings, seed:
             counter.close()
             federation.close()
     rounds = settings.rounds + 1
-    return {"engine": engine, "startup_s": startup, "wall_s": wall, "rounds": rounds, "bytes": sent}
+    label = f"{engine}-secagg" if settings.secure_aggregation else engine
+    return {"engine": label, "startup_s": startup, "wall_s": wall, "rounds": rounds, "bytes": sent}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-steps", type=int, default=1)
-    parser.add_argument("--engines", nargs="+", default=["openfl", "flower"], choices=("openfl", "flower"))
+    engines = ("openfl", "flower", "flower-secagg")
+    parser.add_argument("--engines", nargs="+", default=list(engines), choices=engines)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=("openfl", "flower"), help="run one engine here and print JSON")
     parser.add_argument("--data", type=Path, help="data root holding fabric (made when absent)")
@@ -153,8 +158,9 @@ def main() -> int:
                 continue
             python = os.environ.get("PATCHSVDD_FLOWER_PY", str(REPO / ".venv-flower" / "bin" / "python"))
             command = [python, __file__, "--only", "flower", "--data", str(data), "--seed", str(args.seed)]
+            asked = replace(settings, secure_aggregation=engine == "flower-secagg")
             done = subprocess.run(
-                [*command, "--settings", json.dumps(settings.to_dict())], capture_output=True, text=True, check=False
+                [*command, "--settings", json.dumps(asked.to_dict())], capture_output=True, text=True, check=False
             )
             if done.returncode:
                 print(done.stdout[-2000:], done.stderr[-3000:], file=sys.stderr)
@@ -170,7 +176,7 @@ def main() -> int:
             overhead = (r["wall_s"] - tasks) / r["rounds"]
             per_site = r["bytes"] / r["rounds"] / 2
             print(
-                f"{r['engine']:7s} start-up {r['startup_s']:5.1f} s   rounds {r['wall_s']:6.1f} s   overhead "
+                f"{r['engine']:13s} start-up {r['startup_s']:5.1f} s   rounds {r['wall_s']:6.1f} s   overhead "
                 f"{overhead:5.1f} s per round   {per_site / 1e6:6.2f} MB per round per site"
             )
         model_mb = sum(t.numel() * 4 for t in build_model("patchsvdd", emb_dim=settings.emb_dim).state_dict().values())

@@ -10,7 +10,7 @@ MVTec AD category of its own, through the site's own acquisition where the scena
 alike). Then three ways of training, every one from the same initial model (seed) with the same recipe:
 
 - alone: each site trains on its own images only, the rounds and steps it trains in the federation, with the
-  envoy's own training task (``federated.tasks.train_task``, one Adam kept across rounds as the envoys keep
+  envoy's own training task (``federated.openfl.tasks.train_task``, one Adam kept across rounds as the envoys keep
   theirs);
 - federated: the real director and envoys, started through the project's start scripts (as the demo), FedAvg,
   the final aggregate (``fetch_last_model``);
@@ -45,7 +45,8 @@ from patchsvdd.evaluation.evaluate import evaluate_category
 from patchsvdd.evaluation.metrics import aupro, auroc
 from patchsvdd.evaluation.plots import federation_value_figure
 from patchsvdd.evaluation.report import markdown_table, write_json
-from patchsvdd.federated.local import Processes, project_root, start_federation
+from patchsvdd.federated.local import Processes, project_root
+from patchsvdd.federated.openfl.local import start_federation
 from patchsvdd.models.registry import build_model
 from patchsvdd.settings import DEMO_DATA, PAPER_SETTINGS
 from patchsvdd.system.probes import free_port

@@ -18,7 +18,8 @@ import torch
 
 from patchsvdd import federated as fed
 from patchsvdd.data.synth import generate_category
-from patchsvdd.federated.local import Processes, start_federation
+from patchsvdd.federated.local import Processes
+from patchsvdd.federated.openfl.local import start_federation
 from patchsvdd.models.patchsvdd.network import PatchSVDD
 from patchsvdd.system.probes import free_port
 

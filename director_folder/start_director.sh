@@ -9,7 +9,7 @@
 # certificates from the same root authority are let in; without it, no TLS.
 # Works from any current folder. The director keeps experiment archives and
 # logs in its working folder: $PATCHSVDD_WORKDIR if set, else this folder.
-# It runs OpenFL's fx through patchsvdd.federated.fx, which cuts OpenFL's fixed
+# It runs OpenFL's fx through patchsvdd.federated.openfl.fx, which cuts OpenFL's fixed
 # 10-second waits in the director process to 1 s (see that module).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -24,4 +24,4 @@ if [ -n "${2:-}" ]; then
   tls=(-rc "$certs/root_ca.crt" -pk "$certs/director.key" -oc "$certs/director.crt")
 fi
 patchsvdd_enter_workdir "$here" "$config"
-exec "$(patchsvdd_python)" -m patchsvdd.federated.fx director start -c "$PATCHSVDD_CONFIG" "${tls[@]}"
+exec "$(patchsvdd_python)" -m patchsvdd.federated.openfl.fx director start -c "$PATCHSVDD_CONFIG" "${tls[@]}"

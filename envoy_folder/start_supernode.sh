@@ -21,7 +21,7 @@ if [ $# -lt 2 ]; then
 fi
 name="$1"
 config="$(realpath -m "$2")"
-"$PATCHSVDD_FLOWER_PY" -m patchsvdd.system.configs envoy "$config" || exit 2
+"$PATCHSVDD_FLOWER_PY" -m patchsvdd.system.configs envoy "$config" flower || exit 2
 certs=()
 if [ -n "${5:-}" ]; then
   dir="$(realpath -m "$5")"

@@ -69,7 +69,7 @@ class Engine(Protocol):
 
 # The engines by name: 'module:Class', each with a classmethod ``open`` taking ``connect``'s keywords.
 ENGINES = {
-    "openfl": "patchsvdd.federated.engine:OpenFLEngine",
+    "openfl": "patchsvdd.federated.openfl.engine:OpenFLEngine",
     "flower": "patchsvdd.federated.flower.driver:FlowerEngine",
 }
 

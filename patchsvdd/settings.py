@@ -135,6 +135,9 @@ class ExperimentSettings:
     adds mu/2 * ||w - w_round||^2 to every step's loss, w_round the weights the round started with;
     ``local_heads`` keeps each site's own position classifiers (the parts that train but never score; the
     family's ``site_heads``) across rounds instead of the averaged ones, so that only the encoder is shared.
+
+    ``secure_aggregation``: the sites' trained weights reach the data scientist only as their weighted mean
+    (Flower's SecAgg+; Flower only: OpenFL 1.7.1 has none; docs/security.md).
     """
 
     model: str = "patchsvdd"
@@ -160,6 +163,7 @@ class ExperimentSettings:
     aggregator_port: int | None = 50051
     proximal_mu: float = 0.0
     local_heads: bool = False
+    secure_aggregation: bool = False
 
     def __post_init__(self) -> None:
         if self.rounds < 1:

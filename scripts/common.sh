@@ -56,7 +56,7 @@ patchsvdd_check_certs() {
   done
 }
 
-# Run `fx envoy start ARGS...` (with the site guard: patchsvdd.federated.fx and site_guard) for envoy NAME of the director at HOST:PORT, supervised so that it
+# Run `fx envoy start ARGS...` (with the site guard: patchsvdd.federated.openfl.fx and site_guard) for envoy NAME of the director at HOST:PORT, supervised so that it
 # registers again after a director restart (waiting at most $PATCHSVDD_DIRECTOR_TIMEOUT s, default 600);
 # when the director refuses the shard, say why in one line.
 patchsvdd_run_envoy() {
@@ -68,7 +68,7 @@ patchsvdd_run_envoy() {
   set +e
   "$(patchsvdd_python)" -m patchsvdd.system.supervise --director "$host:$port" \
     --director-timeout "${PATCHSVDD_DIRECTOR_TIMEOUT:-600}" -- \
-    "$(patchsvdd_python)" -m patchsvdd.federated.fx envoy start -n "$name" -dh "$host" -dp "$port" "$@" 2>&1 | tee "$out"
+    "$(patchsvdd_python)" -m patchsvdd.federated.openfl.fx envoy start -n "$name" -dh "$host" -dp "$port" "$@" 2>&1 | tee "$out"
   status=${PIPESTATUS[0]}
   set -e
   if [ "$status" -ne 0 ] && grep -q "was not accepted" "$out"; then

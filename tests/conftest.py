@@ -18,6 +18,17 @@ from patchsvdd.data.synth import generate_category
 # OpenFL environment, where flwr cannot be installed beside OpenFL 1.7.1, they are not collected.
 collect_ignore_glob = [] if importlib.util.find_spec("flwr") else ["flower/*"]
 
+# The longest test files first (a few minutes each on 2 cores: docs/benchmarks.md, "The test suite"): the
+# workers (pytest-xdist, whole files) then start them at once and share out the rest while they run, instead
+# of meeting one of them last.
+LONGEST_FIRST = ("test_quickstart.py", "test_real_network.py", "test_federation_value.py", "test_engines_agree.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: place for place, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MVTEC = Path(os.environ.get("PATCHSVDD_SHARED_MVTEC", REPO.parent / "shared" / "mvtec"))
 NOTEBOOK = REPO / "workspace" / "PatchSVDD_with_Director.ipynb"

@@ -23,9 +23,9 @@ import numpy as np
 import yaml
 from hypothesis import strategies as st
 
-from patchsvdd.federated import client
 from patchsvdd.federated.manifest import MANIFEST_FILE, Export
-from patchsvdd.federated.review import PLAN_FILE, REQUIREMENTS_FILE, PlanValues, canonical_plan
+from patchsvdd.federated.openfl import client
+from patchsvdd.federated.openfl.review import PLAN_FILE, REQUIREMENTS_FILE, PlanValues, canonical_plan
 from patchsvdd.federated.rounds import tagged
 from patchsvdd.models.registry import build_model
 from patchsvdd.settings import ExperimentSettings
@@ -199,9 +199,9 @@ def review_everywhere(sub: Submission, folder: Path) -> list[str]:
     initial weights); each must end in acceptance (then the site builds what it accepted) or one refusal
     sentence, within ``BOUND_SECONDS``, with no file touched. Returns each node's outcome: 'accepted' or the
     refusal's sentence."""
-    from patchsvdd.federated import site_build, site_guard
     from patchsvdd.federated.names import ExperimentRefused
-    from patchsvdd.federated.review import SitePolicy
+    from patchsvdd.federated.openfl import site_build, site_guard
+    from patchsvdd.federated.openfl.review import SitePolicy
 
     archive = sub.write(folder / "archive.zip")
     before = sorted(folder.rglob("*")), sorted(Path.cwd().iterdir())

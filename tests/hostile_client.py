@@ -38,8 +38,8 @@ import yaml
 from openfl.interface.interactive_api.experiment import DataInterface, FLExperiment, ModelInterface
 from openfl.interface.interactive_api.federation import Federation
 
-from patchsvdd.federated import client, tasks
-from patchsvdd.federated.review import FRAMEWORK_ADAPTER, PlanValues, canonical_plan
+from patchsvdd.federated.openfl import client, tasks
+from patchsvdd.federated.openfl.review import FRAMEWORK_ADAPTER, PlanValues, canonical_plan
 from patchsvdd.federated.rounds import tagged
 from patchsvdd.models.patchsvdd.network import PatchSVDD
 from patchsvdd.settings import ExperimentSettings

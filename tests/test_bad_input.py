@@ -15,7 +15,8 @@ import pytest
 import yaml
 from conftest import BAD_DATA_CASES
 
-from patchsvdd.federated.local import Processes, project_root, wait_for, with_this_environment, write_director_config
+from patchsvdd.federated.local import Processes, project_root, wait_for, with_this_environment
+from patchsvdd.federated.openfl.local import write_director_config
 from patchsvdd.system.probes import free_port, listens
 
 REPO = project_root()

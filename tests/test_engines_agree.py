@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from patchsvdd import experiment
-from patchsvdd.federated.local import Processes, start_federation
+from patchsvdd.federated.local import Processes
+from patchsvdd.federated.openfl.local import start_federation
 from patchsvdd.models.registry import build_model
 from patchsvdd.settings import ExperimentSettings
 from patchsvdd.system.probes import free_port

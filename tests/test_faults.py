@@ -13,7 +13,8 @@ import torch
 
 from patchsvdd import federated as fed
 from patchsvdd.data.synth import generate_category
-from patchsvdd.federated.local import Processes, log_contains, project_root, start_federation, wait_for
+from patchsvdd.federated.local import Processes, log_contains, project_root, wait_for
+from patchsvdd.federated.openfl.local import start_federation
 from patchsvdd.models.patchsvdd.network import PatchSVDD
 from patchsvdd.system.probes import free_port, listens
 from patchsvdd.training.checkpoint import load_checkpoint, save_checkpoint

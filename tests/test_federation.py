@@ -26,7 +26,8 @@ from patchsvdd.evaluation import report
 from patchsvdd.evaluation.evaluate import evaluate_category, image_scores
 from patchsvdd.evaluation.metrics import split_defects
 from patchsvdd.evaluation.pooling import split_sketches
-from patchsvdd.federated.local import Processes, log_contains, project_root, start_federation, wait_for
+from patchsvdd.federated.local import Processes, log_contains, project_root, wait_for
+from patchsvdd.federated.openfl.local import start_federation
 from patchsvdd.federated.rounds import ROUND_TAG, round_of
 from patchsvdd.models.autoencoder.network import ConvAutoencoder
 from patchsvdd.models.patchsvdd.network import PatchSVDD

@@ -11,7 +11,7 @@ import pytest
 from openfl.component.aggregator.aggregator import Aggregator
 from openfl.component.director import experiment
 
-from patchsvdd.federated import fx
+from patchsvdd.federated.openfl import fx
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def test_the_patch_cuts_only_the_fixed_waits(restored) -> None:
 
 def test_the_module_runs_openfls_command_line() -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "patchsvdd.federated.fx", "director", "start", "--help"],
+        [sys.executable, "-m", "patchsvdd.federated.openfl.fx", "director", "start", "--help"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -55,7 +55,7 @@ def test_the_module_runs_openfls_command_line() -> None:
 def test_an_envoy_whose_name_is_not_plain_does_not_start() -> None:
     """Experiments name their sites, and a site's workspace is named after it: one plain name, as theirs."""
     run = subprocess.run(
-        [sys.executable, "-m", "patchsvdd.federated.fx", "envoy", "start", "-n", "site a/..", "-ec", "x.yaml"],
+        [sys.executable, "-m", "patchsvdd.federated.openfl.fx", "envoy", "start", "-n", "site a/..", "-ec", "x.yaml"],
         capture_output=True,
         text=True,
         timeout=120,

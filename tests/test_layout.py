@@ -67,13 +67,13 @@ def third_party(path: Path) -> set[str]:
 
 
 def test_each_engine_is_imported_only_by_its_own_adapter() -> None:
-    """flwr only under federated/flower, which imports no OpenFL; the engine-neutral site modules import neither."""
-    flower = PACKAGE / "federated" / "flower"
+    """flwr only under federated/flower, openfl only under federated/openfl, neither in the other's; the
+    engine-neutral site modules import neither."""
+    flower, openfl = PACKAGE / "federated" / "flower", PACKAGE / "federated" / "openfl"
     for path in PACKAGE.rglob("*.py"):
         uses = third_party(path)
-        inside = flower in path.parents
-        assert inside or "flwr" not in uses, f"{path.relative_to(PACKAGE)} imports flwr"
-        assert not inside or "openfl" not in uses, f"{path.relative_to(PACKAGE)} imports openfl"
+        assert flower in path.parents or "flwr" not in uses, f"{path.relative_to(PACKAGE)} imports flwr"
+        assert openfl in path.parents or "openfl" not in uses, f"{path.relative_to(PACKAGE)} imports openfl"
         if path.stem in ("site_tasks", "site_model", "manifest", "names", "progress", "rounds"):
             assert not uses & {"openfl", "flwr"}, f"{path.relative_to(PACKAGE)} imports an engine"
     for path in flower.glob("*.py"):  # and nothing it imports of the project's imports OpenFL

@@ -16,8 +16,9 @@ from patchsvdd.deploy.bundle import read_bundle
 from patchsvdd.deploy.export import export_bundle
 from patchsvdd.deploy.inspector import load_bundle
 from patchsvdd.evaluation.evaluate import evaluate_category
-from patchsvdd.federated import client, site_model
+from patchsvdd.federated import site_model
 from patchsvdd.federated.manifest import parse_manifest
+from patchsvdd.federated.openfl import client
 from patchsvdd.federated.progress import round_metrics
 from patchsvdd.federated.rounds import tagged
 from patchsvdd.federated.site_tasks import SiteData, export_task, train_task, validate_task

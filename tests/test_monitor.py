@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from patchsvdd import federated as fed
+from patchsvdd.federated.openfl.tasks import TrainThenValidate, training_tasks
 from patchsvdd.federated.rounds import ROUND_TAG, round_of, set_round, tagged, untagged
-from patchsvdd.federated.tasks import TrainThenValidate, training_tasks
 from patchsvdd.models.patchsvdd.network import PatchSVDD
 from patchsvdd.training.checkpoint import load_checkpoint
 

@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from patchsvdd.cli.demo import NOTEBOOK, ensure_demo_data, run_notebook
-from patchsvdd.federated.local import Processes, envoys_accepted, project_root, wait_for
+from patchsvdd.federated.local import Processes, project_root, wait_for
+from patchsvdd.federated.openfl.local import envoys_accepted
 from patchsvdd.system.probes import listens
 
 pytestmark = pytest.mark.slow

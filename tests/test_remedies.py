@@ -1,5 +1,5 @@
 """The remedies for sites that differ: FedProx's proximal term and each site's own heads, in the
-envoys' training task itself (``federated.tasks.train_task``)."""
+envoys' training task itself (``federated.openfl.tasks.train_task``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from patchsvdd import federated as fed
 from patchsvdd.data.mvtec import index_category, load_category
-from patchsvdd.federated.tasks import SiteError, proximal_term, restore_site_heads, train_task
+from patchsvdd.federated.openfl.tasks import SiteError, proximal_term, restore_site_heads, train_task
 from patchsvdd.models.registry import build_model
 from patchsvdd.settings import SettingsError, checked_settings
 from patchsvdd.training.loop import make_optimizer

@@ -21,10 +21,13 @@ from fuzz_archives import HOST, Submission, honest, model_proto
 from openfl.interface.aggregation_functions import WeightedAverage
 from openfl.interface.interactive_api.experiment import ModelInterface
 
-from patchsvdd.federated import client, site_build, site_guard, site_model
-from patchsvdd.federated.manifest import MANIFEST_FILE, SITE_LIMITS, parse_manifest
+from patchsvdd.errors import SettingsError
+from patchsvdd.federated import site_model
+from patchsvdd.federated.manifest import MANIFEST_FILE, SITE_LIMITS, experiment_manifest, parse_manifest
 from patchsvdd.federated.names import ExperimentRefused, check_name, child
-from patchsvdd.federated.review import (
+from patchsvdd.federated.openfl import client, site_build, site_guard
+from patchsvdd.federated.openfl.engine import OpenFLEngine
+from patchsvdd.federated.openfl.review import (
     MAX_PLAN_DEPTH,
     PLAN_FILE,
     PlanValues,
@@ -34,7 +37,9 @@ from patchsvdd.federated.review import (
     plan_values,
     review_archive,
 )
-from patchsvdd.federated.tasks import MVTecDataInterface, ProjectTasks, TrainThenValidate
+from patchsvdd.federated.openfl.tasks import MVTecDataInterface, ProjectTasks, TrainThenValidate
+from patchsvdd.models.registry import build_model
+from patchsvdd.settings import ExperimentSettings
 from patchsvdd.system.configs import ConfigError, check_director_config, check_envoy_config
 
 ENVOY = SitePolicy(director_host=HOST, tls=False)
@@ -361,7 +366,7 @@ def test_the_plan_and_the_manifest_must_agree_on_the_rounds(tmp_path: Path) -> N
 
 
 def test_a_review_can_only_refuse_whatever_happens_inside(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from patchsvdd.federated import review as module
+    from patchsvdd.federated.openfl import review as module
 
     archive = honest().write(tmp_path / "a.zip")
     for error in (SystemExit(3), KeyboardInterrupt(), RecursionError(), MemoryError()):
@@ -404,12 +409,12 @@ def test_weights_from_the_aggregator_are_checked_in_the_envoy_process(tmp_path: 
 
     code = (
         "import numpy as np, torch\n"
-        "from patchsvdd.federated.site_guard import install_site_guard\n"
+        "from patchsvdd.federated.openfl.site_guard import install_site_guard\n"
         "from patchsvdd.federated.names import ExperimentRefused\n"
         "install_site_guard()\n"
         "from openfl.plugins.frameworks_adapters.pytorch_adapter import FrameworkAdapterPlugin as F\n"
         "from openfl.federated.plan.plan import Plan\n"
-        "from patchsvdd.federated.site_guard import restore_site_object\n"
+        "from patchsvdd.federated.openfl.site_guard import restore_site_object\n"
         "assert Plan.restore_object is restore_site_object\n"
         "m = torch.nn.Linear(2, 2)\n"
         "F.set_tensor_dict(m, {k: v.numpy() for k, v in m.state_dict().items()})\n"
@@ -459,13 +464,33 @@ def test_configs_cannot_turn_the_guard_off(tmp_path: Path) -> None:
         check_envoy_config(envoy, check_data=False)
 
 
+def test_a_site_that_requires_secure_aggregation_does_not_start_on_openfl(tmp_path: Path) -> None:
+    """OpenFL has no secure aggregation: a site whose config requires it starts only on Flower, and OpenFL's
+    side refuses an experiment that asks for it before anything reaches the director."""
+    repo = Path(__file__).resolve().parents[1]
+    shipped = (repo / "envoy_folder" / "shard_config.yaml").read_text().replace("../data/demo", str(repo / "data"))
+    assert "secure_aggregation: optional" in shipped
+    envoy = tmp_path / "shard.yaml"
+    envoy.write_text(shipped.replace("secure_aggregation: optional", "secure_aggregation: required"))
+    with pytest.raises(ConfigError, match="OpenFL 1.7.1 has no secure aggregation: start this site on Flower"):
+        check_envoy_config(envoy, check_data=False)
+    assert check_envoy_config(envoy, check_data=False, engine="flower")["secure_aggregation"] == "required"
+    envoy.write_text(shipped.replace("secure_aggregation: optional", "secure_aggregation: yes"))
+    with pytest.raises(ConfigError, match="secure_aggregation True must be optional or required"):
+        check_envoy_config(envoy, check_data=False, engine="flower")
+    model = build_model("patchsvdd", emb_dim=8)
+    manifest = experiment_manifest(model, ExperimentSettings(secure_aggregation=True), "training")
+    with pytest.raises(SettingsError, match="OpenFL 1.7.1 has no secure aggregation"):
+        OpenFLEngine(federation=None).start(model, manifest, "masked", tmp_path)
+
+
 def test_the_directors_servers_take_no_message_larger_than_the_largest_model(tmp_path: Path) -> None:
     """OpenFL's servers take messages of 1 GiB; the director's guard lowers that (run in a child: it patches)."""
     import subprocess
     import sys
 
     code = (
-        "from patchsvdd.federated.site_guard import MAX_MESSAGE_BYTES, install_director_guard\n"
+        "from patchsvdd.federated.openfl.site_guard import MAX_MESSAGE_BYTES, install_director_guard\n"
         "install_director_guard()\n"
         "from openfl.transport.grpc.director_server import channel_options\n"
         "print(dict(channel_options)['grpc.max_receive_message_length'] == MAX_MESSAGE_BYTES < 2**30)\n"

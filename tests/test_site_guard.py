@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from patchsvdd import federated as fed
-from patchsvdd.federated.local import LocalFederation, Processes, log_contains, start_federation, wait_for
+from patchsvdd.federated.local import Processes, log_contains, wait_for
+from patchsvdd.federated.openfl.local import LocalFederation, start_federation
 from patchsvdd.models.patchsvdd.network import PatchSVDD
 from patchsvdd.system.probes import free_port, listens
 

@@ -11,7 +11,8 @@ from cryptography import x509
 
 from patchsvdd import federated as fed
 from patchsvdd.data.synth import generate_category
-from patchsvdd.federated.local import Processes, project_root, start_federation, with_this_environment
+from patchsvdd.federated.local import Processes, project_root, with_this_environment
+from patchsvdd.federated.openfl.local import start_federation
 from patchsvdd.models.patchsvdd.network import PatchSVDD
 from patchsvdd.system.certs import create_federation_certs, issued_by
 from patchsvdd.system.probes import free_port

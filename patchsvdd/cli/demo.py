@@ -4,7 +4,7 @@ summary.
 ``python -m patchsvdd.cli.demo`` (what ``make demo`` runs) writes everything under
 ``runs/<time>/``: process logs, configs, the executed notebook, metrics and
 pictures. The director and envoys are started through the project's start
-scripts by ``harness.start_federation``; every process started is stopped on
+scripts by ``openfl.local.start_federation`` (``flower.local`` on Flower); every process started is stopped on
 success, failure or Ctrl-C. The settings are ``settings.DEMO_SETTINGS``.
 
 This module starts processes; it does not import OpenFL.
@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from patchsvdd.cli.main import DefaultsHelp
-from patchsvdd.federated.local import HarnessError, Processes, project_root, start_federation
+from patchsvdd.federated.local import HarnessError, Processes, project_root
+from patchsvdd.federated.openfl.local import start_federation
 from patchsvdd.models.registry import model_names
 from patchsvdd.settings import (
     DEMO_DATA,

@@ -1,13 +1,11 @@
-"""The federation layer: OpenFL 1.7.1's director/envoy API, and what any engine shares.
+"""The federation layer: what any engine shares, and one subpackage per engine.
 
 Engine-neutral (no OpenFL, no Flower): ``names`` (names a client sends), ``manifest`` (an experiment as data),
 ``progress`` (metric names, the metric log, round lines, the best-model checkpointer), ``rounds`` (the round
 tag), ``site_tasks`` (a site's shard and the three tasks it runs), ``site_model`` (the model a site builds from
-a manifest, and the check of weights sent to it). OpenFL's adapter: ``engine`` (``OpenFLEngine``, what
-``patchsvdd.experiment`` drives), ``client`` (the notebook's side of the director), ``monitor`` (following an
-experiment), ``tasks`` (OpenFL's wrapping of the site's tasks), ``review``, ``site_build`` and ``site_guard``
-(what a site takes from a client and builds itself), ``fx``, ``local`` (a director and envoys on this
-machine: the demo's, the tests', the benchmarks'). Flower's adapter: the subpackage ``flower``.
+a manifest, and the check of weights sent to it), ``local`` (the harness that starts and stops processes on
+this machine). The engines' adapters: the subpackages ``openfl`` (OpenFL 1.7.1's director and envoys, the
+seed's path and the default) and ``flower`` (a SuperLink and SuperNodes).
 
 The notebook imports this package as ``fed`` and uses the names below; each loads its module on first use,
 so the engine-neutral modules import without OpenFL.
@@ -37,9 +35,9 @@ _LAZY = {
             "start_export",
             "wait_for_envoys",
         ),
-        "patchsvdd.federated.client",
+        "patchsvdd.federated.openfl.client",
     ),
-    **dict.fromkeys(("DirectorGoneError", "Watchdog", "follow_metrics"), "patchsvdd.federated.monitor"),
+    **dict.fromkeys(("DirectorGoneError", "Watchdog", "follow_metrics"), "patchsvdd.federated.openfl.monitor"),
     **dict.fromkeys(
         (
             "DEFECT_FUSION",
@@ -53,11 +51,11 @@ _LAZY = {
         ),
         "patchsvdd.federated.progress",
     ),
-    "MVTecDataInterface": "patchsvdd.federated.tasks",
+    "MVTecDataInterface": "patchsvdd.federated.openfl.tasks",
     **dict.fromkeys(
         ("SiteData", "SiteError", "export_task", "train_task", "validate_task"), "patchsvdd.federated.site_tasks"
     ),
-    "OpenFLEngine": "patchsvdd.federated.engine",
+    "OpenFLEngine": "patchsvdd.federated.openfl.engine",
     "HELDOUT_METRICS": "patchsvdd.settings",
     "ExperimentSettings": "patchsvdd.settings",
 }

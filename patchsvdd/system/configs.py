@@ -79,8 +79,9 @@ def resolve_data_folder(data_folder: str | os.PathLike, config_dir: str | os.Pat
     return folder.absolute()
 
 
-def check_envoy_config(path: str | os.PathLike, check_data: bool = True) -> dict[str, Any]:
-    """Validate an envoy config and, with ``check_data``, index and decode its shard (as the envoy will)."""
+def check_envoy_config(path: str | os.PathLike, check_data: bool = True, engine: str = "openfl") -> dict[str, Any]:
+    """Validate an envoy config and, with ``check_data``, index and decode its shard (as the envoy will);
+    ``engine``: the engine the site is started on ('openfl': the envoy, 'flower': the SuperNode's site)."""
     path = Path(path)
     config = read_yaml(path)
     _get(config, "shard_descriptor.template", path)
@@ -98,6 +99,14 @@ def check_envoy_config(path: str | os.PathLike, check_data: bool = True) -> dict
     install = (config.get("params") or {}).get("install_requirements", False)
     if not isinstance(install, bool):
         raise ConfigError(f"{path}: params.install_requirements {install!r} must be true or false")
+    secure = config.get("secure_aggregation", "optional")
+    if secure not in ("optional", "required"):
+        raise ConfigError(f"{path}: secure_aggregation {secure!r} must be optional or required")
+    if secure == "required" and engine != "flower":
+        raise ConfigError(
+            f"{path}: secure_aggregation is required, and OpenFL 1.7.1 has no secure aggregation: start "
+            "this site on Flower (envoy_folder/start_supernode.sh), or set it to optional"
+        )
     folder = resolve_data_folder(params["data_folder"], path.parent)
     try:
         rank, world = parse_rank_worldsize(str(params.get("rank_worldsize", "1,1")))
@@ -117,11 +126,14 @@ def check_envoy_config(path: str | os.PathLike, check_data: bool = True) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2 or args[0] not in ("director", "envoy"):
-        print("usage: python -m patchsvdd.system.configs director|envoy CONFIG", file=sys.stderr)
+    engines = ("openfl", "flower")
+    engine = args[2] if len(args) == 3 else "openfl"
+    if len(args) not in (2, 3) or args[0] not in ("director", "envoy") or engine not in engines:
+        print("usage: python -m patchsvdd.system.configs director|envoy CONFIG [openfl|flower]", file=sys.stderr)
         return 2
-    check = check_director_config if args[0] == "director" else check_envoy_config
-    return exit_code(lambda: check(args[1]), ConfigError, f"{args[0]} config error: ")
+    if args[0] == "director":
+        return exit_code(lambda: check_director_config(args[1]), ConfigError, "director config error: ")
+    return exit_code(lambda: check_envoy_config(args[1], engine=engine), ConfigError, "envoy config error: ")
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def test_a_task_record_reads_back_as_sent() -> None:
         ({"round": -1}, "whole number"),
         ({"round": True}, "whole number"),
         ({"manifest": "{" * 70_000}, "at most"),
-        ({"manifest": '{"format": "patchsvdd-experiment/1"}'}, ""),
+        ({"manifest": '{"format": "patchsvdd-experiment/1"}'}, "its manifest has the keys"),
         ({"extra": "x"}, "not manifest, experiment, round"),
     ],
 )

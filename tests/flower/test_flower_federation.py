@@ -4,7 +4,8 @@ started through the start scripts, and the data scientist's side in this process
 A hostile app is refused by every site and reads nothing; hostile data with the project's app are refused
 with a sentence; a key the director did not register is refused; the project's experiment then trains,
 evaluates and exports through the same sites, and its first aggregate is the size-weighted mean of what each
-site's own training task gives.
+site's own training task gives; through secure aggregation, that mean to its quantisation, and a site refuses
+to send weights in the clear when the experiment asks for secure aggregation, or to weaken it.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ import os
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, RecordDict
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from patchsvdd import experiment
 from patchsvdd.data.mvtec import index_category, load_category
-from patchsvdd.federated.flower import records
+from patchsvdd.federated.flower import records, secagg
 from patchsvdd.federated.flower.driver import FederationError, FlowerEngine, fedavg, submit_app
 from patchsvdd.federated.flower.local import start_flower_federation, start_site
 from patchsvdd.federated.local import Processes, log_contains, project_root, wait_for
@@ -140,20 +143,22 @@ def test_train_evaluate_export_on_flower(federation, tmp_path: Path) -> None:
         assert (Path(row["bundle at the site"]) / "bundle.json").is_file()
 
 
-def test_the_first_aggregate_is_the_size_weighted_mean_of_the_sites(federation, fed_data: Path, tmp_path: Path) -> None:
-    """Each site's training task redone here from the same weights on its shard (4 and 3 images), on one thread
-    as the sites train: FedAvg of those is the engine's aggregate, bit for bit."""
-    local, _ = federation
-    settings = ExperimentSettings(**{**TINY.__dict__, "rounds": 1})
-    torch.manual_seed(1)
+def _first_aggregate(local, tmp_path: Path, settings: ExperimentSettings, initial: dict) -> dict:
+    """The aggregate of one training round of the experiment from ``initial``, through the engine."""
     model = build_model("patchsvdd", emb_dim=16)
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(initial)
     engine = FlowerEngine.connect(local.superlink, tmp_path / "engine")
     try:
         engine.sites(2)
-        aggregated = experiment.train(engine, model, settings, "mean", tmp_path / "out", category="fabric").last_model
+        trained = experiment.train(engine, model, settings, "mean", tmp_path / "out", category="fabric")
     finally:
         engine.close()
+    return trained.last_model.state_dict()
+
+
+def _fedavg_redone_here(fed_data: Path, settings: ExperimentSettings, initial: dict) -> dict:
+    """Each site's training task redone here from ``initial`` on its shard (4 and 3 images), on one thread as
+    the sites train, and their FedAvg."""
     index = index_category(fed_data, "fabric")
     states, sizes = [], []
     threads = torch.get_num_threads()
@@ -169,8 +174,72 @@ def test_the_first_aggregate_is_the_size_weighted_mean_of_the_sites(federation, 
     finally:
         torch.set_num_threads(threads)
     assert sizes == [4, 3]
-    expected = fedavg(states, sizes)
-    got = aggregated.state_dict()
+    return fedavg(states, sizes)
+
+
+def _initial() -> dict:
+    torch.manual_seed(1)
+    return {k: v.clone() for k, v in build_model("patchsvdd", emb_dim=16).state_dict().items()}
+
+
+def test_the_first_aggregate_is_the_size_weighted_mean_of_the_sites(federation, fed_data: Path, tmp_path: Path) -> None:
+    """FedAvg of each site's training task redone here is the engine's aggregate, bit for bit."""
+    local, _ = federation
+    settings = ExperimentSettings(**{**TINY.__dict__, "rounds": 1})
+    initial = _initial()
+    got = _first_aggregate(local, tmp_path, settings, initial)
+    expected = _fedavg_redone_here(fed_data, settings, initial)
     assert set(got) == set(expected)
     assert all(torch.equal(got[k], torch.from_numpy(expected[k])) for k in expected)
     assert not all(torch.equal(got[k], initial[k]) for k in initial)  # it trained
+
+
+def test_secure_aggregation_gives_fedavg_to_its_quantisation(federation, fed_data: Path, tmp_path: Path) -> None:
+    """The same round through SecAgg+ (each site's weights masked; the driver unmasks only their sum): FedAvg
+    of the sites' tasks redone here, to SecAgg+'s quantisation step (2C/Q per site, over the sum of the
+    scales 4/4 + 3/4) and float32's rounding of the result."""
+    local, _ = federation
+    settings = ExperimentSettings(**{**TINY.__dict__, "rounds": 1, "secure_aggregation": True})
+    initial = _initial()
+    got = _first_aggregate(local, tmp_path, settings, initial)
+    expected = _fedavg_redone_here(fed_data, settings, initial)
+    bound = 2 * (2 * secagg.CLIPPING_RANGE / secagg.quantization_range(2)) / (1 + 3 / 4)
+    for key, value in expected.items():
+        error = np.abs(got[key].numpy().astype(np.float64) - value)
+        assert np.all(error <= bound + np.abs(value) * np.finfo(np.float32).eps), key
+    assert not all(torch.equal(got[k], torch.from_numpy(expected[k])) for k in expected)  # rounded, not sent
+
+
+def test_a_site_refuses_to_send_weights_in_the_clear_or_to_weaken_secagg(federation, tmp_path: Path) -> None:
+    local, _ = federation
+    engine = FlowerEngine.connect(local.superlink, tmp_path)
+    try:
+        engine.sites(2)
+        model = build_model("patchsvdd", emb_dim=16)
+        settings = ExperimentSettings(**{**TINY.__dict__, "secure_aggregation": True})
+        run = engine.start(model, experiment_manifest(model, settings, "training"), "masked", tmp_path)
+        node = next(n for n, name in engine.names.items() if name == "site_2")
+        plain = RecordDict(
+            {
+                records.TASK: records.task_record(run.manifest, "masked", 0),
+                records.ARRAYS: records.weights_record(run.model.state_dict()),
+            }
+        )
+        with pytest.raises(FederationError, match="site_2: ExperimentRefused: site site_2 sends trained weights only"):
+            engine.exchange({node: engine.message(node, plain, "train")}, timeout=60)
+        setup = {
+            Key.STAGE: Stage.SETUP,
+            Key.SAMPLE_NUMBER: 2,
+            Key.SHARE_NUMBER: 2,
+            Key.THRESHOLD: 1,  # one share would rebuild a site's secrets: the driver could unmask its weights
+            Key.CLIPPING_RANGE: 8.0,
+            Key.TARGET_RANGE: 2**30,
+            Key.MOD_RANGE: 2**32,
+            Key.MAX_WEIGHT: 4.0,
+        }
+        weak = RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(setup)})
+        with pytest.raises(FederationError, match="site_2: RecordError: SecAgg\\+ threshold is 1"):
+            engine.exchange({node: engine.message(node, weak, "train")}, timeout=60)
+        assert engine.sites(2)  # both sites still answer
+    finally:
+        engine.close()

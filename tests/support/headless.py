@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from patchsvdd import experiment
-from patchsvdd.federated.client import FederationError, connect
-from patchsvdd.federated.engine import OpenFLEngine
+from patchsvdd.federated.openfl.client import FederationError, connect
+from patchsvdd.federated.openfl.engine import OpenFLEngine
 from patchsvdd.models.registry import build_model
 from patchsvdd.settings import ExperimentSettings
 

@@ -46,11 +46,13 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid import HttpGrid
 from torch import nn
 
-from patchsvdd.federated.flower import records
+from patchsvdd.federated.flower import records, secagg
 from patchsvdd.federated.flower.app import app_hash, write_app
+from patchsvdd.federated.flower.records import RecordError
 from patchsvdd.federated.manifest import ExperimentManifest
 from patchsvdd.federated.progress import VALIDATION, MetricLog, SaveWhenImproved
 from patchsvdd.federated.rounds import tagged
+from patchsvdd.federated.site_model import expected_weights
 from patchsvdd.settings import ExperimentSettings
 
 ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
@@ -230,25 +232,50 @@ class FlowerEngine:
 
     # --- sending and receiving ---------------------------------------------------------------------------------
 
+    def collect(
+        self, messages: list[Message], timeout: float, until_refused: bool = False
+    ) -> tuple[list[Message], list[str]]:
+        """Send ``messages`` and wait for their replies (each site's refusal among them) until ``timeout``
+        seconds pass without one (or, ``until_refused``, the first refusal); the replies, and a sentence for
+        each refusal or missing reply."""
+        ids = dict(zip(self.grid.push_messages(messages), (m.metadata.dst_node_id for m in messages)))
+        replies: list[Message] = []
+        problems: list[str] = []
+        last = time.monotonic()
+        while ids:
+            for reply in self.grid.pull_messages(list(ids)):
+                node = ids.pop(reply.metadata.reply_to_message_id)
+                replies.append(reply)
+                if reply.has_error():
+                    problems.append(f"{self.names.get(node, node)}: {reply.error.reason}")
+                last = time.monotonic()
+            if problems and until_refused:
+                break
+            if ids and time.monotonic() - last > timeout:
+                waiting = ", ".join(str(self.names.get(n, n)) for n in ids.values())
+                problems.append(f"no answer from {waiting} in {timeout:.0f} s")
+                break
+            if ids:
+                time.sleep(self.poll)
+        return replies, problems
+
     def exchange(self, messages: dict[int, Message], timeout: float) -> dict[int, RecordDict]:
         """Send one message per node and wait for every reply; FederationError on a refusal or after
         ``timeout`` seconds without a reply."""
-        ids = dict(zip(self.grid.push_messages(messages.values()), messages))
-        replies: dict[int, RecordDict] = {}
-        last = time.monotonic()
-        while len(replies) < len(messages):
-            for reply in self.grid.pull_messages(list(ids)):
-                node = ids.pop(reply.metadata.reply_to_message_id)
-                if reply.has_error():
-                    raise FederationError(f"{self.names.get(node, node)}: {reply.error.reason}")
-                replies[node] = reply.content
-                last = time.monotonic()
-            if ids and time.monotonic() - last > timeout:
-                waiting = ", ".join(str(self.names.get(n, n)) for n in ids.values())
-                raise FederationError(f"no answer from {waiting} in {timeout:.0f} s")
-            if ids:
-                time.sleep(self.poll)
-        return replies
+        replies, problems = self.collect(list(messages.values()), timeout, until_refused=True)
+        if problems:
+            raise FederationError(problems[0])
+        return {reply.metadata.src_node_id: reply.content for reply in replies}
+
+    def secure_round(
+        self, task: ConfigRecord, weights: dict[str, np.ndarray], nodes: list[int], timeout: float
+    ) -> tuple[dict[int, RecordDict], dict[str, np.ndarray]]:
+        """A training round through SecAgg+ (``secagg.secure_round``): each site's metrics, and the mean."""
+        sizes = {node: int(self.described[node]["train_size"]) for node in nodes}
+        try:
+            return secagg.secure_round(self.collect, self.run_id, task, weights, sizes, timeout)
+        except RecordError as exc:
+            raise FederationError(str(exc)) from exc
 
     def message(self, node: int, content: RecordDict, message_type: str) -> Message:
         return Message(content=content, dst_node_id=node, message_type=message_type)
@@ -350,9 +377,16 @@ class FlowerRun:
                 }
             )
             nodes = sorted(self.engine.names)
-            replies = self.engine.exchange(
-                {n: self.engine.message(n, content, message_type) for n in nodes}, settings.idle_timeout
-            )
+            averaged = None
+            if message_type == "train" and self.manifest.settings.secure_aggregation:
+                ordered = {key: weights[key] for key in expected_weights(self.manifest)}
+                replies, averaged = self.engine.secure_round(
+                    content[records.TASK], ordered, nodes, settings.idle_timeout
+                )
+            else:
+                replies = self.engine.exchange(
+                    {n: self.engine.message(n, content, message_type) for n in nodes}, settings.idle_timeout
+                )
             sizes = {n: records.read_sizes(replies[n]) for n in nodes}
             if message_type == "train":
                 trained = {n: records.read_metrics(replies[n], records.TRAIN) for n in nodes}
@@ -361,7 +395,8 @@ class FlowerRun:
             self._emit_task(emit, number, VALIDATION, validated, {n: sizes[n][1] for n in nodes})
             self.validated = self.model
             if message_type == "train":
-                averaged = fedavg([records.record_weights(replies[n]) for n in nodes], [sizes[n][0] for n in nodes])
+                if averaged is None:
+                    averaged = fedavg([records.record_weights(replies[n]) for n in nodes], [sizes[n][0] for n in nodes])
                 self.model = copy.deepcopy(self.model)
                 self.model.load_state_dict({k: torch.from_numpy(v) for k, v in averaged.items()})
         if checkpointer is not None:

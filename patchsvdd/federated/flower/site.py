@@ -47,7 +47,7 @@ from patchsvdd.data.mvtec import (
     load_category,
     parse_rank_worldsize,
 )
-from patchsvdd.federated.flower import records
+from patchsvdd.federated.flower import records, secagg
 from patchsvdd.federated.flower.app import app_hash
 from patchsvdd.federated.manifest import ExperimentManifest
 from patchsvdd.federated.names import ExperimentRefused
@@ -89,7 +89,8 @@ class Site:
 
     def __init__(self, name: str, config_path: Path) -> None:
         self.name, self.config_path = name, Path(config_path)
-        self.config = check_envoy_config(self.config_path, check_data=False)
+        self.config = check_envoy_config(self.config_path, check_data=False, engine="flower")
+        self.masked_only = self.config.get("secure_aggregation") == "required"
         params = self.config["shard_descriptor"]["params"]
         self.category = str(params["category"])
         self.bundle_folder = str(resolve_data_folder(params.get("bundle_folder", "bundles"), self.config_path.parent))
@@ -170,10 +171,17 @@ class Site:
             {"train_size": len(self.data.train_images), "test_size": len(self.data.test_images)}
         )
 
-    def run(self, message_type: str, run_id: int, content: RecordDict) -> RecordDict:
-        """Run one task message of this project (``train``, ``evaluate``, ``query.export``)."""
+    def run(self, message_type: str, run_id: int, content: RecordDict, masked: bool = False) -> RecordDict:
+        """Run one task message of this project (``train``, ``evaluate``, ``query.export``); ``masked``: a
+        training round's weights leave through secure aggregation (``secagg``), not as they are."""
         experiment, number = self.experiment(run_id, content)
         manifest, model, data = experiment.manifest, experiment.model, experiment.data
+        if message_type == "train" and not masked and (self.masked_only or manifest.settings.secure_aggregation):
+            why = "its config requires" if self.masked_only else "the experiment asks for"
+            raise ExperimentRefused(
+                f"site {self.name} sends trained weights only masked, through secure aggregation ({why} it), "
+                "and this round asks for them as they are"
+            )
         device = self.device(manifest)
         out = RecordDict({records.SIZES: self.sizes()})
         if manifest.task == "export" and message_type == "query.export":
@@ -203,6 +211,12 @@ class Site:
             out[records.TRAIN] = records.metrics_record(values)
             out[records.ARRAYS] = records.weights_record(model.state_dict())
         return out
+
+
+def weight_names(task: RecordDict) -> list[str]:
+    """The names of a task's model weights, in the order both sides list them (the manifest's model)."""
+    manifest, _, _ = records.read_task(task)
+    return list(expected_weights(manifest))
 
 
 _SITES: dict[tuple[str, str], Site] = {}
@@ -239,7 +253,12 @@ def describe(message: Message, context: Context) -> Message:
 
 @client_app.train()
 def train(message: Message, context: Context) -> Message:
-    return Message(site_of(context).run("train", message.metadata.run_id, message.content), reply_to=message)
+    site, run_id = site_of(context), message.metadata.run_id
+    if secagg.is_secagg(message.content):
+        return secagg.masked_train(
+            message, context, lambda task: site.run("train", run_id, task, masked=True), weight_names
+        )
+    return Message(site.run("train", run_id, message.content), reply_to=message)
 
 
 @client_app.evaluate()

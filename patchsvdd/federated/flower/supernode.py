@@ -3,7 +3,7 @@
 Flower 1.42's SuperNode asks the SuperLink for a message every 3 s when it has none, and looks for a reply
 to send every 0.5 s (``time.sleep`` in ``flwr/supernode/start_client_internal.py``), so every exchange of a
 round waits for them. This runs Flower's own SuperNode with those waits at most ``PATCHSVDD_FLOWER_POLL``
-seconds (default 0.25), as ``federated/fx.py`` cuts OpenFL's fixed 10-second waits; nothing else changes.
+seconds (default 0.25), as ``federated/openfl/fx.py`` cuts OpenFL's fixed 10-second waits; nothing else changes.
 ``wait_module`` fails loudly where a Flower release has moved the waits.
 """
 

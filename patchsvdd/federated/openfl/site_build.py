@@ -19,15 +19,15 @@ from openfl.interface.interactive_api.experiment import ModelInterface, TaskInte
 
 from patchsvdd.federated.manifest import ExperimentManifest
 from patchsvdd.federated.names import ExperimentRefused, shown
-from patchsvdd.federated.review import FRAMEWORK_ADAPTER
-from patchsvdd.federated.site_model import site_model
-from patchsvdd.federated.tasks import (
+from patchsvdd.federated.openfl.review import FRAMEWORK_ADAPTER
+from patchsvdd.federated.openfl.tasks import (
     MVTecDataInterface,
     TrainThenValidate,
     evaluation_tasks,
     export_tasks,
     training_tasks,
 )
+from patchsvdd.federated.site_model import site_model
 from patchsvdd.training.loop import make_optimizer
 
 

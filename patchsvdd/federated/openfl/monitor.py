@@ -18,7 +18,7 @@ from typing import Any
 
 from openfl.interface.interactive_api.experiment import FLExperiment
 
-from patchsvdd.federated.client import FederationError, experiment_status, online_envoys
+from patchsvdd.federated.openfl.client import FederationError, experiment_status, online_envoys
 from patchsvdd.federated.progress import MetricLog, RoundLines, SaveWhenImproved
 from patchsvdd.system.probes import still_listens_after
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from patchsvdd.data.mvtec import BUNDLE_FOLDER_LABEL, DEFECT_TYPES_LABEL, GOOD
 from patchsvdd.federated.manifest import MANIFEST_FILE, ExperimentManifest, Export, experiment_manifest
-from patchsvdd.federated.review import FRAMEWORK_ADAPTER, PLAN_FILE, PlanValues, canonical_plan
+from patchsvdd.federated.openfl.review import FRAMEWORK_ADAPTER, PLAN_FILE, PlanValues, canonical_plan
 from patchsvdd.federated.rounds import tagged, untagged
 from patchsvdd.settings import ExperimentSettings
 from patchsvdd.system.tls import TLSCheckError, check_mutual_tls, speaks_tls

@@ -14,9 +14,10 @@ from openfl.interface.interactive_api.experiment import FLExperiment
 from openfl.interface.interactive_api.federation import Federation
 from torch import nn
 
-from patchsvdd.federated import client
+from patchsvdd.errors import SettingsError
 from patchsvdd.federated.manifest import ExperimentManifest
-from patchsvdd.federated.monitor import follow_metrics
+from patchsvdd.federated.openfl import client
+from patchsvdd.federated.openfl.monitor import follow_metrics
 from patchsvdd.federated.progress import MetricLog, SaveWhenImproved
 from patchsvdd.settings import ExperimentSettings
 
@@ -74,6 +75,11 @@ class OpenFLEngine:
         return client.shard_bundle_folders(self.federation)
 
     def start(self, model: nn.Module, manifest: ExperimentManifest, name: str, workdir: Path) -> OpenFLRun:
+        if manifest.settings.secure_aggregation:
+            raise SettingsError(
+                "secure_aggregation=True: OpenFL 1.7.1 has no secure aggregation; run the experiment on Flower "
+                "(engine_name='flower', docs/flower.md) or set it False"
+            )
         return OpenFLRun(client.submit(self.federation, name, model, manifest, workdir), self.registry_poll)
 
     def attach(self, name: str, model: nn.Module, workdir: Path) -> OpenFLRun:

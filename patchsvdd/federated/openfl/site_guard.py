@@ -19,7 +19,7 @@ model, tasks, data interface, assigner and aggregation functions it carries: cod
 A refused experiment is answered at once: the director answers the submission with PERMISSION_DENIED and
 the reason; an envoy tells the director the experiment failed, with the reason, says it in one line
 ``[site guard] <site> refused experiment '<name>': <why>`` and waits for the next. Installed by
-``python -m patchsvdd.federated.fx envoy|director start`` (what the start scripts run).
+``python -m patchsvdd.federated.openfl.fx envoy|director start`` (what the start scripts run).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from typing import Any
 
 from patchsvdd.federated.manifest import MANIFEST_FILE, parse_manifest
 from patchsvdd.federated.names import ExperimentRefused, check_name, child, shown
-from patchsvdd.federated.review import ARCHIVE_FILES, Review, SitePolicy, review_archive
-from patchsvdd.federated.site_build import SiteObjects
+from patchsvdd.federated.openfl.review import ARCHIVE_FILES, Review, SitePolicy, review_archive
+from patchsvdd.federated.openfl.site_build import SiteObjects
 from patchsvdd.federated.site_model import MAX_PARAMETERS, check_weights, expected_weights
 
 logger = logging.getLogger(__name__)

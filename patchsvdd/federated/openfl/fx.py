@@ -1,10 +1,10 @@
 """OpenFL's ``fx`` command, with this project's patches of OpenFL 1.7.1 in the director and envoy processes.
 
-``python -m patchsvdd.federated.fx envoy start ...`` is ``fx envoy start ...`` (what
+``python -m patchsvdd.federated.openfl.fx envoy start ...`` is ``fx envoy start ...`` (what
 ``envoy_folder/start_envoy.sh`` runs) with the site guard installed first (``site_guard.install_site_guard``:
 the envoy takes only data from a client and builds what it runs from its own code).
 
-``python -m patchsvdd.federated.fx director start ...`` is ``fx director start ...`` (what
+``python -m patchsvdd.federated.openfl.fx director start ...`` is ``fx director start ...`` (what
 ``director_folder/start_director.sh`` runs) with each submitted experiment checked and reviewed as the envoys
 review it, and built from the director's own code (``site_guard.install_director_guard``), an experiment that a
 site failed or refused kept failed (``keep_site_failures``), and OpenFL 1.7.1's fixed sleeps in the director
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["envoy"]:
         from patchsvdd.federated.names import ExperimentRefused, check_name
-        from patchsvdd.federated.site_guard import install_site_guard
+        from patchsvdd.federated.openfl.site_guard import install_site_guard
 
         for flag in ("-n", "--shard-name"):
             if flag in args[:-1]:
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
 
         install_site_guard(**envoy_allows(args))
     elif args[:1] == ["director"]:
-        from patchsvdd.federated.site_guard import install_director_guard
+        from patchsvdd.federated.openfl.site_guard import install_director_guard
 
         cut_fixed_waits()
         keep_site_failures()
