@@ -2,6 +2,7 @@
 # make test: set up .venv and .venv-flower if needed (and the system tools some tests need, see make test-tools),
 #   then run the test suite in each (make test-fast: without the slow end-to-end tests, OpenFL's environment only).
 # ENGINE=flower make demo   runs the same demo on Flower (make flower-install: its environment, .venv-flower).
+# ENGINE=flower SECAGG=1 make demo   the same on Flower with secure aggregation (SecAgg+).
 # make lint: ruff (lint and format check) and mypy.
 # DATA_ROOT=/path/to/mvtec CATEGORY=bottle make demo   runs the same demo on real MVTec AD data.
 

@@ -6,8 +6,9 @@
 #
 # NAME: this site's name. CONFIG: its shard config, the same YAML an OpenFL envoy reads (a relative
 # data_folder is taken relative to CONFIG's folder). The SuperLink defaults to localhost:9093. With CERT_DIR
-# (root_ca.crt and NAME.auth, as written by `patchsvdd certs`) the SuperNode checks the SuperLink's
-# certificate and signs in with NAME.auth, whose public half the director must have registered; without it,
+# (root_ca.crt, NAME.crt, NAME.key and NAME.auth, as written by `patchsvdd certs`) the SuperNode checks the
+# SuperLink's certificate, shows its own (mutual TLS) and signs in with NAME.auth, whose public half the
+# director must have registered; without it,
 # plain HTTP (loopback only). The data are checked and decoded before the SuperNode connects. Working
 # folder: $PATCHSVDD_WORKDIR if set, else envoy_folder/supernode_NAME. Uses the Flower environment
 # (make flower-install). PATCHSVDD_LINK_TIMEOUT: seconds to keep trying to reach the SuperLink (default 600).
@@ -25,7 +26,7 @@ config="$(realpath -m "$2")"
 certs=()
 if [ -n "${5:-}" ]; then
   dir="$(realpath -m "$5")"
-  for f in root_ca.crt "$name.auth"; do
+  for f in root_ca.crt "$name.crt" "$name.key" "$name.auth"; do
     if [ ! -f "$dir/$f" ]; then
       echo "TLS: $dir/$f not found (create it with: patchsvdd certs --out $dir ...)" >&2
       exit 2

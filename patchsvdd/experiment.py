@@ -87,9 +87,9 @@ def connect(
     workdir: Path | None = None,
 ) -> Engine:
     """The federation at ``host:port`` through ``engine`` ('openfl': a director; 'flower': a SuperLink), its
-    adapter imported only now. ``tls``: verify the server with the authority ``ca``; OpenFL also presents
-    ``cert``/``key`` (mutual TLS); Flower takes the run's ServerApp task with the SuperLink's ``secret`` file
-    and writes its app and CLI settings into ``workdir``."""
+    adapter imported only now. ``tls``: mutual TLS, the server verified with the authority ``ca``, this side
+    showing ``cert``/``key``; Flower takes the run's ServerApp task with the SuperLink's ``secret`` file and
+    writes its app and CLI settings into ``workdir``."""
     if engine not in ENGINES:
         raise ValueError(f"engine {engine!r}: choose {' or '.join(ENGINES)}")
     module, _, name = ENGINES[engine].partition(":")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from patchsvdd.cli.demo import budget_note, build_parser, demo_settings, initial_checkpoint
+from patchsvdd.errors import SettingsError
 from patchsvdd.models.patchsvdd.network import PatchSVDD
 from patchsvdd.models.patchsvdd.released import SHA256, ReleasedWeightsError
 from patchsvdd.settings import DEMO_SETTINGS, FINETUNE, LEARN_BUDGET
@@ -83,6 +84,16 @@ def test_learn_runs_the_budget_that_learns_and_fine_tuning_its_own(monkeypatch: 
     assert demo_settings(build_parser().parse_args([])).max_steps == LEARN_BUDGET["max_steps"]
     tuned = demo_settings(build_parser().parse_args(["--init", "official"]))
     assert (tuned.rounds, tuned.max_steps) == (FINETUNE["rounds"], FINETUNE["max_steps"])
+
+
+def test_secure_aggregation_is_a_flower_demo_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SECAGG", raising=False)
+    assert not demo_settings(build_parser().parse_args(["--engine", "flower"])).secure_aggregation
+    assert demo_settings(build_parser().parse_args(["--engine", "flower", "--secure-aggregation"])).secure_aggregation
+    monkeypatch.setenv("SECAGG", "1")
+    assert demo_settings(build_parser().parse_args(["--engine", "flower"])).secure_aggregation
+    with pytest.raises(SettingsError, match="secure aggregation runs on Flower only"):
+        demo_settings(build_parser().parse_args(["--engine", "openfl"]))
 
 
 def test_harness_finds_the_project_or_says_how(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

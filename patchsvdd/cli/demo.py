@@ -236,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
         "environment, make flower-install; env ENGINE)",
     )
     p.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        default=os.environ.get("SECAGG") == "1",
+        help="Flower only: the sites' weights reach the notebook only as their mean, through SecAgg+ (env SECAGG=1)",
+    )
+    p.add_argument(
         "--learn",
         action="store_true",
         default=os.environ.get("LEARN", "0") not in ("", "0"),
@@ -328,6 +334,7 @@ def demo_settings(args: argparse.Namespace):
         precision=args.precision,
         final_search=args.final_search,
         idle_timeout=args.idle_timeout,
+        secure_aggregation=args.secure_aggregation,
         **tuned,
     )
     given = (
@@ -342,6 +349,8 @@ def demo_settings(args: argparse.Namespace):
         chosen["max_steps"] = None  # full epochs
     if args.envoys < 1:
         raise SettingsError(f"envoys={args.envoys}: at least one")
+    if args.secure_aggregation and args.engine != "flower":
+        raise SettingsError("secure aggregation runs on Flower only: ENGINE=flower SECAGG=1 make demo")
     return replace(DEMO_SETTINGS, **chosen)
 
 
@@ -359,6 +368,7 @@ def start_engine(
         host, _, port = link.address.rpartition(":")
         print(f"SuperLink at {link.address} admitted {', '.join(flower.sites)}; running the notebook")
         certificates = None if link.root_certificates is None else str(link.root_certificates)
+        shown = link.client_certificate or (None, None)
         return dict(
             engine_name="flower",
             director_host=host,
@@ -366,6 +376,8 @@ def start_engine(
             superexec_secret=str(link.secret_file),
             tls=not link.insecure,
             cert_chain=certificates,
+            api_cert=None if shown[0] is None else str(shown[0]),
+            api_private_key=None if shown[1] is None else str(shown[1]),
         )
     federation = start_federation(
         run_dir, data_root, args.category, args.envoys, processes=processes, tls=args.tls, root=root

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import shutil
+import ssl
 import subprocess
 import sys
 import zipfile
@@ -123,3 +125,20 @@ def test_the_supernodes_waits_are_where_the_cut_expects_them_and_capped() -> Non
     start = time.monotonic()
     clock.sleep(3)
     assert time.monotonic() - start < 1 and clock.monotonic is time.monotonic
+
+
+def test_the_places_mutual_tls_patches_are_where_it_expects_them(tmp_path: Path) -> None:
+    """uvicorn's run, gRPC's server credentials and Flower's HTTP client: a Flower release that moves one
+    fails here, not in a federation."""
+    from patchsvdd.federated.flower import mtls
+    from patchsvdd.system.certs import create_federation_certs
+
+    uvicorn, grpc, client = mtls.patch_points()
+    assert "ssl_cert_reqs" in inspect.signature(uvicorn.Config).parameters
+    assert "require_client_auth" in inspect.signature(grpc.ssl_server_credentials).parameters
+    assert "verify" in inspect.signature(client.__init__).parameters
+    certs = create_federation_certs(tmp_path / "pki", ["localhost"], ["site_1"])
+    context = mtls.client_context(str(certs / "root_ca.crt"), certs / "site_1.crt", certs / "site_1.key")
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    with pytest.raises(FileNotFoundError):
+        mtls.client_context(True, certs / "site_9.crt", certs / "site_9.key")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from patchsvdd import experiment
 from patchsvdd.data.mvtec import index_category, load_category
-from patchsvdd.federated.flower import records, secagg
+from patchsvdd.federated.flower import mtls, records, secagg
 from patchsvdd.federated.flower.driver import FederationError, FlowerEngine, fedavg, submit_app
 from patchsvdd.federated.flower.local import start_flower_federation, start_site
 from patchsvdd.federated.local import Processes, log_contains, project_root, wait_for
@@ -31,7 +33,7 @@ from patchsvdd.federated.manifest import experiment_manifest
 from patchsvdd.federated.site_tasks import train_task
 from patchsvdd.models.registry import build_model
 from patchsvdd.settings import ExperimentSettings
-from patchsvdd.system.certs import write_node_auth_key
+from patchsvdd.system.certs import create_federation_certs, issue_certificate, write_node_auth_key
 from patchsvdd.training.loop import make_optimizer
 
 pytestmark = pytest.mark.slow
@@ -107,6 +109,8 @@ def test_a_key_the_director_did_not_register_is_refused_with_a_sentence(federati
     local, run_dir = federation
     certs = run_dir / "certs"
     write_node_auth_key(certs, "intruder")  # a key of the right kind, made after the SuperLink registered the sites'
+    # and a certificate of the federation's authority: mutual TLS lets it in, the key check does not
+    issue_certificate(certs, "intruder", "intruder", [], certs / "root_ca.key", certs / "root_ca.crt")
     port = int(local.superlink.address.rsplit(":", 1)[1])
     os.environ["PATCHSVDD_LINK_TIMEOUT"] = "15"
     try:
@@ -116,6 +120,38 @@ def test_a_key_the_director_did_not_register_is_refused_with_a_sentence(federati
     finally:
         del os.environ["PATCHSVDD_LINK_TIMEOUT"]
     assert "did not admit this site: its key intruder.auth.pub is not registered" in node.log.read_text()
+
+
+def test_only_certificates_of_the_federations_authority_reach_the_superlink(federation, tmp_path: Path) -> None:
+    """Mutual TLS on the SuperLink's one port (Fleet, Control, Runtime): a client without a certificate, or
+    with one of another authority, gets no answer; a site with one is refused with a sentence; the data
+    scientist's side without one cannot submit a run."""
+    local, run_dir = federation
+    certs = run_dir / "certs"
+    other = create_federation_certs(tmp_path / "other", ["localhost"], ["site_1"])
+    ca, address = certs / "root_ca.crt", local.superlink.address
+    assert mtls.answers(address, ca, certs / "frontend.crt", certs / "frontend.key")
+    assert not mtls.answers(address, ca, other / "frontend.crt", other / "frontend.key")
+    assert not mtls.answers(address, ca, other / "site_1.crt", other / "site_1.key")
+    unnamed = replace(local.superlink, client_certificate=None)
+    with pytest.raises(FederationError, match="flwr run did not start a run"):
+        submit_app(unnamed, tmp_path / "unnamed")
+    foreign = tmp_path / "foreign"  # a site's folder whose certificate another authority issued
+    shutil.copytree(certs, foreign)
+    write_node_auth_key(foreign, "stranger")
+    for suffix in ("crt", "key"):
+        shutil.copy(other / f"site_1.{suffix}", foreign / f"stranger.{suffix}")
+    port = int(address.rsplit(":", 1)[1])
+    os.environ["PATCHSVDD_LINK_TIMEOUT"] = "15"
+    try:
+        with Processes() as processes:
+            node = start_site(
+                processes, project_root(), run_dir, "stranger", local.configs["site_1"], port, foreign, "1"
+            )
+            assert node.process.wait(timeout=120) == 4
+    finally:
+        del os.environ["PATCHSVDD_LINK_TIMEOUT"]
+    assert "refused this site's certificate stranger.crt: it takes only certificates of the" in node.log.read_text()
 
 
 def test_train_evaluate_export_on_flower(federation, tmp_path: Path) -> None:

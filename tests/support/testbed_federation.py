@@ -20,9 +20,9 @@ from patchsvdd.federated.local import (
     log_contains,
     project_root,
     wait_for,
-    write_director_config,
     write_envoy_config,
 )
+from patchsvdd.federated.openfl.local import write_director_config
 from support.testbed import Testbed
 
 HEADLESS = Path(__file__).with_name("headless.py")

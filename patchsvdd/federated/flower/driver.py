@@ -46,7 +46,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid import HttpGrid
 from torch import nn
 
-from patchsvdd.federated.flower import records, secagg
+from patchsvdd.federated.flower import mtls, records, secagg
 from patchsvdd.federated.flower.app import app_hash, write_app
 from patchsvdd.federated.flower.records import RecordError
 from patchsvdd.federated.manifest import ExperimentManifest
@@ -83,9 +83,19 @@ class SuperLink:
     secret_file: Path
     root_certificates: Path | None = None
     insecure: bool = False
+    client_certificate: tuple[Path, Path] | None = None  # (certificate, key) this side shows: mutual TLS
 
     def certificates(self) -> bytes | None:
+        if self.client_certificate is not None:
+            mtls.present_client_certificate(*self.client_certificate)  # this process's connections show it
         return None if self.root_certificates is None else Path(self.root_certificates).read_bytes()
+
+    def flwr(self) -> list[str]:
+        """Flower's command line, showing this side's certificate where there is one."""
+        if self.client_certificate is None:
+            return [str(Path(sys.executable).with_name("flwr"))]
+        cert, key = self.client_certificate
+        return [sys.executable, "-m", "patchsvdd.federated.flower.mtls", "flwr", str(cert), str(key), "--"]
 
     def cli_config(self, home: Path) -> Path:
         """Write a Flower CLI home (``FLWR_HOME``) naming this SuperLink as the connection 'patchsvdd'."""
@@ -103,8 +113,8 @@ def submit_app(superlink: SuperLink, workdir: Path, timeout: float = 120.0, app:
     """Submit a run of the project's app (or of the app in folder ``app``) with ``flwr run``; its run id."""
     app = write_app(workdir / "app") if app is None else app
     env = {**os.environ, "FLWR_HOME": str(superlink.cli_config(workdir / "flwr_home")), "NO_COLOR": "1"}
-    flwr = Path(sys.executable).with_name("flwr")
-    command = [str(flwr), "run", str(app), "patchsvdd", "--format", "json"]
+    superlink.certificates()  # checks the certificates this side shows, before Flower's command line starts
+    command = [*superlink.flwr(), "run", str(app), "patchsvdd", "--format", "json"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     try:
         said = ANSI.sub("", done.stdout + "\n" + done.stderr)  # its answer, with lines and colours around it
@@ -210,13 +220,26 @@ class FlowerEngine:
 
     @classmethod
     def open(
-        cls, *, host: str, port: int, tls: bool, ca: str | None, secret: str | None, workdir: Path, **_: Any
+        cls,
+        *,
+        host: str,
+        port: int,
+        tls: bool,
+        ca: str | None,
+        cert: str | None,
+        key: str | None,
+        secret: str | None,
+        workdir: Path,
+        **_: Any,
     ) -> FlowerEngine:
-        """``experiment.connect``'s way in: the SuperLink at ``host:port`` (TLS checked against ``ca`` when
-        ``tls``), its SuperExec ``secret`` file."""
+        """``experiment.connect``'s way in: the SuperLink at ``host:port`` (mutual TLS when ``tls``: the
+        SuperLink checked against ``ca``, this side showing ``cert``/``key``), its SuperExec ``secret`` file."""
         if not secret:
             raise FederationError("Flower needs the SuperLink's SuperExec secret file (superexec_secret)")
-        link = SuperLink(f"{host}:{port}", Path(secret), Path(ca) if tls and ca else None, insecure=not tls)
+        if tls and not (ca and cert and key):
+            raise FederationError("Flower with TLS needs cert_chain, api_cert and api_private_key (mutual TLS)")
+        shown = (Path(cert), Path(key)) if tls and cert and key else None
+        link = SuperLink(f"{host}:{port}", Path(secret), Path(ca) if tls and ca else None, not tls, shown)
         return cls.connect(link, workdir)
 
     def close(self, failed: str | None = None) -> None:

@@ -98,5 +98,6 @@ def start_flower_federation(
         run_dir / "superlink" / SECRET_FILE,
         root_certificates=None if certs is None else certs / "root_ca.crt",
         insecure=certs is None,
+        client_certificate=None if certs is None else (certs / "frontend.crt", certs / "frontend.key"),
     )
     return LocalFlower(superlink, names, processes, configs)

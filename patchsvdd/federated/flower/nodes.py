@@ -31,6 +31,7 @@ from patchsvdd.system.probes import free_port, listens
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SECRET_FILE = "superexec.secret"
 ACTIVATED = "SuperNode ID:"  # what the SuperNode logs once the SuperLink has admitted it
+CLIENT_CERTIFICATE = "PATCHSVDD_FLOWER_CLIENT_CERTIFICATE"  # CERT:KEY the SuperNode shows the SuperLink (mtls.py)
 NOT_ADMITTED = "Failed to activate SuperNode"  # what it logs when it gives up (a key refused, or no SuperLink)
 
 
@@ -68,15 +69,22 @@ def last_lines(log: Path, count: int = 6) -> str:
         return "(no log)"
 
 
-def register_keys(address: str, keys: list[Path], home: Path, certificates: Path | None) -> None:
-    """Register each SuperNode public key with the SuperLink at ``address`` (``flwr supernode register``)."""
+def register_keys(address: str, keys: list[Path], home: Path, certs: Path | None) -> None:
+    """Register each SuperNode public key with the SuperLink at ``address`` (``flwr supernode register``; with
+    ``certs``, over mutual TLS as the director)."""
     from patchsvdd.federated.flower.driver import SuperLink
 
-    link = SuperLink(address, Path(os.devnull), root_certificates=certificates, insecure=certificates is None)
+    link = SuperLink(
+        address,
+        Path(os.devnull),
+        root_certificates=None if certs is None else certs / "root_ca.crt",
+        insecure=certs is None,
+        client_certificate=None if certs is None else (certs / "director.crt", certs / "director.key"),
+    )
     env = {**os.environ, "FLWR_HOME": str(link.cli_config(home))}
     for key in keys:
         done = subprocess.run(
-            [flower_command("flwr"), "supernode", "register", str(key), "patchsvdd", "--format", "json"],
+            [*link.flwr(), "supernode", "register", str(key), "patchsvdd", "--format", "json"],
             env=env,
             capture_output=True,
             text=True,
@@ -95,7 +103,6 @@ def superlink(args: argparse.Namespace) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     secret = secret_file(workdir)
     command = [
-        flower_command("flower-superlink"),
         "--isolation",
         "process",
         "--disable-runtime-dependency-installation",
@@ -111,8 +118,10 @@ def superlink(args: argparse.Namespace) -> int:
     if certs is None:
         if args.host not in LOOPBACK:
             raise SystemExit(f"without certificates the SuperLink serves loopback only, not {args.host}: give CERT_DIR")
-        command.append("--insecure")
+        command = [flower_command("flower-superlink"), *command, "--insecure"]
     else:
+        mutual = [sys.executable, "-m", "patchsvdd.federated.flower.mtls", "superlink", str(certs / "root_ca.crt")]
+        command = [*mutual, "--", *command]  # flower-superlink asking every client for a certificate (mtls.py)
         command += [
             "--ssl-ca-certfile",
             str(certs / "root_ca.crt"),
@@ -129,7 +138,7 @@ def superlink(args: argparse.Namespace) -> int:
     stop_with(process)
     address = f"{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     wait_listening(address.rsplit(":", 1)[0], args.port, process, 60, "the SuperLink", log)
-    register_keys(address, keys, workdir / "flwr_home", None if certs is None else certs / "root_ca.crt")
+    register_keys(address, keys, workdir / "flwr_home", certs)
     print(f"superlink: ready on {args.host}:{args.port}; SuperExec secret {secret}; log {log}", flush=True)
     return process.wait()
 
@@ -185,15 +194,25 @@ def supernode(args: argparse.Namespace) -> int:
         "--max-wait-time",
         str(args.link_timeout),
     ]
-    if args.certs:
-        certs = Path(args.certs).resolve()
+    env = dict(os.environ)
+    certs = Path(args.certs).resolve() if args.certs else None
+    shown = None if certs is None else (certs / f"{args.name}.crt", certs / f"{args.name}.key")
+    if shown is not None and not all(path.is_file() for path in shown):
+        print(
+            f"site {args.name}: no certificate {shown[0].name} with its key in {certs}: the SuperLink takes only "
+            "sites that show a certificate of the federation's authority (patchsvdd certs --envoy NAME)",
+            file=sys.stderr,
+        )
+        return 2
+    if certs is not None and shown is not None:
         command += ["--root-certificates", str(certs / "root_ca.crt")]
         command += ["--auth-supernode-private-key", str(certs / f"{args.name}.auth")]
+        env[CLIENT_CERTIFICATE] = f"{shown[0]}{os.pathsep}{shown[1]}"
     else:
         command.append("--insecure")
     log = workdir / "supernode.log"
     with open(log, "ab") as handle:
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=workdir)
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=workdir, env=env)
     stop_with(process)
     wait_listening("127.0.0.1", runtime, process, 60, "the SuperNode", log)
     stop = threading.Event()
@@ -208,7 +227,19 @@ def supernode(args: argparse.Namespace) -> int:
     stop.set()
     text = log.read_text(errors="replace")
     host, _, port = args.superlink.rpartition(":")
-    if NOT_ADMITTED in text and listens(host.strip("[]"), int(port)):
+    reachable = listens(host.strip("[]"), int(port))
+    if reachable and certs is not None and shown is not None:
+        from patchsvdd.federated.flower.mtls import answers
+
+        if not answers(args.superlink, certs / "root_ca.crt", *shown):
+            print(
+                f"site {args.name}: the SuperLink at {args.superlink} refused this site's certificate "
+                f"{shown[0].name}: it takes only certificates of the federation's authority (mutual TLS; the "
+                "director's root_ca.crt, patchsvdd certs)",
+                file=sys.stderr,
+            )
+            return 4
+    if NOT_ADMITTED in text and reachable:
         print(
             f"site {args.name}: the SuperLink at {args.superlink} did not admit this site: its key "
             f"{args.name}.auth.pub is not registered there (the director registers the sites' keys: "

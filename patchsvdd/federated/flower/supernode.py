@@ -38,6 +38,11 @@ def wait_module() -> ModuleType:
 
 def main() -> int:
     wait_module().time = capped_clock()  # type: ignore[attr-defined]
+    shown = os.environ.get("PATCHSVDD_FLOWER_CLIENT_CERTIFICATE")  # nodes.CLIENT_CERTIFICATE: mutual TLS
+    if shown:
+        from patchsvdd.federated.flower.mtls import present_client_certificate
+
+        present_client_certificate(*shown.split(os.pathsep, 1))
     from flwr.supernode.cli import flower_supernode
 
     sys.argv[0] = "flower-supernode"
