@@ -36,7 +36,7 @@ from patchsvdd.data.mvtec import CategoryData, index_category, load_category
 from patchsvdd.deploy.export import export_bundle
 from patchsvdd.evaluation.evaluate import evaluate_category
 from patchsvdd.models.registry import build_model, family
-from patchsvdd.settings import DEFAULT_RECIPE, RECIPES
+from patchsvdd.settings import DEFAULT_RECIPE, RECIPES, recipe_options
 from patchsvdd.training.loop import make_optimizer, train_epoch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,9 +46,10 @@ OFFICIAL = REPO.parent / "shared" / "official"
 def train_for(kind: str, data: CategoryData, budget_s: float) -> tuple[torch.nn.Module, dict]:
     """Train a fresh ``kind`` model for about ``budget_s`` seconds here; returns it and what it did."""
     recipe = RECIPES[DEFAULT_RECIPE[kind]]
+    options = recipe_options(DEFAULT_RECIPE[kind], kind)
     channels = 1 if is_grayscale(data.train_images) else 3
     torch.manual_seed(0)
-    probe = build_model(kind, init=recipe.init, channels=channels)
+    probe = build_model(kind, channels=channels, **options)
     inputs = family(kind).inputs(probe, data.train_images, data.mean)
     times: list[float] = []
     last = [time.perf_counter()]
@@ -64,7 +65,7 @@ def train_for(kind: str, data: CategoryData, budget_s: float) -> tuple[torch.nn.
     step_s = float(np.median(times[1:]))
     steps = max(1, int(budget_s / step_s))
     torch.manual_seed(0)
-    model = build_model(kind, init=recipe.init, channels=channels)
+    model = build_model(kind, channels=channels, **options)
     optimizer = make_optimizer(model, recipe.lr)
     schedule = recipe.lr_schedule(steps)
     start = time.perf_counter()

@@ -86,9 +86,7 @@ def main() -> None:
     from patchsvdd.training.checkpoint import load_checkpoint
 
     torch.manual_seed(DEMO_SETTINGS.seed)
-    models = {
-        "untrained": build_model(DEMO_SETTINGS.model, emb_dim=DEMO_SETTINGS.emb_dim, init=DEMO_SETTINGS.init).eval()
-    }
+    models = {"untrained": build_model(DEMO_SETTINGS.model, **DEMO_SETTINGS.model_options).eval()}
     if args.checkpoint is not None:
         models["trained"] = load_checkpoint(args.checkpoint)[0].eval()
     rows = []

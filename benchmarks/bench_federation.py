@@ -74,7 +74,7 @@ def site_seconds(data_root: Path, settings: ExperimentSettings, seed: int) -> fl
     for rank in (1, 2):
         shard = load_category(index_category(data_root, "fabric").shard(rank, 2))
         torch.manual_seed(seed)
-        model = build_model("patchsvdd", emb_dim=settings.emb_dim)
+        model = build_model("patchsvdd", **settings.model_options)
         optimizer = make_optimizer(model, settings.lr)
         rounds = []
         for number in range(settings.rounds + 1):
@@ -110,7 +110,7 @@ def run_engine(engine: str, data_root: Path, settings: ExperimentSettings, seed:
         try:
             before = counter.total()
             torch.manual_seed(seed)
-            model = build_model("patchsvdd", emb_dim=settings.emb_dim)
+            model = build_model("patchsvdd", **settings.model_options)
             start = time.perf_counter()
             experiment.train(federation, model, settings, f"bench-{engine}", tmp / "out", category="fabric",
                              on_metric=lambda record: None)  # fmt: skip
@@ -145,7 +145,7 @@ def main() -> int:
             if args.settings
             else ExperimentSettings(
                 rounds=args.rounds, repeat=1, max_steps=args.max_steps, batch_size=4, warmup_steps=0,
-                emb_dim=16, precision="fp32", idle_timeout=600, aggregator_port=free_port(),
+                model_options={"emb_dim": 16}, precision="fp32", idle_timeout=600, aggregator_port=free_port(),
             )
         )  # fmt: skip
         if args.only:
@@ -179,7 +179,7 @@ def main() -> int:
                 f"{r['engine']:13s} start-up {r['startup_s']:5.1f} s   rounds {r['wall_s']:6.1f} s   overhead "
                 f"{overhead:5.1f} s per round   {per_site / 1e6:6.2f} MB per round per site"
             )
-        model_mb = sum(t.numel() * 4 for t in build_model("patchsvdd", emb_dim=settings.emb_dim).state_dict().values())
+        model_mb = sum(t.numel() * 4 for t in build_model("patchsvdd", **settings.model_options).state_dict().values())
         print(f"(the model's weights: {model_mb / 1e6:.2f} MB; {VALIDATION} is validated every round)")
     return 0
 

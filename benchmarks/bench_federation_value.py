@@ -48,7 +48,7 @@ from patchsvdd.evaluation.report import markdown_table, write_json
 from patchsvdd.federated.local import Processes, project_root
 from patchsvdd.federated.openfl.local import start_federation
 from patchsvdd.models.registry import build_model
-from patchsvdd.settings import DEMO_DATA, PAPER_SETTINGS
+from patchsvdd.settings import DEMO_DATA, PAPER_SETTINGS, recipe_options
 from patchsvdd.system.probes import free_port
 from patchsvdd.training.loop import make_optimizer
 
@@ -123,7 +123,7 @@ def federated_model(
         client = fed.connect(federation.host, federation.port, **federation.tls)
         fed.wait_for_envoys(client, len(roots))
         torch.manual_seed(settings.seed)
-        model = build_model(settings.model, emb_dim=settings.emb_dim, init=settings.init)
+        model = build_model(settings.model, **settings.model_options)
         experiment = fed.start_experiment(client, model, settings, f"value-{int(time.time())}", work / "experiment")
         fed.follow_metrics(experiment, idle_timeout=settings.idle_timeout, registry_poll=2.0)
         trained = fed.fetch_last_model(experiment)
@@ -189,7 +189,7 @@ def run_scenario(name: str, args: argparse.Namespace, settings: fed.ExperimentSe
     models["alone"] = []
     for data in sites:
         torch.manual_seed(settings.seed)
-        model = build_model(settings.model, emb_dim=settings.emb_dim, init=settings.init).to(args.device)
+        model = build_model(settings.model, **settings.model_options).to(args.device)
         train_rounds(model, data, settings, args.device)
         models["alone"].append(model)
     seconds["alone"] = time.monotonic() - start
@@ -207,7 +207,7 @@ def run_scenario(name: str, args: argparse.Namespace, settings: fed.ExperimentSe
     start = time.monotonic()
     pooled = replace(sites[0], train_images=np.concatenate([d.train_images for d in sites]))
     torch.manual_seed(settings.seed)
-    model = build_model(settings.model, emb_dim=settings.emb_dim, init=settings.init).to(args.device)
+    model = build_model(settings.model, **settings.model_options).to(args.device)
     train_rounds(model, pooled, pooled_settings(settings, sites), args.device)
     models["pooled"] = [model] * len(sites)
     seconds["pooled"] = time.monotonic() - start
@@ -322,7 +322,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "(--device cuda); on a CPU use the default --schedule cpu"
             )
         paper = {k: v for k, v in asdict(PAPER_SETTINGS).items() if k in {f for f in asdict(settings)}}
-        settings = replace(settings, **paper, rounds=10, max_steps=240, batch_size=64, repeat=100)
+        options = {**settings.model_options, **recipe_options("paper", settings.model)}
+        settings = replace(
+            settings, **paper, model_options=options, rounds=10, max_steps=240, batch_size=64, repeat=100
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"settings: {settings}; device {args.device}; out {args.out}", flush=True)
     for name in args.scenario:

@@ -36,7 +36,8 @@ from patchsvdd.data.mvtec import CategoryData, index_category, load_category, st
 from patchsvdd.evaluation.evaluate import evaluate_category
 from patchsvdd.models.patchsvdd.network import PatchSVDD, initialise
 from patchsvdd.models.patchsvdd.training import CollapseError
-from patchsvdd.settings import RECIPES, TrainSettings
+from patchsvdd.models.registry import model_options
+from patchsvdd.settings import RECIPES, TrainSettings, recipe_options
 from patchsvdd.training.loop import make_optimizer, train_epoch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ LN8 = math.log(8)
 def step_seconds(recipe: TrainSettings, images: torch.Tensor, steps: int = 6) -> float:
     """Median seconds of a training step of ``recipe`` here (after one warm-up step)."""
     torch.manual_seed(0)
-    model = PatchSVDD(init=recipe.init)
+    model = PatchSVDD()  # the initialisation does not change a step's time
     optimizer = make_optimizer(model, recipe.lr)
     times: list[float] = []
     last = [time.perf_counter()]
@@ -84,7 +85,8 @@ def run_recipe(
     points: int,
 ) -> dict:
     torch.manual_seed(0)
-    model = initialise(PatchSVDD(init="pytorch"), recipe.init)  # PyTorch's layers, then the recipe's draw
+    options = model_options("patchsvdd", recipe_options(name, "patchsvdd"))
+    model = initialise(PatchSVDD(init="pytorch"), options.init)  # PyTorch's layers, then the recipe's draw
     optimizer = make_optimizer(model, recipe.lr)
     schedule = recipe.lr_schedule(total_steps)
     marks = sorted({round(total_steps * i / points) for i in range(points + 1)})

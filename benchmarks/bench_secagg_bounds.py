@@ -37,10 +37,9 @@ def main() -> int:
     settings = ExperimentSettings()
     for init in ("kaiming", "pytorch"):
         torch.manual_seed(0)
-        model = build_model("patchsvdd", emb_dim=settings.emb_dim, init=init)
-        print(
-            f"fresh Patch SVDD (D={settings.emb_dim}, init {init}): largest |weight| {largest(model.state_dict()):.3f}"
-        )
+        model = build_model("patchsvdd", **{**settings.model_options, "init": init})
+        dim = settings.options().emb_dim
+        print(f"fresh Patch SVDD (D={dim}, init {init}): largest |weight| {largest(model.state_dict()):.3f}")
     if args.released.is_file():
         print(f"the authors' released encoder ({args.released.name}): {largest(read_released(args.released)):.3f}")
     else:

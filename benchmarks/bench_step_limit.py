@@ -27,8 +27,8 @@ from bench_train import matmul_rate  # the 2048^3 product's rate, measured as be
 
 from patchsvdd.device import timing_flags
 from patchsvdd.models.patchsvdd.network import SMALL_ENCODER_CHANNELS, SMALL_PATCH, PatchSVDD
+from patchsvdd.models.patchsvdd.options import EMB_DIM
 from patchsvdd.models.patchsvdd.training import ENCODER_CHUNK, batch_losses, sample_batch
-from patchsvdd.settings import EMB_DIM
 from patchsvdd.training.loop import as_generator, make_optimizer
 
 INPUTS_PER_PAIR = 20  # per pair of each loss: 2 x 4 quadrants (K=64) + 2 patches (K=32), for position and SVDD

@@ -49,7 +49,8 @@ from patchsvdd.device import resolve_device  # noqa: E402
 from patchsvdd.evaluation.categories import PAPER_AUROC  # noqa: E402
 from patchsvdd.evaluation.evaluate import evaluate_category  # noqa: E402
 from patchsvdd.models.patchsvdd.network import PatchSVDD, initialise  # noqa: E402
-from patchsvdd.settings import PAPER_SETTINGS, TrainSettings  # noqa: E402
+from patchsvdd.models.registry import model_options  # noqa: E402
+from patchsvdd.settings import PAPER_SETTINGS, TrainSettings, recipe_options  # noqa: E402
 from patchsvdd.training.loop import make_optimizer, resolve_precision, train_epoch  # noqa: E402
 
 # The whole exact-search evaluation of bottle (209 training, 83 test images) with the released encoder on the
@@ -130,11 +131,12 @@ def step_speed(device: torch.device, inputs: torch.Tensor, batch_size: int, step
 
 
 def train_for(
-    recipe: TrainSettings, data: CategoryData, device: torch.device, seconds: float, chunk: int
+    recipe: TrainSettings, init: str, data: CategoryData, device: torch.device, seconds: float, chunk: int
 ) -> tuple[PatchSVDD, dict[str, Any]]:
-    """A fresh model trained with ``recipe`` for about ``seconds`` on ``data``'s training images."""
+    """A fresh model (weights drawn by ``init``) trained with ``recipe`` for about ``seconds`` on ``data``'s
+    training images."""
     torch.manual_seed(0)
-    model = initialise(PatchSVDD(), recipe.init).to(device)
+    model = initialise(PatchSVDD(), init).to(device)
     optimizer = make_optimizer(model, recipe.lr)
     inputs = torch.from_numpy(standardise(data.train_images, data.mean))
     first = time.perf_counter()
@@ -226,7 +228,8 @@ def main() -> int:
             for name, recipe in recipes.items():
 
                 def train_and_score(recipe: TrainSettings = recipe, name: str = name) -> dict[str, Any]:
-                    models[name], trained = train_for(recipe, data, device, seconds, chunk)
+                    init = model_options("patchsvdd", recipe_options(name, "patchsvdd")).init
+                    models[name], trained = train_for(recipe, init, data, device, seconds, chunk)
                     return {"training": trained, "evaluation": evaluate(models[name], data, category)}
 
                 phase(f"recipe_{name}", figures, train_and_score)

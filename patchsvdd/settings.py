@@ -2,7 +2,8 @@
 
 ``TrainSettings`` is a training recipe (what ``patchsvdd train`` and the envoys'
 training task use); ``ExperimentSettings`` is a federated experiment: the
-recipe plus rounds, model choice and search. The notebook's parameter cell, the
+recipe plus rounds, model choice (with the model's own options, a dataclass of its
+family: ``models/*/options.py``) and search. The notebook's parameter cell, the
 demo's command line and the CLI take their defaults from these dataclasses, and
 a test checks that the notebook's parameter cell agrees field for field.
 Standard library only: the envoy side, the demo and the CLI's help read it
@@ -12,17 +13,16 @@ without torch or OpenFL.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from patchsvdd.errors import SettingsError
-from patchsvdd.models.registry import REGISTRY
+from patchsvdd.models.options import has_type
+from patchsvdd.models.registry import REGISTRY, model_options
 
 MODELS = tuple(REGISTRY)  # the registered models (models/registry.py)
 # each model's criterion on held-out good images, which chooses the best model without any anomaly (lower is better)
 HELDOUT_METRICS = {name: entry.heldout_metric for name, entry in REGISTRY.items()}
-EMB_DIM = 64  # D, the paper's embedding size
-INIT_SCHEMES = ("kaiming", "pytorch")  # see model.initialise
 PRECISIONS = ("auto", "fp32", "bf16")  # see training.loop.resolve_precision
 SCHEDULES = ("cosine", "constant")
 SEARCHES = ("exact", "fast")
@@ -57,28 +57,24 @@ def _choice(name: str, value: Any, choices: tuple) -> None:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """A training recipe. The defaults are the project's CPU recipe, measured on real bottle
-    (docs/benchmarks.md): He initialisation, Adam lr 1e-3 with 100 warm-up steps and a cosine decay
-    to a tenth, bf16 autocast where the hardware has it. ``PAPER_SETTINGS`` is the published one.
-
-    ``repeat``: each training image is used this many times per epoch; ``lambda_svdd``: weight of the
-    SVDD loss (lambda); ``batch_size``: pairs per loss (B).
+    """A training recipe, whatever the model: Adam's ``lr`` with ``warmup_steps`` of linear warm-up and a
+    ``schedule``, ``batch_size`` samples per step (Patch SVDD: pairs per loss, B), each training image used
+    ``repeat`` times per epoch, autocast ``precision``. The defaults are the project's CPU recipe, measured on
+    real bottle (docs/benchmarks.md): lr 1e-3 with 100 warm-up steps and a cosine decay to a tenth, bf16 where
+    the hardware has it. ``PAPER_SETTINGS`` is the published one. A model's own options (Patch SVDD's lambda and
+    initialisation) are its family's (``models/*/options.py``).
     """
 
     lr: float = 1e-3
-    lambda_svdd: float = 1e-3
     batch_size: int = 64
     repeat: int = 100
     warmup_steps: int = 100
     schedule: str = "cosine"
     precision: str = "auto"
-    init: str = "kaiming"
 
     def __post_init__(self) -> None:
-        if not self.lr > 0 or self.lambda_svdd < 0:
-            raise SettingsError(
-                f"lr={self.lr}, lambda_svdd={self.lambda_svdd}: lr must be positive, lambda not negative"
-            )
+        if not self.lr > 0:
+            raise SettingsError(f"lr={self.lr}: must be positive")
         if self.batch_size < 1 or self.repeat < 1 or self.warmup_steps < 0:
             raise SettingsError(
                 f"batch_size={self.batch_size}, repeat={self.repeat}, warmup_steps={self.warmup_steps}: "
@@ -86,7 +82,6 @@ class TrainSettings:
             )
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("precision", self.precision, PRECISIONS)
-        _choice("init", self.init, INIT_SCHEMES)
 
     def lr_schedule(self, total_steps: int | None) -> LRSchedule:
         """The learning rate per global step for a run of ``total_steps`` steps (needed for 'cosine')."""
@@ -99,10 +94,19 @@ class TrainSettings:
         return steps if max_steps is None else min(steps, max_steps)
 
 
-PAPER_SETTINGS = TrainSettings(lr=1e-4, warmup_steps=0, schedule="constant", precision="fp32", init="pytorch")
+PAPER_SETTINGS = TrainSettings(lr=1e-4, warmup_steps=0, schedule="constant", precision="fp32")
 # The autoencoder baseline: Adam lr 1e-3, whole images in batches of 16, one pass per epoch, cosine decay.
 AUTOENCODER_SETTINGS = TrainSettings(lr=1e-3, batch_size=16, repeat=1, warmup_steps=0)
 RECIPES = {"cpu": TrainSettings(), "paper": PAPER_SETTINGS, "autoencoder": AUTOENCODER_SETTINGS}
+# what a recipe also sets of a model's own options, by model: the paper's code keeps PyTorch's initialisation
+RECIPE_MODEL_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {"paper": {"patchsvdd": {"init": "pytorch"}}}
+
+
+def recipe_options(recipe: str, model: str) -> dict[str, Any]:
+    """What the recipe called ``recipe`` sets of ``model``'s own options (a mapping of some of them)."""
+    return dict(RECIPE_MODEL_OPTIONS.get(recipe, {}).get(model, {}))
+
+
 DEFAULT_RECIPE = {name: entry.recipe for name, entry in REGISTRY.items()}  # each model's recipe unless one is named
 _TRAIN = TrainSettings()
 
@@ -116,9 +120,10 @@ class ExperimentSettings:
     FedAvg, validation, evaluation, bundles); a model that clearly beats the untrained encoder needs many more
     steps (``LEARN_BUDGET``; the figures: docs/benchmarks.md, "The demo").
 
-    ``model``: 'patchsvdd' or 'autoencoder' (the baseline, see ``autoencoder``; it uses neither
-    ``emb_dim``, ``init`` nor ``lambda_svdd``, and chooses its best model by 'heldout_rec', its loss on
-    the held-out images).
+    ``model``: 'patchsvdd' or 'autoencoder' (the baseline, see ``autoencoder``; it chooses its best model by
+    'heldout_rec', its loss on the held-out images). ``model_options``: some of that model's own options (its
+    family's dataclass: Patch SVDD's ``emb_dim``, ``init``, ``lambda_svdd``; the autoencoder's ``latent_dim``,
+    ``width``), the rest at their defaults; ``options()`` gives them all.
 
     ``repeat``/``max_steps``: each training image is used ``repeat`` times per round, cut to ``max_steps``
     steps when set; the learning-rate schedule runs over all rounds. ``holdout_fraction``: share of each
@@ -149,10 +154,8 @@ class ExperimentSettings:
     warmup_steps: int = 40
     schedule: str = _TRAIN.schedule
     precision: str = _TRAIN.precision
-    init: str = _TRAIN.init
-    lambda_svdd: float = _TRAIN.lambda_svdd
+    model_options: dict[str, Any] = field(default_factory=dict)
     holdout_fraction: float = 0.1
-    emb_dim: int = EMB_DIM
     device_policy: str = "CUDA_PREFERRED"
     round_search: str = "fast"
     final_search: str = "exact"
@@ -172,8 +175,8 @@ class ExperimentSettings:
             raise SettingsError(f"max_steps={self.max_steps}: at least 1 (None for whole epochs)")
         if not 0 <= self.holdout_fraction < 1:
             raise SettingsError(f"holdout_fraction={self.holdout_fraction}: from 0 (none) to below 1")
-        if self.emb_dim < 1 or not self.idle_timeout > 0:
-            raise SettingsError(f"emb_dim={self.emb_dim}, idle_timeout={self.idle_timeout}: both must be positive")
+        if not self.idle_timeout > 0:
+            raise SettingsError(f"idle_timeout={self.idle_timeout}: must be positive")
         if not 0 <= self.offline_grace < math.inf:
             raise SettingsError(f"offline_grace={self.offline_grace}: seconds, 0 (give up at once) or more")
         if not 0 <= self.proximal_mu < math.inf:
@@ -186,22 +189,22 @@ class ExperimentSettings:
         _choice("final_search", self.final_search, SEARCHES)
         _choice("final_model", self.final_model, FINAL_MODELS)
         self.train_settings()  # checks the training part
+        if not isinstance(self.model_options, dict):
+            raise SettingsError(f"model_options={self.model_options!r:.40}: a mapping of the model's option names")
+        object.__setattr__(self, "model_options", dict(self.model_options))  # a copy: later edits do not reach it
+        self.options()  # checks the model's own options
 
     def train_settings(self) -> TrainSettings:
         """The training part of these settings."""
         return TrainSettings(**{f.name: getattr(self, f.name) for f in fields(TrainSettings)})
 
+    def options(self) -> Any:
+        """The model's own options (its family's dataclass): its defaults with ``model_options`` put in."""
+        return model_options(self.model, self.model_options)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, for checkpoint metadata and reports."""
         return asdict(self)
-
-
-def _has_type(value: Any, hint: str) -> bool:
-    """Whether ``value`` is of the annotated type ``hint`` ('int', 'float', 'str', 'int | None', ...); a float
-    field takes an int, and no numeric field takes a bool."""
-    kinds = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),)}
-    allowed = tuple(kind for part in hint.split("|") for kind in kinds[part.strip()])
-    return isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
 
 
 def settings_from_dict(values: object) -> ExperimentSettings:
@@ -216,7 +219,10 @@ def settings_from_dict(values: object) -> ExperimentSettings:
             "ExperimentSettings' own"
         )
     for name, hint in names.items():
-        if not _has_type(values[name], str(hint)):
+        if name == "model_options":  # a mapping, checked against the model's own dataclass in __post_init__
+            if not (isinstance(values[name], dict) and all(isinstance(key, str) for key in values[name])):
+                raise SettingsError(f"settings.model_options is {values[name]!r:.40}, not a mapping of option names")
+        elif not has_type(values[name], str(hint)):
             raise SettingsError(f"settings.{name} is {values[name]!r:.40}, not of type {hint}")
     if any(isinstance(v, float) and not math.isfinite(v) for v in values.values()):
         raise SettingsError("the settings hold a number that is not finite")

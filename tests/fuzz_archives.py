@@ -50,10 +50,13 @@ class Submission:
         return path
 
 
+SMALL = {"patchsvdd": {"emb_dim": 8}, "autoencoder": {"latent_dim": 16, "width": 8}}  # each model's own options
+
+
 def honest(task: str = "training", model: str = "patchsvdd") -> Submission:
     """This project's own submission of ``task`` for a small ``model``, packed by the client's code."""
-    network = build_model(model, emb_dim=8)
-    settings = ExperimentSettings(model=model, emb_dim=8, rounds=2)
+    settings = ExperimentSettings(model=model, model_options=SMALL[model], rounds=2)
+    network = build_model(model, **settings.model_options)
     manifest = client.experiment_manifest(
         network,
         settings,

@@ -48,7 +48,13 @@ from patchsvdd.system.probes import free_port
 ATTACK, MARKER, HOST, PORT, NAME = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 TIMES = int(sys.argv[6]) if len(sys.argv) > 6 else 1
 SETTINGS = ExperimentSettings(
-    rounds=1, repeat=1, max_steps=1, batch_size=4, emb_dim=8, round_search="fast", aggregator_port=free_port()
+    rounds=1,
+    repeat=1,
+    max_steps=1,
+    batch_size=4,
+    model_options={"emb_dim": 8},
+    round_search="fast",
+    aggregator_port=free_port(),
 )
 
 

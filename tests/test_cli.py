@@ -302,6 +302,10 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Capt
         (["--epochs", "-1"], "--epochs: -1: must be at least 0"),
         (["--epochs", "x"], "'x' is not a whole"),
         (["--epochs", "1", "--lr", "0"], "lr=0"),
+        (["--epochs", "1", "--emb-dim", "0"], "emb_dim=0: from 1 to 4096"),
+        (["--epochs", "1", "--init", "xavier"], "invalid choice: 'xavier'"),
+        (["--epochs", "1", "--model", "autoencoder", "--emb-dim", "8"], "--emb-dim: not an option of autoencoder"),
+        (["--epochs", "1", "--latent-dim", "8"], "--latent-dim: not an option of patchsvdd"),
     ):
         assert (
             _exit_code(
@@ -387,14 +391,13 @@ def test_train_recipes(tiny_root: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert meta["recipe"] == "paper"
     assert meta["settings"] == {
         "lr": 1e-4,
-        "lambda_svdd": 1e-3,
         "batch_size": 2,
         "repeat": 100,
         "warmup_steps": 5,
         "schedule": "constant",
         "precision": "fp32",
-        "init": "pytorch",
     }
+    assert meta["model_options"] == {"emb_dim": 8, "init": "pytorch", "lambda_svdd": 1e-3}  # the paper's init
     assert meta["history"][0]["spread_32"] < 1e-3  # PyTorch's init: nearly constant embeddings
     assert "(chance 2.079)" in capsys.readouterr().out
 

@@ -35,7 +35,14 @@ REPO = Path(__file__).resolve().parents[1]
 FLOWER_PY = Path(os.environ.get("PATCHSVDD_FLOWER_PY", REPO / ".venv-flower" / "bin" / "python"))
 SEED = 1
 ONE_ROUND = ExperimentSettings(
-    rounds=1, repeat=1, max_steps=2, batch_size=4, warmup_steps=0, emb_dim=16, idle_timeout=300, precision="fp32"
+    rounds=1,
+    repeat=1,
+    max_steps=2,
+    batch_size=4,
+    warmup_steps=0,
+    model_options={"emb_dim": 16},
+    idle_timeout=300,
+    precision="fp32",
 )
 
 
@@ -58,7 +65,7 @@ def test_one_round_gives_the_same_aggregate_on_openfl_and_on_flower(fed_data: Pa
         engine = experiment.connect("openfl", host=nodes.host, port=nodes.port)
         engine.sites(2)
         torch.manual_seed(SEED)
-        model = build_model("patchsvdd", emb_dim=settings.emb_dim, init=settings.init)
+        model = build_model("patchsvdd", **settings.model_options)
         initial = {k: v.clone() for k, v in model.state_dict().items()}
         experiment.train(engine, model, settings, "same-round", tmp_path / "openfl", category="fabric")
     output, _ = flower.communicate(timeout=600)

@@ -27,6 +27,8 @@ from patchsvdd.evaluation.evaluate import evaluate_category, image_scores
 from patchsvdd.evaluation.metrics import split_defects
 from patchsvdd.evaluation.pooling import split_sketches
 from patchsvdd.federated.local import Processes, log_contains, project_root, wait_for
+from patchsvdd.federated.manifest import Export, experiment_manifest
+from patchsvdd.federated.openfl.engine import OpenFLEngine
 from patchsvdd.federated.openfl.local import start_federation
 from patchsvdd.federated.rounds import ROUND_TAG, round_of
 from patchsvdd.models.autoencoder.network import ConvAutoencoder
@@ -63,6 +65,14 @@ def federation(tmp_path_factory: pytest.TempPathFactory, fed_data: Path):
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def evaluation_records(client, model, settings, name: str, workdir: Path) -> dict[str, dict[str, float]]:
+    """Each node's raw final records of a one-round evaluation experiment of ``model`` (what
+    ``experiment.evaluate`` turns into its tables), through the same engine adapter as the notebook."""
+    engine = OpenFLEngine(client)
+    manifest = experiment_manifest(model, settings, "evaluation", defect_types=engine.defect_types())
+    return engine.start(model, manifest, name, workdir).follow(None, None, settings).final()
 
 
 def test_registry_lists_both_shards(federation) -> None:
@@ -152,8 +162,7 @@ def test_two_round_experiment_then_final_evaluation(federation, fed_data: Path, 
     assert (tmp_path / "nb" / "plan").is_dir()  # OpenFL's files stay in the working folder given
 
     # A second experiment on the same director: validation only, all metrics and per-defect statistics per envoy.
-    evaluation = fed.start_evaluation(client, last, TINY, "two-rounds-final", tmp_path / "nb_eval")
-    final = fed.follow_metrics(evaluation, idle_timeout=TINY.idle_timeout).final()
+    final = evaluation_records(client, last, TINY, "two-rounds-final", tmp_path / "nb_eval")
     assert set(final) == {"envoy_1", "envoy_2", "aggregator"}
     per_node, _ = report.final_evaluation(final)
     scores, labels = [], []  # the pooled AUROC: every envoy's test images scored here as its envoy scores them
@@ -180,8 +189,9 @@ def test_each_site_writes_its_own_bundle_and_reports_only_numbers(federation, fe
     _, client, _ = federation
     torch.manual_seed(5)
     model = PatchSVDD(emb_dim=16)
-    experiment = fed.start_export(client, model, TINY, "site-bundles", tmp_path / "nb", bank_fraction=0.5)
-    reported = fed.follow_metrics(experiment, idle_timeout=TINY.idle_timeout).final()
+    engine = OpenFLEngine(client)
+    manifest = experiment_manifest(model, TINY, "export", export=Export("site-bundles", 0.5, None))
+    reported = engine.start(model, manifest, "site-bundles", tmp_path / "nb").follow(None, None, TINY).final()
     folders = fed.shard_bundle_folders(client)
     assert set(folders) == {"envoy_1", "envoy_2"} and len(set(folders.values())) == 2  # one folder per site
     banks = []
@@ -200,7 +210,7 @@ def test_each_site_writes_its_own_bundle_and_reports_only_numbers(federation, fe
 
 def test_autoencoder_trains_through_the_same_federation(federation, fed_data: Path, tmp_path: Path) -> None:
     _, client, _ = federation
-    settings = fed.ExperimentSettings(**{**TINY.__dict__, "model": "autoencoder", "rounds": 1})
+    settings = fed.ExperimentSettings(**{**TINY.__dict__, "model": "autoencoder", "model_options": {}, "rounds": 1})
     torch.manual_seed(2)
     model = ConvAutoencoder(latent_dim=16, width=8)
     initial = _state(model)
@@ -219,8 +229,7 @@ def test_autoencoder_trains_through_the_same_federation(federation, fed_data: Pa
     changed = [k for k, v in last.state_dict().items() if not torch.equal(initial[k], v)]
     assert any(k.startswith("encoder.") for k in changed) and any(k.startswith("decoder.") for k in changed)
     assert isinstance(load_checkpoint(tmp_path / "best.pt")[0], ConvAutoencoder)
-    evaluation = fed.start_evaluation(client, last, settings, "autoencoder-final", tmp_path / "nb_eval")
-    final = fed.follow_metrics(evaluation, idle_timeout=settings.idle_timeout).final()
+    final = evaluation_records(client, last, settings, "autoencoder-final", tmp_path / "nb_eval")
     for values in final.values():
         metrics, defects = split_defects(split_sketches(values)[0])
         assert set(metrics) == set(fed.final_metrics("autoencoder")) and "good" in defects
@@ -289,7 +298,7 @@ def test_notebook_runs_with_tiny_parameters(federation, fed_data: Path, tmp_path
             repeat=1,
             max_steps=1,
             batch_size=4,
-            emb_dim=16,
+            model_options={"emb_dim": 16},
             final_search="fast",
             output_dir=str(out),
             local_data_root=str(fed_data),

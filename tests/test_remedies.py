@@ -17,7 +17,14 @@ from patchsvdd.settings import SettingsError, checked_settings
 from patchsvdd.training.loop import make_optimizer
 
 SETTINGS = fed.ExperimentSettings(
-    rounds=2, repeat=4, max_steps=3, batch_size=4, emb_dim=8, warmup_steps=0, precision="fp32", holdout_fraction=0.0
+    rounds=2,
+    repeat=4,
+    max_steps=3,
+    batch_size=4,
+    model_options={"emb_dim": 8},
+    warmup_steps=0,
+    precision="fp32",
+    holdout_fraction=0.0,
 )
 
 
@@ -28,7 +35,7 @@ def site(tiny_root):
 
 def fresh(settings: fed.ExperimentSettings = SETTINGS) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_model(settings.model, emb_dim=settings.emb_dim, init=settings.init)
+    return build_model(settings.model, **settings.model_options)
 
 
 def flat(model: torch.nn.Module, prefix: str = "") -> torch.Tensor:
@@ -65,7 +72,7 @@ def test_a_site_keeps_its_own_heads_over_the_averaged_ones(site) -> None:
         train_task(model, data, optimizer, "cpu", 0, replace(settings, local_heads=local))
         heads = flat(model, "classifier")
         torch.manual_seed(1)
-        averaged = build_model(settings.model, emb_dim=settings.emb_dim).state_dict()
+        averaged = build_model(settings.model, **settings.model_options).state_dict()
         with torch.no_grad():  # the aggregate arrives: other sites' heads averaged in
             for name, value in model.state_dict().items():
                 if name.startswith("classifier"):
@@ -84,7 +91,7 @@ def test_a_site_keeps_its_own_heads_over_the_averaged_ones(site) -> None:
 
 
 def test_a_model_without_heads_cannot_keep_them(site) -> None:
-    settings = replace(SETTINGS, model="autoencoder", local_heads=True)
+    settings = replace(SETTINGS, model="autoencoder", model_options={}, local_heads=True)
     model = fresh(settings)
     with pytest.raises(SiteError, match="local_heads: a autoencoder has no heads"):
         train_task(model, site, make_optimizer(model, settings.lr), "cpu", 0, settings)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import json
+import subprocess
+import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -20,9 +22,10 @@ def _cells() -> list[dict]:
 
 def test_every_setting_is_a_notebook_parameter_with_the_same_default(notebook_parameters: dict) -> None:
     parameters = notebook_parameters
+    defaults = ExperimentSettings()
     for field in fields(ExperimentSettings):
         assert field.name in parameters, f"the notebook has no parameter {field.name}"
-        assert parameters[field.name] == field.default, field.name
+        assert parameters[field.name] == getattr(defaults, field.name), field.name
 
 
 def test_the_notebook_passes_every_parameter_to_the_settings() -> None:
@@ -63,10 +66,31 @@ def test_training_defaults_come_from_the_recipe() -> None:
         ({"final_model": "first"}, "final_model='first'"),
         ({"aggregator_port": 70000}, "aggregator_port=70000"),
         ({"holdout_fraction": 1.0}, "holdout_fraction=1.0"),
-        ({"init": "xavier"}, "init='xavier'"),
+        ({"model_options": {"init": "xavier"}}, "init='xavier'"),
+        ({"model_options": {"emb_dim": 0}}, "emb_dim=0"),
+        ({"model_options": {"emb_dim": 8.0}}, "model_options.emb_dim of patchsvdd is 8.0, not of type int"),
+        ({"model_options": {"lambda_svdd": float("nan")}}, "lambda_svdd of patchsvdd is nan"),
+        ({"model": "autoencoder", "model_options": {"emb_dim": 8}}, "autoencoder has no option 'emb_dim'"),
+        ({"model_options": [("emb_dim", 8)]}, "model_options=.*a mapping"),
         ({"idle_timeout": 0}, "idle_timeout=0"),
     ],
 )
 def test_settings_out_of_range_name_themselves(bad: dict, named: str) -> None:
     with pytest.raises(SettingsError, match=named.replace("[", r"\[").replace("(", r"\(")):
         ExperimentSettings(**bad)
+
+
+def test_settings_and_every_models_options_need_no_torch() -> None:
+    """The envoy side, the demo and the CLI's help read the settings and each model's options without torch."""
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any import of torch now fails
+        "from patchsvdd.models.registry import model_names\n"
+        "from patchsvdd.settings import ExperimentSettings\n"
+        "for name in model_names():\n"
+        "    print(name, ExperimentSettings(model=name).options())\n"
+        "print(ExperimentSettings(model_options={'emb_dim': 8}).options().emb_dim)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "PatchSVDDOptions(emb_dim=64" in out.stdout and "AutoencoderOptions(latent_dim=128" in out.stdout
+    assert out.stdout.splitlines()[-1] == "8"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from patchsvdd.cli.options import DATA, Command, at_least, opt
@@ -42,10 +42,49 @@ def train_settings(args: argparse.Namespace):
 
     chosen = {
         name: getattr(args, name)
-        for name in ("lr", "lambda_svdd", "batch_size", "repeat", "warmup_steps", "schedule", "precision", "init")
+        for name in ("lr", "batch_size", "repeat", "warmup_steps", "schedule", "precision")
         if getattr(args, name) is not None
     }
     return replace(RECIPES[args.recipe or DEFAULT_RECIPE[args.model]], **chosen)
+
+
+def model_options(args: argparse.Namespace):
+    """The model's own options: its defaults, what ``--recipe`` sets of them, and those given on the command line
+    (SettingsError for a flag of another model's options)."""
+    from patchsvdd.models.registry import model_names
+    from patchsvdd.models.registry import model_options as options_of
+    from patchsvdd.settings import DEFAULT_RECIPE, SettingsError, recipe_options
+
+    recipe = args.recipe or DEFAULT_RECIPE[args.model]
+    own = {f.name for f in fields(options_of(args.model))}
+    given = {name: getattr(args, name) for name in option_fields(model_names()) if getattr(args, name) is not None}
+    foreign = sorted(set(given) - own)
+    if foreign:
+        flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
+        raise SettingsError(f"{flags}: not an option of {args.model} (its options: {', '.join(sorted(own)) or 'none'})")
+    return options_of(args.model, {**recipe_options(recipe, args.model), **given})
+
+
+def option_fields(models: tuple[str, ...]) -> dict:
+    """Every registered model's own option fields by name (the first model's where two share a name)."""
+    from patchsvdd.models.registry import options_class
+
+    found: dict = {}
+    for model in models:
+        for option in fields(options_class(model)):
+            found.setdefault(option.name, (model, option))
+    return found
+
+
+def option_flags(models: tuple[str, ...]) -> tuple:
+    """A flag per model option (``--emb-dim`` for ``emb_dim``), help and choices from its field's metadata."""
+    types = {"int": int, "float": float, "str": str}
+    flags = []
+    for name, (model, option) in option_fields(models).items():
+        extra = {"choices": option.metadata["choices"]} if "choices" in option.metadata else {}
+        help_text = f"{model}: {option.metadata.get('help', name)} (None: {option.default!r}, or the recipe's)"
+        flags.append(opt("--" + name.replace("_", "-"), type=types[str(option.type)], help=help_text, **extra))
+    return tuple(flags)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -59,6 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from patchsvdd.training.loop import make_optimizer, train_epoch
 
     settings = train_settings(args)
+    options = model_options(args)  # bad options stop here, before any data is read
     recipe = args.recipe or DEFAULT_RECIPE[args.model]
     device = resolve_device(args.device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +106,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     channels = 1 if is_grayscale(data.train_images) else 3
     model_family = family(args.model)
-    model = model_family.build(emb_dim=args.emb_dim, init=settings.init, channels=channels).to(device)
+    model = model_family.build(options, channels=channels).to(device)
     optimizer = make_optimizer(model, settings.lr)
     inputs = model_family.inputs(model, data.train_images, data.mean)
     steps_per_epoch = settings.steps_per_epoch(len(inputs), args.max_steps)
@@ -74,7 +114,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     print(
         f"training {args.model} on {len(data.train_images)} images of {args.category} on {device}: {args.epochs} x "
-        f"{steps_per_epoch} steps, recipe {recipe} ({settings})"
+        f"{steps_per_epoch} steps, recipe {recipe} ({settings}; {options})"
     )
     history = []
     start = time.perf_counter()
@@ -84,6 +124,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             inputs,
             optimizer,
             settings,
+            options=options,
             max_steps=args.max_steps,
             generator=generator,
             schedule=schedule,
@@ -100,6 +141,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe=recipe,
         seed=args.seed,
         settings=asdict(settings),
+        model_options=asdict(options),
         history=history,
         train_seconds=time.perf_counter() - start,
     )
@@ -141,7 +183,7 @@ def commands() -> list[Command]:
     """The commands that make things: demo data, a trained model, an imported encoder, certificates."""
     from patchsvdd.data.synth import CATEGORIES
     from patchsvdd.models.registry import model_names
-    from patchsvdd.settings import DEMO_DATA, EMB_DIM, INIT_SCHEMES, PRECISIONS, RECIPES, SCHEDULES
+    from patchsvdd.settings import DEMO_DATA, PRECISIONS, RECIPES, SCHEDULES
 
     synth = Command(
         "synth",
@@ -195,12 +237,10 @@ def commands() -> list[Command]:
             opt("--max-steps", type=at_least(1), default=None, help="cut each epoch to at most this many steps"),
             opt("--batch-size", type=at_least(1), help="pairs per loss (None: the recipe's)"),
             opt("--lr", type=float, help="peak learning rate (None: the recipe's)"),
-            opt("--lambda-svdd", type=float, help="weight of the SVDD loss, lambda (None: the recipe's)"),
             opt("--warmup-steps", type=at_least(0), help="linear learning-rate warm-up (None: the recipe's)"),
             opt("--schedule", choices=SCHEDULES, help="after the warm-up: cosine decay to lr/10, or constant"),
             opt("--precision", choices=PRECISIONS, help="auto: bf16 autocast where the GPU/CPU has it, else fp32"),
-            opt("--init", choices=INIT_SCHEMES, help="weight initialisation of a fresh model"),
-            opt("--emb-dim", type=at_least(1), default=EMB_DIM, help="D, the embedding size"),
+            *option_flags(model_names()),
             opt("--seed", type=int, default=0, help="random seed of the initialisation and the sampling"),
         ),
         cmd_train,

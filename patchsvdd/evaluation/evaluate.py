@@ -15,7 +15,7 @@ from torch import nn
 
 from patchsvdd.data.mvtec import CategoryData
 from patchsvdd.evaluation.metrics import category_metrics, per_defect
-from patchsvdd.models.base import CategoryScores, SearchMode
+from patchsvdd.models.base import CategoryScores, Scoring, SearchMode
 from patchsvdd.models.registry import family_of
 
 
@@ -48,10 +48,8 @@ def evaluate_category(
     ``with_aupro=False`` skips AUPRO (a few seconds a fusion on a full category). ``defect_names``:
     the defect types the per-defect tables list (default: those in ``data``; see ``metrics.per_defect``).
     """
-    mean = data.mean if mean is None else mean
-    scores = family_of(model).category_maps(
-        model, data.train_images, data.test_images, mean, mode, batch_size, progress
-    )
+    scoring = Scoring(mean=data.mean if mean is None else mean, search=mode, batch_size=batch_size, progress=progress)
+    scores = family_of(model).category_maps(model, data.train_images, data.test_images, scoring)
     seconds = dict(scores.seconds)
     start = time.perf_counter()
     metrics = category_metrics(scores.maps, data.test_labels, data.test_masks, with_aupro=with_aupro)

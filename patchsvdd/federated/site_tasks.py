@@ -110,6 +110,7 @@ def train_task(model, train_data, optimizer, device, round_num, settings: Experi
         inputs,
         optimizer,
         recipe,
+        options=settings.options(),
         max_steps=settings.max_steps,
         generator=settings.seed * 100_003 + int(round_num),
         schedule=recipe.lr_schedule(settings.rounds * steps),

@@ -17,7 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Generic, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -30,6 +30,18 @@ Step = Callable[[torch.Tensor, torch.Generator, "torch.dtype | None"], "tuple[to
 SearchMode = Literal["exact", "fast"]  # a category's search: exact or approximate nearest neighbours
 BankSearch = Literal["auto", "exact", "fast"]  # how a site scorer searches its banks, where it has any
 ArrayReader = Callable[[str], np.ndarray]  # a bundle's array by file name (BundleError naming the file if unreadable)
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How a category's test images are scored, where a family has a choice (each reads what applies to it;
+    the autoencoder none): ``mean`` (H,W,3) standardises the images (Patch SVDD; None: the training images'),
+    ``search`` of nearest neighbours, ``batch_size`` images per forward pass, a ``progress`` bar."""
+
+    mean: np.ndarray | None = None
+    search: SearchMode = "exact"
+    batch_size: int = 8
+    progress: bool = False
 
 
 @dataclass
@@ -106,11 +118,18 @@ class ModelFamily(ABC, Generic[ModelT]):
 
         return entry(self.name).heldout_metric
 
+    def options(self, values: object = None) -> Any:
+        """Its own options (the registry's dataclass): the defaults with ``values`` put in (see
+        ``registry.model_options``)."""
+        from patchsvdd.models.registry import model_options
+
+        return model_options(self.name, values)
+
     # --- the network -------------------------------------------------------------------------------------------
 
     @abstractmethod
-    def build(self, *, emb_dim: int, init: str, channels: int) -> ModelT:
-        """A fresh network; each family uses the options that apply to it."""
+    def build(self, options: Any, *, channels: int = 3) -> ModelT:
+        """A fresh network of its own ``options`` (its options dataclass) for images of ``channels`` channels."""
 
     @abstractmethod
     def architecture(self, model: ModelT) -> dict[str, int]:
@@ -131,8 +150,9 @@ class ModelFamily(ABC, Generic[ModelT]):
         """uint8 images (N,H,W,3) as ``model`` trains on them; ``mean`` (H,W,3) is the site's training mean."""
 
     @abstractmethod
-    def epoch_steps(self, model: ModelT, inputs: torch.Tensor, recipe: TrainSettings) -> EpochSteps:
-        """The step of one epoch over ``inputs`` (from ``inputs``, moved to the model's device) with ``recipe``."""
+    def epoch_steps(self, model: ModelT, inputs: torch.Tensor, recipe: TrainSettings, options: Any) -> EpochSteps:
+        """The step of one epoch over ``inputs`` (from ``inputs``, moved to the model's device) with ``recipe``
+        and its own ``options`` (those that shape training, e.g. Patch SVDD's lambda)."""
 
     @abstractmethod
     def round_report(self, losses: dict[str, float]) -> dict[str, float]:
@@ -150,17 +170,10 @@ class ModelFamily(ABC, Generic[ModelT]):
 
     @abstractmethod
     def category_maps(
-        self,
-        model: ModelT,
-        train_images: np.ndarray,
-        test_images: np.ndarray,
-        mean: np.ndarray,
-        mode: SearchMode,
-        batch_size: int,
-        progress: bool,
+        self, model: ModelT, train_images: np.ndarray, test_images: np.ndarray, scoring: Scoring
     ) -> CategoryScores:
         """Maps (M,H,W) of each fusion of uint8 test images (M,H,W,3), against the good training images
-        (N,H,W,3) standardised with ``mean``, and the seconds each phase took."""
+        (N,H,W,3), scored as ``scoring`` says where the family has a choice, and the seconds each phase took."""
 
     @abstractmethod
     def site_state(

@@ -4,6 +4,7 @@ mixed precision, the progress bar, and ``train_epoch``."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -73,6 +74,7 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     recipe: TrainSettings = TrainSettings(),
     *,
+    options: Any = None,
     repeat: int | None = None,
     batch_size: int | None = None,
     precision: str | None = None,
@@ -86,16 +88,17 @@ def train_epoch(
 ) -> dict[str, float]:
     """One epoch of any registered model on ``inputs`` (its family's ``inputs`` of uint8 images).
 
-    Each of the N inputs ``repeat`` times, shuffled by ``generator`` (seed or generator; None: random), in
-    batches of ``batch_size``, cut to ``max_steps``; ``repeat``, ``batch_size`` and ``precision`` ('fp32',
-    'bf16' or 'auto', see ``resolve_precision``) default to ``recipe``'s, which also gives the model's own
-    settings (Patch SVDD's lambda). ``schedule`` sets the learning rate at each global step (``start_step`` +
-    step; None keeps the optimizer's). Each step: the family's step (``ModelFamily.epoch_steps``), backward,
-    optimizer step, the family's check, then ``on_step(global_step, values)``; ``penalty()`` (a scalar, e.g.
-    FedProx's proximal term) is added to every step's loss. A tqdm bar with ``progress``.
-    Returns each value's mean over the epoch and 'steps'.
+    Each of the N inputs ``repeat`` times, shuffled by ``generator`` (seed or generator; None: random), in batches
+    of ``batch_size``, cut to ``max_steps``; ``repeat``, ``batch_size`` and ``precision`` ('fp32', 'bf16' or 'auto',
+    see ``resolve_precision``) default to ``recipe``'s; ``options`` are the model's own (its family's dataclass,
+    e.g. Patch SVDD's lambda; None: its defaults). ``schedule`` sets the learning rate at each global step
+    (``start_step`` + step; None keeps the optimizer's). Each step: the family's step (``ModelFamily.epoch_steps``),
+    backward, optimizer step, the family's check, then ``on_step(global_step, values)``; ``penalty()`` (a scalar,
+    e.g. FedProx's proximal term) is added to every step's loss. A tqdm bar with ``progress``. Returns each value's
+    mean over the epoch and 'steps'.
     """
-    steps = family_of(model).epoch_steps(model, inputs, recipe)
+    model_family = family_of(model)
+    steps = model_family.epoch_steps(model, inputs, recipe, model_family.options() if options is None else options)
     device = next(model.parameters()).device
     autocast_dtype = resolve_precision(recipe.precision if precision is None else precision, device)
     generator = as_generator(generator)

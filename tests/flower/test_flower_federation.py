@@ -40,7 +40,14 @@ pytestmark = pytest.mark.slow
 
 HOSTILE_APP = Path(__file__).parent / "hostile_app"
 TINY = ExperimentSettings(
-    rounds=2, repeat=1, max_steps=1, batch_size=4, warmup_steps=0, idle_timeout=300, emb_dim=16, final_search="fast"
+    rounds=2,
+    repeat=1,
+    max_steps=1,
+    batch_size=4,
+    warmup_steps=0,
+    idle_timeout=300,
+    model_options={"emb_dim": 16},
+    final_search="fast",
 )
 
 

@@ -30,7 +30,7 @@ def main(data_root: str, category: str, out: str, settings_json: str, seed: str)
         try:
             engine.sites(2)
             torch.manual_seed(int(seed))
-            model = build_model(settings.model, emb_dim=settings.emb_dim, init=settings.init)
+            model = build_model(settings.model, **settings.model_options)
             experiment.train(engine, model, settings, "same-round", Path(out), category=category)
         finally:
             engine.close()

@@ -49,7 +49,7 @@ def main(spec_path: str) -> int:
     engine.sites(len(spec["envoys"]), timeout=ENVOY_WAIT)
     settings = ExperimentSettings(**spec["settings"])
     torch.manual_seed(settings.seed)
-    model = build_model(settings.model, emb_dim=settings.emb_dim, init=settings.init)
+    model = build_model(settings.model, **settings.model_options)
     start = time.monotonic()
     try:
         trained = experiment.train(engine, model, settings, spec["name"], Path(spec["workdir"]), category="testbed")

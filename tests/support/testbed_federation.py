@@ -33,7 +33,7 @@ TESTBED_EXPERIMENT: dict[str, Any] = {
     "repeat": 200,
     "max_steps": 60,
     "batch_size": 8,
-    "emb_dim": 8,
+    "model_options": {"emb_dim": 8},
     "round_search": "fast",
     "final_search": "fast",
 }
@@ -159,6 +159,14 @@ def run_headless(
     return HeadlessRun(lines, results[-1], done.returncode, seconds)
 
 
+def log_count(path: Path, text: str) -> int:
+    """How many times the log at ``path`` says ``text`` (0 while it does not exist)."""
+    try:
+        return path.read_text(errors="replace").count(text)
+    except FileNotFoundError:
+        return 0
+
+
 def cut_link_when(
     federation: TestbedFederation,
     host: str,
@@ -167,14 +175,16 @@ def cut_link_when(
     delay: float = 2.0,
     timeout: float = 300.0,
 ) -> tuple[threading.Thread, list[float]]:
-    """In a thread: once the director's log says ``log_text``, wait ``delay`` s, take ``host``'s link down for
-    ``seconds``, bring it up again. Returns the thread and a list that gets the (monotonic) time the link
-    came back; empty while it is down or if ``log_text`` never came within ``timeout``."""
+    """In a thread: once the director's log says ``log_text`` anew (one time more than it has so far: the log
+    outlives each test's experiment), wait ``delay`` s, take ``host``'s link down for ``seconds``, bring it up
+    again. Returns the thread and a list that gets the (monotonic) time the link came back; empty while it is
+    down or if ``log_text`` never came within ``timeout``."""
     restored: list[float] = []
     director_log = federation.nodes["director"].log
+    said_before = log_count(director_log, log_text)
 
     def cut() -> None:
-        wait_for(lambda: log_contains(director_log, log_text), timeout, repr(log_text))
+        wait_for(lambda: log_count(director_log, log_text) > said_before, timeout, repr(log_text))
         time.sleep(delay)
         federation.bed.cut(host)
         try:

@@ -3,12 +3,14 @@ its anomaly map is the squared prediction error. It exists to show that the shar
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from patchsvdd.models.base import CategoryScores, EpochSteps, ModelFamily, SearchMode, SiteScorer, SiteState
+from patchsvdd.models.base import CategoryScores, EpochSteps, ModelFamily, Scoring, SiteScorer, SiteState
 from patchsvdd.settings import TrainSettings
 
 
@@ -47,7 +49,7 @@ class ToyFamily(ModelFamily):
     train_metrics = ("train_loss",)
     architecture_limits = {"hidden": (1, 64)}
 
-    def build(self, *, emb_dim: int = 0, init: str = "pytorch", channels: int = 3) -> nn.Module:
+    def build(self, options: Any, *, channels: int = 3) -> nn.Module:
         return ColourNet()
 
     def architecture(self, model: nn.Module) -> dict[str, int]:
@@ -62,7 +64,7 @@ class ToyFamily(ModelFamily):
     def inputs(self, model: nn.Module, images: np.ndarray, mean: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)
 
-    def epoch_steps(self, model: nn.Module, inputs: torch.Tensor, recipe: TrainSettings) -> EpochSteps:
+    def epoch_steps(self, model: nn.Module, inputs: torch.Tensor, recipe: TrainSettings, options: Any) -> EpochSteps:
         device = next(model.parameters()).device
         inputs = inputs.to(device)
         model.train()
@@ -87,14 +89,7 @@ class ToyFamily(ModelFamily):
             return float((model(batch) - batch).pow(2).mean())
 
     def category_maps(
-        self,
-        model: nn.Module,
-        train_images: np.ndarray,
-        test_images: np.ndarray,
-        mean: np.ndarray,
-        mode: SearchMode,
-        batch_size: int,
-        progress: bool,
+        self, model: nn.Module, train_images: np.ndarray, test_images: np.ndarray, scoring: Scoring
     ) -> CategoryScores:
         return CategoryScores(maps={"sum": error_maps(model, test_images)}, seconds={})
 

@@ -23,7 +23,7 @@ from openfl.interface.interactive_api.federation import Federation
 from torch import nn
 
 from patchsvdd.data.mvtec import BUNDLE_FOLDER_LABEL, DEFECT_TYPES_LABEL, GOOD
-from patchsvdd.federated.manifest import MANIFEST_FILE, ExperimentManifest, Export, experiment_manifest
+from patchsvdd.federated.manifest import MANIFEST_FILE, ExperimentManifest, experiment_manifest
 from patchsvdd.federated.openfl.review import FRAMEWORK_ADAPTER, PLAN_FILE, PlanValues, canonical_plan
 from patchsvdd.federated.rounds import tagged, untagged
 from patchsvdd.settings import ExperimentSettings
@@ -262,31 +262,6 @@ def start_experiment(
     """Send a training experiment to the director: ``settings.rounds`` rounds of train + validate, then
     a validation-only round for the final aggregate (reported as round ``settings.rounds``)."""
     return submit(federation, name, model, experiment_manifest(model, settings, "training"), workdir)
-
-
-def start_evaluation(
-    federation: Federation, model: nn.Module, settings: ExperimentSettings, name: str, workdir: str | os.PathLike
-) -> FLExperiment:
-    """Send a one-round, validation-only experiment: every envoy scores ``model`` on its own data (AUROCs,
-    AUPROs, and image-score statistics per defect type where the envoys' shard descriptions name the types)."""
-    manifest = experiment_manifest(model, settings, "evaluation", defect_types=shard_defect_types(federation))
-    return submit(federation, name, model, manifest, workdir)
-
-
-def start_export(
-    federation: Federation,
-    model: nn.Module,
-    settings: ExperimentSettings,
-    name: str,
-    workdir: str | os.PathLike,
-    bank_fraction: float = 1.0,
-    max_fpr: float | None = None,
-) -> FLExperiment:
-    """Send a one-round experiment in which every envoy writes its own inspection bundle of ``model`` (folder
-    ``name`` in its bundle folder) from its own images and reports only its thresholds and the bundle's size
-    (``EXPORT_METRICS``). No image and no embedding leaves a site."""
-    manifest = experiment_manifest(model, settings, "export", export=Export(name, bank_fraction, max_fpr))
-    return submit(federation, name, model, manifest, workdir)
 
 
 def experiment_status(federation: Federation, name: str) -> str | None:

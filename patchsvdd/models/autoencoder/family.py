@@ -9,13 +9,14 @@ import numpy as np
 import torch
 
 from patchsvdd.models.autoencoder.network import FUSIONS, ConvAutoencoder, as_input, good_scales, image_maps
+from patchsvdd.models.autoencoder.options import AutoencoderOptions
 from patchsvdd.models.autoencoder.training import epoch_steps, heldout_reconstruction
 from patchsvdd.models.base import (
     BankSearch,
     CategoryScores,
     EpochSteps,
     ModelFamily,
-    SearchMode,
+    Scoring,
     SiteScorer,
     SiteState,
     count_parameters,
@@ -43,8 +44,9 @@ class AutoencoderFamily(ModelFamily[ConvAutoencoder]):
     train_metrics = ("train_loss", "mse", "ssim")
     architecture_limits = {"channels": (1, 3), "latent_dim": (1, 4096), "width": (1, 512)}
 
-    def build(self, *, emb_dim: int = 0, init: str = "pytorch", channels: int = 3) -> ConvAutoencoder:
-        return ConvAutoencoder(channels=channels)  # PyTorch's default initialisation; 1 channel for gray data
+    def build(self, options: AutoencoderOptions, *, channels: int = 3) -> ConvAutoencoder:
+        # PyTorch's default initialisation; 1 channel for gray data
+        return ConvAutoencoder(channels=channels, latent_dim=options.latent_dim, width=options.width)
 
     def architecture(self, model: ConvAutoencoder) -> dict[str, int]:
         return {"channels": model.channels, "latent_dim": model.latent_dim, "width": model.width}
@@ -62,7 +64,9 @@ class AutoencoderFamily(ModelFamily[ConvAutoencoder]):
         """(N,C,H,W) float32 in [0,1] with the model's C channels (``mean`` unused)."""
         return as_input(images, model.channels)
 
-    def epoch_steps(self, model: ConvAutoencoder, inputs: torch.Tensor, recipe: TrainSettings) -> EpochSteps:
+    def epoch_steps(
+        self, model: ConvAutoencoder, inputs: torch.Tensor, recipe: TrainSettings, options: AutoencoderOptions
+    ) -> EpochSteps:
         return epoch_steps(model, inputs)
 
     def round_report(self, losses: dict[str, float]) -> dict[str, float]:
@@ -75,17 +79,9 @@ class AutoencoderFamily(ModelFamily[ConvAutoencoder]):
         return heldout_reconstruction(model, inputs)[self.heldout_metric]
 
     def category_maps(
-        self,
-        model: ConvAutoencoder,
-        train_images: np.ndarray,
-        test_images: np.ndarray,
-        mean: np.ndarray,
-        mode: SearchMode,
-        batch_size: int,
-        progress: bool,
+        self, model: ConvAutoencoder, train_images: np.ndarray, test_images: np.ndarray, scoring: Scoring
     ) -> CategoryScores:
-        """The good training images set the scale of each error for 'sum' (``mode``, ``batch_size``, ``mean``
-        unused)."""
+        """The good training images set the scale of each error for 'sum' (nothing of ``scoring`` applies)."""
         start = time.perf_counter()
         scales = good_scales(model, train_images)
         seconds = {"scales": time.perf_counter() - start}

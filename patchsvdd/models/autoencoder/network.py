@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from patchsvdd.models.autoencoder.options import LATENT_DIM, WIDTH
+
 FUSIONS = ("l2", "ssim", "sum")  # squared error, 1 - SSIM, and their sum on a common scale
-LATENT_DIM = 128  # size of the bottleneck vector
-WIDTH = 32  # channels of the first convolution; doubled twice on the way down
 LEAKY_SLOPE = 0.2
 SSIM_KERNEL = 11  # Gaussian window of SSIM (sigma 1.5), as in Wang et al. 2004
 SMOOTH_SIGMA = 4.0  # Gaussian smoothing of the error maps, in pixels

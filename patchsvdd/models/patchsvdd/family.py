@@ -10,12 +10,12 @@ import numpy as np
 import torch
 
 from patchsvdd.data.images import IMAGE_SIZE
-from patchsvdd.data.mvtec import standardise
+from patchsvdd.data.mvtec import standardise, training_mean
 from patchsvdd.models.base import (
     CategoryScores,
     EpochSteps,
     ModelFamily,
-    SearchMode,
+    Scoring,
     SiteScorer,
     SiteState,
     count_parameters,
@@ -26,9 +26,10 @@ from patchsvdd.models.patchsvdd.network import (
     SMALL_PATCH,
     PatchSVDD,
 )
+from patchsvdd.models.patchsvdd.options import PatchSVDDOptions
 from patchsvdd.models.patchsvdd.scoring import FUSIONS, anomaly_maps, distribute_scores, embed_images
 from patchsvdd.models.patchsvdd.training import epoch_steps, heldout_losses
-from patchsvdd.settings import EMB_DIM, TrainSettings
+from patchsvdd.settings import TrainSettings
 
 
 class BankScorer(SiteScorer):
@@ -68,8 +69,8 @@ class PatchSVDDFamily(ModelFamily[PatchSVDD]):
     architecture_limits = {"emb_dim": (1, 4096)}
     site_heads = ("classifier64.", "classifier32.")  # the position classifiers: scoring uses the encoder only
 
-    def build(self, *, emb_dim: int = EMB_DIM, init: str = "kaiming", channels: int = 3) -> PatchSVDD:
-        return PatchSVDD(emb_dim=emb_dim, init=init)  # RGB only: a grayscale image is read as three equal channels
+    def build(self, options: PatchSVDDOptions, *, channels: int = 3) -> PatchSVDD:
+        return PatchSVDD(emb_dim=options.emb_dim, init=options.init)  # RGB only: gray is read as three equal channels
 
     def architecture(self, model: PatchSVDD) -> dict[str, int]:
         return {"emb_dim": int(model.emb_dim)}
@@ -87,8 +88,10 @@ class PatchSVDDFamily(ModelFamily[PatchSVDD]):
         """(N,3,H,W) float32: the images less the training ``mean``, over 255 (``data.standardise``)."""
         return torch.from_numpy(standardise(images, mean))
 
-    def epoch_steps(self, model: PatchSVDD, inputs: torch.Tensor, recipe: TrainSettings) -> EpochSteps:
-        return epoch_steps(model, inputs, recipe.lambda_svdd)
+    def epoch_steps(
+        self, model: PatchSVDD, inputs: torch.Tensor, recipe: TrainSettings, options: PatchSVDDOptions
+    ) -> EpochSteps:
+        return epoch_steps(model, inputs, options.lambda_svdd)
 
     def round_report(self, losses: dict[str, float]) -> dict[str, float]:
         return {
@@ -109,22 +112,17 @@ class PatchSVDDFamily(ModelFamily[PatchSVDD]):
         return heldout_losses(model, inputs)[self.heldout_metric]
 
     def category_maps(
-        self,
-        model: PatchSVDD,
-        train_images: np.ndarray,
-        test_images: np.ndarray,
-        mean: np.ndarray,
-        mode: SearchMode,
-        batch_size: int,
-        progress: bool,
+        self, model: PatchSVDD, train_images: np.ndarray, test_images: np.ndarray, scoring: Scoring
     ) -> CategoryScores:
-        """Every test patch against every training patch of its K (``mode`` 'exact' or 'fast')."""
+        """Every test patch against every training patch of its K (``scoring.search`` 'exact' or 'fast'), both
+        standardised with ``scoring.mean`` (None: the training images' mean)."""
         device = next(model.parameters()).device
+        mean = training_mean(train_images) if scoring.mean is None else scoring.mean
         start = time.perf_counter()
-        train_emb = embed_images(model, standardise(train_images, mean), batch_size, progress)
-        test_emb = embed_images(model, standardise(test_images, mean), batch_size, progress)
+        train_emb = embed_images(model, standardise(train_images, mean), scoring.batch_size, scoring.progress)
+        test_emb = embed_images(model, standardise(test_images, mean), scoring.batch_size, scoring.progress)
         embed_seconds = time.perf_counter() - start
-        scores = anomaly_maps(train_emb, test_emb, mode=mode, device=device)
+        scores = anomaly_maps(train_emb, test_emb, mode=scoring.search, device=device)
         scores.seconds = {"embed": embed_seconds, **scores.seconds}
         return scores
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from patchsvdd.settings import EMB_DIM, INIT_SCHEMES
+from patchsvdd.models.patchsvdd.options import EMB_DIM, INIT_SCHEMES
 
 LEAKY_SLOPE = 0.1
 SMALL_PATCH = 32  # K of the small encoder

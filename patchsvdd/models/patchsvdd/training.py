@@ -14,8 +14,9 @@ import torch.nn.functional as F
 
 from patchsvdd.models.base import EpochSteps
 from patchsvdd.models.patchsvdd.network import LARGE_PATCH, SMALL_PATCH, PatchSVDD, split_quadrants
+from patchsvdd.models.patchsvdd.options import PatchSVDDOptions
 from patchsvdd.models.patchsvdd.sampling import crop_patches, perturb, sample_position_pairs, sample_svdd_pairs
-from patchsvdd.settings import HELDOUT_METRICS, TrainSettings
+from patchsvdd.settings import HELDOUT_METRICS
 from patchsvdd.training.loop import as_generator
 
 LOSS_NAMES = ("loss", "loss_pos_64", "loss_pos_32", "loss_svdd_64", "loss_svdd_32")
@@ -148,7 +149,7 @@ def embedding_spread(embeddings: torch.Tensor) -> float:
 def epoch_steps(
     model: PatchSVDD,
     images: torch.Tensor | np.ndarray,
-    lambda_svdd: float = TrainSettings.lambda_svdd,
+    lambda_svdd: float = PatchSVDDOptions.lambda_svdd,
     collapse_spread: float = COLLAPSE_SPREAD,
 ) -> EpochSteps:
     """One epoch's step for ``training.loop.train_epoch``: a batch of standardised images (N,3,H,W) float32
