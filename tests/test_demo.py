@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from patchsvdd.cli.demo import budget_note, build_parser, demo_settings, initial_checkpoint
+from patchsvdd.cli.demo import build_parser, demo_settings, initial_checkpoint
+from patchsvdd.cli.demo_summary import budget_note
 from patchsvdd.errors import SettingsError
 from patchsvdd.models.patchsvdd.network import PatchSVDD
 from patchsvdd.models.patchsvdd.released import SHA256, ReleasedWeightsError

@@ -56,7 +56,7 @@ def test_framework_log_goes_to_a_file(tmp_path) -> None:
 def test_demo_summary_gives_each_envoys_detection_noise(tmp_path) -> None:
     import json
 
-    from patchsvdd.cli.demo import summarise
+    from patchsvdd.cli.demo_summary import summarise
     from patchsvdd.evaluation.metrics import auroc_standard_error
     from patchsvdd.evaluation.report import test_set_sizes
 
@@ -92,7 +92,7 @@ def test_demo_summary_gives_each_envoys_detection_noise(tmp_path) -> None:
 def test_demo_summary_gives_the_time_of_each_phase(tmp_path) -> None:
     import json
 
-    from patchsvdd.cli.demo import NOTEBOOK, phase_seconds, summarise
+    from patchsvdd.cli.demo_summary import NOTEBOOK, phase_seconds, summarise
 
     def cell(source: str, seconds: float | None) -> dict:
         timing = {} if seconds is None else {"papermill": {"duration": seconds}}

@@ -1,5 +1,5 @@
 """The one-command federated demo: data, a director and envoys (or a SuperLink and SuperNodes), the notebook, a
-summary.
+summary (``demo_summary``).
 
 ``python -m patchsvdd.cli.demo`` (what ``make demo`` runs) writes everything under
 ``runs/<time>/``: process logs, configs, the executed notebook, metrics and
@@ -13,7 +13,6 @@ This module starts processes; it does not import OpenFL.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -22,7 +21,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from patchsvdd.cli.main import DefaultsHelp
+from patchsvdd.cli.demo_summary import NOTEBOOK, budget_note, summarise
+from patchsvdd.cli.options import DefaultsHelp, Option, add_options, opt
 from patchsvdd.federated.local import HarnessError, Processes, project_root
 from patchsvdd.federated.openfl.local import start_federation
 from patchsvdd.models.registry import model_names
@@ -30,7 +30,6 @@ from patchsvdd.settings import (
     DEMO_DATA,
     DEMO_SETTINGS,
     FINETUNE,
-    HELDOUT_METRICS,
     LEARN_BUDGET,
     PRECISIONS,
     SEARCHES,
@@ -38,15 +37,7 @@ from patchsvdd.settings import (
 )
 from patchsvdd.system.probes import free_port
 
-NOTEBOOK = Path("workspace") / "PatchSVDD_with_Director.ipynb"
 GALLERY_IMAGES = 8  # test images the notebook's gallery scores and shows (the sites' own scores are the metrics)
-# The phases of the notebook, each named by a call that only its cell makes (papermill times every cell).
-PHASES = (
-    ("rounds", "experiment.train("),
-    ("evaluation", "experiment.evaluate("),
-    ("export", "experiment.export("),
-    ("gallery", "plots.save_gallery("),
-)
 
 
 def _env_int(name: str, default: int | None) -> int | None:
@@ -112,215 +103,133 @@ def initial_checkpoint(init: str, category: str, run_dir: Path) -> Path | None:
     return out
 
 
-def detection_noise(learning: Sequence[dict], sizes: dict[str, tuple[int, int]]) -> list[str]:
-    """Summary lines: the standard error each envoy's det_sum has from its test-set size alone (Hanley and
-    McNeil), untrained and trained, so that a reader can tell a gain from the noise of a small test set."""
-    from patchsvdd.evaluation.metrics import auroc_standard_error
-
-    parts = []
-    for row in learning:
-        good, defective = sizes.get(row["node"], (0, 0))
-        values = [row.get("det_sum untrained"), row.get("det_sum trained")]
-        if good and defective and all(isinstance(v, (int, float)) for v in values):
-            errors = " -> ".join(f"{auroc_standard_error(float(v), good, defective):.3f}" for v in values)  # type: ignore[arg-type]
-            parts.append(f"{row['node']} ({good} good, {defective} defective) {errors}")
-    if not parts:
-        return []
-    return [
-        "  det_sum standard error, untrained -> trained, from the test-set size alone (Hanley-McNeil: another draw",
-        "  of as many test images moves det_sum by about this much): " + "; ".join(parts),
-    ]
-
-
-def phase_seconds(executed: Path) -> dict[str, float]:
-    """Seconds of each phase of ``PHASES`` in a notebook papermill executed (from its cells' recorded
-    durations; 'other' is every other cell), so that a reader sees where the time went."""
-    out: dict[str, float] = {}
-    for cell in json.loads(executed.read_text())["cells"]:
-        seconds = cell.get("metadata", {}).get("papermill", {}).get("duration")
-        if cell["cell_type"] != "code" or seconds is None:
-            continue
-        source = "".join(cell["source"])
-        name = next((phase for phase, call in PHASES if call in source), "other")
-        out[name] = out.get(name, 0.0) + float(seconds)
-    return out
-
-
-def summarise(run_dir: Path, seconds: float, started: float | None = None) -> str:
-    """A few lines: where results are, untrained against trained, the final metrics, the time."""
-    from patchsvdd.evaluation.report import fmt, test_set_sizes, untrained_vs_trained
-
-    results = run_dir / "notebook"
-    final = json.loads((results / "metrics.json").read_text())
-    network = final.get("network", "patchsvdd")
-    keys = (HELDOUT_METRICS[network], "det_sum", "seg_sum")
-    lines = [f"demo ({network}) finished in {seconds:.0f} s; results in {run_dir}"]
-    executed = run_dir / NOTEBOOK.name
-    if executed.is_file():
-        phases = {**({} if started is None else {"data and start": started}), **phase_seconds(executed)}
-        lines.append("  time per phase: " + ", ".join(f"{name} {value:.0f} s" for name, value in phases.items()))
-    learning = untrained_vs_trained(json.loads((results / "round_metrics.json").read_text()), keys)
-    lines.append("  untrained (round 0) -> trained (final round), per-round validation on each envoy's own data:")
-    for row in learning:
-        shown = "  ".join(f"{key} {fmt(row[f'{key} untrained'])} -> {fmt(row[f'{key} trained'])}" for key in keys)
-        lines.append(f"  {row['node']:10s} {shown}")
-    lines += detection_noise(learning, test_set_sizes(final.get("per_defect", {})))
-    lines.append(f"  final evaluation of the {final['model']} model ({final['search']} search):")
-    for node, metrics in sorted(final["per_node"].items()):
-        lines.append(f"  {node:10s} " + " ".join(f"{k}={fmt(v)}" for k, v in metrics.items()))
-    bundles = results / "bundles.json"
-    if bundles.is_file():
-        lines.append(
-            "  inspection bundles written at the sites (patchsvdd predict BUNDLE IMAGES --out DIR, or serve BUNDLE):"
-        )
-        for row in json.loads(bundles.read_text()):
-            lines.append(
-                f"  {row['envoy']:10s} {row['bundle at the site']} (image threshold "
-                f"{fmt(row['image_threshold'])}, {row['bundle_mb']:.1f} MB)"
-            )
-    local = results / "local_metrics.json"
-    if local.is_file():
-        metrics = json.loads(local.read_text())
-        lines.append("  notebook   " + " ".join(f"{k}={fmt(v)}" for k, v in metrics.items()))
-    return "\n".join(lines)
-
-
-def budget_note(settings, envoys: int = 2) -> str | None:
-    """A sentence when a run on the demo data trains fewer steps per envoy than ``LEARN_BUDGET``: such a first run
-    shows the whole path but is too short for the model to beat the untrained encoder (it gets worse before it
-    gets better)."""
-    from patchsvdd.data.mvtec import holdout_split
-
-    fitting = len(holdout_split(DEMO_DATA["n_train"] // envoys, settings.holdout_fraction)[0])  # per envoy
-
-    def steps(s) -> int:
-        return s.rounds * s.train_settings().steps_per_epoch(fitting, s.max_steps)
-
-    learn = replace(settings, **LEARN_BUDGET)
-    if settings.model != DEMO_SETTINGS.model or settings.lr != DEMO_SETTINGS.lr or steps(settings) >= steps(learn):
-        return None
+def demo_options() -> tuple[Option, ...]:
+    """The demo's options as a table; defaults from ``settings.DEMO_SETTINGS`` (environment variables as in the
+    Makefile)."""
+    d = DEMO_SETTINGS
     return (
-        f"  note: {steps(settings)} steps per envoy is a first run, too short to learn: the model gets worse before "
-        f'it gets better (docs/benchmarks.md, "The demo"). make demo-learn trains the {steps(learn)} steps at '
-        "which it beats the untrained encoder clearly (aggregated det_sum about +0.2)."
+        opt(
+            "--data-root",
+            type=Path,
+            default=os.environ.get("DATA_ROOT") or None,
+            help="MVTec-layout data root (None: built-in demo data in data/demo; env DATA_ROOT)",
+        ),
+        opt("--category", default=os.environ.get("CATEGORY") or "washer", help="category (env CATEGORY)"),
+        opt(
+            "--model",
+            choices=model_names(),
+            default=os.environ.get("MODEL") or d.model,
+            help="patchsvdd, or autoencoder: the convolutional autoencoder baseline (env MODEL)",
+        ),
+        opt("--envoys", type=int, default=2, help="envoys, each holding one shard of the category"),
+        opt(
+            "--engine",
+            choices=("openfl", "flower"),
+            default=os.environ.get("ENGINE") or "openfl",
+            help="openfl: a director and envoys; flower: a SuperLink and SuperNodes (run from the Flower "
+            "environment, make flower-install; env ENGINE)",
+        ),
+        opt(
+            "--secure-aggregation",
+            action="store_true",
+            default=os.environ.get("SECAGG") == "1",
+            help="Flower only: the sites' weights reach the notebook only as their mean, through SecAgg+ "
+            "(env SECAGG=1)",
+        ),
+        opt(
+            "--learn",
+            action="store_true",
+            default=os.environ.get("LEARN", "0") not in ("", "0"),
+            help=f"the budget at which the model clearly beats the untrained encoder ({LEARN_BUDGET['rounds']} "
+            f"rounds of {LEARN_BUDGET['max_steps']} steps, repeat {LEARN_BUDGET['repeat']}; about 15 "
+            "minutes with native bf16, 35 without) instead of a first run of minutes (env LEARN=1)",
+        ),
+        opt(
+            "--rounds",
+            type=int,
+            default=_env_int("ROUNDS", None),
+            help=f"training rounds (None: {d.rounds}, {LEARN_BUDGET['rounds']} with --learn; env ROUNDS)",
+        ),
+        opt(
+            "--repeat",
+            type=int,
+            default=None,
+            help=f"times each training image is used per round (None: {d.repeat} from scratch, "
+            f"{FINETUNE['repeat']} when fine-tuning)",
+        ),
+        opt(
+            "--max-steps",
+            type=int,
+            default=_env_int("MAX_STEPS", None),
+            help=f"at most this many steps per envoy per round (None: {d.max_steps} from scratch, "
+            f"{FINETUNE['max_steps']} when fine-tuning; 0: full epochs; env MAX_STEPS); a round is one "
+            "epoch, ceil(fitting images x repeat / batch) steps, so longer rounds need a larger --repeat too",
+        ),
+        opt("--batch-size", type=int, default=d.batch_size, help="pairs per loss"),
+        opt(
+            "--seed",
+            type=int,
+            default=_env_int("SEED", d.seed),
+            help="seed of the initial model and of the envoys' training batches (the demo data keep seed 0; env SEED)",
+        ),
+        opt(
+            "--init",
+            default=os.environ.get("INIT") or "fresh",
+            help="fresh (a new model), official (the authors' released encoder of --category: downloaded once, "
+            "SHA-256 checked, cached), or a checkpoint .pt or released .pkl file (env INIT)",
+        ),
+        opt(
+            "--lr",
+            type=float,
+            default=None,
+            help=f"peak learning rate (None: {d.lr:g} from scratch, {FINETUNE['lr']:g} when fine-tuning)",
+        ),
+        opt(
+            "--warmup-steps",
+            type=int,
+            default=None,
+            help=f"linear warm-up, then cosine decay over all rounds (None: {d.warmup_steps} from scratch, "
+            f"{FINETUNE['warmup_steps']} when fine-tuning)",
+        ),
+        opt("--final-search", choices=SEARCHES, default=d.final_search, help="search of the final evaluation"),
+        opt(
+            "--precision",
+            choices=PRECISIONS,
+            default=os.environ.get("PRECISION") or d.precision,
+            help="auto: bf16 autocast where the CPU/GPU has it natively, else fp32; fp32 to measure what a "
+            "CPU without native bf16 gets (env PRECISION)",
+        ),
+        opt(
+            "--tls",
+            action="store_true",
+            default=os.environ.get("TLS", "0") not in ("", "0"),
+            help="mutual TLS between all nodes with fresh certificates (env TLS=1)",
+        ),
+        opt("--runs-dir", type=Path, default=None, help="where run folders go (None: runs/ of the project)"),
+        opt(
+            "--data-only",
+            action="store_true",
+            help="only make the built-in demo data (data/demo/<category>) if they are absent or stale, then stop",
+        ),
+        opt("--timeout", type=float, default=3600, help="give up after this many seconds in one notebook cell"),
+        opt(
+            "--idle-timeout",
+            type=float,
+            default=d.idle_timeout,
+            help="give up after this many seconds without a metric",
+        ),
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The demo's options; defaults from ``settings.DEMO_SETTINGS`` (environment variables as in the Makefile)."""
-    d = DEMO_SETTINGS
-    p = argparse.ArgumentParser(
+    """The demo's command line (``demo_options``)."""
+    parser = argparse.ArgumentParser(
         prog="python -m patchsvdd.cli.demo",
         description="Run the federated Patch SVDD demo end to end.",
         formatter_class=DefaultsHelp,
     )
-    p.add_argument(
-        "--data-root",
-        type=Path,
-        default=os.environ.get("DATA_ROOT") or None,
-        help="MVTec-layout data root (None: built-in demo data in data/demo; env DATA_ROOT)",
-    )
-    p.add_argument("--category", default=os.environ.get("CATEGORY") or "washer", help="category (env CATEGORY)")
-    p.add_argument(
-        "--model",
-        choices=model_names(),
-        default=os.environ.get("MODEL") or d.model,
-        help="patchsvdd, or autoencoder: the convolutional autoencoder baseline (env MODEL)",
-    )
-    p.add_argument("--envoys", type=int, default=2, help="envoys, each holding one shard of the category")
-    p.add_argument(
-        "--engine",
-        choices=("openfl", "flower"),
-        default=os.environ.get("ENGINE") or "openfl",
-        help="openfl: a director and envoys; flower: a SuperLink and SuperNodes (run from the Flower "
-        "environment, make flower-install; env ENGINE)",
-    )
-    p.add_argument(
-        "--secure-aggregation",
-        action="store_true",
-        default=os.environ.get("SECAGG") == "1",
-        help="Flower only: the sites' weights reach the notebook only as their mean, through SecAgg+ (env SECAGG=1)",
-    )
-    p.add_argument(
-        "--learn",
-        action="store_true",
-        default=os.environ.get("LEARN", "0") not in ("", "0"),
-        help=f"the budget at which the model clearly beats the untrained encoder ({LEARN_BUDGET['rounds']} "
-        f"rounds of {LEARN_BUDGET['max_steps']} steps, repeat {LEARN_BUDGET['repeat']}; about 15 "
-        "minutes with native bf16, 35 without) instead of a first run of minutes (env LEARN=1)",
-    )
-    p.add_argument(
-        "--rounds",
-        type=int,
-        default=_env_int("ROUNDS", None),
-        help=f"training rounds (None: {d.rounds}, {LEARN_BUDGET['rounds']} with --learn; env ROUNDS)",
-    )
-    p.add_argument(
-        "--repeat",
-        type=int,
-        default=None,
-        help=f"times each training image is used per round (None: {d.repeat} from scratch, "
-        f"{FINETUNE['repeat']} when fine-tuning)",
-    )
-    p.add_argument(
-        "--max-steps",
-        type=int,
-        default=_env_int("MAX_STEPS", None),
-        help=f"at most this many steps per envoy per round (None: {d.max_steps} from scratch, "
-        f"{FINETUNE['max_steps']} when fine-tuning; 0: full epochs; env MAX_STEPS); a round is one "
-        "epoch, ceil(fitting images x repeat / batch) steps, so longer rounds need a larger --repeat too",
-    )
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per loss")
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=_env_int("SEED", d.seed),
-        help="seed of the initial model and of the envoys' training batches (the demo data keep seed 0; env SEED)",
-    )
-    p.add_argument(
-        "--init",
-        default=os.environ.get("INIT") or "fresh",
-        help="fresh (a new model), official (the authors' released encoder of --category: downloaded once, "
-        "SHA-256 checked, cached), or a checkpoint .pt or released .pkl file (env INIT)",
-    )
-    p.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help=f"peak learning rate (None: {d.lr:g} from scratch, {FINETUNE['lr']:g} when fine-tuning)",
-    )
-    p.add_argument(
-        "--warmup-steps",
-        type=int,
-        default=None,
-        help=f"linear warm-up, then cosine decay over all rounds (None: {d.warmup_steps} from scratch, "
-        f"{FINETUNE['warmup_steps']} when fine-tuning)",
-    )
-    p.add_argument("--final-search", choices=SEARCHES, default=d.final_search, help="search of the final evaluation")
-    p.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default=os.environ.get("PRECISION") or d.precision,
-        help="auto: bf16 autocast where the CPU/GPU has it natively, else fp32; fp32 to measure what a "
-        "CPU without native bf16 gets (env PRECISION)",
-    )
-    p.add_argument(
-        "--tls",
-        action="store_true",
-        default=os.environ.get("TLS", "0") not in ("", "0"),
-        help="mutual TLS between all nodes with fresh certificates (env TLS=1)",
-    )
-    p.add_argument("--runs-dir", type=Path, default=None, help="where run folders go (None: runs/ of the project)")
-    p.add_argument(
-        "--data-only",
-        action="store_true",
-        help="only make the built-in demo data (data/demo/<category>) if they are absent or stale, then stop",
-    )
-    p.add_argument("--timeout", type=float, default=3600, help="give up after this many seconds in one notebook cell")
-    p.add_argument(
-        "--idle-timeout", type=float, default=d.idle_timeout, help="give up after this many seconds without a metric"
-    )
-    return p
+    add_options(parser, demo_options())
+    return parser
 
 
 def demo_settings(args: argparse.Namespace):

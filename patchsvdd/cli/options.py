@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,16 +96,21 @@ DATA = (
 )
 
 
-def add_command(subparsers: Any, command: Command) -> argparse.ArgumentParser:
-    """Add ``command`` (and its subcommands) to ``subparsers``; the parsed namespace carries its ``run``."""
-    parser = subparsers.add_parser(command.name, formatter_class=DefaultsHelp, help=command.help)
-    for item in command.options:
+def add_options(parser: argparse.ArgumentParser, options: Sequence[Option | Exclusive]) -> None:
+    """Add each option of the table ``options`` to ``parser`` (an ``Exclusive`` as a mutually exclusive group)."""
+    for item in options:
         if isinstance(item, Exclusive):
             group = parser.add_mutually_exclusive_group(required=item.required)
             for option in item.options:
                 group.add_argument(*option.flags, **option.keywords)
         else:
             parser.add_argument(*item.flags, **item.keywords)
+
+
+def add_command(subparsers: Any, command: Command) -> argparse.ArgumentParser:
+    """Add ``command`` (and its subcommands) to ``subparsers``; the parsed namespace carries its ``run``."""
+    parser = subparsers.add_parser(command.name, formatter_class=DefaultsHelp, help=command.help)
+    add_options(parser, command.options)
     if command.subcommands:
         nested = parser.add_subparsers(dest=command.dest, required=True)
         for subcommand in command.subcommands:

@@ -85,9 +85,14 @@ class SuperLink:
     insecure: bool = False
     client_certificate: tuple[Path, Path] | None = None  # (certificate, key) this side shows: mutual TLS
 
-    def certificates(self) -> bytes | None:
+    def show_certificate(self) -> None:
+        """Make this process's connections show ``client_certificate`` (mutual TLS), where there is one."""
         if self.client_certificate is not None:
-            mtls.present_client_certificate(*self.client_certificate)  # this process's connections show it
+            mtls.present_client_certificate(*self.client_certificate)
+
+    def certificates(self) -> bytes | None:
+        """The root certificates a channel to the SuperLink trusts (None: no TLS); shows this side's own first."""
+        self.show_certificate()
         return None if self.root_certificates is None else Path(self.root_certificates).read_bytes()
 
     def flwr(self) -> list[str]:
@@ -113,7 +118,7 @@ def submit_app(superlink: SuperLink, workdir: Path, timeout: float = 120.0, app:
     """Submit a run of the project's app (or of the app in folder ``app``) with ``flwr run``; its run id."""
     app = write_app(workdir / "app") if app is None else app
     env = {**os.environ, "FLWR_HOME": str(superlink.cli_config(workdir / "flwr_home")), "NO_COLOR": "1"}
-    superlink.certificates()  # checks the certificates this side shows, before Flower's command line starts
+    superlink.show_certificate()  # checks the certificate this side shows, before Flower's command line starts
     command = [*superlink.flwr(), "run", str(app), "patchsvdd", "--format", "json"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     try:
@@ -390,6 +395,7 @@ class FlowerRun:
                 on_metric(record)
 
         kind = {"training": "train", "evaluation": "evaluate", "export": "query.export"}[self.manifest.task]
+        weight_names = list(expected_weights(self.manifest))  # the order both sides mask the weights in
         for number in range(self.manifest.training_rounds + 1):
             message_type = kind if number < self.manifest.training_rounds or kind != "train" else "evaluate"
             weights = {k: v for k, v in self.model.state_dict().items()}
@@ -402,7 +408,7 @@ class FlowerRun:
             nodes = sorted(self.engine.names)
             averaged = None
             if message_type == "train" and self.manifest.settings.secure_aggregation:
-                ordered = {key: weights[key] for key in expected_weights(self.manifest)}
+                ordered = {key: weights[key] for key in weight_names}
                 replies, averaged = self.engine.secure_round(
                     content[records.TASK], ordered, nodes, settings.idle_timeout
                 )
